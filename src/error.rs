@@ -1,0 +1,125 @@
+//! The crate's one error type.
+//!
+//! Every variant is something a caller can act on. OS errors always carry the
+//! operation and the path, so a failure reads like a line of `strace`:
+//! `openat /var/lib/x/tmp/1/usr/bin/env: Permission denied (os error 13)`.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `rootfs-cache`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// The operation, named after the system call or library function (`openat`, `mkdirat`, ...).
+        op: &'static str,
+        /// The path the operation was applied to (for display; resolution is always fd-based).
+        path: PathBuf,
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Reading the input stream failed (fetcher I/O error, decompression error).
+    #[error("reading {what}: {source}")]
+    Read {
+        /// What was being read (`layer blob`, `gzip stream`, ...).
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// An archive entry would be written, linked or resolved outside the destination.
+    ///
+    /// Raised for `..` components, absolute paths, symlinked parents and hardlinks whose
+    /// target lies outside the root. Nothing is written for the offending entry.
+    #[error("archive entry {entry:?} escapes the destination: {reason}")]
+    PathEscape {
+        /// The entry's path as written in the archive (lossy UTF-8).
+        entry: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// Content did not hash to the digest it was supposed to have.
+    #[error("digest mismatch: expected {expected}, found {found}")]
+    DigestMismatch {
+        /// The digest the caller asked for.
+        expected: Digest,
+        /// The digest of the bytes actually read.
+        found: Digest,
+    },
+
+    /// A string is not a valid digest.
+    #[error("invalid digest {input:?}: {reason}")]
+    InvalidDigest {
+        /// The rejected input (truncated to 100 bytes).
+        input: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The archive is malformed: bad header checksum, bad number field, truncated data, ...
+    #[error("invalid archive at byte {offset}: {reason}")]
+    InvalidArchive {
+        /// Offset in the uncompressed tar stream where the problem was found.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A configured limit (uncompressed size, entry count, header size) was exceeded.
+    #[error("limit exceeded: {what} is larger than {limit}")]
+    LimitExceeded {
+        /// Which limit.
+        what: &'static str,
+        /// The configured limit.
+        limit: u64,
+    },
+
+    /// The input uses a feature this crate does not support (a compression format, an entry type).
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What is not supported.
+        what: String,
+    },
+
+    /// The operation was refused because it lacks a privilege (device nodes when unprivileged, ...).
+    #[error("{op} {}: not permitted ({hint})", path.display())]
+    NotPermitted {
+        /// The operation.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What to configure instead.
+        hint: &'static str,
+    },
+}
+
+impl Error {
+    /// Build an [`Error::Io`] from an operation, a path and an OS error.
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The errno behind this error, if it is an OS error.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } | Error::Read { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
