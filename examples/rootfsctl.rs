@@ -80,7 +80,16 @@ fn cmd_unpack(args: &[String]) -> Result<(), String> {
     let diff_id = s.diff_id.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
     println!(
         "entries={} files={} dirs={} symlinks={} hardlinks={} whiteouts={} bytes={} compressed_bytes={} digest={} diff_id={}",
-        s.entries, s.files, s.dirs, s.symlinks, s.hardlinks, s.whiteouts, s.file_bytes, s.compressed_bytes, s.digest, diff_id
+        s.entries,
+        s.files,
+        s.dirs,
+        s.symlinks,
+        s.hardlinks,
+        s.whiteouts,
+        s.file_bytes,
+        s.compressed_bytes,
+        s.digest,
+        diff_id
     );
     Ok(())
 }

@@ -58,10 +58,7 @@ impl Digest {
     /// # Errors
     /// [`Error::InvalidDigest`] unless the input is exactly 64 lowercase hex digits.
     pub fn from_hex(hex: &str) -> Result<Digest> {
-        let invalid = |reason| Error::InvalidDigest {
-            input: hex.chars().take(100).collect(),
-            reason,
-        };
+        let invalid = |reason| Error::InvalidDigest { input: hex.chars().take(100).collect(), reason };
         let b = hex.as_bytes();
         if b.len() != 64 {
             return Err(invalid("expected 64 hex digits"));
@@ -80,14 +77,7 @@ impl Digest {
     /// # Errors
     /// [`Error::DigestMismatch`] when they differ.
     pub fn verify(&self, found: &Digest) -> Result<()> {
-        if self == found {
-            Ok(())
-        } else {
-            Err(Error::DigestMismatch {
-                expected: *self,
-                found: *found,
-            })
-        }
+        if self == found { Ok(()) } else { Err(Error::DigestMismatch { expected: *self, found: *found }) }
     }
 }
 
@@ -109,10 +99,9 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Digest> {
         match s.strip_prefix(PREFIX) {
             Some(hex) => Digest::from_hex(hex).map_err(|e| match e {
-                Error::InvalidDigest { reason, .. } => Error::InvalidDigest {
-                    input: s.chars().take(100).collect(),
-                    reason,
-                },
+                Error::InvalidDigest { reason, .. } => {
+                    Error::InvalidDigest { input: s.chars().take(100).collect(), reason }
+                }
                 other => other,
             }),
             None => Err(Error::InvalidDigest {
@@ -179,10 +168,7 @@ pub struct HashingReader<R> {
 impl<R: Read> HashingReader<R> {
     /// Wrap `inner`.
     pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Hasher::new(),
-        }
+        HashingReader { inner, hasher: Hasher::new() }
     }
 
     /// Bytes read so far.
@@ -203,10 +189,7 @@ impl<R: Read> HashingReader<R> {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
-                    return Err(Error::Read {
-                        what: "stream",
-                        source,
-                    });
+                    return Err(Error::Read { what: "stream", source });
                 }
             }
         }
@@ -237,10 +220,7 @@ pub struct HashingWriter<W> {
 impl<W: Write> HashingWriter<W> {
     /// Wrap `inner`.
     pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Hasher::new(),
-        }
+        HashingWriter { inner, hasher: Hasher::new() }
     }
 
     /// The digest and length of everything written, and the inner writer.

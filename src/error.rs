@@ -108,11 +108,7 @@ pub enum Error {
 impl Error {
     /// Build an [`Error::Io`] from an operation, a path and an OS error.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source: source.into(),
-        }
+        Error::Io { op, path: path.into(), source: source.into() }
     }
 
     /// The errno behind this error, if it is an OS error.

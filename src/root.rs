@@ -77,10 +77,7 @@ pub struct Root {
     path: PathBuf,
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 
 impl Root {
     /// Open `path` (which must be a directory, and may itself be reached through symlinks:
@@ -89,17 +86,10 @@ impl Root {
     /// # Errors
     /// [`Error::Io`] if it cannot be opened as a directory.
     pub fn open(path: &Path) -> Result<Root> {
-        let fd = openat(
-            nix::fcntl::AT_FDCWD,
-            path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::io("open", path, e))?;
-        Ok(Root {
-            fd,
-            path: path.to_path_buf(),
-        })
+        let fd =
+            openat(nix::fcntl::AT_FDCWD, path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| Error::io("open", path, e))?;
+        Ok(Root { fd, path: path.to_path_buf() })
     }
 
     /// The root's path, as given to [`Root::open`]. Used only in messages.
@@ -192,10 +182,7 @@ fn is_symlink(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
 
 /// A [`Error::PathEscape`] for `entry`.
 pub(crate) fn escape(entry: &[u8], reason: &'static str) -> Error {
-    Error::PathEscape {
-        entry: String::from_utf8_lossy(entry).into_owned(),
-        reason,
-    }
+    Error::PathEscape { entry: String::from_utf8_lossy(entry).into_owned(), reason }
 }
 
 #[cfg(test)]
@@ -251,9 +238,6 @@ mod tests {
         let root = Root::open(t.path()).unwrap();
         assert!(root.walk(&[b"a", b"b"], None, b"x").unwrap().is_some());
         assert!(root.walk(&[b"a", b"nope"], None, b"x").unwrap().is_none());
-        assert!(matches!(
-            root.walk(&[b"a", b"l", b"etc"], Some(0o755), b"x").unwrap_err(),
-            Error::PathEscape { .. }
-        ));
+        assert!(matches!(root.walk(&[b"a", b"l", b"etc"], Some(0o755), b"x").unwrap_err(), Error::PathEscape { .. }));
     }
 }

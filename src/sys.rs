@@ -22,11 +22,7 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 
 #[cfg(test)]
 fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
 }
 
 /// The `/proc/self/fd/<dirfd>/<name>` path that names `name` inside `dirfd` without
@@ -46,15 +42,7 @@ pub fn fsetxattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> io::Result<()
     let name = cstring(name)?;
     // SAFETY: `name` is NUL-terminated, `value` is a valid slice for its length,
     // and `fd` is a live descriptor borrowed for the duration of the call.
-    check(unsafe {
-        libc::fsetxattr(
-            fd.as_raw_fd(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    })
+    check(unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }
 
 /// `lsetxattr(2)` on the entry `name` of directory `dirfd`, not following a final symlink.
@@ -92,9 +80,7 @@ pub fn fgetxattr(fd: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Vec<u8>>>
     let name = cstring(name)?;
     let r = read_sized(|buf| {
         // SAFETY: `buf` is a valid writable slice (a zero-length slice asks for the size).
-        check_size(unsafe {
-            libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        })
+        check_size(unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
     });
     match r {
         Ok(v) => Ok(Some(v)),
@@ -128,9 +114,7 @@ pub fn umask() -> u32 {
         std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Umask:"))
-                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
             })
             .unwrap_or(0o022)
     })

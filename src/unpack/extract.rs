@@ -18,7 +18,10 @@ use std::rc::Rc;
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
-use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fchmodat, FchmodatFlags, fstatat, futimens, makedev, mkdirat, mknodat, utimensat, UtimensatFlags};
+use nix::sys::stat::{
+    FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, fstatat, futimens, makedev, mkdirat,
+    mknodat, utimensat,
+};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, unlinkat};
 
@@ -62,15 +65,9 @@ struct DirMeta {
     created_mode: Option<u32>,
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
-const FILE_FLAGS: OFlag = OFlag::O_WRONLY
-    .union(OFlag::O_CREAT)
-    .union(OFlag::O_EXCL)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
+const FILE_FLAGS: OFlag =
+    OFlag::O_WRONLY.union(OFlag::O_CREAT).union(OFlag::O_EXCL).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 /// Mode of parent directories the archive did not list (see DESIGN.md rule 3: they are
 /// only ever created when missing, never applied over an existing directory).
 const IMPLICIT_DIR_MODE: u32 = 0o755;
@@ -142,8 +139,7 @@ impl<'a> Extractor<'a> {
             self.dirs.clear();
             return;
         }
-        self.dirs
-            .retain(|k, _| !(k.starts_with(path) && (k.len() == path.len() || k[path.len()] == b'/')));
+        self.dirs.retain(|k, _| !(k.starts_with(path) && (k.len() == path.len() || k[path.len()] == b'/')));
     }
 
     fn note_added(&mut self, path: Vec<u8>) {
@@ -166,11 +162,7 @@ impl<'a> Extractor<'a> {
             // `./` — metadata of the destination root itself.
             if h.kind == Kind::Dir {
                 self.counts.dirs += 1;
-                self.deferred.push(DirMeta {
-                    path: Vec::new(),
-                    hdr: h,
-                    created_mode: None,
-                });
+                self.deferred.push(DirMeta { path: Vec::new(), hdr: h, created_mode: None });
                 return Ok(());
             }
             return Err(escape(&h.path, "a non-directory entry names the destination root"));
@@ -215,9 +207,7 @@ impl<'a> Extractor<'a> {
                     let done_before: u64 = map[..cur.seg].iter().map(|s| s.1).sum();
                     let into = cur.consumed - done_before;
                     let n = (len - into).min(buf.len() as u64) as usize;
-                    cur.file
-                        .write_all_at(&buf[..n], off + into)
-                        .map_err(|e| Error::io("pwrite", &cur.path, e))?;
+                    cur.file.write_all_at(&buf[..n], off + into).map_err(|e| Error::io("pwrite", &cur.path, e))?;
                     cur.consumed += n as u64;
                     buf = &buf[n..];
                     if cur.consumed - done_before == len {
@@ -237,11 +227,7 @@ impl<'a> Extractor<'a> {
         self.dirs.clear();
         let deferred = std::mem::take(&mut self.deferred);
         for d in deferred.iter().rev() {
-            let comps: Vec<&[u8]> = if d.path.is_empty() {
-                Vec::new()
-            } else {
-                d.path.split(|&b| b == b'/').collect()
-            };
+            let comps: Vec<&[u8]> = if d.path.is_empty() { Vec::new() } else { d.path.split(|&b| b == b'/').collect() };
             // Removed or replaced by a later entry: nothing to apply.
             let fd = match self.root.open_dir(&comps, None, &d.hdr.path) {
                 Ok(Some(fd)) => fd,
@@ -258,9 +244,7 @@ impl<'a> Extractor<'a> {
     fn finish_current(&mut self) -> Result<()> {
         let Some(cur) = self.current.take() else { return Ok(()) };
         if let Some((_, real)) = &cur.hdr.sparse {
-            cur.file
-                .set_len(*real)
-                .map_err(|e| Error::io("ftruncate", &cur.path, e))?;
+            cur.file.set_len(*real).map_err(|e| Error::io("ftruncate", &cur.path, e))?;
         }
         self.set_meta_fd(cur.file.as_fd(), &cur.hdr, Some(cur.hdr.mode), &cur.path, true)?;
         Ok(())
@@ -319,7 +303,14 @@ impl<'a> Extractor<'a> {
 
     /// Make room for a new entry at `dir/name`. Returns `true` if an existing directory
     /// was kept (only when `keep_dir`).
-    fn clear_slot(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], display: &std::path::Path, keep_dir: bool) -> Result<bool> {
+    fn clear_slot(
+        &mut self,
+        dir: &OwnedFd,
+        name: &[u8],
+        full: &[u8],
+        display: &std::path::Path,
+        keep_dir: bool,
+    ) -> Result<bool> {
         let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => return Ok(false),
@@ -350,13 +341,7 @@ impl<'a> Extractor<'a> {
         self.counts.files += 1;
         self.counts.file_bytes += h.size;
         self.note_added(full.to_vec());
-        self.current = Some(Current {
-            file: File::from(fd),
-            hdr: h,
-            path,
-            consumed: 0,
-            seg: 0,
-        });
+        self.current = Some(Current { file: File::from(fd), hdr: h, path, consumed: 0, seg: 0 });
         Ok(())
     }
 
@@ -370,7 +355,8 @@ impl<'a> Extractor<'a> {
                 if self.clear_slot(dir, name, full, &path, true)? {
                     None
                 } else {
-                    mkdirat(dir, name, Mode::from_bits_truncate(initial)).map_err(|e| Error::io("mkdirat", &path, e))?;
+                    mkdirat(dir, name, Mode::from_bits_truncate(initial))
+                        .map_err(|e| Error::io("mkdirat", &path, e))?;
                     Some(initial)
                 }
             }
@@ -391,11 +377,7 @@ impl<'a> Extractor<'a> {
         }
         self.dirs.insert(full.to_vec(), Rc::new(fd));
         self.note_added(full.to_vec());
-        self.deferred.push(DirMeta {
-            path: full.to_vec(),
-            hdr: h,
-            created_mode: created,
-        });
+        self.deferred.push(DirMeta { path: full.to_vec(), hdr: h, created_mode: created });
         Ok(())
     }
 
@@ -420,7 +402,14 @@ impl<'a> Extractor<'a> {
     }
 
     /// Ownership, (mode), xattrs and times on a non-openable entry, never following it.
-    fn set_meta_at(&mut self, dir: &OwnedFd, name: &[u8], h: &Header, path: &std::path::Path, chmod: bool) -> Result<()> {
+    fn set_meta_at(
+        &mut self,
+        dir: &OwnedFd,
+        name: &[u8],
+        h: &Header,
+        path: &std::path::Path,
+        chmod: bool,
+    ) -> Result<()> {
         let uid = to_id(h.uid, "uid", h)?;
         let gid = to_id(h.gid, "gid", h)?;
         let chown = self.opts.chown && (uid != self.euid || gid != self.egid);

@@ -242,11 +242,7 @@ struct Batch {
 
 impl Batch {
     fn new() -> Batch {
-        Batch {
-            items: Vec::with_capacity(BATCH_ITEMS),
-            data: vec![0; BATCH_BYTES],
-            used: 0,
-        }
+        Batch { items: Vec::with_capacity(BATCH_ITEMS), data: vec![0; BATCH_BYTES], used: 0 }
     }
 
     fn clear(&mut self) {
@@ -310,10 +306,7 @@ fn unpack_inner<R: Read + Send>(
             if let Err(e) = apply(&mut ex, &b) {
                 let msg = e.to_string();
                 failed = Some(e);
-                return Err(Error::Read {
-                    what: "layer blob",
-                    source: io::Error::other(msg),
-                });
+                return Err(Error::Read { what: "layer blob", source: io::Error::other(msg) });
             }
             b.clear();
             Ok(b)
@@ -405,12 +398,12 @@ fn detect(magic: &[u8]) -> Result<Compression> {
         [0x28, 0xb5, 0x2f, 0xfd, ..] => Ok(Compression::Zstd),
         // zstd skippable frame (0x184D2A50..=0x184D2A5F, little endian)
         [b, 0x2a, 0x4d, 0x18, ..] if b & 0xf0 == 0x50 => Ok(Compression::Zstd),
-        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => Err(Error::Unsupported {
-            what: "xz-compressed layer (OCI layers are tar, tar+gzip or tar+zstd)".into(),
-        }),
-        [b'B', b'Z', b'h', ..] => Err(Error::Unsupported {
-            what: "bzip2-compressed layer (OCI layers are tar, tar+gzip or tar+zstd)".into(),
-        }),
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => {
+            Err(Error::Unsupported { what: "xz-compressed layer (OCI layers are tar, tar+gzip or tar+zstd)".into() })
+        }
+        [b'B', b'Z', b'h', ..] => {
+            Err(Error::Unsupported { what: "bzip2-compressed layer (OCI layers are tar, tar+gzip or tar+zstd)".into() })
+        }
         _ => Ok(Compression::None),
     }
 }
@@ -439,18 +432,10 @@ fn parse<R: Read + ?Sized>(
     sink: &mut dyn FnMut(Batch) -> Result<Batch>,
 ) -> Result<Parsed> {
     let mut raw_hasher = Hasher::new();
-    let mut st = CountState {
-        hasher: None,
-        count: 0,
-        limit: opts.max_uncompressed_bytes,
-    };
+    let mut st = CountState { hasher: None, count: 0, limit: opts.max_uncompressed_bytes };
     let want_diff = opts.expected_diff_id.is_some() || opts.compute_diff_id;
     let compression = {
-        let mut tap = Tap {
-            inner: &mut *input,
-            hasher: &mut raw_hasher,
-            progress,
-        };
+        let mut tap = Tap { inner: &mut *input, hasher: &mut raw_hasher, progress };
         let (magic, n) = read_magic(&mut tap)?;
         let compression = detect(&magic[..n])?;
         let head = io::Cursor::new(magic).take(n as u64).chain(tap);
@@ -459,28 +444,20 @@ fn parse<R: Read + ?Sized>(
             Compression::None => Box::new(buffered),
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
             Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::with_buffer(buffered).map_err(|e| Error::Read {
-                    what: "zstd stream",
-                    source: e,
-                })?,
+                zstd::stream::read::Decoder::with_buffer(buffered)
+                    .map_err(|e| Error::Read { what: "zstd stream", source: e })?,
             ),
         };
         // A plain tar's diff_id is its digest: no second hash.
         st.hasher = (want_diff && compression != Compression::None).then(Hasher::new);
-        let counted = Counted {
-            inner: decoded,
-            st: &mut st,
-        };
+        let counted = Counted { inner: decoded, st: &mut st };
         // Decoders answer small reads slowly: buffer the 512-byte header reads.
         let reader: Box<dyn Read + '_> = if compression == Compression::None {
             Box::new(counted)
         } else {
             Box::new(BufReader::with_capacity(64 * 1024, counted))
         };
-        let limits = Limits {
-            max_header_bytes: opts.max_header_bytes,
-            max_entries: opts.max_entries,
-        };
+        let limits = Limits { max_header_bytes: opts.max_header_bytes, max_entries: opts.max_entries };
         let mut tar = TarReader::new(reader, limits);
         run(&mut tar, sink)?;
         // Whatever follows the end-of-archive marker is part of the blob and of the
@@ -513,13 +490,7 @@ fn parse<R: Read + ?Sized>(
     if let (Some(expected), Some(found)) = (&opts.expected_diff_id, &diff_id) {
         expected.verify(found)?;
     }
-    Ok(Parsed {
-        digest,
-        compressed_bytes,
-        diff_id,
-        uncompressed_bytes: st.count,
-        compression,
-    })
+    Ok(Parsed { digest, compressed_bytes, diff_id, uncompressed_bytes: st.count, compression })
 }
 
 /// Move every entry and its data from the tar reader into batches.

@@ -81,10 +81,7 @@ pub(crate) struct TarReader<R> {
 }
 
 fn invalid(offset: u64, reason: impl Into<String>) -> Error {
-    Error::InvalidArchive {
-        offset,
-        reason: reason.into(),
-    }
+    Error::InvalidArchive { offset, reason: reason.into() }
 }
 
 /// The uncompressed-size bound was hit (carried inside an `io::Error` through decoders).
@@ -102,28 +99,14 @@ impl std::error::Error for LimitHit {}
 /// Map a read error of the blob/decoder chain to the crate error.
 pub(crate) fn read_err(e: io::Error) -> Error {
     if let Some(LimitHit(limit)) = e.get_ref().and_then(|i| i.downcast_ref::<LimitHit>()) {
-        return Error::LimitExceeded {
-            what: "uncompressed layer size",
-            limit: *limit,
-        };
+        return Error::LimitExceeded { what: "uncompressed layer size", limit: *limit };
     }
-    Error::Read {
-        what: "layer blob",
-        source: e,
-    }
+    Error::Read { what: "layer blob", source: e }
 }
 
 impl<R: Read> TarReader<R> {
     pub(crate) fn new(r: R, limits: Limits) -> Self {
-        TarReader {
-            r,
-            offset: 0,
-            remaining: 0,
-            padding: 0,
-            entries: 0,
-            limits,
-            done: false,
-        }
+        TarReader { r, offset: 0, remaining: 0, padding: 0, entries: 0, limits, done: false }
     }
 
     /// The underlying reader (positioned after whatever was consumed).
@@ -162,10 +145,7 @@ impl<R: Read> TarReader<R> {
     /// Read a metadata payload of `size` bytes (plus padding), bounded by the header limit.
     fn read_meta(&mut self, size: u64, what: &'static str) -> Result<Vec<u8>> {
         if size > self.limits.max_header_bytes {
-            return Err(Error::LimitExceeded {
-                what,
-                limit: self.limits.max_header_bytes,
-            });
+            return Err(Error::LimitExceeded { what, limit: self.limits.max_header_bytes });
         }
         let mut v = vec![0u8; size as usize];
         if self.fill(&mut v)? < v.len() {
@@ -248,10 +228,7 @@ impl<R: Read> TarReader<R> {
             self.entries += 1;
             if let Some(max) = self.limits.max_entries {
                 if self.entries > max {
-                    return Err(Error::LimitExceeded {
-                        what: "number of archive entries",
-                        limit: max,
-                    });
+                    return Err(Error::LimitExceeded { what: "number of archive entries", limit: max });
                 }
             }
             return self.finish_header(&block, start, pax, long_name, long_link, size).map(Some);
@@ -289,10 +266,7 @@ impl<R: Read> TarReader<R> {
                 }
             }
         };
-        let link = pax
-            .link
-            .or(long_link)
-            .unwrap_or_else(|| cstr_field(&block[157..257]).to_vec());
+        let link = pax.link.or(long_link).unwrap_or_else(|| cstr_field(&block[157..257]).to_vec());
         let mode = (field(100..108, "mode")? & 0o7777) as u32;
         let uid = match pax.uid {
             Some(v) => v,
@@ -351,10 +325,7 @@ impl<R: Read> TarReader<R> {
             while extended {
                 ext_bytes += BLOCK as u64;
                 if ext_bytes > self.limits.max_header_bytes {
-                    return Err(Error::LimitExceeded {
-                        what: "GNU sparse map",
-                        limit: self.limits.max_header_bytes,
-                    });
+                    return Err(Error::LimitExceeded { what: "GNU sparse map", limit: self.limits.max_header_bytes });
                 }
                 let mut ext = [0u8; BLOCK];
                 if self.fill(&mut ext)? < BLOCK {
@@ -367,9 +338,7 @@ impl<R: Read> TarReader<R> {
         } else if let Some(major) = pax.sparse_major {
             // PAX sparse 1.0 (GNU tar --posix --sparse): the map leads the data.
             if (major, pax.sparse_minor) != (1, Some(0)) {
-                return Err(Error::Unsupported {
-                    what: format!("PAX sparse format {major}.{:?}", pax.sparse_minor),
-                });
+                return Err(Error::Unsupported { what: format!("PAX sparse format {major}.{:?}", pax.sparse_minor) });
             }
             let real = pax
                 .sparse_realsize
@@ -629,10 +598,7 @@ fn parse_pax(mut data: &[u8], pax: &mut Pax) -> std::result::Result<(), String> 
         if data.iter().all(|&b| b == 0) {
             break;
         }
-        let sp = data
-            .iter()
-            .position(|&b| b == b' ')
-            .ok_or("PAX record without length")?;
+        let sp = data.iter().position(|&b| b == b' ').ok_or("PAX record without length")?;
         let len = parse_dec(&data[..sp]).ok_or("bad PAX record length")? as usize;
         if len <= sp + 1 || len > data.len() {
             return Err("PAX record length out of range".into());
