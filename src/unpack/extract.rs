@@ -47,6 +47,13 @@ pub(crate) struct Counts {
     pub skipped_xattrs: u64,
 }
 
+/// A regular file created by the [`Extractor`], for the [`Writer`] to fill.
+pub(crate) struct OpenFile {
+    file: File,
+    hdr: Box<Header>,
+    path: PathBuf,
+}
+
 /// A regular file being written.
 struct Current {
     file: File,
@@ -74,18 +81,162 @@ const IMPLICIT_DIR_MODE: u32 = 0o755;
 /// Bound on cached directory descriptors (well under the default 1024 fd limit).
 const DIR_CACHE: usize = 256;
 
+/// Creates entries (directories, links, special files, empty regular files) by
+/// descriptor. Regular files are handed to a [`Writer`] as [`OpenFile`]s.
 pub(crate) struct Extractor<'a> {
     root: &'a Root,
     opts: &'a UnpackOptions,
     dirs: HashMap<Vec<u8>, Rc<OwnedFd>>,
-    current: Option<Current>,
     deferred: Vec<DirMeta>,
     /// Paths this layer created (Apply mode): whiteouts never remove them.
     added: Option<HashSet<Vec<u8>>>,
     pub counts: Counts,
+    meta: MetaPolicy,
+}
+
+/// Who we are and what the options allow, for applying entry metadata. `Copy`, so the
+/// writer thread has its own.
+#[derive(Clone, Copy)]
+pub(crate) struct MetaPolicy {
+    chown: bool,
+    ignore_xattr_errors: bool,
     euid: u32,
     egid: u32,
     umask: u32,
+}
+
+impl MetaPolicy {
+    pub(crate) fn new(opts: &UnpackOptions) -> Self {
+        MetaPolicy {
+            chown: opts.chown,
+            ignore_xattr_errors: opts.ignore_xattr_errors,
+            euid: nix::unistd::geteuid().as_raw(),
+            egid: nix::unistd::getegid().as_raw(),
+            umask: sys::umask(),
+        }
+    }
+
+    /// Whether `h`'s owner differs from what creation gave the entry.
+    fn needs_chown(&self, h: &Header) -> Result<Option<(Uid, Gid)>> {
+        let uid = to_id(h.uid, "uid", h)?;
+        let gid = to_id(h.gid, "gid", h)?;
+        Ok((self.chown && (uid != self.euid || gid != self.egid)).then(|| (Uid::from_raw(uid), Gid::from_raw(gid))))
+    }
+
+    /// Ownership, mode, xattrs and times on an open file or directory, in the order the
+    /// kernel requires: `fchown` clears setuid/setgid and file capabilities, so it comes
+    /// before `fchmod` and `fsetxattr`; times last.
+    fn apply_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        h: &Header,
+        created_mode: Option<u32>,
+        path: &std::path::Path,
+        xattrs: bool,
+        skipped: &mut u64,
+    ) -> Result<()> {
+        let owner = self.needs_chown(h)?;
+        if let Some((uid, gid)) = owner {
+            fchown(fd, Some(uid), Some(gid)).map_err(|e| Error::io("fchown", path, e))?;
+        }
+        let need_chmod = match created_mode {
+            Some(m) => (m & !self.umask & 0o777) != h.mode || (owner.is_some() && h.mode & 0o6000 != 0),
+            None => true,
+        };
+        if need_chmod {
+            fchmod(fd, Mode::from_bits_truncate(h.mode)).map_err(|e| Error::io("fchmod", path, e))?;
+        }
+        if xattrs {
+            for (k, v) in &h.xattrs {
+                let k = whiteout::escape_xattr(k);
+                if let Err(e) = sys::fsetxattr(fd, &k, v) {
+                    self.xattr_error(e, path, skipped)?;
+                }
+            }
+        }
+        let t = mtime(h);
+        futimens(fd, &t, &t).map_err(|e| Error::io("futimens", path, e))?;
+        Ok(())
+    }
+
+    fn xattr_error(&self, e: std::io::Error, path: &std::path::Path, skipped: &mut u64) -> Result<()> {
+        let tolerable = matches!(
+            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            Errno::EPERM | Errno::EOPNOTSUPP | Errno::EACCES | Errno::EINVAL
+        );
+        if self.ignore_xattr_errors && tolerable {
+            *skipped += 1;
+            Ok(())
+        } else {
+            Err(Error::io("fsetxattr", path, e))
+        }
+    }
+}
+
+/// Writes regular files' data, then their metadata, and closes them. Runs on its own
+/// thread in pipelined mode, so file data copies overlap entry creation.
+pub(crate) struct Writer {
+    meta: MetaPolicy,
+    current: Option<Current>,
+    /// Xattrs skipped under [`UnpackOptions::ignore_xattr_errors`].
+    pub skipped_xattrs: u64,
+}
+
+impl Writer {
+    pub(crate) fn new(opts: &UnpackOptions) -> Self {
+        Writer { meta: MetaPolicy::new(opts), current: None, skipped_xattrs: 0 }
+    }
+
+    /// Start writing `f` (finishing the previous file).
+    pub(crate) fn open(&mut self, f: OpenFile) -> Result<()> {
+        self.close()?;
+        self.current = Some(Current { file: f.file, hdr: f.hdr, path: f.path, consumed: 0, seg: 0 });
+        Ok(())
+    }
+
+    /// Data for the current regular file; ignored when there is none (the data of an
+    /// entry that was skipped, such as a whiteout with content).
+    pub(crate) fn data(&mut self, buf: &[u8]) -> Result<()> {
+        let Some(cur) = &mut self.current else {
+            return Ok(());
+        };
+        match &cur.hdr.sparse {
+            None => cur.file.write_all(buf).map_err(|e| Error::io("write", &cur.path, e))?,
+            Some((map, _)) => {
+                let mut buf = buf;
+                while !buf.is_empty() {
+                    // Position of `consumed` inside the map.
+                    let Some(&(off, len)) = map.get(cur.seg) else {
+                        return Err(Error::InvalidArchive {
+                            offset: cur.hdr.offset,
+                            reason: "sparse data beyond its map".into(),
+                        });
+                    };
+                    let done_before: u64 = map[..cur.seg].iter().map(|s| s.1).sum();
+                    let into = cur.consumed - done_before;
+                    let n = (len - into).min(buf.len() as u64) as usize;
+                    cur.file.write_all_at(&buf[..n], off + into).map_err(|e| Error::io("pwrite", &cur.path, e))?;
+                    cur.consumed += n as u64;
+                    buf = &buf[n..];
+                    if cur.consumed - done_before == len {
+                        cur.seg += 1;
+                    }
+                }
+                return Ok(());
+            }
+        }
+        cur.consumed += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Finish the current file: size (sparse), owner, mode, xattrs, times; close.
+    pub(crate) fn close(&mut self) -> Result<()> {
+        let Some(cur) = self.current.take() else { return Ok(()) };
+        if let Some((_, real)) = &cur.hdr.sparse {
+            cur.file.set_len(*real).map_err(|e| Error::io("ftruncate", &cur.path, e))?;
+        }
+        self.meta.apply_fd(cur.file.as_fd(), &cur.hdr, Some(cur.hdr.mode), &cur.path, true, &mut self.skipped_xattrs)
+    }
 }
 
 fn to_id(v: u64, what: &str, h: &Header) -> Result<u32> {
@@ -105,13 +256,10 @@ impl<'a> Extractor<'a> {
             root,
             opts,
             dirs: HashMap::new(),
-            current: None,
             deferred: Vec::new(),
             added: (opts.whiteouts == WhiteoutMode::Apply).then(HashSet::new),
             counts: Counts::default(),
-            euid: nix::unistd::geteuid().as_raw(),
-            egid: nix::unistd::getegid().as_raw(),
-            umask: sys::umask(),
+            meta: MetaPolicy::new(opts),
         }
     }
 
@@ -152,9 +300,8 @@ impl<'a> Extractor<'a> {
         self.added.as_ref().is_some_and(|a| a.contains(path))
     }
 
-    /// Handle one entry's header. Its data (regular files) follows through [`Self::data`].
-    pub(crate) fn begin(&mut self, h: Box<Header>) -> Result<()> {
-        self.finish_current()?;
+    /// Create one entry. A regular file is returned open, for a [`Writer`] to fill.
+    pub(crate) fn begin(&mut self, h: Box<Header>) -> Result<Option<OpenFile>> {
         self.counts.entries += 1;
         let path_bytes = h.path.clone();
         let comps = split_path(&path_bytes).map_err(|r| escape(&h.path, r))?;
@@ -163,67 +310,32 @@ impl<'a> Extractor<'a> {
             if h.kind == Kind::Dir {
                 self.counts.dirs += 1;
                 self.deferred.push(DirMeta { path: Vec::new(), hdr: h, created_mode: None });
-                return Ok(());
+                return Ok(None);
             }
             return Err(escape(&h.path, "a non-directory entry names the destination root"));
         };
         match whiteout::classify(name) {
             Name::Plain => {}
-            Name::Meta => return Ok(()),
+            Name::Meta => return Ok(None),
             Name::Invalid => return Err(escape(&h.path, "whiteout of an empty name, `.` or `..`")),
-            Name::Opaque => return self.opaque(parent, &h),
-            Name::Whiteout(target) => return self.whiteout(parent, target, &h),
+            Name::Opaque => return self.opaque(parent, &h).map(|()| None),
+            Name::Whiteout(target) => return self.whiteout(parent, target, &h).map(|()| None),
         }
         let dir = self.dir(parent, true, &h.path)?.expect("created");
         let full = join(&comps);
         let display = self.root.display(&comps);
         match h.kind {
-            Kind::File => self.file(&dir, name, &full, display, h)?,
+            Kind::File => return self.file(&dir, name, &full, display, h).map(Some),
             Kind::Dir => self.mkdir(&dir, name, &full, display, h)?,
             Kind::Symlink => self.symlink(&dir, name, &full, display, &h)?,
             Kind::Hardlink => self.hardlink(&dir, name, &comps, display, &h)?,
             Kind::Char | Kind::Block | Kind::Fifo => self.special(&dir, name, &full, display, &h)?,
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Data for the current regular file.
-    pub(crate) fn data(&mut self, buf: &[u8]) -> Result<()> {
-        let Some(cur) = &mut self.current else {
-            return Ok(()); // data of a skipped entry
-        };
-        match &cur.hdr.sparse {
-            None => cur.file.write_all(buf).map_err(|e| Error::io("write", &cur.path, e))?,
-            Some((map, _)) => {
-                let mut buf = buf;
-                while !buf.is_empty() {
-                    // Position of `consumed` inside the map.
-                    let Some(&(off, len)) = map.get(cur.seg) else {
-                        return Err(Error::InvalidArchive {
-                            offset: cur.hdr.offset,
-                            reason: "sparse data beyond its map".into(),
-                        });
-                    };
-                    let done_before: u64 = map[..cur.seg].iter().map(|s| s.1).sum();
-                    let into = cur.consumed - done_before;
-                    let n = (len - into).min(buf.len() as u64) as usize;
-                    cur.file.write_all_at(&buf[..n], off + into).map_err(|e| Error::io("pwrite", &cur.path, e))?;
-                    cur.consumed += n as u64;
-                    buf = &buf[n..];
-                    if cur.consumed - done_before == len {
-                        cur.seg += 1;
-                    }
-                }
-                return Ok(());
-            }
-        }
-        cur.consumed += buf.len() as u64;
-        Ok(())
-    }
-
-    /// Finish the last entry and apply deferred directory metadata.
+    /// Apply deferred directory metadata (after every file is written and closed).
     pub(crate) fn finish(mut self) -> Result<Counts> {
-        self.finish_current()?;
         self.dirs.clear();
         let deferred = std::mem::take(&mut self.deferred);
         for d in deferred.iter().rev() {
@@ -236,69 +348,9 @@ impl<'a> Extractor<'a> {
                 Err(e) => return Err(e),
             };
             let display = self.root.display(&comps);
-            self.set_meta_fd(fd.as_fd(), &d.hdr, d.created_mode, &display, false)?;
+            self.meta.apply_fd(fd.as_fd(), &d.hdr, d.created_mode, &display, false, &mut self.counts.skipped_xattrs)?;
         }
         Ok(self.counts)
-    }
-
-    fn finish_current(&mut self) -> Result<()> {
-        let Some(cur) = self.current.take() else { return Ok(()) };
-        if let Some((_, real)) = &cur.hdr.sparse {
-            cur.file.set_len(*real).map_err(|e| Error::io("ftruncate", &cur.path, e))?;
-        }
-        self.set_meta_fd(cur.file.as_fd(), &cur.hdr, Some(cur.hdr.mode), &cur.path, true)?;
-        Ok(())
-    }
-
-    /// Ownership, mode, xattrs and times on an open file or directory, in the order the
-    /// kernel requires: `fchown` clears setuid/setgid and file capabilities, so it comes
-    /// before `fchmod` and `fsetxattr`; times last.
-    fn set_meta_fd(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        h: &Header,
-        created_mode: Option<u32>,
-        path: &std::path::Path,
-        xattrs: bool,
-    ) -> Result<()> {
-        let uid = to_id(h.uid, "uid", h)?;
-        let gid = to_id(h.gid, "gid", h)?;
-        let chown = self.opts.chown && (uid != self.euid || gid != self.egid);
-        if chown {
-            fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|e| Error::io("fchown", path, e))?;
-        }
-        let need_chmod = match created_mode {
-            Some(m) => (m & !self.umask & 0o777) != h.mode || (chown && h.mode & 0o6000 != 0),
-            None => true,
-        };
-        if need_chmod {
-            fchmod(fd, Mode::from_bits_truncate(h.mode)).map_err(|e| Error::io("fchmod", path, e))?;
-        }
-        if xattrs {
-            for (k, v) in &h.xattrs {
-                let k = whiteout::escape_xattr(k);
-                if let Err(e) = sys::fsetxattr(fd, &k, v) {
-                    self.xattr_error(e, &k, path)?;
-                }
-            }
-        }
-        let t = mtime(h);
-        futimens(fd, &t, &t).map_err(|e| Error::io("futimens", path, e))?;
-        Ok(())
-    }
-
-    fn xattr_error(&mut self, e: std::io::Error, name: &[u8], path: &std::path::Path) -> Result<()> {
-        let tolerable = matches!(
-            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-            Errno::EPERM | Errno::EOPNOTSUPP | Errno::EACCES | Errno::EINVAL
-        );
-        if self.opts.ignore_xattr_errors && tolerable {
-            self.counts.skipped_xattrs += 1;
-            Ok(())
-        } else {
-            let _ = name;
-            Err(Error::io("fsetxattr", path, e))
-        }
     }
 
     /// Make room for a new entry at `dir/name`. Returns `true` if an existing directory
@@ -328,7 +380,7 @@ impl<'a> Extractor<'a> {
         Ok(false)
     }
 
-    fn file(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<()> {
+    fn file(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<OpenFile> {
         let mode = Mode::from_bits_truncate(h.mode & 0o777);
         let fd = match openat(dir, name, FILE_FLAGS, mode) {
             Ok(fd) => fd,
@@ -341,8 +393,7 @@ impl<'a> Extractor<'a> {
         self.counts.files += 1;
         self.counts.file_bytes += h.size;
         self.note_added(full.to_vec());
-        self.current = Some(Current { file: File::from(fd), hdr: h, path, consumed: 0, seg: 0 });
-        Ok(())
+        Ok(OpenFile { file: File::from(fd), hdr: h, path })
     }
 
     fn mkdir(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<()> {
@@ -369,7 +420,7 @@ impl<'a> Extractor<'a> {
         for (k, v) in &h.xattrs {
             let k = whiteout::escape_xattr(k);
             if let Err(e) = sys::fsetxattr(fd.as_fd(), &k, v) {
-                self.xattr_error(e, &k, &path)?;
+                self.meta.xattr_error(e, &path, &mut self.counts.skipped_xattrs)?;
             }
         }
         if self.dirs.len() >= DIR_CACHE {
@@ -410,23 +461,20 @@ impl<'a> Extractor<'a> {
         path: &std::path::Path,
         chmod: bool,
     ) -> Result<()> {
-        let uid = to_id(h.uid, "uid", h)?;
-        let gid = to_id(h.gid, "gid", h)?;
-        let chown = self.opts.chown && (uid != self.euid || gid != self.egid);
-        if chown {
-            fchownat(dir, name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::AT_SYMLINK_NOFOLLOW)
+        if let Some((uid, gid)) = self.meta.needs_chown(h)? {
+            fchownat(dir, name, Some(uid), Some(gid), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(|e| Error::io("fchownat", path, e))?;
         }
         // Only special files get here with `chmod`: a device or fifo we just created in a
         // directory we hold open (Linux has no `AT_SYMLINK_NOFOLLOW` for fchmodat before 6.6).
-        if chmod && (h.mode & !0o777 != 0 || h.mode & self.umask != 0) {
+        if chmod && (h.mode & !0o777 != 0 || h.mode & self.meta.umask != 0) {
             fchmodat(dir, name, Mode::from_bits_truncate(h.mode), FchmodatFlags::FollowSymlink)
                 .map_err(|e| Error::io("fchmodat", path, e))?;
         }
         for (k, v) in &h.xattrs {
             let k = whiteout::escape_xattr(k);
             if let Err(e) = sys::setxattr_at_nofollow(dir.as_fd(), name, &k, v) {
-                self.xattr_error(e, &k, path)?;
+                self.meta.xattr_error(e, path, &mut self.counts.skipped_xattrs)?;
             }
         }
         let t = mtime(h);
