@@ -473,8 +473,14 @@ impl<'a> Extractor<'a> {
         }
         for (k, v) in &h.xattrs {
             let k = whiteout::escape_xattr(k);
-            if let Err(e) = sys::setxattr_at_nofollow(dir.as_fd(), name, &k, v) {
-                self.meta.xattr_error(e, path, &mut self.counts.skipped_xattrs)?;
+            match sys::setxattr_at_nofollow(dir.as_fd(), name, &k, v) {
+                Ok(()) => {}
+                // The kernel never allows `user.*` xattrs on symlinks and special files
+                // (xattr(7)); GNU tar warns and goes on, so do we (counted).
+                Err(e) if e.raw_os_error() == Some(Errno::EPERM as i32) && k.starts_with(b"user.") => {
+                    self.counts.skipped_xattrs += 1;
+                }
+                Err(e) => self.meta.xattr_error(e, path, &mut self.counts.skipped_xattrs)?,
             }
         }
         let t = mtime(h);
