@@ -80,7 +80,8 @@ fn vm_hwm_kib() -> u64 {
 /// Pipes `src` through a zstd encoder on a helper thread, so neither side holds the
 /// stream.
 fn zstd_stream(src: GeneratedTar) -> impl Read + Send {
-    let (rx, tx) = io::pipe().unwrap();
+    let (rx, tx) = nix::unistd::pipe().unwrap();
+    let (rx, tx) = (std::fs::File::from(rx), std::fs::File::from(tx));
     std::thread::spawn(move || {
         let mut enc = zstd::stream::write::Encoder::new(tx, 1).unwrap();
         let mut src = src;
