@@ -1,19 +1,25 @@
-//! The three stages of [`unpack`](super::unpack): fetch+hash, decompress+parse, apply.
+//! The stages of [`unpack`](super::unpack): fetch+hash, decompress+parse, create, write.
 //!
 //! # Concurrency
-//! In pipelined mode the stages run on three threads (two scoped helpers and the
-//! caller, which owns the [`Extractor`] and so every file descriptor) joined by bounded
-//! channels, so memory stays at a few MiB whatever the layer size. Shutdown:
-//! - the applier fails → it drops the batch receiver and raises `abort`; the parser's next
-//!   send fails and it returns; the fetcher sees `abort` and stops reading;
-//! - the parser fails → it raises `abort` and returns, dropping both channel ends; the
-//!   applier drains what it had and stops;
+//! In pipelined mode each stage has a thread: two scoped helpers before the caller's
+//! thread (fetch, parse), the caller (create: owns the [`Extractor`], its root and
+//! directory descriptors), and a scoped writer after it (fills and closes regular
+//! files). Bounded channels join them, so memory stays at a few MiB whatever the layer
+//! size, and open descriptors stay under ~200 (see [`BATCH_FILES`]). Batches go
+//! parse → create → write and back to the parser for reuse.
+//!
+//! Shutdown:
+//! - the create or write stage fails → it raises `abort` and drops its receiver; the
+//!   stage before it stops at its next send; the fetcher sees `abort` and stops reading;
+//! - the parser fails → it raises `abort` and returns, dropping its channel ends; the
+//!   later stages drain what they have and stop;
 //! - the parser finishes early (the compressed stream ended before the blob did) → the
 //!   fetcher keeps reading and hashing to the end of the blob, so the digest covers all
 //!   of it.
 //!
-//! Errors are reported in causal order: applier, then fetcher (an input I/O error is the
-//! root cause of whatever the parser saw), then parser.
+//! Errors are reported in causal order: create, then write (the create stage stops
+//! silently when the writer has gone), then fetch (an input I/O error is the root cause
+//! of whatever the parser saw), then parse.
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +53,13 @@ enum Item {
 
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 512;
+/// Regular files are opened by the create stage and closed by the writer, so the files
+/// in a batch stay open until the writer reaches them. Bounding them per batch, with
+/// [`WRITE_DEPTH`], bounds descriptors in flight: at most `BATCH_FILES * (WRITE_DEPTH + 2)`
+/// = 128 files, plus the extractor's directory cache.
+const BATCH_FILES: usize = 32;
 const BATCH_DEPTH: usize = 8;
+const WRITE_DEPTH: usize = 2;
 const CHUNK_BYTES: usize = 256 * 1024;
 const CHUNK_DEPTH: usize = 4;
 
@@ -55,11 +67,16 @@ struct Batch {
     items: Vec<Item>,
     data: Vec<u8>,
     used: usize,
+    files: usize,
 }
 
 impl Batch {
     fn new() -> Batch {
-        Batch { items: Vec::with_capacity(BATCH_ITEMS), data: vec![0; BATCH_BYTES], used: 0 }
+        Batch { items: Vec::with_capacity(BATCH_ITEMS), data: vec![0; BATCH_BYTES], used: 0, files: 0 }
+    }
+
+    fn full(&self) -> bool {
+        self.items.len() >= BATCH_ITEMS || self.used == self.data.len() || self.files >= BATCH_FILES
     }
 }
 
@@ -78,7 +95,8 @@ fn create(ex: &mut Extractor<'_>, b: &mut Batch) -> Result<()> {
 
 /// The write stage: fill the batch's files; the batch is left empty for reuse.
 fn write(w: &mut Writer, b: &mut Batch) -> Result<()> {
-    let Batch { items, data, used } = b;
+    let Batch { items, data, used, files } = b;
+    *files = 0;
     for item in items.drain(..) {
         match item {
             Item::File(f) => w.open(*f)?,
@@ -146,7 +164,7 @@ pub(super) fn run_pipelined<R: Read + Send>(
         let (chunk_tx, chunk_rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(CHUNK_DEPTH);
         let (chunk_back_tx, chunk_back_rx) = mpsc::channel::<Vec<u8>>();
         let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(BATCH_DEPTH);
-        let (write_tx, write_rx) = mpsc::sync_channel::<Batch>(BATCH_DEPTH);
+        let (write_tx, write_rx) = mpsc::sync_channel::<Batch>(WRITE_DEPTH);
         let (batch_back_tx, batch_back_rx) = mpsc::channel::<Batch>();
         let abort = &abort;
         let input = &mut input;
@@ -420,9 +438,12 @@ fn run<R: Read>(tar: &mut TarReader<R>, sink: &mut dyn FnMut(Batch) -> Result<Ba
     let mut batch = Batch::new();
     while let Some(h) = tar.next_entry()? {
         let mut left = h.size;
+        if h.kind == tar::Kind::File {
+            batch.files += 1;
+        }
         batch.items.push(Item::Entry(Box::new(h)));
         loop {
-            if batch.items.len() >= BATCH_ITEMS || batch.used == batch.data.len() {
+            if batch.full() {
                 batch = sink(batch)?;
             }
             if left == 0 {
