@@ -193,7 +193,19 @@ pub struct UnpackStats {
 
 /// Extract one layer blob from `input` into the existing directory `dest`.
 ///
-/// See the [module docs](self) for the format support and the security model.
+/// One pass over the blob: its compression (none, gzip, zstd) is detected from the first
+/// bytes; its sha256 (and, when asked, the uncompressed stream's) is computed while
+/// extracting. Formats: ustar, GNU (long names and links, base-256 numbers, sparse) and
+/// PAX (`path`, `linkpath`, `size`, `uid`, `gid`, nanosecond `mtime`, `SCHILY.xattr.*`,
+/// sparse 1.0). Memory stays at a few MiB whatever the layer size.
+///
+/// Entries keep their mode (setuid/setgid/sticky included), numeric owner (with
+/// [`UnpackOptions::chown`]), mtime, xattrs, hardlinks, symlinks, fifos and device nodes
+/// (per [`UnpackOptions::devices`]). Directory metadata is applied after all entries.
+/// Later duplicates of a path replace earlier ones. Whiteouts follow
+/// [`UnpackOptions::whiteouts`]; a whiteout never removes what the same layer added.
+/// Parent directories missing from the archive are created with mode 0755, only when
+/// absent (an existing directory is never altered by an entry below it).
 ///
 /// # Errors
 /// - [`Error::PathEscape`] for an entry that would resolve outside `dest`;
@@ -209,7 +221,17 @@ pub struct UnpackStats {
 ///
 /// # Security
 /// `dest` itself is trusted; nothing in the archive can make extraction write, link or
-/// follow outside it.
+/// follow outside it. Every path is resolved by file descriptor from `dest`
+/// (`openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS)`, or an `O_NOFOLLOW` walk before
+/// Linux 5.6), never by joining strings: absolute paths, `..` components, symlinked
+/// parents and hardlinks whose target lies outside are refused with
+/// [`Error::PathEscape`]. Extraction never follows a symlink, even one pointing inside
+/// `dest`; symlinks themselves may point anywhere (created, never followed). Image
+/// xattrs in `trusted.overlay.*`/`user.overlay.*` are stored escaped
+/// (`trusted.overlay.overlay.*`), never interpreted by overlayfs. Set
+/// [`UnpackOptions::max_uncompressed_bytes`] and [`UnpackOptions::max_entries`] for
+/// untrusted sources (decompression bombs); buffered per-entry metadata is bounded by
+/// [`UnpackOptions::max_header_bytes`].
 pub fn unpack<R: Read + Send>(input: R, dest: &Path, opts: &UnpackOptions) -> Result<UnpackStats> {
     unpack_inner(input, dest, opts, None)
 }
