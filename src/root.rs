@@ -115,13 +115,19 @@ impl Root {
     /// Open the directory at `comps` without following any symlink.
     ///
     /// Missing components are created with `create` as mode (before umask) when it is
-    /// `Some`; otherwise a missing directory gives `Ok(None)`. Existing directories are
-    /// never modified.
+    /// `Some`, and the length of each created prefix is pushed onto `made`; otherwise a
+    /// missing directory gives `Ok(None)`. Existing directories are never modified.
     ///
     /// # Errors
     /// [`Error::PathEscape`] (naming `entry`) when a component is a symlink;
     /// [`Error::Io`] for anything else, `ENOTDIR` included.
-    pub(crate) fn open_dir(&self, comps: &[&[u8]], create: Option<u32>, entry: &[u8]) -> Result<Option<OwnedFd>> {
+    pub(crate) fn open_dir(
+        &self,
+        comps: &[&[u8]],
+        create: Option<u32>,
+        entry: &[u8],
+        made: &mut Vec<usize>,
+    ) -> Result<Option<OwnedFd>> {
         if comps.is_empty() {
             let fd = self.fd.try_clone().map_err(|e| Error::io("dup", &self.path, e))?;
             return Ok(Some(fd));
@@ -133,17 +139,25 @@ impl Root {
             match openat2(self.fd.as_fd(), &join(comps)[..], how) {
                 Ok(fd) => return Ok(Some(fd)),
                 Err(Errno::ELOOP) => return Err(escape(entry, "a parent component is a symlink")),
-                // Missing: fall through to the walk, which creates. EAGAIN: a concurrent
-                // rename raced the lookup; the walk is immune. EXDEV: cannot happen without
-                // `..`, but the walk gives the precise answer.
-                Err(Errno::ENOENT | Errno::EAGAIN | Errno::EXDEV) => {}
+                // Missing: fall through to the walk, which creates. ENOTDIR: a component is
+                // not a directory, or the last one is a symlink (O_DIRECTORY|O_NOFOLLOW
+                // reports that as ENOTDIR, not ELOOP); the walk tells which. EAGAIN: a
+                // concurrent rename raced the lookup; the walk is immune. EXDEV: cannot
+                // happen without `..`, but the walk gives the precise answer.
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EAGAIN | Errno::EXDEV) => {}
                 Err(e) => return Err(Error::io("openat2", self.display(comps), e)),
             }
         }
-        self.walk(comps, create, entry)
+        self.walk(comps, create, entry, made)
     }
 
-    fn walk(&self, comps: &[&[u8]], create: Option<u32>, entry: &[u8]) -> Result<Option<OwnedFd>> {
+    fn walk(
+        &self,
+        comps: &[&[u8]],
+        create: Option<u32>,
+        entry: &[u8],
+        made: &mut Vec<usize>,
+    ) -> Result<Option<OwnedFd>> {
         let mut cur: Option<OwnedFd> = None;
         for (i, c) in comps.iter().enumerate() {
             let dir = cur.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
@@ -156,7 +170,8 @@ impl Root {
                 Err(Errno::ENOENT) => {
                     let Some(mode) = create else { return Ok(None) };
                     match mkdirat(dir, *c, Mode::from_bits_truncate(mode)) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Ok(()) => made.push(i + 1),
+                        Err(Errno::EEXIST) => {}
                         Err(e) => return Err(Error::io("mkdirat", self.display(&comps[..=i]), e)),
                     }
                     match openat(dir, *c, DIR_FLAGS, Mode::empty()) {
@@ -219,15 +234,20 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), t.path().join("out")).unwrap();
         std::os::unix::fs::symlink("real", t.path().join("in")).unwrap();
         let root = Root::open(t.path()).unwrap();
-        assert!(root.open_dir(&[b"real"], None, b"x").unwrap().is_some());
-        assert!(root.open_dir(&[b"missing"], None, b"x").unwrap().is_none());
+        assert!(root.open_dir(&[b"real"], None, b"x", &mut Vec::new()).unwrap().is_some());
+        assert!(root.open_dir(&[b"missing"], None, b"x", &mut Vec::new()).unwrap().is_none());
         for link in [&b"out"[..], b"in"] {
-            let e = root.open_dir(&[link, b"sub"], Some(0o755), b"x").unwrap_err();
+            let e = root.open_dir(&[link, b"sub"], Some(0o755), b"x", &mut Vec::new()).unwrap_err();
             assert!(matches!(e, Error::PathEscape { .. }), "{e}");
         }
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
-        root.open_dir(&[b"a", b"b", b"c"], Some(0o755), b"x").unwrap().unwrap();
+        let mut made = Vec::new();
+        root.open_dir(&[b"a", b"b", b"c"], Some(0o755), b"x", &mut made).unwrap().unwrap();
         assert!(t.path().join("a/b/c").is_dir());
+        assert_eq!(made, [1, 2, 3]);
+        let mut made = Vec::new();
+        root.open_dir(&[b"a", b"b", b"d"], Some(0o755), b"x", &mut made).unwrap().unwrap();
+        assert_eq!(made, [3]);
     }
 
     #[test]
@@ -236,8 +256,11 @@ mod tests {
         std::fs::create_dir_all(t.path().join("a/b")).unwrap();
         std::os::unix::fs::symlink("/", t.path().join("a/l")).unwrap();
         let root = Root::open(t.path()).unwrap();
-        assert!(root.walk(&[b"a", b"b"], None, b"x").unwrap().is_some());
-        assert!(root.walk(&[b"a", b"nope"], None, b"x").unwrap().is_none());
-        assert!(matches!(root.walk(&[b"a", b"l", b"etc"], Some(0o755), b"x").unwrap_err(), Error::PathEscape { .. }));
+        assert!(root.walk(&[b"a", b"b"], None, b"x", &mut Vec::new()).unwrap().is_some());
+        assert!(root.walk(&[b"a", b"nope"], None, b"x", &mut Vec::new()).unwrap().is_none());
+        assert!(matches!(
+            root.walk(&[b"a", b"l", b"etc"], Some(0o755), b"x", &mut Vec::new()).unwrap_err(),
+            Error::PathEscape { .. }
+        ));
     }
 }

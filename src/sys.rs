@@ -20,7 +20,6 @@ fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-#[cfg(test)]
 fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
 }
@@ -55,7 +54,6 @@ pub fn setxattr_at_nofollow(dirfd: BorrowedFd<'_>, name: &[u8], xname: &[u8], va
     check(unsafe { libc::lsetxattr(path.as_ptr(), xname.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }
 
-#[cfg(test)]
 /// Calls `get(buf)` with a growing buffer until the value fits (the xattr size protocol).
 fn read_sized(mut get: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 256];
@@ -74,7 +72,6 @@ fn read_sized(mut get: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result
     }
 }
 
-#[cfg(test)]
 /// `fgetxattr(2)`: the value of xattr `name` on `fd`; `Ok(None)` when it is not set.
 pub fn fgetxattr(fd: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
     let name = cstring(name)?;

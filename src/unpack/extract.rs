@@ -47,11 +47,24 @@ pub(crate) struct Counts {
     pub skipped_xattrs: u64,
 }
 
+/// What creating an entry gave it, so metadata calls are only made when they change
+/// something. Creation in a setgid directory inherits its group (and, for directories,
+/// the setgid bit); a default ACL replaces the umask, making the mode unpredictable.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Created {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// `false` when the mode cannot be predicted (default ACL): always chmod.
+    exact: bool,
+}
+
 /// A regular file created by the [`Extractor`], for the [`Writer`] to fill.
 pub(crate) struct OpenFile {
     file: File,
     hdr: Box<Header>,
     path: PathBuf,
+    created: Created,
 }
 
 /// A regular file being written.
@@ -59,6 +72,7 @@ struct Current {
     file: File,
     hdr: Box<Header>,
     path: PathBuf,
+    created: Created,
     /// Bytes of archive data consumed so far (for sparse files, position in the map).
     consumed: u64,
     seg: usize,
@@ -68,15 +82,28 @@ struct Current {
 struct DirMeta {
     path: Vec<u8>,
     hdr: Box<Header>,
-    /// The mode the directory was created with (before umask), or `None` if it existed.
-    created_mode: Option<u32>,
+    /// What creation gave the directory, or `None` if it existed before this entry.
+    created: Option<Created>,
+    /// Set the entry's xattrs in the deferred pass (they are set at creation otherwise).
+    xattrs: bool,
+}
+
+/// A cached directory descriptor and what it passes on to entries created in it.
+struct Dir {
+    fd: OwnedFd,
+    path: Vec<u8>,
+    /// The directory's group when it is setgid: new entries get it.
+    sgid: Option<u32>,
+    /// It has a default ACL, which replaces the umask for new entries.
+    acl: bool,
 }
 
 const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 const FILE_FLAGS: OFlag =
     OFlag::O_WRONLY.union(OFlag::O_CREAT).union(OFlag::O_EXCL).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
-/// Mode of parent directories the archive did not list (see DESIGN.md rule 3: they are
-/// only ever created when missing, never applied over an existing directory).
+/// Mode of parent directories the archive did not list, when no lower layer has them
+/// (see DESIGN.md rule 3: they are only ever created when missing, never applied over an
+/// existing directory).
 const IMPLICIT_DIR_MODE: u32 = 0o755;
 /// Bound on cached directory descriptors. With the pipeline's bound on open files, an
 /// extraction holds under 200 descriptors, well within the common 1024 limit.
@@ -87,10 +114,14 @@ const DIR_CACHE: usize = 64;
 pub(crate) struct Extractor<'a> {
     root: &'a Root,
     opts: &'a UnpackOptions,
-    dirs: HashMap<Vec<u8>, Rc<OwnedFd>>,
+    dirs: HashMap<Vec<u8>, Rc<Dir>>,
     deferred: Vec<DirMeta>,
     /// Paths this layer created (Apply mode): whiteouts never remove them.
     added: Option<HashSet<Vec<u8>>>,
+    /// Existing read-only directories we made writable (unprivileged), and their modes.
+    unlocked: Vec<(Vec<u8>, u32)>,
+    /// [`UnpackOptions::parent_lowers`], opened on first use.
+    lowers: Option<Vec<Root>>,
     pub counts: Counts,
     meta: MetaPolicy,
 }
@@ -117,35 +148,50 @@ impl MetaPolicy {
         }
     }
 
-    /// Whether `h`'s owner differs from what creation gave the entry.
-    fn needs_chown(&self, h: &Header) -> Result<Option<(Uid, Gid)>> {
-        let uid = to_id(h.uid, "uid", h)?;
-        let gid = to_id(h.gid, "gid", h)?;
-        Ok((self.chown && (uid != self.euid || gid != self.egid)).then(|| (Uid::from_raw(uid), Gid::from_raw(gid))))
+    /// What creating an entry with `mode` (before umask) in `dir` gives it.
+    fn created(&self, dir: &Dir, mode: u32, is_dir: bool) -> Created {
+        let mut m = if dir.acl { mode & 0o7777 } else { mode & 0o7777 & !self.umask };
+        if is_dir && dir.sgid.is_some() {
+            m |= 0o2000;
+        }
+        Created { mode: m, uid: self.euid, gid: dir.sgid.unwrap_or(self.egid), exact: !dir.acl }
     }
 
-    /// Ownership, mode, xattrs and times on an open file or directory, in the order the
-    /// kernel requires: `fchown` clears setuid/setgid and file capabilities, so it comes
-    /// before `fchmod` and `fsetxattr`; times last.
+    /// The owner to set, when chown is on and it differs from what the entry has.
+    fn chown_to(&self, h: &Header, created: Option<Created>) -> Result<Option<(Uid, Gid)>> {
+        if !self.chown {
+            return Ok(None);
+        }
+        let uid = to_id(h.uid, "uid", h)?;
+        let gid = to_id(h.gid, "gid", h)?;
+        let same = created.is_some_and(|c| c.uid == uid && c.gid == gid);
+        Ok((!same).then(|| (Uid::from_raw(uid), Gid::from_raw(gid))))
+    }
+
+    fn needs_chmod(h: &Header, created: Option<Created>, chowned: bool) -> bool {
+        match created {
+            None => true,
+            // chown clears setuid/setgid: put them back.
+            Some(c) => !c.exact || c.mode != h.mode || (chowned && h.mode & 0o6000 != 0),
+        }
+    }
+
+    /// Ownership, xattrs, mode and times on an open file or directory, in an order that
+    /// keeps each: `fchown` clears setuid/setgid and file capabilities, so it comes first;
+    /// xattrs before `fchmod`, because `user.*` xattrs need write permission the final
+    /// mode may not give; times last.
     fn apply_fd(
         &self,
         fd: BorrowedFd<'_>,
         h: &Header,
-        created_mode: Option<u32>,
+        created: Option<Created>,
         path: &std::path::Path,
         xattrs: bool,
         skipped: &mut u64,
     ) -> Result<()> {
-        let owner = self.needs_chown(h)?;
+        let owner = self.chown_to(h, created)?;
         if let Some((uid, gid)) = owner {
             fchown(fd, Some(uid), Some(gid)).map_err(|e| Error::io("fchown", path, e))?;
-        }
-        let need_chmod = match created_mode {
-            Some(m) => (m & !self.umask & 0o777) != h.mode || (owner.is_some() && h.mode & 0o6000 != 0),
-            None => true,
-        };
-        if need_chmod {
-            fchmod(fd, Mode::from_bits_truncate(h.mode)).map_err(|e| Error::io("fchmod", path, e))?;
         }
         if xattrs {
             for (k, v) in &h.xattrs {
@@ -154,6 +200,9 @@ impl MetaPolicy {
                     self.xattr_error(e, path, skipped)?;
                 }
             }
+        }
+        if Self::needs_chmod(h, created, owner.is_some()) {
+            fchmod(fd, Mode::from_bits_truncate(h.mode)).map_err(|e| Error::io("fchmod", path, e))?;
         }
         let t = mtime(h);
         futimens(fd, &t, &t).map_err(|e| Error::io("futimens", path, e))?;
@@ -191,7 +240,8 @@ impl Writer {
     /// Start writing `f` (finishing the previous file).
     pub(crate) fn open(&mut self, f: OpenFile) -> Result<()> {
         self.close()?;
-        self.current = Some(Current { file: f.file, hdr: f.hdr, path: f.path, consumed: 0, seg: 0 });
+        self.current =
+            Some(Current { file: f.file, hdr: f.hdr, path: f.path, created: f.created, consumed: 0, seg: 0 });
         Ok(())
     }
 
@@ -201,42 +251,40 @@ impl Writer {
         let Some(cur) = &mut self.current else {
             return Ok(());
         };
-        match &cur.hdr.sparse {
-            None => cur.file.write_all(buf).map_err(|e| Error::io("write", &cur.path, e))?,
-            Some((map, _)) => {
-                let mut buf = buf;
-                while !buf.is_empty() {
-                    // Position of `consumed` inside the map.
-                    let Some(&(off, len)) = map.get(cur.seg) else {
-                        return Err(Error::InvalidArchive {
-                            offset: cur.hdr.offset,
-                            reason: "sparse data beyond its map".into(),
-                        });
-                    };
-                    let done_before: u64 = map[..cur.seg].iter().map(|s| s.1).sum();
-                    let into = cur.consumed - done_before;
-                    let n = (len - into).min(buf.len() as u64) as usize;
-                    cur.file.write_all_at(&buf[..n], off + into).map_err(|e| Error::io("pwrite", &cur.path, e))?;
-                    cur.consumed += n as u64;
-                    buf = &buf[n..];
-                    if cur.consumed - done_before == len {
-                        cur.seg += 1;
-                    }
-                }
-                return Ok(());
+        let Some((map, _)) = &cur.hdr.sparse else {
+            cur.file.write_all(buf).map_err(|e| Error::io("write", &cur.path, e))?;
+            cur.consumed += buf.len() as u64;
+            return Ok(());
+        };
+        let mut buf = buf;
+        while !buf.is_empty() {
+            // Position of `consumed` inside the map.
+            let Some(&(off, len)) = map.get(cur.seg) else {
+                return Err(Error::InvalidArchive {
+                    offset: cur.hdr.offset,
+                    reason: "sparse data beyond its map".into(),
+                });
+            };
+            let done_before: u64 = map[..cur.seg].iter().map(|s| s.1).sum();
+            let into = cur.consumed - done_before;
+            let n = (len - into).min(buf.len() as u64) as usize;
+            cur.file.write_all_at(&buf[..n], off + into).map_err(|e| Error::io("pwrite", &cur.path, e))?;
+            cur.consumed += n as u64;
+            buf = &buf[n..];
+            if cur.consumed - done_before == len {
+                cur.seg += 1;
             }
         }
-        cur.consumed += buf.len() as u64;
         Ok(())
     }
 
-    /// Finish the current file: size (sparse), owner, mode, xattrs, times; close.
+    /// Finish the current file: size (sparse), owner, xattrs, mode, times; close.
     pub(crate) fn close(&mut self) -> Result<()> {
         let Some(cur) = self.current.take() else { return Ok(()) };
         if let Some((_, real)) = &cur.hdr.sparse {
             cur.file.set_len(*real).map_err(|e| Error::io("ftruncate", &cur.path, e))?;
         }
-        self.meta.apply_fd(cur.file.as_fd(), &cur.hdr, Some(cur.hdr.mode), &cur.path, true, &mut self.skipped_xattrs)
+        self.meta.apply_fd(cur.file.as_fd(), &cur.hdr, Some(cur.created), &cur.path, true, &mut self.skipped_xattrs)
     }
 }
 
@@ -251,6 +299,10 @@ fn mtime(h: &Header) -> TimeSpec {
     TimeSpec::new(h.mtime, i64::from(h.mtime_nsec))
 }
 
+fn comps_of(path: &[u8]) -> Vec<&[u8]> {
+    if path.is_empty() { Vec::new() } else { path.split(|&b| b == b'/').collect() }
+}
+
 impl<'a> Extractor<'a> {
     pub(crate) fn new(root: &'a Root, opts: &'a UnpackOptions) -> Self {
         Extractor {
@@ -259,27 +311,87 @@ impl<'a> Extractor<'a> {
             dirs: HashMap::new(),
             deferred: Vec::new(),
             added: (opts.whiteouts == WhiteoutMode::Apply).then(HashSet::new),
+            unlocked: Vec::new(),
+            lowers: None,
             counts: Counts::default(),
             meta: MetaPolicy::new(opts),
         }
     }
 
-    /// The cached descriptor of the directory at `comps`, creating missing ones when
-    /// `create` (with [`IMPLICIT_DIR_MODE`]).
-    fn dir(&mut self, comps: &[&[u8]], create: bool, entry: &[u8]) -> Result<Option<Rc<OwnedFd>>> {
-        let key = join(comps);
-        if let Some(fd) = self.dirs.get(&key) {
-            return Ok(Some(fd.clone()));
-        }
-        let Some(fd) = self.root.open_dir(comps, create.then_some(IMPLICIT_DIR_MODE), entry)? else {
-            return Ok(None);
-        };
+    /// Wrap a directory descriptor, learning what it passes on to new entries.
+    fn describe(fd: OwnedFd, path: Vec<u8>) -> Dir {
+        let sgid = nix::sys::stat::fstat(&fd).ok().filter(|st| st.st_mode & 0o2000 != 0).map(|st| st.st_gid);
+        let acl = matches!(sys::fgetxattr(fd.as_fd(), b"system.posix_acl_default"), Ok(Some(_)));
+        Dir { fd, path, sgid, acl }
+    }
+
+    fn cache(&mut self, dir: Dir) -> Rc<Dir> {
         if self.dirs.len() >= DIR_CACHE {
             self.dirs.clear();
         }
-        let fd = Rc::new(fd);
-        self.dirs.insert(key, fd.clone());
-        Ok(Some(fd))
+        let dir = Rc::new(dir);
+        self.dirs.insert(dir.path.clone(), dir.clone());
+        dir
+    }
+
+    /// The cached directory at `comps`, creating missing ones when `create` (with the
+    /// metadata of the same directory in [`UnpackOptions::parent_lowers`], or
+    /// [`IMPLICIT_DIR_MODE`]).
+    fn dir(&mut self, comps: &[&[u8]], create: bool, entry: &[u8]) -> Result<Option<Rc<Dir>>> {
+        let key = join(comps);
+        if let Some(d) = self.dirs.get(&key) {
+            return Ok(Some(d.clone()));
+        }
+        let mut made = Vec::new();
+        let Some(fd) = self.root.open_dir(comps, create.then_some(IMPLICIT_DIR_MODE), entry, &mut made)? else {
+            return Ok(None);
+        };
+        for n in made {
+            self.implicit_parent(&comps[..n]);
+        }
+        Ok(Some(self.cache(Self::describe(fd, key))))
+    }
+
+    /// A parent directory the layer did not list was just created: give it the metadata
+    /// the image's lower layers have for it (what applying the layer through the merged
+    /// overlay view, as containerd does, would show), applied in the deferred pass.
+    fn implicit_parent(&mut self, comps: &[&[u8]]) {
+        if self.opts.parent_lowers.is_empty() {
+            return;
+        }
+        let lowers = self
+            .lowers
+            .get_or_insert_with(|| self.opts.parent_lowers.iter().filter_map(|p| Root::open(p).ok()).collect());
+        let mut found = None;
+        for lower in lowers.iter() {
+            match lower.open_dir(comps, None, b"", &mut Vec::new()) {
+                Ok(Some(fd)) => {
+                    found = nix::sys::stat::fstat(&fd).ok();
+                    break;
+                }
+                Ok(None) => continue, // not in this layer: look further down
+                Err(_) => break,      // a whiteout, file or symlink hides lower ones
+            }
+        }
+        let Some(st) = found else { return };
+        let path = join(comps);
+        let hdr = Box::new(Header {
+            path: path.clone(),
+            link: Vec::new(),
+            kind: Kind::Dir,
+            mode: st.st_mode & 0o7777,
+            uid: u64::from(st.st_uid),
+            gid: u64::from(st.st_gid),
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec as u32,
+            size: 0,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+            sparse: None,
+            offset: 0,
+        });
+        self.deferred.push(DirMeta { path, hdr, created: None, xattrs: false });
     }
 
     /// Forget cached descriptors at or under `path` (it is about to be removed or replaced).
@@ -301,16 +413,42 @@ impl<'a> Extractor<'a> {
         self.added.as_ref().is_some_and(|a| a.contains(path))
     }
 
+    /// Run `op` (a creation or removal in `dir`); if it fails with `EACCES` because `dir`
+    /// is an existing read-only directory we own (an unprivileged flatten into, say, a
+    /// 0555 `/usr/bin` of a lower layer), make `dir` writable and retry. Its mode is
+    /// restored in [`Self::finish`].
+    fn writable<T>(&mut self, dir: &Dir, mut op: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+        match op() {
+            Err(Errno::EACCES) if self.unlock(dir) => op(),
+            r => r,
+        }
+    }
+
+    /// Give the owner write and search permission on `dir`, remembering its mode. `false`
+    /// if that cannot help (not ours, already writable, already unlocked).
+    fn unlock(&mut self, dir: &Dir) -> bool {
+        let Ok(st) = nix::sys::stat::fstat(&dir.fd) else { return false };
+        let mode = st.st_mode & 0o7777;
+        if st.st_uid != self.meta.euid || mode & 0o300 == 0o300 || self.unlocked.iter().any(|(p, _)| *p == dir.path) {
+            return false;
+        }
+        if fchmod(&dir.fd, Mode::from_bits_truncate(mode | 0o700)).is_err() {
+            return false;
+        }
+        self.unlocked.push((dir.path.clone(), mode));
+        true
+    }
+
     /// Create one entry. A regular file is returned open, for a [`Writer`] to fill.
     pub(crate) fn begin(&mut self, h: Box<Header>) -> Result<Option<OpenFile>> {
         self.counts.entries += 1;
         let path_bytes = h.path.clone();
         let comps = split_path(&path_bytes).map_err(|r| escape(&h.path, r))?;
         let Some((name, parent)) = comps.split_last() else {
-            // `./` — metadata of the destination root itself.
+            // `./`: metadata of the destination root itself.
             if h.kind == Kind::Dir {
                 self.counts.dirs += 1;
-                self.deferred.push(DirMeta { path: Vec::new(), hdr: h, created_mode: None });
+                self.deferred.push(DirMeta { path: Vec::new(), hdr: h, created: None, xattrs: true });
                 return Ok(None);
             }
             return Err(escape(&h.path, "a non-directory entry names the destination root"));
@@ -335,21 +473,29 @@ impl<'a> Extractor<'a> {
         Ok(None)
     }
 
-    /// Apply deferred directory metadata (after every file is written and closed).
+    /// Restore directories made writable, then apply deferred directory metadata in
+    /// archive order (a later entry for the same directory wins). Call after every file
+    /// is written and closed.
     pub(crate) fn finish(mut self) -> Result<Counts> {
         self.dirs.clear();
-        let deferred = std::mem::take(&mut self.deferred);
-        for d in deferred.iter().rev() {
-            let comps: Vec<&[u8]> = if d.path.is_empty() { Vec::new() } else { d.path.split(|&b| b == b'/').collect() };
+        for (path, mode) in std::mem::take(&mut self.unlocked) {
+            let comps = comps_of(&path);
+            if let Ok(Some(fd)) = self.root.open_dir(&comps, None, &path, &mut Vec::new()) {
+                fchmod(&fd, Mode::from_bits_truncate(mode))
+                    .map_err(|e| Error::io("fchmod", self.root.display(&comps), e))?;
+            }
+        }
+        for d in std::mem::take(&mut self.deferred) {
+            let comps = comps_of(&d.path);
             // Removed or replaced by a later entry: nothing to apply.
-            let fd = match self.root.open_dir(&comps, None, &d.hdr.path) {
+            let fd = match self.root.open_dir(&comps, None, &d.hdr.path, &mut Vec::new()) {
                 Ok(Some(fd)) => fd,
                 Ok(None) | Err(Error::PathEscape { .. }) => continue,
-                Err(e) if e.raw_os_error() == Some(libc_enotdir()) => continue,
+                Err(e) if e.raw_os_error() == Some(Errno::ENOTDIR as i32) => continue,
                 Err(e) => return Err(e),
             };
             let display = self.root.display(&comps);
-            self.meta.apply_fd(fd.as_fd(), &d.hdr, d.created_mode, &display, false, &mut self.counts.skipped_xattrs)?;
+            self.meta.apply_fd(fd.as_fd(), &d.hdr, d.created, &display, d.xattrs, &mut self.counts.skipped_xattrs)?;
         }
         Ok(self.counts)
     }
@@ -358,13 +504,13 @@ impl<'a> Extractor<'a> {
     /// was kept (only when `keep_dir`).
     fn clear_slot(
         &mut self,
-        dir: &OwnedFd,
+        dir: &Dir,
         name: &[u8],
         full: &[u8],
         display: &std::path::Path,
         keep_dir: bool,
     ) -> Result<bool> {
-        let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let st = match fstatat(&dir.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => return Ok(false),
             Err(e) => return Err(Error::io("fstatat", display, e)),
@@ -374,42 +520,68 @@ impl<'a> Extractor<'a> {
                 return Ok(true);
             }
             self.invalidate(full);
-            remove_tree(dir.as_fd(), name, full, None, display)?;
+            self.remove(dir, name, full, None, display)?;
         } else {
-            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(|e| Error::io("unlinkat", display, e))?;
+            self.writable(dir, || unlinkat(&dir.fd, name, UnlinkatFlags::NoRemoveDir))
+                .map_err(|e| Error::io("unlinkat", display, e))?;
         }
         Ok(false)
     }
 
-    fn file(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<OpenFile> {
-        let mode = Mode::from_bits_truncate(h.mode & 0o777);
-        let fd = match openat(dir, name, FILE_FLAGS, mode) {
+    /// [`remove_tree`] of `dir/name`, making `dir` writable first if needed.
+    fn remove(
+        &mut self,
+        dir: &Dir,
+        name: &[u8],
+        full: &[u8],
+        keep: Option<&HashSet<Vec<u8>>>,
+        display: &std::path::Path,
+    ) -> Result<bool> {
+        match remove_tree(dir.fd.as_fd(), name, full, keep, display) {
+            Err(e) if e.raw_os_error() == Some(Errno::EACCES as i32) && self.unlock(dir) => {
+                remove_tree(dir.fd.as_fd(), name, full, keep, display)
+            }
+            r => r,
+        }
+    }
+
+    fn file(&mut self, dir: &Dir, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<OpenFile> {
+        // Unprivileged, `user.*` xattrs need write permission on the file: keep owner-write
+        // until the writer has set them (it then applies the real mode).
+        let mut want = h.mode & 0o777;
+        if self.meta.euid != 0 && !h.xattrs.is_empty() {
+            want |= 0o200;
+        }
+        let mode = Mode::from_bits_truncate(want);
+        let fd = match self.writable(dir, || openat(&dir.fd, name, FILE_FLAGS, mode)) {
             Ok(fd) => fd,
             Err(Errno::EEXIST) => {
                 self.clear_slot(dir, name, full, &path, false)?;
-                openat(dir, name, FILE_FLAGS, mode).map_err(|e| Error::io("openat", &path, e))?
+                self.writable(dir, || openat(&dir.fd, name, FILE_FLAGS, mode))
+                    .map_err(|e| Error::io("openat", &path, e))?
             }
             Err(e) => return Err(Error::io("openat", &path, e)),
         };
         self.counts.files += 1;
         self.counts.file_bytes += h.size;
         self.note_added(full.to_vec());
-        Ok(OpenFile { file: File::from(fd), hdr: h, path })
+        let created = self.meta.created(dir, want, false);
+        Ok(OpenFile { file: File::from(fd), hdr: h, path, created })
     }
 
-    fn mkdir(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<()> {
+    fn mkdir(&mut self, dir: &Dir, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<()> {
         // Owner rwx until the deferred pass sets the real mode: an unprivileged extraction
         // must be able to fill a directory the archive marks read-only.
         let initial = (h.mode & 0o777) | 0o700;
-        let created = match mkdirat(dir, name, Mode::from_bits_truncate(initial)) {
-            Ok(()) => Some(initial),
+        let mode = Mode::from_bits_truncate(initial);
+        let created = match self.writable(dir, || mkdirat(&dir.fd, name, mode)) {
+            Ok(()) => Some(self.meta.created(dir, initial, true)),
             Err(Errno::EEXIST) => {
                 if self.clear_slot(dir, name, full, &path, true)? {
                     None
                 } else {
-                    mkdirat(dir, name, Mode::from_bits_truncate(initial))
-                        .map_err(|e| Error::io("mkdirat", &path, e))?;
-                    Some(initial)
+                    self.writable(dir, || mkdirat(&dir.fd, name, mode)).map_err(|e| Error::io("mkdirat", &path, e))?;
+                    Some(self.meta.created(dir, initial, true))
                 }
             }
             Err(e) => return Err(Error::io("mkdirat", &path, e)),
@@ -417,64 +589,59 @@ impl<'a> Extractor<'a> {
         self.counts.dirs += 1;
         // Open it now: its children usually follow, and xattrs (including an opaque
         // marker from this same layer) need a descriptor.
-        let fd = openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", &path, e))?;
+        let fd = openat(&dir.fd, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", &path, e))?;
         for (k, v) in &h.xattrs {
             let k = whiteout::escape_xattr(k);
             if let Err(e) = sys::fsetxattr(fd.as_fd(), &k, v) {
                 self.meta.xattr_error(e, &path, &mut self.counts.skipped_xattrs)?;
             }
         }
-        if self.dirs.len() >= DIR_CACHE {
-            self.dirs.clear();
-        }
-        self.dirs.insert(full.to_vec(), Rc::new(fd));
+        self.cache(Self::describe(fd, full.to_vec()));
         self.note_added(full.to_vec());
-        self.deferred.push(DirMeta { path: full.to_vec(), hdr: h, created_mode: created });
+        self.deferred.push(DirMeta { path: full.to_vec(), hdr: h, created, xattrs: false });
         Ok(())
     }
 
-    fn symlink(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: &Header) -> Result<()> {
+    fn symlink(&mut self, dir: &Dir, name: &[u8], full: &[u8], path: PathBuf, h: &Header) -> Result<()> {
         if h.link.is_empty() {
             return Err(Error::InvalidArchive {
                 offset: h.offset,
                 reason: format!("symlink {:?} has an empty target", String::from_utf8_lossy(&h.path)),
             });
         }
-        match symlinkat(&h.link[..], dir, name) {
+        match self.writable(dir, || symlinkat(&h.link[..], &dir.fd, name)) {
             Ok(()) => {}
             Err(Errno::EEXIST) => {
                 self.clear_slot(dir, name, full, &path, false)?;
-                symlinkat(&h.link[..], dir, name).map_err(|e| Error::io("symlinkat", &path, e))?;
+                self.writable(dir, || symlinkat(&h.link[..], &dir.fd, name))
+                    .map_err(|e| Error::io("symlinkat", &path, e))?;
             }
             Err(e) => return Err(Error::io("symlinkat", &path, e)),
         }
         self.counts.symlinks += 1;
         self.note_added(full.to_vec());
-        self.set_meta_at(dir, name, h, &path, false)
+        let created = self.meta.created(dir, 0o777, false);
+        self.set_meta_at(dir, name, h, created, &path, false)
     }
 
     /// Ownership, (mode), xattrs and times on a non-openable entry, never following it.
     fn set_meta_at(
         &mut self,
-        dir: &OwnedFd,
+        dir: &Dir,
         name: &[u8],
         h: &Header,
+        created: Created,
         path: &std::path::Path,
         chmod: bool,
     ) -> Result<()> {
-        if let Some((uid, gid)) = self.meta.needs_chown(h)? {
-            fchownat(dir, name, Some(uid), Some(gid), AtFlags::AT_SYMLINK_NOFOLLOW)
+        let owner = self.meta.chown_to(h, Some(created))?;
+        if let Some((uid, gid)) = owner {
+            fchownat(&dir.fd, name, Some(uid), Some(gid), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(|e| Error::io("fchownat", path, e))?;
-        }
-        // Only special files get here with `chmod`: a device or fifo we just created in a
-        // directory we hold open (Linux has no `AT_SYMLINK_NOFOLLOW` for fchmodat before 6.6).
-        if chmod && (h.mode & !0o777 != 0 || h.mode & self.meta.umask != 0) {
-            fchmodat(dir, name, Mode::from_bits_truncate(h.mode), FchmodatFlags::FollowSymlink)
-                .map_err(|e| Error::io("fchmodat", path, e))?;
         }
         for (k, v) in &h.xattrs {
             let k = whiteout::escape_xattr(k);
-            match sys::setxattr_at_nofollow(dir.as_fd(), name, &k, v) {
+            match sys::setxattr_at_nofollow(dir.fd.as_fd(), name, &k, v) {
                 Ok(()) => {}
                 // The kernel never allows `user.*` xattrs on symlinks and special files
                 // (xattr(7)); GNU tar warns and goes on, so do we (counted).
@@ -484,12 +651,19 @@ impl<'a> Extractor<'a> {
                 Err(e) => self.meta.xattr_error(e, path, &mut self.counts.skipped_xattrs)?,
             }
         }
+        // Only special files get here with `chmod`: a device or fifo we just created in a
+        // directory we hold open (Linux has no `AT_SYMLINK_NOFOLLOW` for fchmodat before 6.6).
+        if chmod && MetaPolicy::needs_chmod(h, Some(created), owner.is_some()) {
+            fchmodat(&dir.fd, name, Mode::from_bits_truncate(h.mode), FchmodatFlags::FollowSymlink)
+                .map_err(|e| Error::io("fchmodat", path, e))?;
+        }
         let t = mtime(h);
-        utimensat(dir, name, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(|e| Error::io("utimensat", path, e))?;
+        utimensat(&dir.fd, name, &t, &t, UtimensatFlags::NoFollowSymlink)
+            .map_err(|e| Error::io("utimensat", path, e))?;
         Ok(())
     }
 
-    fn hardlink(&mut self, dir: &OwnedFd, name: &[u8], comps: &[&[u8]], path: PathBuf, h: &Header) -> Result<()> {
+    fn hardlink(&mut self, dir: &Dir, name: &[u8], comps: &[&[u8]], path: PathBuf, h: &Header) -> Result<()> {
         let target = split_path(&h.link).map_err(|r| escape(&h.path, r))?;
         let Some((tname, tparent)) = target.split_last() else {
             return Err(escape(&h.path, "hardlink to the destination root"));
@@ -502,12 +676,13 @@ impl<'a> Extractor<'a> {
             return Err(Error::io("linkat", tdisplay, Errno::ENOENT));
         };
         // Flags 0: a symlink target is linked itself, never followed.
-        match linkat(tdir.as_fd(), *tname, dir, name, AtFlags::empty()) {
+        let link = || linkat(&tdir.fd, *tname, &dir.fd, name, AtFlags::empty());
+        match self.writable(dir, link) {
             Ok(()) => {}
             Err(Errno::EEXIST) => {
                 let full = join(comps);
                 self.clear_slot(dir, name, &full, &path, false)?;
-                linkat(tdir.as_fd(), *tname, dir, name, AtFlags::empty()).map_err(|e| Error::io("linkat", &path, e))?;
+                self.writable(dir, link).map_err(|e| Error::io("linkat", &path, e))?;
             }
             Err(e) => return Err(Error::io("linkat", &tdisplay, e)),
         }
@@ -516,7 +691,7 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
-    fn special(&mut self, dir: &OwnedFd, name: &[u8], full: &[u8], path: PathBuf, h: &Header) -> Result<()> {
+    fn special(&mut self, dir: &Dir, name: &[u8], full: &[u8], path: PathBuf, h: &Header) -> Result<()> {
         let (kind, dev) = match h.kind {
             Kind::Char => (SFlag::S_IFCHR, makedev(h.dev_major.into(), h.dev_minor.into())),
             Kind::Block => (SFlag::S_IFBLK, makedev(h.dev_major.into(), h.dev_minor.into())),
@@ -528,10 +703,10 @@ impl<'a> Extractor<'a> {
             return Ok(());
         }
         let perm = Mode::from_bits_truncate(h.mode & 0o777);
-        let r = match mknodat(dir, name, kind, perm, dev) {
+        let r = match self.writable(dir, || mknodat(&dir.fd, name, kind, perm, dev)) {
             Err(Errno::EEXIST) => {
                 self.clear_slot(dir, name, full, &path, false)?;
-                mknodat(dir, name, kind, perm, dev)
+                self.writable(dir, || mknodat(&dir.fd, name, kind, perm, dev))
             }
             r => r,
         };
@@ -552,7 +727,20 @@ impl<'a> Extractor<'a> {
         }
         self.counts.special += 1;
         self.note_added(full.to_vec());
-        self.set_meta_at(dir, name, h, &path, true)
+        let created = self.meta.created(dir, h.mode & 0o777, false);
+        self.set_meta_at(dir, name, h, created, &path, true)
+    }
+
+    /// The directory a whiteout applies in. `None` when there is nothing to hide: it is
+    /// missing (Apply mode), or a file or symlink stands on the way. umoci writes
+    /// `d/.wh.x` after turning `d` into a symlink in the same layer; nothing below a
+    /// non-directory exists, so such whiteouts are dropped (never followed).
+    fn whiteout_dir(&mut self, parent: &[&[u8]], create: bool, entry: &[u8]) -> Result<Option<Rc<Dir>>> {
+        match self.dir(parent, create, entry) {
+            Err(Error::PathEscape { .. }) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(Errno::ENOTDIR as i32) => Ok(None),
+            r => r,
+        }
     }
 
     fn opaque(&mut self, parent: &[&[u8]], h: &Header) -> Result<()> {
@@ -560,19 +748,23 @@ impl<'a> Extractor<'a> {
         let display = self.root.display(parent);
         match self.opts.whiteouts {
             WhiteoutMode::Overlay => {
-                let dir = self.dir(parent, true, &h.path)?.expect("created");
+                let Some(dir) = self.whiteout_dir(parent, true, &h.path)? else { return Ok(()) };
                 let name = whiteout::opaque_xattr(self.opts.userxattr);
-                sys::fsetxattr(dir.as_fd(), name, b"y").map_err(|e| Error::io("fsetxattr", display, e))
+                sys::fsetxattr(dir.fd.as_fd(), name, b"y").map_err(|e| Error::io("fsetxattr", display, e))
             }
             WhiteoutMode::Apply => {
-                let Some(dir) = self.dir(parent, false, &h.path)? else { return Ok(()) };
-                let dpath = join(parent);
-                for child in list_dir(dir.as_fd(), &display)? {
-                    let cpath = child_path(&dpath, &child);
-                    self.invalidate(&cpath);
-                    remove_tree(dir.as_fd(), &child, &cpath, self.added.as_ref(), &display)?;
-                }
-                Ok(())
+                let Some(dir) = self.whiteout_dir(parent, false, &h.path)? else { return Ok(()) };
+                let added = self.added.take();
+                let r = (|| {
+                    for child in list_dir(dir.fd.as_fd(), &display)? {
+                        let cpath = child_path(&dir.path, &child);
+                        self.invalidate(&cpath);
+                        self.remove(&dir, &child, &cpath, added.as_ref(), &display)?;
+                    }
+                    Ok(())
+                })();
+                self.added = added;
+                r
             }
         }
     }
@@ -585,38 +777,38 @@ impl<'a> Extractor<'a> {
         let full = join(&comps);
         match self.opts.whiteouts {
             WhiteoutMode::Overlay => {
-                let dir = self.dir(parent, true, &h.path)?.expect("created");
+                let Some(dir) = self.whiteout_dir(parent, true, &h.path)? else { return Ok(()) };
                 // Something of that name from this same layer: the whiteout only hides
                 // lower layers, so it is dropped (OCI image-spec, "Whiteouts").
-                match fstatat(&*dir, target, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                match fstatat(&dir.fd, target, AtFlags::AT_SYMLINK_NOFOLLOW) {
                     Ok(_) => return Ok(()),
                     Err(Errno::ENOENT) => {}
                     Err(e) => return Err(Error::io("fstatat", display, e)),
                 }
-                mknodat(&*dir, target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(|e| match e {
-                    Errno::EPERM => Error::NotPermitted {
-                        op: "mknodat",
-                        path: display.clone(),
-                        hint: "overlay whiteouts (char 0:0) need Linux 5.8+ or CAP_MKNOD",
+                self.writable(&dir, || mknodat(&dir.fd, target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))).map_err(
+                    |e| match e {
+                        Errno::EPERM => Error::NotPermitted {
+                            op: "mknodat",
+                            path: display.clone(),
+                            hint: "overlay whiteouts (char 0:0) need Linux 5.8+ or CAP_MKNOD",
+                        },
+                        e => Error::io("mknodat", display.clone(), e),
                     },
-                    e => Error::io("mknodat", display.clone(), e),
-                })
+                )
             }
             WhiteoutMode::Apply => {
                 if self.is_added(&full) {
                     return Ok(());
                 }
-                let Some(dir) = self.dir(parent, false, &h.path)? else { return Ok(()) };
+                let Some(dir) = self.whiteout_dir(parent, false, &h.path)? else { return Ok(()) };
                 self.invalidate(&full);
-                remove_tree(dir.as_fd(), target, &full, self.added.as_ref(), &display)?;
-                Ok(())
+                let added = self.added.take();
+                let r = self.remove(&dir, target, &full, added.as_ref(), &display).map(drop);
+                self.added = added;
+                r
             }
         }
     }
-}
-
-fn libc_enotdir() -> i32 {
-    Errno::ENOTDIR as i32
 }
 
 fn is_dir(st: &FileStat) -> bool {

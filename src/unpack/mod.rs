@@ -92,6 +92,13 @@ pub struct UnpackOptions {
     /// Write overlay metadata as `user.overlay.*` (overlay mounted with `userxattr`,
     /// rootless) instead of `trusted.overlay.*`. Default: false.
     pub userxattr: bool,
+    /// Lower layer directories of the image, top first (Overlay mode). When the layer
+    /// creates a file under a parent directory it does not list (umoci and others omit
+    /// unchanged parents), that parent is created with the mode, owner and mtime of the
+    /// same directory in the first of these that has it, instead of 0755 owned by the
+    /// extracting user, which would hide the real metadata in the merged overlay view.
+    /// Default: empty.
+    pub parent_lowers: Vec<std::path::PathBuf>,
     /// Verify the blob (as read, compressed) against this digest.
     pub expected_digest: Option<Digest>,
     /// Verify the uncompressed tar stream against this digest (the OCI `diff_id`).
@@ -127,6 +134,7 @@ impl Default for UnpackOptions {
         UnpackOptions {
             whiteouts: WhiteoutMode::Overlay,
             userxattr: false,
+            parent_lowers: Vec::new(),
             expected_digest: None,
             expected_diff_id: None,
             compute_diff_id: false,

@@ -161,6 +161,7 @@ impl<R: Read> TarReader<R> {
         if self.done {
             return Ok(None);
         }
+        // `remaining` is below 2^64 - 512 (checked when it was set), so this cannot overflow.
         self.skip(self.remaining + self.padding)?;
         self.remaining = 0;
         self.padding = 0;
@@ -196,7 +197,7 @@ impl<R: Read> TarReader<R> {
             let size = parse_num(&block[124..136]).ok_or_else(|| invalid(hdr_offset, "bad size field"))?;
             match typeflag {
                 b'x' | b'g' | b'L' | b'K' => {
-                    meta_bytes += size;
+                    meta_bytes = meta_bytes.saturating_add(size);
                     if meta_bytes > self.limits.max_header_bytes {
                         return Err(Error::LimitExceeded {
                             what: "extended header data of one entry",
@@ -220,7 +221,7 @@ impl<R: Read> TarReader<R> {
                 }
                 b'V' => {
                     // Volume label: no content.
-                    self.skip(size + pad(size))?;
+                    self.skip(padded(size).ok_or_else(|| invalid(hdr_offset, "size field overflows"))?)?;
                     continue;
                 }
                 _ => {}
@@ -354,7 +355,7 @@ impl<R: Read> TarReader<R> {
                 if end > *real {
                     return Err(invalid(offset, "sparse segment beyond the file size"));
                 }
-                total += len;
+                total = total.checked_add(len).ok_or_else(|| invalid(offset, "sparse map overflows"))?;
             }
             if total != size {
                 return Err(invalid(offset, "sparse map does not match the data size"));
@@ -369,6 +370,9 @@ impl<R: Read> TarReader<R> {
         // Only regular files carry data we use; a hardlink or other entry with a size
         // field (allowed by PAX) has it skipped.
         // (For PAX sparse 1.0 the map occupied whole blocks, so padding is unchanged.)
+        if padded(size).is_none() {
+            return Err(invalid(offset, "size field overflows"));
+        }
         self.remaining = size;
         self.padding = pad(size);
         let size = if kind == Kind::File { size } else { 0 };
@@ -465,6 +469,11 @@ impl<R: Read> TarReader<R> {
         self.remaining -= n as u64;
         Ok(n)
     }
+}
+
+/// `n` rounded up to whole blocks, `None` on overflow (hostile size fields).
+fn padded(n: u64) -> Option<u64> {
+    n.checked_add(pad(n))
 }
 
 fn pad(n: u64) -> u64 {
