@@ -73,9 +73,11 @@ struct Current {
     hdr: Box<Header>,
     path: PathBuf,
     created: Created,
-    /// Bytes of archive data consumed so far (for sparse files, position in the map).
+    /// Bytes of archive data consumed so far.
     consumed: u64,
+    /// Sparse files: the map segment being filled, and the data bytes before it.
     seg: usize,
+    seg_start: u64,
 }
 
 /// Directory metadata applied after all entries.
@@ -240,8 +242,15 @@ impl Writer {
     /// Start writing `f` (finishing the previous file).
     pub(crate) fn open(&mut self, f: OpenFile) -> Result<()> {
         self.close()?;
-        self.current =
-            Some(Current { file: f.file, hdr: f.hdr, path: f.path, created: f.created, consumed: 0, seg: 0 });
+        self.current = Some(Current {
+            file: f.file,
+            hdr: f.hdr,
+            path: f.path,
+            created: f.created,
+            consumed: 0,
+            seg: 0,
+            seg_start: 0,
+        });
         Ok(())
     }
 
@@ -265,14 +274,14 @@ impl Writer {
                     reason: "sparse data beyond its map".into(),
                 });
             };
-            let done_before: u64 = map[..cur.seg].iter().map(|s| s.1).sum();
-            let into = cur.consumed - done_before;
+            let into = cur.consumed - cur.seg_start;
             let n = (len - into).min(buf.len() as u64) as usize;
             cur.file.write_all_at(&buf[..n], off + into).map_err(|e| Error::io("pwrite", &cur.path, e))?;
             cur.consumed += n as u64;
             buf = &buf[n..];
-            if cur.consumed - done_before == len {
+            if cur.consumed - cur.seg_start == len {
                 cur.seg += 1;
+                cur.seg_start = cur.consumed;
             }
         }
         Ok(())
