@@ -6,16 +6,14 @@
 //! whatever the layer size.
 //!
 //! ```text
-//!  fetch thread          parse thread                              calling thread
-//!  read blob ─ sha256 ══▶ gunzip/unzstd ─ [sha256] ─ tar headers ══▶ openat/write/…
-//!            (≤ 1 MiB of chunks)                      (≤ 2.5 MiB of batches)
+//!  calling thread                                           writer thread
+//!  read blob ─┬─ gunzip/unzstd ─ [sha256] ─ tar ─ openat… ══▶ write/fchown/futimens/close
+//!             └══▶ sha256 (hash thread)          (≤ 128 files, a few MiB in flight)
 //! ```
 //!
-//! With [`UnpackOptions::pipelined`] (the default on multi-core machines) the three
-//! stages run on three threads joined by bounded channels: hashing the blob (sha256 runs
-//! at ~2 GB/s even with SHA-NI, the single largest CPU cost of a plain tar),
-//! decompressing and parsing, and the file system calls. Without it, all three run
-//! inline on the calling thread.
+//! With [`UnpackOptions::pipelined`] (the default on multi-core machines) hashing the
+//! blob and writing file data run on helper threads; without it, everything runs inline
+//! on the calling thread.
 //!
 //! # Security
 //! Every entry is created by file descriptor inside the destination (see the `root`
