@@ -5,7 +5,7 @@
 //! thin overlay mount over the shared, read-only layers.
 //!
 //! This release provides the foundation: [`Digest`] and hashing I/O, the crate-wide
-//! [`Error`], and [`unpack`]: streaming, safe extraction of one OCI layer (plain,
+//! [`Error`], and [`unpack()`]: streaming, safe extraction of one OCI layer (plain,
 //! gzip or zstd) with digest verification and OCI → overlayfs whiteout conversion.
 //!
 //! ```no_run
@@ -26,7 +26,7 @@
 //! - `error`: [`Error`], one `#[non_exhaustive]` enum; OS errors name the operation and path;
 //! - `sys`: the only `unsafe` code (xattrs and other calls `nix` lacks);
 //! - `root`: fd-based path resolution inside a root directory ([`Root`]);
-//! - `unpack`: [`unpack`], [`UnpackOptions`], [`UnpackStats`], whiteout modes.
+//! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
