@@ -103,18 +103,17 @@ fn split_names(raw: &[u8]) -> Vec<Vec<u8>> {
 
 /// The process umask, read without changing it (`/proc/self/status`, Linux 4.7+).
 ///
-/// `umask(2)` can only be read by setting it, which races with other threads; we read it
-/// once and cache it. If procfs is unavailable we assume the common `022`.
+/// `umask(2)` can only be read by setting it, which races with other threads. Read once
+/// per extraction, not cached for the process: a runtime may change its umask between
+/// extractions, and the extractor skips `fchmod` when creation already gave the right
+/// mode. Without procfs we assume 0o777, which makes every entry get an explicit chmod.
 pub fn umask() -> u32 {
-    static UMASK: OnceLock<u32> = OnceLock::new();
-    *UMASK.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-            })
-            .unwrap_or(0o022)
-    })
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o777)
 }
 
 /// Whether `openat2(2)` with `RESOLVE_*` flags works here (Linux 5.6+, not blocked by seccomp).

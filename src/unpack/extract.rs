@@ -235,8 +235,9 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(opts: &UnpackOptions) -> Self {
-        Writer { meta: MetaPolicy::new(opts), current: None, skipped_xattrs: 0 }
+    /// A writer applying metadata as `ex` does (same identity, umask and options).
+    pub(crate) fn new(ex: &Extractor<'_>) -> Self {
+        Writer { meta: ex.meta, current: None, skipped_xattrs: 0 }
     }
 
     /// Start writing `f` (finishing the previous file).

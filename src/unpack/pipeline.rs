@@ -130,7 +130,7 @@ pub(super) fn run_inline<R: Read>(
     ex: &mut Extractor<'_>,
 ) -> Result<Parsed> {
     let mut hasher = Hasher::new();
-    let mut w = Writer::new(opts);
+    let mut w = Writer::new(ex);
     let (compression, uncompressed_bytes, diff) = {
         let tap = Tap { inner: &mut input, hasher: &mut hasher, progress };
         let mut source = BufReader::with_capacity(64 * 1024, tap);
@@ -171,10 +171,10 @@ pub(super) fn run_pipelined<R: Read + Send>(
                 h
             })
             .map_err(|e| Error::io("spawn", "rootfs-hash thread", e))?;
+        let mut w = Writer::new(ex);
         let writer = std::thread::Builder::new()
             .name("rootfs-write".into())
             .spawn_scoped(s, move || {
-                let mut w = Writer::new(opts);
                 let mut r = Ok(());
                 for mut b in write_rx.iter() {
                     r = write(&mut w, &mut b);
