@@ -111,8 +111,8 @@ const IMPLICIT_DIR_MODE: u32 = 0o755;
 /// extraction holds under 200 descriptors, well within the common 1024 limit.
 const DIR_CACHE: usize = 64;
 
-/// Creates entries (directories, links, special files, empty regular files) by
-/// descriptor. Regular files are handed to a [`Writer`] as [`OpenFile`]s.
+/// Creates entries (directories, links, special files, whiteouts, and regular files,
+/// opened empty) by descriptor. Regular files are handed to a [`Writer`] as [`OpenFile`]s.
 pub(crate) struct Extractor<'a> {
     root: &'a Root,
     opts: &'a UnpackOptions,

@@ -28,7 +28,7 @@ use super::{Compression, UnpackOptions};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
 
-/// What the fetch and parse stages learned about the stream.
+/// What the read and parse stages learned about the stream.
 pub(super) struct Parsed {
     pub digest: Digest,
     pub compressed_bytes: u64,
@@ -134,14 +134,11 @@ pub(super) fn run_inline<R: Read>(
     let (compression, uncompressed_bytes, diff) = {
         let tap = Tap { inner: &mut input, hasher: &mut hasher, progress };
         let mut source = BufReader::with_capacity(64 * 1024, tap);
-        let r = parse(&mut source, opts, &mut |mut b| {
+        parse(&mut source, opts, &mut |mut b| {
             create(ex, &mut b)?;
             write(&mut w, &mut b)?;
             Ok(b)
-        })?;
-        // Bytes a decoder did not need (after the last gzip member / zstd frame).
-        io::copy(&mut source, &mut io::sink()).map_err(tar::read_err)?;
-        r
+        })?
     };
     w.close()?;
     ex.counts.skipped_xattrs += w.skipped_xattrs;
@@ -208,11 +205,6 @@ pub(super) fn run_pipelined<R: Read + Send>(
                 // A send fails only when the writer has failed; its error is reported below.
                 write_tx.send(b).map_err(|_| stopped())?;
                 Ok(batch_back_rx.try_recv().unwrap_or_else(|_| Batch::new()))
-            })
-            .and_then(|r| {
-                // Bytes a decoder did not need (after the last gzip member / zstd frame).
-                io::copy(&mut source, &mut io::sink()).map_err(tar::read_err)?;
-                Ok(r)
             })
             // `source` is dropped here, ending the hasher's input.
         };
@@ -359,7 +351,7 @@ fn read_magic<R: Read + ?Sized>(r: &mut R) -> Result<([u8; 6], usize)> {
 }
 
 /// The parse stage: detect compression, decode, parse entries into batches for `sink`,
-/// then read the decoded stream to its end. Returns the compression, the uncompressed
+/// then read the decoded stream, and the blob, to their ends. Returns the compression, the uncompressed
 /// size and the uncompressed-stream hasher (when a diff_id was asked for).
 fn parse<S: BufRead + ?Sized>(
     source: &mut S,
@@ -369,7 +361,7 @@ fn parse<S: BufRead + ?Sized>(
     let (magic, n) = read_magic(source)?;
     let compression = detect(&magic[..n])?;
     let head = io::Cursor::new(magic).take(n as u64);
-    let joined = Read::chain(head, source);
+    let joined = Read::chain(head, &mut *source);
     let decoded: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(joined),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(joined)),
@@ -403,6 +395,9 @@ fn parse<S: BufRead + ?Sized>(
         let mut rest = tar.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(tar::read_err)?;
     }
+    // Bytes a decoder did not need (after the last gzip member / zstd frame) are still
+    // part of the blob and its digest.
+    io::copy(source, &mut io::sink()).map_err(tar::read_err)?;
     Ok((compression, st.count, st.hasher))
 }
 
