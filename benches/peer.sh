@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Extraction of a real distribution rootfs: rootfs-cache vs GNU tar (and bsdtar), same
-# input, same destination file system, one hyperfine run. Prints a Markdown table of
-# medians and ratios (and writes it to bench-data/peer-<fs>.md).
+# input, same destination file system, one hyperfine run per file system. Prints a
+# Markdown table of medians and ratios, writes it to bench-data/peer-<fs>.md and into
+# BENCHMARKS.md between the `peer:<fs>` markers.
 #
-#   sudo benches/peer.sh            # tmpfs and an XFS loop file system (on tmpfs)
-#   FS=tmpfs RUNS=15 benches/peer.sh
+#   sudo benches/peer.sh                  # tmpfs and an XFS loop file system (on tmpfs)
+#   sudo FS="tmpfs xfs ext4" RUNS=15 benches/peer.sh
 #
 # Input: a Debian bookworm minbase tree made with debootstrap (cached in bench-data/),
 # or, with ROOTFS_TAR=path, any tar. Needs root (tar -p, mknod, mounts), hyperfine,
@@ -34,19 +35,24 @@ entries=$(tar -tf "$data/rootfs.tar" | wc -l)
 size=$(stat -c %s "$data/rootfs.tar")
 
 mnt=$(mktemp -d)
-cleanup() { umount "$mnt/xfs" 2>/dev/null || true; umount "$mnt" 2>/dev/null || true; rmdir "$mnt" 2>/dev/null || true; }
+cleanup() {
+  umount "$mnt/xfs" 2>/dev/null || true
+  umount "$mnt/ext4" 2>/dev/null || true
+  umount "$mnt" 2>/dev/null || true
+  rmdir "$mnt" 2>/dev/null || true
+}
 trap cleanup EXIT
 mount -t tmpfs -o size=4g tmpfs "$mnt"
 
 for fs in $FS; do
   case "$fs" in
     tmpfs) dest="$mnt/out" ;;
-    xfs)
-      truncate -s 3G "$mnt/xfs.img"
-      mkfs.xfs -q -f -m reflink=1 "$mnt/xfs.img"
-      mkdir -p "$mnt/xfs"
-      mount -o loop "$mnt/xfs.img" "$mnt/xfs"
-      dest="$mnt/xfs/out"
+    xfs | ext4)
+      truncate -s 3G "$mnt/$fs.img"
+      if [[ "$fs" == xfs ]]; then mkfs.xfs -q -f -m reflink=1 "$mnt/$fs.img"; else mkfs.ext4 -q -F "$mnt/$fs.img"; fi
+      mkdir -p "$mnt/$fs"
+      mount -o loop "$mnt/$fs.img" "$mnt/$fs"
+      dest="$mnt/$fs/out"
       ;;
     *) echo "unknown FS $fs" >&2; exit 2 ;;
   esac
@@ -71,9 +77,19 @@ print("|---|---:|---:|---:|")
 for c in ["tar", "tar.gz", "tar.zst"]:
     t = next(v for k, v in med.items() if k.startswith("tar ") and f"rootfs.{c} " in k + " ")
     o = next(v for k, v in med.items() if " unpack " in k and f"rootfs.{c} " in k + " ")
-    print(f"| {c} | {t:.0f} | {o:.0f} | {t / o:.2f}x |")
+    print(f"| {c} | {t:.0f} ms | {o:.0f} ms | {t / o:.2f}x |")
 b = next(v for k, v in med.items() if k.startswith("bsdtar"))
-print(f"\nbsdtar -xpf on the plain tar: {b:.0f} ms.")
+print(f"\nbsdtar `-xpf` on the plain tar: {b:.0f} ms.")
 EOF
-  if [[ "$fs" == xfs ]]; then umount "$mnt/xfs"; rm -f "$mnt/xfs.img"; fi
+  # Replace this file system's table in BENCHMARKS.md, between its markers.
+  python3 - "$fs" "$data/peer-$fs.md" BENCHMARKS.md <<'EOF'
+import re, sys
+fs, table, doc = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3]
+text = open(doc).read()
+body = table.split("\n\n", 1)[1].strip()  # drop the "Destination:" line
+pat = re.compile(r"(<!-- peer:" + fs + r":begin[^>]*-->\n).*?(\n<!-- peer:" + fs + r":end -->)", re.S)
+if pat.search(text):
+    open(doc, "w").write(pat.sub(lambda m: m.group(1) + body + m.group(2), text))
+EOF
+  if [[ "$fs" != tmpfs ]]; then umount "$mnt/$fs"; rm -f "$mnt/$fs.img"; fi
 done
