@@ -93,6 +93,30 @@ pub enum Error {
         what: String,
     },
 
+    /// Something asked for does not exist: a tag, a blob, a cache entry.
+    #[error("not found: {what}")]
+    NotFound {
+        /// What was looked for, and where.
+        what: String,
+    },
+
+    /// An image description (index, manifest, cache record) is malformed.
+    #[error("invalid image data in {}: {reason}", path.display())]
+    InvalidImage {
+        /// The file holding it.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The cache directory is locked by another process (or another `RootfsCache` in
+    /// this one).
+    #[error("cache {} is in use by another process (lock held on {}/LOCK)", path.display(), path.display())]
+    Busy {
+        /// The cache directory.
+        path: PathBuf,
+    },
+
     /// The operation was refused because it lacks a privilege (device nodes when unprivileged, ...).
     #[error("{op} {}: not permitted ({hint})", path.display())]
     NotPermitted {

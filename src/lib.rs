@@ -32,11 +32,13 @@
 
 mod digest;
 mod error;
+mod fetch;
 mod root;
 mod sys;
 mod unpack;
 
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
+pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};

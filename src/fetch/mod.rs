@@ -1,0 +1,63 @@
+//! Where layer blobs come from: the [`ImageFetcher`] trait and the descriptors it returns.
+//!
+//! A fetcher answers two questions, and the cache asks them as rarely as it can:
+//! [`ImageFetcher::resolve`] (a tag or digest to an [`ImageManifest`]; cheap, and skipped
+//! entirely when a digest reference is already cached) and [`ImageFetcher::open_blob`]
+//! (a layer's bytes as stored, compressed; called only on a cache miss, and the bytes are
+//! verified against the descriptor's digest while they are extracted).
+
+use std::io::Read;
+
+use crate::digest::Digest;
+use crate::error::Result;
+
+/// What a manifest says about one blob.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Descriptor {
+    /// The blob's content digest.
+    pub digest: Digest,
+    /// The blob's size in bytes, as stored.
+    pub size: u64,
+    /// Its media type (e.g. `application/vnd.oci.image.layer.v1.tar+gzip`).
+    pub media_type: String,
+}
+
+/// An image, resolved to what the cache needs: its manifest digest and its layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageManifest {
+    /// Digest of the image manifest (after choosing a platform in an index).
+    pub digest: Digest,
+    /// The layers, bottom first (manifest order).
+    pub layers: Vec<Descriptor>,
+}
+
+/// A source of images: a local layout, a registry client, a runtime's own store.
+///
+/// Implementations must be safe to call from several threads at once.
+pub trait ImageFetcher: Send + Sync {
+    /// Resolve a reference (`TAG`, or `@sha256:<hex>`) to an image manifest.
+    ///
+    /// Expected to be cheap (a registry HEAD and a GET of a small JSON document).
+    ///
+    /// # Errors
+    /// Whatever the source reports; [`crate::Error::NotFound`] for an unknown reference is
+    /// the convention.
+    fn resolve(&self, reference: &str) -> Result<ImageManifest>;
+
+    /// The blob of `layer`, as stored (compressed). Called only on a cache miss; the
+    /// cache verifies the digest while extracting, so a fetcher need not.
+    ///
+    /// # Errors
+    /// Whatever the source reports.
+    fn open_blob(&self, layer: &Descriptor) -> Result<Box<dyn Read + Send>>;
+}
+
+/// Media types of layers the cache can extract (tar, tar+gzip, tar+zstd; OCI and Docker).
+pub const LAYER_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+];
