@@ -93,6 +93,17 @@ pub enum Error {
         what: String,
     },
 
+    /// A layer could not be made ready (fetched, verified, extracted). Every caller that
+    /// waited for the same extraction gets the same cause.
+    #[error("layer {digest}: {source}")]
+    Layer {
+        /// The layer's digest.
+        digest: Digest,
+        /// Why.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
+
     /// Something asked for does not exist: a tag, a blob, a cache entry.
     #[error("not found: {what}")]
     NotFound {
@@ -135,11 +146,22 @@ impl Error {
         Error::Io { op, path: path.into(), source: source.into() }
     }
 
-    /// The errno behind this error, if it is an OS error.
+    /// The errno behind this error, if it is an OS error (looking through
+    /// [`Error::Layer`]).
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Error::Io { source, .. } | Error::Read { source, .. } => source.raw_os_error(),
+            Error::Layer { source, .. } => source.raw_os_error(),
             _ => None,
+        }
+    }
+
+    /// The underlying error: itself, or for [`Error::Layer`] the cause, so callers can
+    /// match on the kind of failure (`matches!(e.root(), Error::DigestMismatch { .. })`).
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Layer { source, .. } => source.root(),
+            e => e,
         }
     }
 }

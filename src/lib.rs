@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+mod cache;
 mod digest;
 mod error;
 mod fetch;
@@ -37,8 +38,10 @@ mod root;
 mod sys;
 mod unpack;
 
+pub use cache::{CacheOptions, CacheStats, GcReport, Rootfs, RootfsCache};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
+pub use fetch::{OciLayout, Platform};
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};

@@ -5,11 +5,19 @@
 //! entirely when a digest reference is already cached) and [`ImageFetcher::open_blob`]
 //! (a layer's bytes as stored, compressed; called only on a cache miss, and the bytes are
 //! verified against the descriptor's digest while they are extracted).
+//!
+//! Fetchers provided here:
+//! - [`OciLayout`]: a local OCI image layout directory (`skopeo copy … oci:DIR:TAG`),
+//!   choosing one manifest per index by [`Platform`].
+
+mod oci_layout;
 
 use std::io::Read;
 
 use crate::digest::Digest;
 use crate::error::Result;
+
+pub use oci_layout::{OciLayout, Platform};
 
 /// What a manifest says about one blob.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -43,6 +43,8 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::root::Root;
 
+pub(crate) use extract::remove_tree;
+
 /// How OCI whiteout entries (`.wh.NAME`, `.wh..wh..opq`) are materialised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum WhiteoutMode {

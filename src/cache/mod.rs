@@ -1,0 +1,773 @@
+//! [`RootfsCache`]: a digest-keyed cache of extracted layers, shared by every sandbox on
+//! a node.
+//!
+//! The first restore of an image extracts each of its layers once (overlay whiteout
+//! format, digest verified while streaming); every later restore finds them by digest
+//! and gets a [`Rootfs`]: the layer directories, ready to be overlay lowers, and a lease
+//! that keeps them from being evicted while in use. On-disk layout: see `layout.rs`
+//! (`layers/<hex>/{fs,meta}`, `images/`, `leases/`, `tmp/`, `trash/`, `LOCK`).
+//!
+//! # Invariants
+//! - A layer is *ready* when `layers/<hex>` exists: it is extracted into `tmp/` and
+//!   renamed into place whole, with its record, so no partial layer is ever visible,
+//!   even after a crash (`tmp/` is emptied at open, and entries that fail validation
+//!   are moved to `trash/`, never served).
+//! - A ready layer is never modified. It leaves only by eviction: renamed into `trash/`
+//!   under the lock (it is then no longer served), deleted after the lock is released.
+//! - A leased layer is never evicted, even over budget.
+//!
+//! # Concurrency
+//! One process owns a cache directory (`flock` on `LOCK`; a second [`RootfsCache::open`],
+//! from any process, gets [`Error::Busy`]). Within it, every method takes `&self` and is
+//! safe to call from many threads. One mutex guards the in-memory index; it is never held
+//! during extraction or deletion. Concurrent [`RootfsCache::ensure`] calls needing the
+//! same missing layer (for the same image or different ones) wait for a single
+//! extraction; if it fails, every waiter gets the same error (as [`Error::Layer`]) and
+//! nothing is cached, so the next call retries.
+
+mod layout;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, Flock, FlockArg, OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fstatat};
+use parking_lot::{Condvar, Mutex};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::fetch::{ImageFetcher, ImageManifest};
+use crate::unpack::{UnpackOptions, WhiteoutMode, remove_tree, unpack};
+use layout::{ImageRecord, LayerMeta};
+
+/// Options for [`RootfsCache::open`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CacheOptions {
+    /// Disk budget for extracted layers, in bytes of allocated blocks. Unleased layers
+    /// are evicted, least recently used first, to stay within it. Default: unlimited.
+    pub max_bytes: u64,
+    /// How layers are extracted: ownership, device nodes, xattr policy, `userxattr`
+    /// (rootless), limits. The cache always sets the whiteout mode (overlay), the
+    /// expected digest and the parent lowers. Default: [`UnpackOptions::default`].
+    pub unpack: UnpackOptions,
+    /// `syncfs` each extracted layer before it is made visible, so a power loss cannot
+    /// leave a ready layer with missing data. Process crashes are safe without it.
+    /// Default: false.
+    pub sync: bool,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions { max_bytes: u64::MAX, unpack: UnpackOptions::default(), sync: false }
+    }
+}
+
+/// Counters and gauges of a [`RootfsCache`], read with [`RootfsCache::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Layers found ready when asked for.
+    pub hits: u64,
+    /// Layers that had to be extracted (or waited for).
+    pub misses: u64,
+    /// Extractions completed.
+    pub extractions: u64,
+    /// Bytes of layer blobs read by completed extractions.
+    pub bytes_extracted: u64,
+    /// Layers evicted.
+    pub evictions: u64,
+    /// Times an `ensure` waited for another caller's extraction instead of starting one.
+    pub dedup_waits: u64,
+    /// Disk usage of ready layers, in bytes.
+    pub bytes_in_use: u64,
+    /// Ready layers.
+    pub entries: u64,
+    /// Ready layers currently leased.
+    pub leased_entries: u64,
+    /// How far `bytes_in_use` exceeded the budget after the last eviction pass (only
+    /// leased layers can cause this).
+    pub over_budget_bytes: u64,
+}
+
+/// What an eviction pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcReport {
+    /// Layers evicted, least recently used first.
+    pub evicted: Vec<Digest>,
+    /// Disk bytes they used.
+    pub evicted_bytes: u64,
+    /// Image records dropped because a layer of theirs was evicted.
+    pub removed_images: Vec<Digest>,
+    /// Disk usage of ready layers after the pass.
+    pub bytes_in_use: u64,
+    /// Bytes over budget after the pass: what leased layers prevented from being freed.
+    pub over_budget_bytes: u64,
+}
+
+struct Layer {
+    meta: LayerMeta,
+    /// Nanoseconds since the epoch; persisted as the mtime of `meta`.
+    last_use: u64,
+    persisted_use: u64,
+    /// Live `Rootfs` values plus persisted leases holding this layer.
+    leases: u32,
+}
+
+/// One extraction in progress; waiters read its outcome under the state lock.
+struct Flight {
+    outcome: OnceLock<std::result::Result<(), Arc<Error>>>,
+}
+
+#[derive(Default)]
+struct State {
+    layers: HashMap<Digest, Layer>,
+    images: HashMap<Digest, ImageRecord>,
+    inflight: HashMap<Digest, Arc<Flight>>,
+    /// Persisted leases by id.
+    pins: HashMap<String, Vec<Digest>>,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    extractions: AtomicU64,
+    bytes_extracted: AtomicU64,
+    evictions: AtomicU64,
+    dedup_waits: AtomicU64,
+    bytes_in_use: AtomicU64,
+    entries: AtomicU64,
+    leased: AtomicU64,
+    over_budget: AtomicU64,
+}
+
+struct Inner {
+    root: PathBuf,
+    opts: CacheOptions,
+    state: Mutex<State>,
+    done: Condvar,
+    counters: Counters,
+    seq: AtomicU64,
+    _lock: Flock<File>,
+}
+
+/// A digest-keyed cache of extracted image layers in one directory.
+///
+/// See the [module documentation](self) for the layout, invariants and concurrency.
+pub struct RootfsCache {
+    inner: Arc<Inner>,
+}
+
+/// An image's layers, ready to be overlay lower directories, and a lease on them:
+/// while a `Rootfs` (or a persisted lease made with [`Rootfs::persist`]) exists, none of
+/// its layers is evicted. Dropping it releases the in-memory lease.
+pub struct Rootfs {
+    inner: Arc<Inner>,
+    manifest: Digest,
+    /// Bottom first.
+    layers: Vec<Digest>,
+    /// Top first, as overlayfs `lowerdir` wants them.
+    lowers: Vec<PathBuf>,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |e| Error::io(op, path, e)
+}
+
+/// Write `contents` to `path` atomically: a temporary file in the same directory, then
+/// `rename(2)`.
+fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("records live in a directory");
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(contents).map_err(io("write", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
+fn set_mtime(path: &Path, nanos: u64) -> Result<()> {
+    let t = nix::sys::time::TimeSpec::from(Duration::from_nanos(nanos));
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &nix::sys::time::TimeSpec::UTIME_OMIT,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| Error::io("utimensat", path, e))
+}
+
+/// Remove everything inside `dir` (by descriptor, never following symlinks).
+fn empty_dir(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(io("opendir", dir))? {
+        let entry = entry.map_err(io("readdir", dir))?;
+        remove_path(&entry.path())?;
+    }
+    Ok(())
+}
+
+/// `remove_tree` for a trusted path of ours (a `trash/` or `tmp/` entry).
+fn remove_path(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let parent = path.parent().expect("an entry of a cache directory");
+    let name = path.file_name().expect("an entry of a cache directory");
+    let dir = File::open(parent).map_err(io("open", parent))?;
+    remove_tree(dir.as_fd(), name.as_bytes(), name.as_bytes(), None, path).map(drop)
+}
+
+/// Disk usage of a tree: allocated blocks, each inode counted once, symlinks not followed.
+fn disk_usage(dir: &Path) -> Result<u64> {
+    let fd = openat(nix::fcntl::AT_FDCWD, dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", dir, e))?;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| Error::io("fstat", dir, e))?;
+    let mut seen = HashSet::new();
+    Ok(st.st_blocks as u64 * 512 + usage_below(fd, dir, &mut seen)?)
+}
+
+fn usage_below(fd: OwnedFd, path: &Path, seen: &mut HashSet<u64>) -> Result<u64> {
+    let dup = fd.try_clone().map_err(io("dup", path))?;
+    let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| Error::io("fdopendir", path, e))?;
+    let mut names = Vec::new();
+    for ent in d.iter() {
+        let ent = ent.map_err(|e| Error::io("getdents64", path, e))?;
+        let n = ent.file_name();
+        if n.to_bytes() != b"." && n.to_bytes() != b".." {
+            names.push(n.to_owned());
+        }
+    }
+    let mut total = 0;
+    for name in names {
+        let st =
+            fstatat(&fd, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::io("fstatat", path, e))?;
+        if st.st_nlink > 1 && st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFDIR.bits() && !seen.insert(st.st_ino) {
+            continue;
+        }
+        total += st.st_blocks as u64 * 512;
+        if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
+            let sub = openat(
+                &fd,
+                name.as_c_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("openat", path, e))?;
+            total += usage_below(sub, path, seen)?;
+        }
+    }
+    Ok(total)
+}
+
+impl RootfsCache {
+    /// Open (creating if needed) the cache in `dir` and take ownership of it.
+    ///
+    /// Empties `tmp/` and `trash/` (leftovers of a crash), loads layer, image and lease
+    /// records, and moves any layer entry that fails validation into `trash/`.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] if another process (or another `RootfsCache` in this one) owns the
+    /// directory; [`Error::Io`] if it cannot be created or read.
+    pub fn open(dir: impl AsRef<Path>, opts: CacheOptions) -> Result<RootfsCache> {
+        let root = dir.as_ref().to_path_buf();
+        for sub in ["", layout::LAYERS, layout::IMAGES, layout::LEASES, layout::TMP, layout::TRASH] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io("mkdir", &p))?;
+        }
+        let lock_path = root.join(layout::LOCK);
+        let lock_file = File::options().create(true).append(true).open(&lock_path).map_err(io("open", &lock_path))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+            Errno::EWOULDBLOCK => Error::Busy { path: root.clone() },
+            e => Error::io("flock", &lock_path, e),
+        })?;
+        empty_dir(&root.join(layout::TMP))?;
+        empty_dir(&root.join(layout::TRASH))?;
+
+        let mut st = State::default();
+        let layers_dir = root.join(layout::LAYERS);
+        for entry in fs::read_dir(&layers_dir).map_err(io("opendir", &layers_dir))? {
+            let entry = entry.map_err(io("readdir", &layers_dir))?;
+            let name = entry.file_name();
+            let loaded = name.to_str().and_then(|n| Digest::from_hex(n).ok()).and_then(|d| {
+                let meta_path = entry.path().join(layout::META);
+                let meta = LayerMeta::decode(&fs::read_to_string(&meta_path).ok()?)?;
+                entry.path().join(layout::FS).is_dir().then_some(())?;
+                let mtime = fs::metadata(&meta_path).ok()?.modified().ok()?;
+                let used = mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+                Some((d, meta, used))
+            });
+            match loaded {
+                Some((d, meta, used)) => {
+                    st.bytes += meta.size;
+                    st.layers.insert(d, Layer { meta, last_use: used, persisted_use: used, leases: 0 });
+                }
+                None => {
+                    // Not a layer we made, or damaged: never served.
+                    let to = root.join(layout::TRASH).join(format!("invalid-{}", name.to_string_lossy()));
+                    fs::rename(entry.path(), &to).map_err(io("rename", &entry.path()))?;
+                    remove_path(&to)?;
+                }
+            }
+        }
+        let images_dir = root.join(layout::IMAGES);
+        for entry in fs::read_dir(&images_dir).map_err(io("opendir", &images_dir))? {
+            let entry = entry.map_err(io("readdir", &images_dir))?;
+            let rec = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+                .and_then(|d| Some((d, ImageRecord::decode(&fs::read_to_string(entry.path()).ok()?)?)));
+            match rec {
+                Some((d, r)) if r.layers.iter().all(|l| st.layers.contains_key(l)) => {
+                    st.images.insert(d, r);
+                }
+                // A record of an image that lost a layer, or junk (a temporary file).
+                _ => fs::remove_file(entry.path()).map_err(io("unlink", &entry.path()))?,
+            }
+        }
+        let leases_dir = root.join(layout::LEASES);
+        for entry in fs::read_dir(&leases_dir).map_err(io("opendir", &leases_dir))? {
+            let entry = entry.map_err(io("readdir", &leases_dir))?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let pins = layout::valid_lease_id(&id)
+                .then(|| fs::read_to_string(entry.path()).ok())
+                .flatten()
+                .and_then(|t| layout::decode_lease(&t));
+            match pins {
+                Some(pins) => {
+                    for l in &pins {
+                        if let Some(layer) = st.layers.get_mut(l) {
+                            layer.leases += 1;
+                        }
+                    }
+                    st.pins.insert(id, pins);
+                }
+                None => fs::remove_file(entry.path()).map_err(io("unlink", &entry.path()))?,
+            }
+        }
+        let inner = Arc::new(Inner {
+            root,
+            opts,
+            state: Mutex::new(st),
+            done: Condvar::new(),
+            counters: Counters::default(),
+            seq: AtomicU64::new(0),
+            _lock: lock,
+        });
+        inner.publish(&inner.state.lock());
+        Ok(RootfsCache { inner })
+    }
+
+    /// The cache directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Make `reference` ready and lease its layers.
+    ///
+    /// `reference` is a tag or `@sha256:<hex>` (meaning whatever `fetcher` accepts). A
+    /// digest reference whose image and layers are all cached is answered from memory,
+    /// without calling `fetcher` at all. Otherwise the reference is resolved, and each
+    /// missing layer's blob is fetched and extracted once, bottom layer first (each with
+    /// the layers below it as `parent_lowers`), waiting for any extraction of the same
+    /// layer already in progress. An eviction pass follows each extraction.
+    ///
+    /// # Errors
+    /// The fetcher's errors from `resolve`; [`Error::Layer`] naming the layer when a
+    /// blob cannot be fetched or extracted (digest mismatch, hostile entry, full disk...),
+    /// the same error for every caller waiting on that extraction.
+    pub fn ensure(&self, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs> {
+        let inner = &self.inner;
+        if let Some(d) = layout::digest_ref(reference) {
+            let mut st = inner.state.lock();
+            if let Some(rec) = st.images.get(&d) {
+                let layers = rec.layers.clone();
+                if layers.iter().all(|l| st.layers.contains_key(l)) {
+                    let now = now_nanos();
+                    for l in &layers {
+                        let layer = st.layers.get_mut(l).expect("checked");
+                        layer.leases += 1;
+                        layer.last_use = now;
+                    }
+                    inner.counters.hits.fetch_add(layers.len() as u64, Ordering::Relaxed);
+                    inner.publish(&st);
+                    drop(st);
+                    return Ok(Rootfs::new(inner.clone(), d, layers));
+                }
+            }
+        }
+        let manifest = fetcher.resolve(reference)?;
+        // Leases are taken as layers become ready, so eviction cannot take a layer of
+        // this image while later ones extract; `partial` gives them back on error.
+        let mut partial = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
+        for (i, desc) in manifest.layers.iter().enumerate() {
+            self.ensure_layer(fetcher, &manifest, i)?;
+            partial.layers.push(desc.digest);
+        }
+        let rec = ImageRecord {
+            layers: partial.layers.clone(),
+            tags: if layout::digest_ref(reference).is_some() { Vec::new() } else { vec![reference.to_string()] },
+        };
+        let mut keys = vec![manifest.digest];
+        if let Some(d) = layout::digest_ref(reference) {
+            keys.push(d); // an index digest resolves to this manifest
+        }
+        for key in keys {
+            let mut st = inner.state.lock();
+            let merged = match st.images.get(&key) {
+                Some(old) if old.layers == rec.layers => {
+                    let mut m = old.clone();
+                    for t in &rec.tags {
+                        if !m.tags.contains(t) {
+                            m.tags.push(t.clone());
+                        }
+                    }
+                    m
+                }
+                _ => rec.clone(),
+            };
+            if st.images.get(&key) != Some(&merged) {
+                write_atomic(&layout::image_file(&inner.root, &key), merged.encode().as_bytes())?;
+                st.images.insert(key, merged);
+            }
+        }
+        partial.lowers = lowers_of(&inner.root, &partial.layers);
+        Ok(partial)
+    }
+
+    /// Make layer `i` of `manifest` ready and lease it.
+    fn ensure_layer(&self, fetcher: &dyn ImageFetcher, manifest: &ImageManifest, i: usize) -> Result<()> {
+        let inner = &self.inner;
+        let digest = manifest.layers[i].digest;
+        let mut waited = false;
+        loop {
+            let mut st = inner.state.lock();
+            if let Some(layer) = st.layers.get_mut(&digest) {
+                layer.leases += 1;
+                layer.last_use = now_nanos();
+                if !waited {
+                    inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                inner.publish(&st);
+                return Ok(());
+            }
+            if let Some(flight) = st.inflight.get(&digest).cloned() {
+                if !waited {
+                    inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    inner.counters.dedup_waits.fetch_add(1, Ordering::Relaxed);
+                    waited = true;
+                }
+                while flight.outcome.get().is_none() {
+                    inner.done.wait(&mut st);
+                }
+                if let Some(Err(e)) = flight.outcome.get() {
+                    return Err(Error::Layer { digest, source: e.clone() });
+                }
+                continue; // ready now (or evicted already: go round again)
+            }
+            let flight = Arc::new(Flight { outcome: OnceLock::new() });
+            st.inflight.insert(digest, flight.clone());
+            if !waited {
+                inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(st);
+
+            let result = self.extract(fetcher, manifest, i);
+            let mut st = inner.state.lock();
+            st.inflight.remove(&digest);
+            let outcome = match result {
+                Ok((meta, blob_bytes)) => {
+                    st.bytes += meta.size;
+                    let now = now_nanos();
+                    st.layers.insert(digest, Layer { meta, last_use: now, persisted_use: now, leases: 1 });
+                    inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
+                    inner.counters.bytes_extracted.fetch_add(blob_bytes, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => Err(Arc::new(e)),
+            };
+            let _ = flight.outcome.set(outcome.clone());
+            inner.done.notify_all();
+            inner.publish(&st);
+            drop(st);
+            return match outcome {
+                Ok(()) => {
+                    self.gc()?;
+                    Ok(())
+                }
+                Err(e) => Err(Error::Layer { digest, source: e }),
+            };
+        }
+    }
+
+    /// Fetch and extract layer `i` into `tmp/`, then rename it into `layers/`.
+    fn extract(&self, fetcher: &dyn ImageFetcher, manifest: &ImageManifest, i: usize) -> Result<(LayerMeta, u64)> {
+        let inner = &self.inner;
+        let desc = &manifest.layers[i];
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = inner.root.join(layout::TMP).join(format!("{}.{seq}", desc.digest.hex()));
+        let result = (|| {
+            let fs_dir = tmp.join(layout::FS);
+            fs::create_dir_all(&fs_dir).map_err(io("mkdir", &fs_dir))?;
+            let blob = fetcher.open_blob(desc)?;
+            let mut opts = inner.opts.unpack.clone();
+            opts.whiteouts = WhiteoutMode::Overlay;
+            opts.expected_digest = Some(desc.digest);
+            // The layers below, top first: parents this layer omits take their metadata.
+            opts.parent_lowers =
+                manifest.layers[..i].iter().rev().map(|l| layout::layer_fs(&inner.root, &l.digest)).collect();
+            let stats = unpack(blob, &fs_dir, &opts)?;
+            let meta =
+                LayerMeta { size: disk_usage(&fs_dir)?, diff_id: stats.diff_id, created: now_nanos() / 1_000_000_000 };
+            write_atomic(&tmp.join(layout::META), meta.encode().as_bytes())?;
+            if inner.opts.sync {
+                let d = File::open(&tmp).map_err(io("open", &tmp))?;
+                nix::unistd::syncfs(&d).map_err(|e| Error::io("syncfs", &tmp, e))?;
+            }
+            let dest = layout::layer_dir(&inner.root, &desc.digest);
+            fs::rename(&tmp, &dest).map_err(io("rename", &dest))?;
+            Ok((meta, stats.compressed_bytes))
+        })();
+        if result.is_err() && tmp.exists() {
+            // Best effort: `open` empties tmp/ anyway.
+            let _ = remove_path(&tmp);
+        }
+        result
+    }
+
+    /// Evict least-recently-used unleased layers until the cache fits its budget, then
+    /// persist last-use times.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if a layer cannot be moved to `trash/` or deleted.
+    pub fn gc(&self) -> Result<GcReport> {
+        let inner = &self.inner;
+        let mut report = GcReport::default();
+        let mut doomed = Vec::new();
+        {
+            let mut st = inner.state.lock();
+            if st.bytes > inner.opts.max_bytes {
+                let mut candidates: Vec<(u64, Digest)> =
+                    st.layers.iter().filter(|(_, l)| l.leases == 0).map(|(d, l)| (l.last_use, *d)).collect();
+                candidates.sort();
+                for (_, d) in candidates {
+                    if st.bytes <= inner.opts.max_bytes {
+                        break;
+                    }
+                    let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+                    let to = inner.root.join(layout::TRASH).join(format!("{}.{seq}", d.hex()));
+                    let from = layout::layer_dir(&inner.root, &d);
+                    fs::rename(&from, &to).map_err(io("rename", &from))?;
+                    let layer = st.layers.remove(&d).expect("candidate");
+                    st.bytes -= layer.meta.size;
+                    report.evicted.push(d);
+                    report.evicted_bytes += layer.meta.size;
+                    doomed.push(to);
+                }
+                let gone: HashSet<Digest> = report.evicted.iter().copied().collect();
+                let dropped: Vec<Digest> = st
+                    .images
+                    .iter()
+                    .filter(|(_, r)| r.layers.iter().any(|l| gone.contains(l)))
+                    .map(|(d, _)| *d)
+                    .collect();
+                for d in dropped {
+                    st.images.remove(&d);
+                    let f = layout::image_file(&inner.root, &d);
+                    fs::remove_file(&f).map_err(io("unlink", &f))?;
+                    report.removed_images.push(d);
+                }
+            }
+            report.bytes_in_use = st.bytes;
+            report.over_budget_bytes = st.bytes.saturating_sub(inner.opts.max_bytes);
+            inner.counters.evictions.fetch_add(report.evicted.len() as u64, Ordering::Relaxed);
+            inner.counters.over_budget.store(report.over_budget_bytes, Ordering::Relaxed);
+            inner.publish(&st);
+        }
+        // Phase two, outside the lock: nothing serves these any more.
+        for p in doomed {
+            remove_path(&p)?;
+        }
+        self.flush_last_use()?;
+        Ok(report)
+    }
+
+    /// Persist last-use times changed since the last flush (as `meta` mtimes).
+    fn flush_last_use(&self) -> Result<()> {
+        let changed: Vec<(Digest, u64)> = {
+            let mut st = self.inner.state.lock();
+            st.layers
+                .iter_mut()
+                .filter(|(_, l)| l.last_use != l.persisted_use)
+                .map(|(d, l)| {
+                    l.persisted_use = l.last_use;
+                    (*d, l.last_use)
+                })
+                .collect()
+        };
+        for (d, t) in changed {
+            let p = layout::layer_dir(&self.inner.root, &d).join(layout::META);
+            match set_mtime(&p, t) {
+                Err(e) if e.raw_os_error() == Some(libc_enoent()) => {} // evicted meanwhile
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters and gauges; cheap (atomics only).
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            extractions: c.extractions.load(Ordering::Relaxed),
+            bytes_extracted: c.bytes_extracted.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            dedup_waits: c.dedup_waits.load(Ordering::Relaxed),
+            bytes_in_use: c.bytes_in_use.load(Ordering::Relaxed),
+            entries: c.entries.load(Ordering::Relaxed),
+            leased_entries: c.leased.load(Ordering::Relaxed),
+            over_budget_bytes: c.over_budget.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The ready layers, with their disk usage and whether they are leased.
+    pub fn layers(&self) -> Vec<(Digest, u64, bool)> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<_> = st.layers.iter().map(|(d, l)| (*d, l.meta.size, l.leases > 0)).collect();
+        v.sort();
+        v
+    }
+
+    /// Release a persisted lease made by [`Rootfs::persist`].
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown id; [`Error::Io`] if its file cannot be removed.
+    pub fn release(&self, id: &str) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        let pins = st.pins.remove(id).ok_or_else(|| Error::NotFound { what: format!("lease {id:?}") })?;
+        let f = self.inner.root.join(layout::LEASES).join(id);
+        fs::remove_file(&f).map_err(io("unlink", &f))?;
+        for l in pins {
+            if let Some(layer) = st.layers.get_mut(&l) {
+                layer.leases -= 1;
+            }
+        }
+        self.inner.publish(&st);
+        Ok(())
+    }
+
+    /// Ids of the persisted leases.
+    pub fn leases(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.state.lock().pins.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+fn libc_enoent() -> i32 {
+    Errno::ENOENT as i32
+}
+
+impl Drop for RootfsCache {
+    fn drop(&mut self) {
+        // Last-use times are best effort; errors have nowhere to go from a Drop.
+        let _ = self.flush_last_use();
+    }
+}
+
+impl Inner {
+    /// Refresh the gauges read by [`RootfsCache::stats`].
+    fn publish(&self, st: &State) {
+        let c = &self.counters;
+        c.bytes_in_use.store(st.bytes, Ordering::Relaxed);
+        c.entries.store(st.layers.len() as u64, Ordering::Relaxed);
+        c.leased.store(st.layers.values().filter(|l| l.leases > 0).count() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Lower directories, top first, of layers listed bottom first.
+fn lowers_of(root: &Path, layers: &[Digest]) -> Vec<PathBuf> {
+    layers.iter().rev().map(|d| layout::layer_fs(root, d)).collect()
+}
+
+impl Rootfs {
+    /// A `Rootfs` over `layers`, which the caller has leased: dropping it releases them.
+    fn new(inner: Arc<Inner>, manifest: Digest, layers: Vec<Digest>) -> Rootfs {
+        let lowers = lowers_of(&inner.root, &layers);
+        Rootfs { inner, manifest, layers, lowers }
+    }
+
+    /// The lower directories, top layer first (the order of overlayfs `lowerdir=`).
+    pub fn lowers(&self) -> &[PathBuf] {
+        &self.lowers
+    }
+
+    /// The layer digests, bottom first.
+    pub fn layers(&self) -> &[Digest] {
+        &self.layers
+    }
+
+    /// The image manifest digest.
+    pub fn manifest_digest(&self) -> Digest {
+        self.manifest
+    }
+
+    /// Persist this lease as `leases/<id>`, so its layers stay pinned across restarts of
+    /// the process until [`RootfsCache::release`] (for sandboxes that outlive it).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for an id that is not 1–128 of `[A-Za-z0-9._-]` (not
+    /// starting with a dot) or is already in use; [`Error::Io`] if the record cannot be
+    /// written.
+    pub fn persist(&self, id: &str) -> Result<()> {
+        if !layout::valid_lease_id(id) {
+            return Err(Error::Unsupported { what: format!("lease id {id:?} (use 1-128 of [A-Za-z0-9._-])") });
+        }
+        let mut st = self.inner.state.lock();
+        if st.pins.contains_key(id) {
+            return Err(Error::Unsupported { what: format!("lease id {id:?} is already in use") });
+        }
+        let f = self.inner.root.join(layout::LEASES).join(id);
+        write_atomic(&f, layout::encode_lease(&self.layers).as_bytes())?;
+        for l in &self.layers {
+            if let Some(layer) = st.layers.get_mut(l) {
+                layer.leases += 1;
+            }
+        }
+        st.pins.insert(id.to_string(), self.layers.clone());
+        self.inner.publish(&st);
+        Ok(())
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        let mut st = self.inner.state.lock();
+        for l in &self.layers {
+            if let Some(layer) = st.layers.get_mut(l) {
+                layer.leases -= 1;
+            }
+        }
+        self.inner.publish(&st);
+    }
+}
+
+impl std::fmt::Debug for Rootfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rootfs").field("manifest", &self.manifest).field("lowers", &self.lowers).finish()
+    }
+}
