@@ -102,7 +102,7 @@ impl ImageRecord {
                 _ => {}
             }
         }
-        (!r.layers.is_empty()).then_some(r)
+        Some(r) // zero layers is a valid image (`umoci new` makes one)
     }
 }
 
@@ -145,7 +145,7 @@ mod tests {
 
         let r = ImageRecord { layers: vec![d, Digest::of(b"y")], tags: vec!["latest".into()] };
         assert_eq!(ImageRecord::decode(&r.encode()), Some(r));
-        assert_eq!(ImageRecord::decode("tag x\n"), None);
+        assert_eq!(ImageRecord::decode("tag x\n"), Some(ImageRecord { layers: vec![], tags: vec!["x".into()] }));
         assert_eq!(ImageRecord::decode("layer sha256:nothex\n"), None);
 
         let l = vec![d];

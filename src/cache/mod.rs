@@ -163,7 +163,29 @@ struct Inner {
 
 /// A digest-keyed cache of extracted image layers in one directory.
 ///
-/// See the [module documentation](self) for the layout, invariants and concurrency.
+/// The first restore of an image extracts each of its layers once (overlay whiteout
+/// format, digest verified while streaming); every later restore finds them by digest
+/// and gets a [`Rootfs`]: the layer directories, ready to be overlay lowers, and a lease
+/// that keeps them from being evicted while in use.
+///
+/// ```text
+/// <dir>/LOCK  layers/<hex>/{fs/,meta}  images/<hex>  leases/<id>  tmp/  trash/
+/// ```
+///
+/// # Invariants
+/// - A layer is ready when `layers/<hex>` exists: it is extracted into `tmp/` and
+///   renamed into place whole, with its record, so no partial layer is ever visible,
+///   even after a crash (`tmp/` is emptied at open; entries that fail validation are
+///   moved to `trash/`, never served). A ready layer is never modified.
+/// - Eviction takes only unleased layers, least recently used first: renamed into
+///   `trash/` under the lock (no longer served), deleted after it is released.
+///
+/// # Concurrency
+/// One process owns a cache directory (`flock` on `LOCK`; a second [`RootfsCache::open`]
+/// gets [`Error::Busy`]). Every method takes `&self` and may be called from many
+/// threads; no lock is held while extracting or deleting. Concurrent
+/// [`RootfsCache::ensure`] calls needing the same missing layer wait for one extraction;
+/// if it fails they all get the same cause (as [`Error::Layer`]) and nothing is cached.
 pub struct RootfsCache {
     inner: Arc<Inner>,
 }

@@ -19,25 +19,9 @@
 //! descriptors. Layer blobs are only opened later, by [`ImageFetcher::open_blob`], on a
 //! cache miss.
 //!
-//! # Security
-//! The layout's contents are treated as untrusted input. Every JSON document read from
-//! `blobs/` is bounded (4 MiB), its size checked against the descriptor that names it and
-//! its sha256 checked against the digest it was reached by, so a tag can only ever resolve
-//! to content its parent index vouches for. Blob paths are built from parsed [`Digest`]s
-//! (64 lowercase hex digits), so nothing in a document can name a file outside
-//! `blobs/sha256/`. Blobs are opened with `O_NONBLOCK` and must be regular files, so a
-//! FIFO or device planted in `blobs/` cannot block or feed a resolve. The layout
-//! directory itself (and symlinks in it) is trusted as a location, like any path handed
-//! to the crate. Layer blobs are not hashed here: the cache verifies them while extracting.
-//!
 //! # Concurrency
-//! An `OciLayout` holds nothing but the directory path and the chosen platform: no open
-//! files, no cached index. Every call re-reads what it needs, so tags added or moved by
-//! another process (`skopeo copy` into the same layout) are seen by the next
-//! [`resolve`](ImageFetcher::resolve), and any number of threads may use one value at
-//! once. It only ever reads. A resolve racing a writer that rewrites `index.json` in
-//! place (rather than by rename) may see a torn document and fail with
-//! [`Error::InvalidImage`]; retrying is safe.
+//! Stateless apart from the directory path and the chosen platform: every call re-reads
+//! what it needs and only ever reads (details on [`OciLayout`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -194,8 +178,31 @@ fn go_arch(rust_arch: &str, little_endian: bool) -> &str {
 /// # Ok(()) }
 /// ```
 ///
-/// See the [module documentation](self) for the directory structure, the checks made and
-/// the concurrency guarantees.
+/// The layout is `oci-layout` (the version marker), `index.json` (descriptors, tagged by
+/// their `org.opencontainers.image.ref.name` annotation) and `blobs/sha256/<hex>` (every
+/// index, manifest, config and layer, named by its sha256). A reference is resolved by
+/// walking `index.json` → (index →)* image manifest, one entry per index chosen by
+/// [`Platform`].
+///
+/// # Security
+/// The layout's contents are treated as untrusted input. Every JSON document read from
+/// `blobs/` is bounded (4 MiB), its size checked against the descriptor that names it and
+/// its sha256 checked against the digest it was reached by, so a tag can only resolve to
+/// content its parent vouches for. Blob paths are built from parsed [`Digest`]s (64
+/// lowercase hex digits), so nothing in a document can name a file outside
+/// `blobs/sha256/`. Blobs are opened with `O_NONBLOCK` and must be regular files, so a
+/// FIFO or device planted in `blobs/` cannot block or feed a resolve. The layout
+/// directory itself (and symlinks in it) is trusted as a location, like any path handed
+/// to the crate. Layer blobs are not hashed here: the cache verifies them while
+/// extracting.
+///
+/// # Concurrency
+/// An `OciLayout` holds nothing but the directory path and the chosen platform: no open
+/// files, no cached index. Every call re-reads what it needs, so tags added or moved by
+/// another process (`skopeo copy` into the same layout) are seen by the next
+/// [`resolve`](ImageFetcher::resolve), and any number of threads may share one value. It
+/// only ever reads. A resolve racing a writer that rewrites `index.json` in place (not by
+/// rename) may see a torn document and fail with [`Error::InvalidImage`]; retrying is safe.
 #[derive(Clone, Debug)]
 pub struct OciLayout {
     dir: PathBuf,
@@ -403,13 +410,18 @@ impl OciLayout {
     /// Walk from `entry` down through indexes to one image manifest.
     fn walk(&self, mut entry: Entry, reference: &str) -> Result<ImageManifest> {
         for _ in 0..=MAX_INDEX_DEPTH {
-            let bytes = self.read_json_blob(&entry, "manifest")?;
+            // A descriptor that says what it is need not be read to be refused (it may be a
+            // multi-GiB layer tagged by mistake).
+            let declared = entry.media_type.as_deref().map(|m| kind_of(m, &entry.digest)).transpose()?;
+            let what = if declared == Some(Kind::Index) { "index" } else { "manifest" };
+            let bytes = self.read_json_blob(&entry, what)?;
             let path = self.blob_path(&entry.digest);
             let doc: RawDoc = parse_json(&bytes, &path)?;
             let media_type = media_type_of(&entry, &doc, &path)?;
-            match media_type.as_str() {
-                OCI_INDEX | DOCKER_MANIFEST_LIST => {
-                    check_schema(&doc, &path)?;
+            let kind = kind_of(&media_type, &entry.digest)?;
+            check_schema(&doc, &path)?;
+            match kind {
+                Kind::Index => {
                     if doc.layers.is_some() {
                         return Err(Error::InvalidImage { path, reason: format!("{media_type} with \"layers\"") });
                     }
@@ -419,8 +431,7 @@ impl OciLayout {
                         .ok_or_else(|| self.no_platform(&entries, &within, reference))?;
                     entry = Entry::from_raw(chosen, &path, "index entry")?;
                 }
-                OCI_MANIFEST | DOCKER_MANIFEST => {
-                    check_schema(&doc, &path)?;
+                Kind::Image => {
                     if doc.manifests.is_some() {
                         return Err(Error::InvalidImage { path, reason: format!("{media_type} with \"manifests\"") });
                     }
@@ -431,20 +442,6 @@ impl OciLayout {
                         .map(|l| layer(l, &entry.digest, &path))
                         .collect::<Result<Vec<_>>>()?;
                     return Ok(ImageManifest { digest: entry.digest, layers });
-                }
-                m if DOCKER_SCHEMA1.contains(&m) => {
-                    return Err(Error::Unsupported {
-                        what: format!(
-                            "Docker image manifest schema 1 ({m}) {}; convert it with \
-                             `skopeo copy --format oci`",
-                            entry.digest
-                        ),
-                    });
-                }
-                m => {
-                    return Err(Error::Unsupported {
-                        what: format!("manifest media type {m:?} of {} (not an image manifest or index)", entry.digest),
-                    });
                 }
             }
         }
@@ -589,12 +586,35 @@ fn media_type_of(entry: &Entry, doc: &RawDoc, path: &Path) -> Result<String> {
         }),
         (Some(t), _) | (None, Some(t)) => Ok(t.clone()),
         (None, None) if doc.manifests.is_some() && doc.layers.is_none() => Ok(OCI_INDEX.to_string()),
-        (None, None) if doc.layers.is_some() && doc.config.is_some() && !doc.manifests.is_some() => {
+        (None, None) if doc.layers.is_some() && doc.config.is_some() && doc.manifests.is_none() => {
             Ok(OCI_MANIFEST.to_string())
         }
         (None, None) => Err(Error::InvalidImage {
             path: path.to_path_buf(),
             reason: "no mediaType, and neither an index nor an image manifest by its fields".to_string(),
+        }),
+    }
+}
+
+/// What a manifest-like document is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// An OCI image index or a Docker manifest list: choose an entry.
+    Index,
+    /// An OCI or Docker schema 2 image manifest: the layers.
+    Image,
+}
+
+/// The kind of document a media type names; other types are refused.
+fn kind_of(media_type: &str, digest: &Digest) -> Result<Kind> {
+    match media_type {
+        OCI_INDEX | DOCKER_MANIFEST_LIST => Ok(Kind::Index),
+        OCI_MANIFEST | DOCKER_MANIFEST => Ok(Kind::Image),
+        m if DOCKER_SCHEMA1.contains(&m) => Err(Error::Unsupported {
+            what: format!("Docker image manifest schema 1 ({m}) {digest}; convert it with `skopeo copy --format oci`"),
+        }),
+        m => Err(Error::Unsupported {
+            what: format!("manifest media type {m:?} of {digest} (not an image manifest or index)"),
         }),
     }
 }
@@ -869,11 +889,7 @@ mod tests {
     fn media_type_rules() {
         let p = Path::new("/x");
         let e = |mt: Option<&str>| Entry { digest: Digest::of(b""), size: None, media_type: mt.map(str::to_string) };
-        let d = |json: &str| {
-            let mut doc: RawDoc = serde_json::from_str(json).unwrap();
-            doc.manifests.is_some() = json.contains("\"manifests\"");
-            doc
-        };
+        let d = |json: &str| serde_json::from_str::<RawDoc>(json).unwrap();
         let manifest = d(r#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"y","size":1},"layers":[]}"#);
         let index = d(r#"{"schemaVersion":2,"manifests":[]}"#);
         let typed = d(&format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","layers":[]}}"#));
