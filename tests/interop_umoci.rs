@@ -593,6 +593,31 @@ fn normalize_listing(raw: &[u8]) -> Vec<String> {
 
 /// Extract every layer of `t/L` alone (Overlay mode), mount them as one read-only
 /// overlay in a private mount namespace and compare its listing with umoci's tree.
+/// Mount `lowers` (top first) read-only as an overlay in a private mount namespace and
+/// list the merged tree. `None` (after a skip message) if overlayfs cannot be mounted.
+fn overlay_listing(test: &str, scratch: &Path, lowers: &[PathBuf]) -> Option<Vec<String>> {
+    let mnt = scratch.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut lowers = lowers.to_vec();
+    // A single lower layer cannot be mounted without an upper one: repeat it.
+    if lowers.len() == 1 {
+        lowers.push(lowers[0].clone());
+    }
+    let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let script = format!("mount -t overlay overlay -o ro,lowerdir={} \"$1\" || exit 99\n{LISTING}", lowerdir.join(":"));
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "--", "sh", "-c", &script, "sh"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if out.status.code() == Some(99) {
+        support::skip(&format!("{test}: cannot mount overlayfs here: {}", String::from_utf8_lossy(&out.stderr)));
+        return None;
+    }
+    assert!(out.status.success(), "listing the overlay failed: {}", String::from_utf8_lossy(&out.stderr));
+    Some(normalize_listing(&out.stdout))
+}
+
 fn overlay_matches_reference(test: &str, rounds: &dyn Fn(&Path, usize), n: usize, hand_made: bool) {
     if !have_umoci(test) || !support::require_tools(test, &["unshare", "find", "sha256sum", "xargs", "stat"]) {
         return;
@@ -613,25 +638,9 @@ fn overlay_matches_reference(test: &str, rounds: &dyn Fn(&Path, usize), n: usize
         unpack(File::open(blob_path(&l, &layer.digest)).unwrap(), &d, &o).unwrap_or_else(|e| panic!("layer {i}: {e}"));
         lowers.push(d);
     }
-    let mnt = t.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    // A single lower layer cannot be mounted without an upper one: repeat it.
-    if lowers.len() == 1 {
-        lowers.push(lowers[0].clone());
-    }
-    let lowerdir: Vec<String> = lowers.iter().rev().map(|p| p.display().to_string()).collect();
-    let script = format!("mount -t overlay overlay -o ro,lowerdir={} \"$1\" || exit 99\n{LISTING}", lowerdir.join(":"));
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "--", "sh", "-c", &script, "sh"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    if out.status.code() == Some(99) {
-        support::skip(&format!("{test}: cannot mount overlayfs here: {}", String::from_utf8_lossy(&out.stderr)));
-        return;
-    }
-    assert!(out.status.success(), "listing the overlay failed: {}", String::from_utf8_lossy(&out.stderr));
-    let merged = normalize_listing(&out.stdout);
+    // `lowers` is bottom first; overlayfs wants the top first.
+    let top_first: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
+    let Some(merged) = overlay_listing(test, t.path(), &top_first) else { return };
     let want = normalize_listing(&support::run(Command::new("sh").args(["-c", LISTING, "sh"]).arg(&reference)));
     assert!(want.len() > 30, "{want:?}");
     let missing: Vec<&String> = want.iter().filter(|l| !merged.contains(l)).collect();
@@ -726,4 +735,61 @@ fn skopeo_zstd_copy_apply_matches_umoci_unpack() {
             }
         },
     );
+}
+
+/// The cache end to end on real layouts: an image built with umoci, copied with skopeo
+/// (as is, and recompressed to zstd), loaded through `OciLayout` into one `RootfsCache`;
+/// mounting each returned `Rootfs` as an overlay gives umoci's flattened tree.
+#[test]
+fn cache_ensure_of_umoci_and_skopeo_layouts_matches_umoci_unpack() {
+    let test = "cache_ensure_of_umoci_and_skopeo_layouts_matches_umoci_unpack";
+    if !have_umoci(test) || !support::require_tools(test, &["skopeo", "unshare", "find", "sha256sum", "xargs", "stat"])
+    {
+        return;
+    }
+    let t = support::tempdir();
+    let l = build_image(t.path(), &|r, n| round_with(r, n, false), ROUNDS, true);
+    let reference = reference(t.path(), &l);
+    let want = normalize_listing(&support::run(Command::new("sh").args(["-c", LISTING, "sh"]).arg(&reference)));
+    assert!(want.len() > 30, "{want:?}");
+    let copy = |name: &str, extra: &[&str]| {
+        let dest = t.path().join(name);
+        support::run(
+            Command::new("skopeo")
+                .arg("copy")
+                .args(extra)
+                .arg(format!("oci:{}:t", l.display()))
+                .arg(format!("oci:{}:t", dest.display())),
+        );
+        dest
+    };
+    let l2 = copy("L2", &[]);
+    let l3 = copy("L3", &["--dest-compress-format", "zstd", "--dest-compress"]);
+    let cache = rootfs_cache::RootfsCache::open(t.path().join("cache"), rootfs_cache::CacheOptions::default()).unwrap();
+    let mut distinct = std::collections::HashSet::new();
+    for (i, layout) in [&l, &l2, &l3].into_iter().enumerate() {
+        let fetcher = rootfs_cache::OciLayout::open(layout).unwrap();
+        let rootfs = cache.ensure(&fetcher, "t").unwrap_or_else(|e| panic!("{}: {e}", layout.display()));
+        assert_eq!(rootfs.lowers().len(), ROUNDS + 1);
+        distinct.extend(rootfs.layers().iter().copied());
+        let Some(merged) = overlay_listing(test, &t.path().join(format!("m{i}")), rootfs.lowers()) else { return };
+        let missing: Vec<&String> = want.iter().filter(|x| !merged.contains(x)).collect();
+        let extra: Vec<&String> = merged.iter().filter(|x| !want.contains(x)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{}: overlay of the cached layers differs from umoci's tree:\n  umoci only: {missing:#?}\n  overlay only: {extra:#?}",
+            layout.display()
+        );
+        // A digest reference of what is now cached costs no extraction.
+        let before = cache.stats().extractions;
+        let again = cache.ensure(&fetcher, &format!("@{}", rootfs.manifest_digest())).unwrap();
+        assert_eq!(again.lowers(), rootfs.lowers());
+        assert_eq!(cache.stats().extractions, before);
+    }
+    // Each distinct layer blob was extracted exactly once (skopeo's plain copy reuses
+    // umoci's gzip blobs; it gzips the uncompressed hand-made layer, and the zstd copy
+    // recompresses everything).
+    let s = cache.stats();
+    assert_eq!(s.extractions, distinct.len() as u64, "{s:?}");
+    assert!(distinct.len() > ROUNDS + 1 && distinct.len() < 3 * (ROUNDS + 1), "{}", distinct.len());
 }
