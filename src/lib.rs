@@ -1,12 +1,32 @@
 //! # rootfs-cache
 //!
 //! Restore a container or sandbox root filesystem in about a millisecond: each image
-//! layer is extracted once per node into a digest-keyed cache, and every sandbox gets a
-//! thin overlay mount over the shared, read-only layers.
+//! layer is extracted once per node into a digest-keyed cache ([`RootfsCache`]), and
+//! every sandbox gets the shared, read-only layer directories ([`Rootfs::lowers`]) to
+//! mount as overlay lowers under its own private upper.
 //!
-//! This release provides the foundation: [`Digest`] and hashing I/O, the crate-wide
-//! [`Error`], and [`unpack()`]: streaming, safe extraction of one OCI layer (plain,
-//! gzip or zstd) with digest verification and OCI → overlayfs whiteout conversion.
+//! ```no_run
+//! use rootfs_cache::{CacheOptions, OciLayout, RootfsCache};
+//! # fn main() -> rootfs_cache::Result<()> {
+//! let mut opts = CacheOptions::default();
+//! opts.max_bytes = 20 << 30; // evict unleased layers beyond 20 GiB
+//! let cache = RootfsCache::open("/var/lib/rt/rootfs-cache", opts)?;
+//! let images = OciLayout::open("/srv/images/python")?; // or your registry ImageFetcher
+//!
+//! let rootfs = cache.ensure(&images, "3.12")?; // cold: missing layers extracted once
+//! let lowerdir: Vec<String> = rootfs.lowers().iter().map(|p| p.display().to_string()).collect();
+//! println!("mount -t overlay overlay -o lowerdir={},upperdir=…,workdir=… /run/sb/rootfs", lowerdir.join(":"));
+//!
+//! // Warm: a digest reference of a cached image answers from memory (~1 µs).
+//! let again = cache.ensure(&images, &format!("@{}", rootfs.manifest_digest()))?;
+//! rootfs.persist("sandbox-42")?; // keep the layers pinned across restarts
+//! drop((rootfs, again)); // in-memory leases released; `cache.release("sandbox-42")` later
+//! # Ok(()) }
+//! ```
+//!
+//! Layers can also be extracted directly with [`unpack()`]: streaming, safe extraction of
+//! one OCI layer (plain, gzip or zstd) with digest verification and OCI → overlayfs
+//! whiteout conversion (or flattening).
 //!
 //! ```no_run
 //! use rootfs_cache::{unpack, Digest, UnpackOptions};
@@ -26,7 +46,9 @@
 //! - `error`: [`Error`], one `#[non_exhaustive]` enum; OS errors name the operation and path;
 //! - `sys`: the only `unsafe` code (xattrs and other calls `nix` lacks);
 //! - `root`: fd-based path resolution inside a root directory ([`Root`]);
-//! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes.
+//! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
+//! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
+//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`].
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
