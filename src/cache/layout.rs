@@ -74,9 +74,11 @@ impl LayerMeta {
     }
 }
 
-/// An image record: its layers, bottom first, and the tags it was resolved from.
+/// An image record: the image manifest digest (which differs from the record's key when
+/// that is an index digest), its layers, bottom first, and the tags it was resolved from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ImageRecord {
+    pub manifest: Option<Digest>,
     pub layers: Vec<Digest>,
     pub tags: Vec<String>,
 }
@@ -84,6 +86,9 @@ pub(crate) struct ImageRecord {
 impl ImageRecord {
     pub(crate) fn encode(&self) -> String {
         let mut s = String::new();
+        if let Some(m) = &self.manifest {
+            s.push_str(&format!("manifest {m}\n"));
+        }
         for l in &self.layers {
             s.push_str(&format!("layer {l}\n"));
         }
@@ -97,6 +102,7 @@ impl ImageRecord {
         let mut r = ImageRecord::default();
         for line in text.lines() {
             match line.split_once(' ')? {
+                ("manifest", v) => r.manifest = Some(v.parse().ok()?),
                 ("layer", v) => r.layers.push(v.parse().ok()?),
                 ("tag", v) => r.tags.push(v.to_string()),
                 _ => {}
@@ -143,9 +149,12 @@ mod tests {
         assert_eq!(LayerMeta::decode("size x\ndiff_id -\ncreated 1\n"), None);
         assert_eq!(LayerMeta::decode(""), None);
 
-        let r = ImageRecord { layers: vec![d, Digest::of(b"y")], tags: vec!["latest".into()] };
+        let r = ImageRecord { manifest: Some(d), layers: vec![d, Digest::of(b"y")], tags: vec!["latest".into()] };
         assert_eq!(ImageRecord::decode(&r.encode()), Some(r));
-        assert_eq!(ImageRecord::decode("tag x\n"), Some(ImageRecord { layers: vec![], tags: vec!["x".into()] }));
+        assert_eq!(
+            ImageRecord::decode("tag x\n"),
+            Some(ImageRecord { manifest: None, layers: vec![], tags: vec!["x".into()] })
+        );
         assert_eq!(ImageRecord::decode("layer sha256:nothex\n"), None);
 
         let l = vec![d];

@@ -95,6 +95,8 @@ pub struct CacheStats {
     /// How far `bytes_in_use` exceeded the budget after the last eviction pass (only
     /// leased layers can cause this).
     pub over_budget_bytes: u64,
+    /// Automatic eviction passes (after an extraction) that failed; `gc()` tells why.
+    pub failed_gc_passes: u64,
 }
 
 /// What an eviction pass did.
@@ -149,6 +151,7 @@ struct Counters {
     entries: AtomicU64,
     leased: AtomicU64,
     over_budget: AtomicU64,
+    failed_gc: AtomicU64,
 }
 
 struct Inner {
@@ -193,6 +196,9 @@ pub struct RootfsCache {
 /// An image's layers, ready to be overlay lower directories, and a lease on them:
 /// while a `Rootfs` (or a persisted lease made with [`Rootfs::persist`]) exists, none of
 /// its layers is evicted. Dropping it releases the in-memory lease.
+///
+/// A `Rootfs` keeps its cache open: the cache directory stays locked (a new
+/// [`RootfsCache::open`] gets [`Error::Busy`]) until every `Rootfs` from it is dropped.
 pub struct Rootfs {
     inner: Arc<Inner>,
     manifest: Digest,
@@ -404,7 +410,8 @@ impl RootfsCache {
     /// without calling `fetcher` at all. Otherwise the reference is resolved, and each
     /// missing layer's blob is fetched and extracted once, bottom layer first (each with
     /// the layers below it as `parent_lowers`), waiting for any extraction of the same
-    /// layer already in progress. An eviction pass follows each extraction.
+    /// layer already in progress. An eviction pass follows when anything was extracted
+    /// (its failure is counted in [`CacheStats::failed_gc_passes`], not returned).
     ///
     /// # Errors
     /// The fetcher's errors from `resolve`; [`Error::Layer`] naming the layer when a
@@ -416,6 +423,7 @@ impl RootfsCache {
             let mut st = inner.state.lock();
             if let Some(rec) = st.images.get(&d) {
                 let layers = rec.layers.clone();
+                let manifest = rec.manifest.unwrap_or(d);
                 if layers.iter().all(|l| st.layers.contains_key(l)) {
                     let now = now_nanos();
                     for l in &layers {
@@ -426,7 +434,7 @@ impl RootfsCache {
                     inner.counters.hits.fetch_add(layers.len() as u64, Ordering::Relaxed);
                     inner.publish(&st);
                     drop(st);
-                    return Ok(Rootfs::new(inner.clone(), d, layers));
+                    return Ok(Rootfs::new(inner.clone(), manifest, layers));
                 }
             }
         }
@@ -434,11 +442,21 @@ impl RootfsCache {
         // Leases are taken as layers become ready, so eviction cannot take a layer of
         // this image while later ones extract; `partial` gives them back on error.
         let mut partial = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
+        let before = inner.counters.extractions.load(Ordering::Relaxed);
         for (i, desc) in manifest.layers.iter().enumerate() {
             self.ensure_layer(fetcher, &manifest, i)?;
             partial.layers.push(desc.digest);
         }
+        if inner.counters.extractions.load(Ordering::Relaxed) != before {
+            // The automatic eviction pass after extracting. Its failure (say, a `trash/`
+            // entry that cannot be deleted) must not fail a restore whose layers are
+            // ready: it is counted, and an explicit `gc()` reports it.
+            if self.gc().is_err() {
+                inner.counters.failed_gc.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let rec = ImageRecord {
+            manifest: Some(manifest.digest),
             layers: partial.layers.clone(),
             tags: if layout::digest_ref(reference).is_some() { Vec::new() } else { vec![reference.to_string()] },
         };
@@ -513,7 +531,10 @@ impl RootfsCache {
                 Ok((meta, blob_bytes)) => {
                     st.bytes += meta.size;
                     let now = now_nanos();
-                    st.layers.insert(digest, Layer { meta, last_use: now, persisted_use: now, leases: 1 });
+                    // Our lease, plus persisted leases naming this layer (it may have been
+                    // lost and extracted again since they were made).
+                    let pins = st.pins.values().filter(|p| p.contains(&digest)).count() as u32;
+                    st.layers.insert(digest, Layer { meta, last_use: now, persisted_use: now, leases: 1 + pins });
                     inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
                     inner.counters.bytes_extracted.fetch_add(blob_bytes, Ordering::Relaxed);
                     Ok(())
@@ -524,13 +545,7 @@ impl RootfsCache {
             inner.done.notify_all();
             inner.publish(&st);
             drop(st);
-            return match outcome {
-                Ok(()) => {
-                    self.gc()?;
-                    Ok(())
-                }
-                Err(e) => Err(Error::Layer { digest, source: e }),
-            };
+            return outcome.map_err(|e| Error::Layer { digest, source: e });
         }
     }
 
@@ -663,6 +678,7 @@ impl RootfsCache {
             entries: c.entries.load(Ordering::Relaxed),
             leased_entries: c.leased.load(Ordering::Relaxed),
             over_budget_bytes: c.over_budget.load(Ordering::Relaxed),
+            failed_gc_passes: c.failed_gc.load(Ordering::Relaxed),
         }
     }
 
@@ -685,7 +701,8 @@ impl RootfsCache {
         fs::remove_file(&f).map_err(io("unlink", &f))?;
         for l in pins {
             if let Some(layer) = st.layers.get_mut(&l) {
-                layer.leases -= 1;
+                debug_assert!(layer.leases > 0, "lease count underflow on {l}");
+                layer.leases = layer.leases.saturating_sub(1);
             }
         }
         self.inner.publish(&st);
@@ -781,7 +798,8 @@ impl Drop for Rootfs {
         let mut st = self.inner.state.lock();
         for l in &self.layers {
             if let Some(layer) = st.layers.get_mut(l) {
-                layer.leases -= 1;
+                debug_assert!(layer.leases > 0, "lease count underflow on {l}");
+                layer.leases = layer.leases.saturating_sub(1);
             }
         }
         self.inner.publish(&st);

@@ -8,7 +8,7 @@
 //! directory's mtime, and a read-only directory mode would stop an unprivileged
 //! extraction from filling it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -80,9 +80,8 @@ struct Current {
     seg_start: u64,
 }
 
-/// Directory metadata applied after all entries.
+/// Directory metadata applied after all entries (keyed by path in the extractor).
 struct DirMeta {
-    path: Vec<u8>,
     hdr: Box<Header>,
     /// What creation gave the directory, or `None` if it existed before this entry.
     created: Option<Created>,
@@ -117,7 +116,9 @@ pub(crate) struct Extractor<'a> {
     root: &'a Root,
     opts: &'a UnpackOptions,
     dirs: HashMap<Vec<u8>, Rc<Dir>>,
-    deferred: Vec<DirMeta>,
+    /// Directory metadata to apply at the end, by path, in archive order per path. A
+    /// `BTreeMap` so that replacing a directory drops its subtree's entries by range.
+    deferred: BTreeMap<Vec<u8>, Vec<DirMeta>>,
     /// Paths this layer created (Apply mode): whiteouts never remove them.
     added: Option<HashSet<Vec<u8>>>,
     /// Existing read-only directories we made writable (unprivileged), and their modes.
@@ -319,7 +320,7 @@ impl<'a> Extractor<'a> {
             root,
             opts,
             dirs: HashMap::new(),
-            deferred: Vec::new(),
+            deferred: BTreeMap::new(),
             added: (opts.whiteouts == WhiteoutMode::Apply).then(HashSet::new),
             unlocked: Vec::new(),
             lowers: None,
@@ -401,7 +402,7 @@ impl<'a> Extractor<'a> {
             sparse: None,
             offset: 0,
         });
-        self.deferred.push(DirMeta { path, hdr, created: None, xattrs: false });
+        self.defer(path, DirMeta { hdr, created: None, xattrs: false });
     }
 
     /// Forget cached descriptors at or under `path` (it is about to be removed or replaced).
@@ -411,6 +412,29 @@ impl<'a> Extractor<'a> {
             return;
         }
         self.dirs.retain(|k, _| !(k.starts_with(path) && (k.len() == path.len() || k[path.len()] == b'/')));
+    }
+
+    fn defer(&mut self, path: Vec<u8>, meta: DirMeta) {
+        self.deferred.entry(path).or_default().push(meta);
+    }
+
+    /// Drop deferred metadata at or under `path`: the directory there is being removed,
+    /// and a later entry of the same name must not inherit it.
+    fn forget_deferred(&mut self, path: &[u8]) {
+        if path.is_empty() {
+            self.deferred.clear();
+            return;
+        }
+        self.deferred.remove(path);
+        // Keys under `path/` sort between `path/` and `path0` ('0' follows '/').
+        let mut lo = path.to_vec();
+        lo.push(b'/');
+        let mut hi = path.to_vec();
+        hi.push(b'0');
+        let doomed: Vec<Vec<u8>> = self.deferred.range(lo..hi).map(|(k, _)| k.clone()).collect();
+        for k in doomed {
+            self.deferred.remove(&k);
+        }
     }
 
     fn note_added(&mut self, path: Vec<u8>) {
@@ -458,7 +482,7 @@ impl<'a> Extractor<'a> {
             // `./`: metadata of the destination root itself.
             if h.kind == Kind::Dir {
                 self.counts.dirs += 1;
-                self.deferred.push(DirMeta { path: Vec::new(), hdr: h, created: None, xattrs: true });
+                self.defer(Vec::new(), DirMeta { hdr: h, created: None, xattrs: true });
                 return Ok(None);
             }
             return Err(escape(&h.path, "a non-directory entry names the destination root"));
@@ -495,17 +519,27 @@ impl<'a> Extractor<'a> {
                     .map_err(|e| Error::io("fchmod", self.root.display(&comps), e))?;
             }
         }
-        for d in std::mem::take(&mut self.deferred) {
-            let comps = comps_of(&d.path);
+        for (path, metas) in std::mem::take(&mut self.deferred) {
+            let comps = comps_of(&path);
             // Removed or replaced by a later entry: nothing to apply.
-            let fd = match self.root.open_dir(&comps, None, &d.hdr.path, &mut Vec::new()) {
+            let fd = match self.root.open_dir(&comps, None, &path, &mut Vec::new()) {
                 Ok(Some(fd)) => fd,
                 Ok(None) | Err(Error::PathEscape { .. }) => continue,
                 Err(e) if e.raw_os_error() == Some(Errno::ENOTDIR as i32) => continue,
                 Err(e) => return Err(e),
             };
             let display = self.root.display(&comps);
-            self.meta.apply_fd(fd.as_fd(), &d.hdr, d.created, &display, d.xattrs, &mut self.counts.skipped_xattrs)?;
+            // In archive order: a later entry for the same directory wins.
+            for d in metas {
+                self.meta.apply_fd(
+                    fd.as_fd(),
+                    &d.hdr,
+                    d.created,
+                    &display,
+                    d.xattrs,
+                    &mut self.counts.skipped_xattrs,
+                )?;
+            }
         }
         Ok(self.counts)
     }
@@ -530,6 +564,7 @@ impl<'a> Extractor<'a> {
                 return Ok(true);
             }
             self.invalidate(full);
+            self.forget_deferred(full);
             self.remove(dir, name, full, None, display)?;
         } else {
             self.writable(dir, || unlinkat(&dir.fd, name, UnlinkatFlags::NoRemoveDir))
@@ -608,7 +643,7 @@ impl<'a> Extractor<'a> {
         }
         self.cache(Self::describe(fd, full.to_vec()));
         self.note_added(full.to_vec());
-        self.deferred.push(DirMeta { path: full.to_vec(), hdr: h, created, xattrs: false });
+        self.defer(full.to_vec(), DirMeta { hdr: h, created, xattrs: false });
         Ok(())
     }
 

@@ -64,15 +64,21 @@ struct Batch {
     data: Vec<u8>,
     used: usize,
     files: usize,
+    /// Bytes of entry metadata (names, link targets, xattrs) held by `items`: each header
+    /// may carry up to `max_header_bytes`, so this, not the item count, bounds memory.
+    meta: usize,
 }
 
 impl Batch {
     fn new() -> Batch {
-        Batch { items: Vec::with_capacity(BATCH_ITEMS), data: vec![0; BATCH_BYTES], used: 0, files: 0 }
+        Batch { items: Vec::with_capacity(BATCH_ITEMS), data: vec![0; BATCH_BYTES], used: 0, files: 0, meta: 0 }
     }
 
     fn full(&self) -> bool {
-        self.items.len() >= BATCH_ITEMS || self.used == self.data.len() || self.files >= BATCH_FILES
+        self.items.len() >= BATCH_ITEMS
+            || self.used == self.data.len()
+            || self.files >= BATCH_FILES
+            || self.meta >= BATCH_BYTES
     }
 }
 
@@ -91,8 +97,9 @@ fn create(ex: &mut Extractor<'_>, b: &mut Batch) -> Result<()> {
 
 /// The write stage: fill the batch's files; the batch is left empty for reuse.
 fn write(w: &mut Writer, b: &mut Batch) -> Result<()> {
-    let Batch { items, data, used, files } = b;
+    let Batch { items, data, used, files, meta } = b;
     *files = 0;
+    *meta = 0;
     for item in items.drain(..) {
         match item {
             Item::File(f) => w.open(*f)?,
@@ -409,6 +416,7 @@ fn run<R: Read>(tar: &mut TarReader<R>, sink: &mut dyn FnMut(Batch) -> Result<Ba
         if h.kind == tar::Kind::File {
             batch.files += 1;
         }
+        batch.meta += h.path.len() + h.link.len() + h.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         batch.items.push(Item::Entry(Box::new(h)));
         loop {
             if batch.full() {
