@@ -195,9 +195,24 @@ fn is_symlink(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
         .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits())
 }
 
-/// A [`Error::PathEscape`] for `entry`.
+/// An archive entry name for messages: lossy UTF-8, cut at 256 bytes (hostile names can
+/// be megabytes long).
+pub(crate) fn entry_name(entry: &[u8]) -> String {
+    const MAX: usize = 256;
+    if entry.len() <= MAX {
+        return format!("{:?}", String::from_utf8_lossy(entry));
+    }
+    format!("{:?}… ({} bytes)", String::from_utf8_lossy(&entry[..MAX]), entry.len())
+}
+
+/// A [`Error::PathEscape`] for `entry` (its name cut at 256 bytes).
 pub(crate) fn escape(entry: &[u8], reason: &'static str) -> Error {
-    Error::PathEscape { entry: String::from_utf8_lossy(entry).into_owned(), reason }
+    let name = if entry.len() <= 256 {
+        String::from_utf8_lossy(entry).into_owned()
+    } else {
+        format!("{}… ({} bytes)", String::from_utf8_lossy(&entry[..256]), entry.len())
+    };
+    Error::PathEscape { entry: name, reason }
 }
 
 #[cfg(test)]

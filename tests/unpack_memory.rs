@@ -1,10 +1,11 @@
 //! Peak memory stays bounded whatever the layer size: a 768 MiB layer (plain and zstd),
-//! generated on the fly so the test itself holds nothing, must extract with the
-//! process's peak RSS (`VmHWM`) under 64 MiB.
+//! generated on the fly so the test itself holds nothing, and a layer of 200 entries
+//! with 1 MiB names each, must extract with the process's peak RSS (`VmHWM`) under
+//! 64 MiB.
 //!
 //! This file holds a single test so the process's high-water mark is this test's alone.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use rootfs_cache::{UnpackOptions, unpack};
 
@@ -106,6 +107,44 @@ fn peak_rss_is_bounded_for_large_layers() {
         assert_eq!(stats.file_bytes, FILES * FILE_BYTES);
         assert_eq!(std::fs::metadata(dir.path().join("data/file3.bin")).unwrap().len(), FILE_BYTES);
     }
+    // Metadata bombs: 200 entries each carrying ~1 MiB of PAX path (skipped AUFS names,
+    // so nothing is retained): batches must be bounded by metadata bytes, not only by
+    // entry count.
+    // Streamed into the encoder entry by entry: the test never holds the 200 MB tar.
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    let filler = "./".repeat(500_000);
+    for _ in 0..200 {
+        let path = format!("{filler}x/.wh..wh.meta");
+        let rec = format!(" path={path}\n");
+        let mut len = rec.len() + 1;
+        while len.to_string().len() + rec.len() != len {
+            len = len.to_string().len() + rec.len();
+        }
+        let mut body = format!("{len}{rec}").into_bytes();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("pax").unwrap();
+        h.set_size(body.len() as u64);
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_cksum();
+        enc.write_all(h.as_bytes()).unwrap();
+        body.resize(body.len().div_ceil(512) * 512, 0);
+        enc.write_all(&body).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("placeholder").unwrap();
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_cksum();
+        enc.write_all(h.as_bytes()).unwrap();
+    }
+    enc.write_all(&[0; 1024]).unwrap();
+    let blob = enc.finish().unwrap();
+    for pipelined in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = UnpackOptions::default();
+        o.pipelined = pipelined;
+        assert_eq!(unpack(&blob[..], dir.path(), &o).unwrap().entries, 200);
+    }
+
     let peak = vm_hwm_kib();
     eprintln!("VmHWM before {base} KiB, after {peak} KiB");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB exceeds 64 MiB");

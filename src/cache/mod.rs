@@ -258,42 +258,44 @@ fn remove_path(path: &Path) -> Result<()> {
 }
 
 /// Disk usage of a tree: allocated blocks, each inode counted once, symlinks not followed.
+///
+/// Iterative (one descriptor per level), so a deep tree costs descriptors, not stack.
 fn disk_usage(dir: &Path) -> Result<u64> {
-    let fd = openat(nix::fcntl::AT_FDCWD, dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("open", dir, e))?;
-    let st = nix::sys::stat::fstat(&fd).map_err(|e| Error::io("fstat", dir, e))?;
-    let mut seen = HashSet::new();
-    Ok(st.st_blocks as u64 * 512 + usage_below(fd, dir, &mut seen)?)
-}
-
-fn usage_below(fd: OwnedFd, path: &Path, seen: &mut HashSet<u64>) -> Result<u64> {
-    let dup = fd.try_clone().map_err(io("dup", path))?;
-    let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| Error::io("fdopendir", path, e))?;
-    let mut names = Vec::new();
-    for ent in d.iter() {
-        let ent = ent.map_err(|e| Error::io("getdents64", path, e))?;
-        let n = ent.file_name();
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push(n.to_owned());
+    const DIR: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
+    let is_dir = |mode: u32| mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits();
+    let names = |fd: &OwnedFd| -> Result<Vec<std::ffi::CString>> {
+        let dup = fd.try_clone().map_err(io("dup", dir))?;
+        let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| Error::io("fdopendir", dir, e))?;
+        let mut v = Vec::new();
+        for ent in d.iter() {
+            let ent = ent.map_err(|e| Error::io("getdents64", dir, e))?;
+            let n = ent.file_name();
+            if n.to_bytes() != b"." && n.to_bytes() != b".." {
+                v.push(n.to_owned());
+            }
         }
-    }
-    let mut total = 0;
-    for name in names {
-        let st =
-            fstatat(&fd, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::io("fstatat", path, e))?;
-        if st.st_nlink > 1 && st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFDIR.bits() && !seen.insert(st.st_ino) {
+        Ok(v)
+    };
+    let fd = openat(nix::fcntl::AT_FDCWD, dir, DIR, Mode::empty()).map_err(|e| Error::io("open", dir, e))?;
+    let mut total = nix::sys::stat::fstat(&fd).map_err(|e| Error::io("fstat", dir, e))?.st_blocks as u64 * 512;
+    let mut seen = HashSet::new();
+    let first = names(&fd)?;
+    let mut stack = vec![(fd, first)];
+    while let Some((fd, pending)) = stack.last_mut() {
+        let Some(name) = pending.pop() else {
+            stack.pop();
             continue;
+        };
+        let st =
+            fstatat(&*fd, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::io("fstatat", dir, e))?;
+        if st.st_nlink > 1 && !is_dir(st.st_mode) && !seen.insert(st.st_ino) {
+            continue; // another name of an inode already counted
         }
         total += st.st_blocks as u64 * 512;
-        if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
-            let sub = openat(
-                &fd,
-                name.as_c_str(),
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("openat", path, e))?;
-            total += usage_below(sub, path, seen)?;
+        if is_dir(st.st_mode) {
+            let sub = openat(&*fd, name.as_c_str(), DIR, Mode::empty()).map_err(|e| Error::io("openat", dir, e))?;
+            let n = names(&sub)?;
+            stack.push((sub, n));
         }
     }
     Ok(total)

@@ -25,11 +25,11 @@ use nix::sys::stat::{
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, unlinkat};
 
-use super::tar::{Header, Kind};
+use super::tar::{Header, Kind, Xattrs};
 use super::whiteout::{self, Name};
 use super::{DeviceNodes, UnpackOptions, WhiteoutMode};
 use crate::error::{Error, Result};
-use crate::root::{Root, escape, join, split_path};
+use crate::root::{Root, entry_name, escape, join, split_path};
 use crate::sys;
 
 /// Entry counts gathered while extracting.
@@ -80,13 +80,54 @@ struct Current {
     seg_start: u64,
 }
 
-/// Directory metadata applied after all entries (keyed by path in the extractor).
+/// Directory metadata applied after all entries (keyed by path in the extractor): only
+/// what the deferred pass needs, since a layer may hold hundreds of thousands of
+/// directories.
 struct DirMeta {
-    hdr: Box<Header>,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: i64,
+    mtime_nsec: u32,
     /// What creation gave the directory, or `None` if it existed before this entry.
     created: Option<Created>,
-    /// Set the entry's xattrs in the deferred pass (they are set at creation otherwise).
-    xattrs: bool,
+    /// Xattrs to set in the deferred pass (only the root entry's: others are set at
+    /// creation).
+    xattrs: Option<Box<Xattrs>>,
+}
+
+impl DirMeta {
+    fn new(h: &Header, created: Option<Created>, with_xattrs: bool) -> DirMeta {
+        DirMeta {
+            mode: h.mode,
+            uid: h.uid,
+            gid: h.gid,
+            mtime: h.mtime,
+            mtime_nsec: h.mtime_nsec,
+            created,
+            xattrs: (with_xattrs && !h.xattrs.is_empty()).then(|| Box::new(h.xattrs.clone())),
+        }
+    }
+
+    /// The header `MetaPolicy::apply_fd` takes, rebuilt for the deferred pass.
+    fn header(&self) -> Header {
+        Header {
+            path: Vec::new(),
+            link: Vec::new(),
+            kind: Kind::Dir,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            mtime_nsec: self.mtime_nsec,
+            size: 0,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: self.xattrs.as_deref().cloned().unwrap_or_default(),
+            sparse: None,
+            offset: 0,
+        }
+    }
 }
 
 /// A cached directory descriptor and what it passes on to entries created in it.
@@ -106,6 +147,10 @@ const FILE_FLAGS: OFlag =
 /// (see DESIGN.md rule 3: they are only ever created when missing, never applied over an
 /// existing directory).
 const IMPLICIT_DIR_MODE: u32 = 0o755;
+/// Longest entry path accepted: Linux's `PATH_MAX` less the NUL. Longer paths cannot be
+/// named by any tool reading the tree (and containerd or Docker could not have written
+/// them); refusing them also bounds the metadata retained per directory.
+const PATH_MAX: usize = 4095;
 /// Bound on cached directory descriptors. With the pipeline's bound on open files, an
 /// extraction holds under 200 descriptors, well within the common 1024 limit.
 const DIR_CACHE: usize = 64;
@@ -116,11 +161,18 @@ pub(crate) struct Extractor<'a> {
     root: &'a Root,
     opts: &'a UnpackOptions,
     dirs: HashMap<Vec<u8>, Rc<Dir>>,
-    /// Directory metadata to apply at the end, by path, in archive order per path. A
-    /// `BTreeMap` so that replacing a directory drops its subtree's entries by range.
-    deferred: BTreeMap<Vec<u8>, Vec<DirMeta>>,
-    /// Paths this layer created (Apply mode): whiteouts never remove them.
-    added: Option<HashSet<Vec<u8>>>,
+    /// Directory metadata to apply at the end, by path; a later entry for the same
+    /// directory replaces an earlier one (it would overwrite it anyway). A `BTreeMap` so
+    /// that replacing a directory drops its subtree's entries by range.
+    deferred: BTreeMap<Vec<u8>, DirMeta>,
+    /// Paths this layer created (Apply mode), as keyed 64-bit hashes (8 bytes an entry,
+    /// whatever the path length): whiteouts never remove them.
+    added: Option<HashSet<u64>>,
+    /// Random keys for `added` hashes, so an archive cannot aim for collisions.
+    added_keys: std::collections::hash_map::RandomState,
+    /// Apply mode: paths already emptied (opaque) or removed (whiteout) by this layer. A
+    /// repeat has nothing left to do: everything still there was added by this layer.
+    cleared: HashSet<Vec<u8>>,
     /// Existing read-only directories we made writable (unprivileged), and their modes.
     unlocked: Vec<(Vec<u8>, u32)>,
     /// [`UnpackOptions::parent_lowers`], opened on first use.
@@ -322,6 +374,8 @@ impl<'a> Extractor<'a> {
             dirs: HashMap::new(),
             deferred: BTreeMap::new(),
             added: (opts.whiteouts == WhiteoutMode::Apply).then(HashSet::new),
+            added_keys: std::collections::hash_map::RandomState::new(),
+            cleared: HashSet::new(),
             unlocked: Vec::new(),
             lowers: None,
             counts: Counts::default(),
@@ -386,23 +440,16 @@ impl<'a> Extractor<'a> {
         }
         let Some(st) = found else { return };
         let path = join(comps);
-        let hdr = Box::new(Header {
-            path: path.clone(),
-            link: Vec::new(),
-            kind: Kind::Dir,
+        let meta = DirMeta {
             mode: st.st_mode & 0o7777,
             uid: u64::from(st.st_uid),
             gid: u64::from(st.st_gid),
             mtime: st.st_mtime,
             mtime_nsec: st.st_mtime_nsec as u32,
-            size: 0,
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Vec::new(),
-            sparse: None,
-            offset: 0,
-        });
-        self.defer(path, DirMeta { hdr, created: None, xattrs: false });
+            created: None,
+            xattrs: None,
+        };
+        self.defer(path, meta);
     }
 
     /// Forget cached descriptors at or under `path` (it is about to be removed or replaced).
@@ -415,7 +462,7 @@ impl<'a> Extractor<'a> {
     }
 
     fn defer(&mut self, path: Vec<u8>, meta: DirMeta) {
-        self.deferred.entry(path).or_default().push(meta);
+        self.deferred.insert(path, meta);
     }
 
     /// Drop deferred metadata at or under `path`: the directory there is being removed,
@@ -438,13 +485,16 @@ impl<'a> Extractor<'a> {
     }
 
     fn note_added(&mut self, path: Vec<u8>) {
+        use std::hash::BuildHasher;
+        let key = self.added_keys.hash_one(&path);
         if let Some(a) = &mut self.added {
-            a.insert(path);
+            a.insert(key);
         }
     }
 
     fn is_added(&self, path: &[u8]) -> bool {
-        self.added.as_ref().is_some_and(|a| a.contains(path))
+        use std::hash::BuildHasher;
+        self.added.as_ref().is_some_and(|a| a.contains(&self.added_keys.hash_one(path)))
     }
 
     /// Run `op` (a creation or removal in `dir`); if it fails with `EACCES` because `dir`
@@ -481,8 +531,9 @@ impl<'a> Extractor<'a> {
         let Some((name, parent)) = comps.split_last() else {
             // `./`: metadata of the destination root itself.
             if h.kind == Kind::Dir {
+                self.meta.chown_to(&h, None)?; // reject out-of-range ids now, with the name
                 self.counts.dirs += 1;
-                self.defer(Vec::new(), DirMeta { hdr: h, created: None, xattrs: true });
+                self.defer(Vec::new(), DirMeta::new(&h, None, true));
                 return Ok(None);
             }
             return Err(escape(&h.path, "a non-directory entry names the destination root"));
@@ -494,8 +545,13 @@ impl<'a> Extractor<'a> {
             Name::Opaque => return self.opaque(parent, &h).map(|()| None),
             Name::Whiteout(target) => return self.whiteout(parent, target, &h).map(|()| None),
         }
-        let dir = self.dir(parent, true, &h.path)?.expect("created");
         let full = join(&comps);
+        if full.len() > PATH_MAX {
+            return Err(Error::Unsupported {
+                what: format!("entry {} longer than {PATH_MAX} bytes (PATH_MAX)", entry_name(&h.path)),
+            });
+        }
+        let dir = self.dir(parent, true, &h.path)?.expect("created");
         let display = self.root.display(&comps);
         match h.kind {
             Kind::File => return self.file(&dir, name, &full, display, h).map(Some),
@@ -519,7 +575,7 @@ impl<'a> Extractor<'a> {
                     .map_err(|e| Error::io("fchmod", self.root.display(&comps), e))?;
             }
         }
-        for (path, metas) in std::mem::take(&mut self.deferred) {
+        for (path, d) in std::mem::take(&mut self.deferred) {
             let comps = comps_of(&path);
             // Removed or replaced by a later entry: nothing to apply.
             let fd = match self.root.open_dir(&comps, None, &path, &mut Vec::new()) {
@@ -529,17 +585,15 @@ impl<'a> Extractor<'a> {
                 Err(e) => return Err(e),
             };
             let display = self.root.display(&comps);
-            // In archive order: a later entry for the same directory wins.
-            for d in metas {
-                self.meta.apply_fd(
-                    fd.as_fd(),
-                    &d.hdr,
-                    d.created,
-                    &display,
-                    d.xattrs,
-                    &mut self.counts.skipped_xattrs,
-                )?;
-            }
+            let with_xattrs = d.xattrs.is_some();
+            self.meta.apply_fd(
+                fd.as_fd(),
+                &d.header(),
+                d.created,
+                &display,
+                with_xattrs,
+                &mut self.counts.skipped_xattrs,
+            )?;
         }
         Ok(self.counts)
     }
@@ -565,7 +619,7 @@ impl<'a> Extractor<'a> {
             }
             self.invalidate(full);
             self.forget_deferred(full);
-            self.remove(dir, name, full, None, display)?;
+            self.remove(dir, name, full, false, display)?;
         } else {
             self.writable(dir, || unlinkat(&dir.fd, name, UnlinkatFlags::NoRemoveDir))
                 .map_err(|e| Error::io("unlinkat", display, e))?;
@@ -573,18 +627,21 @@ impl<'a> Extractor<'a> {
         Ok(false)
     }
 
-    /// [`remove_tree`] of `dir/name`, making `dir` writable first if needed.
+    /// [`remove_tree`] of `dir/name`, making `dir` writable first if needed; with
+    /// `keep_added`, what this layer added survives.
     fn remove(
         &mut self,
         dir: &Dir,
         name: &[u8],
         full: &[u8],
-        keep: Option<&HashSet<Vec<u8>>>,
+        keep_added: bool,
         display: &std::path::Path,
     ) -> Result<bool> {
-        match remove_tree(dir.fd.as_fd(), name, full, keep, display) {
+        let keep = |p: &[u8]| keep_added && self.is_added(p);
+        match remove_tree(dir.fd.as_fd(), name, full, Some(&keep), display) {
             Err(e) if e.raw_os_error() == Some(Errno::EACCES as i32) && self.unlock(dir) => {
-                remove_tree(dir.fd.as_fd(), name, full, keep, display)
+                let keep = |p: &[u8]| keep_added && self.is_added(p);
+                remove_tree(dir.fd.as_fd(), name, full, Some(&keep), display)
             }
             r => r,
         }
@@ -615,6 +672,7 @@ impl<'a> Extractor<'a> {
     }
 
     fn mkdir(&mut self, dir: &Dir, name: &[u8], full: &[u8], path: PathBuf, h: Box<Header>) -> Result<()> {
+        self.meta.chown_to(&h, None)?; // reject out-of-range ids now, with the name
         // Owner rwx until the deferred pass sets the real mode: an unprivileged extraction
         // must be able to fill a directory the archive marks read-only.
         let initial = (h.mode & 0o777) | 0o700;
@@ -643,7 +701,7 @@ impl<'a> Extractor<'a> {
         }
         self.cache(Self::describe(fd, full.to_vec()));
         self.note_added(full.to_vec());
-        self.defer(full.to_vec(), DirMeta { hdr: h, created, xattrs: false });
+        self.defer(full.to_vec(), DirMeta::new(&h, created, false));
         Ok(())
     }
 
@@ -710,6 +768,11 @@ impl<'a> Extractor<'a> {
 
     fn hardlink(&mut self, dir: &Dir, name: &[u8], comps: &[&[u8]], path: PathBuf, h: &Header) -> Result<()> {
         let target = split_path(&h.link).map_err(|r| escape(&h.path, r))?;
+        if join(&target).len() > PATH_MAX {
+            return Err(Error::Unsupported {
+                what: format!("hardlink target of {} longer than {PATH_MAX} bytes", entry_name(&h.path)),
+            });
+        }
         let Some((tname, tparent)) = target.split_last() else {
             return Err(escape(&h.path, "hardlink to the destination root"));
         };
@@ -798,18 +861,16 @@ impl<'a> Extractor<'a> {
                 sys::fsetxattr(dir.fd.as_fd(), name, b"y").map_err(|e| Error::io("fsetxattr", display, e))
             }
             WhiteoutMode::Apply => {
+                if !self.cleared.insert(join(parent)) {
+                    return Ok(());
+                }
                 let Some(dir) = self.whiteout_dir(parent, false, &h.path)? else { return Ok(()) };
-                let added = self.added.take();
-                let r = (|| {
-                    for child in list_dir(dir.fd.as_fd(), &display)? {
-                        let cpath = child_path(&dir.path, &child);
-                        self.invalidate(&cpath);
-                        self.remove(&dir, &child, &cpath, added.as_ref(), &display)?;
-                    }
-                    Ok(())
-                })();
-                self.added = added;
-                r
+                for child in list_dir(dir.fd.as_fd(), &display)? {
+                    let cpath = child_path(&dir.path, &child);
+                    self.invalidate(&cpath);
+                    self.remove(&dir, &child, &cpath, true, &display)?;
+                }
+                Ok(())
             }
         }
     }
@@ -842,15 +903,12 @@ impl<'a> Extractor<'a> {
                 )
             }
             WhiteoutMode::Apply => {
-                if self.is_added(&full) {
+                if self.is_added(&full) || !self.cleared.insert(full.clone()) {
                     return Ok(());
                 }
                 let Some(dir) = self.whiteout_dir(parent, false, &h.path)? else { return Ok(()) };
                 self.invalidate(&full);
-                let added = self.added.take();
-                let r = self.remove(&dir, target, &full, added.as_ref(), &display).map(drop);
-                self.added = added;
-                r
+                self.remove(&dir, target, &full, true, &display).map(drop)
             }
         }
     }
@@ -885,47 +943,102 @@ fn list_dir(fd: BorrowedFd<'_>, display: &std::path::Path) -> Result<Vec<Vec<u8>
     Ok(names)
 }
 
+/// Decides which paths [`remove_tree`] keeps.
+pub(crate) type KeepFn<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
 /// Remove `dir/name` and everything under it, by descriptor, never following symlinks.
 /// Paths in `keep` (and their ancestors) survive. Returns whether anything was kept.
+///
+/// Iterative, with one descriptor per level being removed: a hostile archive can build
+/// a chain of directories deeper than any thread's stack would survive in a recursive
+/// walk; here the depth is bounded by the descriptor limit, and exceeding it is an
+/// `EMFILE` error, not a crash. An unwritable directory (unprivileged, read-only mode)
+/// gets owner rwx once so its entries can be removed.
 pub(crate) fn remove_tree(
     dir: BorrowedFd<'_>,
     name: &[u8],
     path: &[u8],
-    keep: Option<&HashSet<Vec<u8>>>,
+    keep: Option<&KeepFn<'_>>,
     display: &std::path::Path,
 ) -> Result<bool> {
-    if keep.is_some_and(|k| k.contains(path)) {
+    struct Frame {
+        fd: OwnedFd,
+        name: Vec<u8>,
+        path: Vec<u8>,
+        children: Vec<Vec<u8>>,
+        kept: bool,
+        unlocked: bool,
+    }
+    let kept_path = |p: &[u8]| keep.is_some_and(|k| k(p));
+    let open = |parent: BorrowedFd<'_>, name: &[u8]| -> Result<Option<(OwnedFd, Vec<Vec<u8>>)>> {
+        match openat(parent, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => {
+                let children = list_dir(fd.as_fd(), display)?;
+                Ok(Some((fd, children)))
+            }
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(Error::io("openat", display, e)),
+        }
+    };
+    if kept_path(path) {
         return Ok(true);
     }
     match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) => return Ok(false),
-        Err(Errno::ENOENT) => return Ok(false),
+        Ok(()) | Err(Errno::ENOENT) => return Ok(false),
         Err(Errno::EISDIR) => {}
         Err(e) => return Err(Error::io("unlinkat", display, e)),
     }
-    let sub = match openat(dir, name, DIR_FLAGS, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(false),
-        Err(e) => return Err(Error::io("openat", display, e)),
-    };
-    let mut kept = false;
-    let mut made_writable = false;
-    for child in list_dir(sub.as_fd(), display)? {
-        let cpath = child_path(path, &child);
-        let r = remove_tree(sub.as_fd(), &child, &cpath, keep, display);
-        let r = match r {
-            // A read-only directory (unprivileged): make it writable once and retry.
-            Err(ref e) if e.raw_os_error() == Some(Errno::EACCES as i32) && !made_writable => {
-                made_writable = true;
-                fchmod(&sub, Mode::from_bits_truncate(0o700)).map_err(|e| Error::io("fchmod", display, e))?;
-                remove_tree(sub.as_fd(), &child, &cpath, keep, display)
+    let Some((fd, children)) = open(dir, name)? else { return Ok(false) };
+    let mut stack =
+        vec![Frame { fd, name: name.to_vec(), path: path.to_vec(), children, kept: false, unlocked: false }];
+    while let Some(top) = stack.last_mut() {
+        if let Some(child) = top.children.pop() {
+            let cpath = child_path(&top.path, &child);
+            if kept_path(&cpath) {
+                top.kept = true;
+                continue;
             }
-            r => r,
+            match unlinkat(&top.fd, child.as_slice(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(Errno::EISDIR) => {
+                    if let Some((fd, children)) = open(top.fd.as_fd(), &child)? {
+                        stack.push(Frame { fd, name: child, path: cpath, children, kept: false, unlocked: false });
+                    }
+                }
+                Err(Errno::EACCES) if !top.unlocked => {
+                    top.unlocked = true;
+                    fchmod(&top.fd, Mode::from_bits_truncate(0o700)).map_err(|e| Error::io("fchmod", display, e))?;
+                    top.children.push(child); // retry it
+                }
+                Err(e) => return Err(Error::io("unlinkat", display, e)),
+            }
+            continue;
+        }
+        // All children handled: remove this directory from its parent, unless it holds
+        // something kept.
+        let done = stack.pop().expect("non-empty");
+        let Some(parent) = stack.last_mut() else {
+            if !done.kept {
+                unlinkat(dir, done.name.as_slice(), UnlinkatFlags::RemoveDir)
+                    .map_err(|e| Error::io("unlinkat", display, e))?;
+            }
+            return Ok(done.kept);
         };
-        kept |= r?;
+        if done.kept {
+            parent.kept = true;
+            continue;
+        }
+        drop(done.fd);
+        let mut r = unlinkat(&parent.fd, done.name.as_slice(), UnlinkatFlags::RemoveDir);
+        if r == Err(Errno::EACCES) && !parent.unlocked {
+            parent.unlocked = true;
+            fchmod(&parent.fd, Mode::from_bits_truncate(0o700)).map_err(|e| Error::io("fchmod", display, e))?;
+            r = unlinkat(&parent.fd, done.name.as_slice(), UnlinkatFlags::RemoveDir);
+        }
+        match r {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(Error::io("unlinkat", display, e)),
+        }
     }
-    if !kept {
-        unlinkat(dir, name, UnlinkatFlags::RemoveDir).map_err(|e| Error::io("unlinkat", display, e))?;
-    }
-    Ok(kept)
+    unreachable!("the loop returns when the first frame is done")
 }

@@ -57,6 +57,7 @@ const BATCH_ITEMS: usize = 512;
 const BATCH_FILES: usize = 32;
 const WRITE_DEPTH: usize = 2;
 const CHUNK_BYTES: usize = 1024 * 1024;
+const ZSTD_WINDOW_LOG_MAX: u32 = 25;
 const HASH_DEPTH: usize = 4;
 
 struct Batch {
@@ -372,10 +373,15 @@ fn parse<S: BufRead + ?Sized>(
     let decoded: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(joined),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(joined)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(joined)
-                .map_err(|e| Error::Read { what: "zstd stream", source: e })?,
-        ),
+        Compression::Zstd => {
+            let mut d = zstd::stream::read::Decoder::with_buffer(joined)
+                .map_err(|e| Error::Read { what: "zstd stream", source: e })?;
+            // The decoder allocates the frame's window: without a cap a small blob can ask
+            // for 128 MiB or more. 2^25 (32 MiB) covers every zstd level through 19 and
+            // `--long` up to 25; larger windows are refused with a read error.
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(|e| Error::Read { what: "zstd stream", source: e })?;
+            Box::new(d)
+        }
     };
     let want_diff = opts.expected_diff_id.is_some() || opts.compute_diff_id;
     let mut st = CountState {
@@ -393,7 +399,11 @@ fn parse<S: BufRead + ?Sized>(
         } else {
             Box::new(BufReader::with_capacity(64 * 1024, counted))
         };
-        let limits = Limits { max_header_bytes: opts.max_header_bytes, max_entries: opts.max_entries };
+        let limits = Limits {
+            max_header_bytes: opts.max_header_bytes,
+            max_entries: opts.max_entries,
+            max_sparse_size: opts.max_uncompressed_bytes,
+        };
         let mut tar = TarReader::new(reader, limits);
         run(&mut tar, sink)?;
         // Whatever follows the end-of-archive marker is part of the diff_id (tar writers

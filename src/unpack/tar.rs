@@ -25,6 +25,9 @@ pub(crate) enum Kind {
     Fifo,
 }
 
+/// Extended attributes of an entry: (name, value) pairs, in archive order.
+pub(crate) type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One archive member's metadata (data is read separately).
 #[derive(Clone, Debug)]
 pub(crate) struct Header {
@@ -40,7 +43,7 @@ pub(crate) struct Header {
     pub size: u64,
     pub dev_major: u32,
     pub dev_minor: u32,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub xattrs: Xattrs,
     /// For sparse files: the (offset, length) segments the data fills, and the file size.
     pub sparse: Option<(Vec<(u64, u64)>, u64)>,
     /// Offset of the entry's first header in the tar stream.
@@ -52,6 +55,8 @@ pub(crate) struct Header {
 pub(crate) struct Limits {
     pub max_header_bytes: u64,
     pub max_entries: Option<u64>,
+    /// Bound on a sparse file's apparent size (its holes cost no input).
+    pub max_sparse_size: Option<u64>,
 }
 
 #[derive(Default)]
@@ -349,6 +354,11 @@ impl<R: Read> TarReader<R> {
             sparse = Some((map, real));
         }
         if let Some((map, real)) = &sparse {
+            if let Some(max) = self.limits.max_sparse_size {
+                if *real > max {
+                    return Err(Error::LimitExceeded { what: "apparent size of a sparse file", limit: max });
+                }
+            }
             let mut total = 0u64;
             for &(off, len) in map {
                 let end = off.checked_add(len).ok_or_else(|| invalid(offset, "sparse map overflows"))?;
@@ -637,16 +647,22 @@ fn parse_pax(mut data: &[u8], pax: &mut Pax) -> std::result::Result<(), String> 
                     if name.is_empty() {
                         return Err("empty xattr name".into());
                     }
-                    match pax.xattrs.iter_mut().find(|(n, _)| n == name) {
-                        Some(slot) => slot.1 = value.to_vec(),
-                        None => pax.xattrs.push((name.to_vec(), value.to_vec())),
-                    }
+                    pax.xattrs.push((name.to_vec(), value.to_vec()));
                 }
                 // Everything else (atime, ctime, uname, gname, comment, charset,
                 // LIBARCHIVE.xattr.* which libarchive duplicates as SCHILY.xattr.*) is
                 // ignored, as POSIX allows for unknown keywords.
             }
         }
+    }
+    // A repeated xattr: the last record wins (linear, not a search per record: one PAX
+    // header can hold tens of thousands of keys).
+    if pax.xattrs.len() > 1 {
+        let mut seen = std::collections::HashSet::new();
+        let mut v: Vec<(Vec<u8>, Vec<u8>)> =
+            std::mem::take(&mut pax.xattrs).into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
+        v.reverse();
+        pax.xattrs = v;
     }
     Ok(())
 }
@@ -687,6 +703,10 @@ mod tests {
         assert_eq!(p.path.as_deref(), Some(&b"a/b/c"[..]));
         assert_eq!(p.uid, Some(1000));
         assert_eq!(p.xattrs, vec![(b"user.k".to_vec(), b"v".to_vec())]);
+        // A repeated xattr: the last record wins, order of first appearance kept.
+        let mut p = Pax::default();
+        parse_pax(b"20 SCHILY.xattr.a=1\n20 SCHILY.xattr.b=2\n20 SCHILY.xattr.a=3\n", &mut p).unwrap();
+        assert_eq!(p.xattrs, vec![(b"b".to_vec(), b"2".to_vec()), (b"a".to_vec(), b"3".to_vec())]);
         for bad in [&b"99 path=x\n"[..], b"5 a=b\n", b"x path=a\n", b"9 path=a\0", b"10 patha\n"] {
             assert!(parse_pax(bad, &mut Pax::default()).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
