@@ -137,6 +137,32 @@ struct State {
     /// Persisted leases by id.
     pins: HashMap<String, Vec<Digest>>,
     bytes: u64,
+    /// Layers with at least one lease, kept as leases come and go so that reading it
+    /// (every `ensure` publishes it) does not walk every layer.
+    leased: u64,
+}
+
+impl State {
+    /// Take a lease on a ready layer (no-op for a layer that is not there).
+    fn lease(&mut self, d: &Digest) {
+        if let Some(layer) = self.layers.get_mut(d) {
+            if layer.leases == 0 {
+                self.leased += 1;
+            }
+            layer.leases += 1;
+        }
+    }
+
+    /// Release a lease taken with [`State::lease`].
+    fn unlease(&mut self, d: &Digest) {
+        if let Some(layer) = self.layers.get_mut(d) {
+            debug_assert!(layer.leases > 0, "lease count underflow on {d}");
+            layer.leases = layer.leases.saturating_sub(1);
+            if layer.leases == 0 {
+                self.leased -= 1;
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -378,9 +404,7 @@ impl RootfsCache {
             match pins {
                 Some(pins) => {
                     for l in &pins {
-                        if let Some(layer) = st.layers.get_mut(l) {
-                            layer.leases += 1;
-                        }
+                        st.lease(l);
                     }
                     st.pins.insert(id, pins);
                 }
@@ -429,9 +453,8 @@ impl RootfsCache {
                 if layers.iter().all(|l| st.layers.contains_key(l)) {
                     let now = now_nanos();
                     for l in &layers {
-                        let layer = st.layers.get_mut(l).expect("checked");
-                        layer.leases += 1;
-                        layer.last_use = now;
+                        st.lease(l);
+                        st.layers.get_mut(l).expect("checked").last_use = now;
                     }
                     inner.counters.hits.fetch_add(layers.len() as u64, Ordering::Relaxed);
                     inner.publish(&st);
@@ -497,8 +520,8 @@ impl RootfsCache {
         loop {
             let mut st = inner.state.lock();
             if let Some(layer) = st.layers.get_mut(&digest) {
-                layer.leases += 1;
                 layer.last_use = now_nanos();
+                st.lease(&digest);
                 if !waited {
                     inner.counters.hits.fetch_add(1, Ordering::Relaxed);
                 }
@@ -537,6 +560,7 @@ impl RootfsCache {
                     // lost and extracted again since they were made).
                     let pins = st.pins.values().filter(|p| p.contains(&digest)).count() as u32;
                     st.layers.insert(digest, Layer { meta, last_use: now, persisted_use: now, leases: 1 + pins });
+                    st.leased += 1;
                     inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
                     inner.counters.bytes_extracted.fetch_add(blob_bytes, Ordering::Relaxed);
                     Ok(())
@@ -702,10 +726,7 @@ impl RootfsCache {
         let f = self.inner.root.join(layout::LEASES).join(id);
         fs::remove_file(&f).map_err(io("unlink", &f))?;
         for l in pins {
-            if let Some(layer) = st.layers.get_mut(&l) {
-                debug_assert!(layer.leases > 0, "lease count underflow on {l}");
-                layer.leases = layer.leases.saturating_sub(1);
-            }
+            st.unlease(&l);
         }
         self.inner.publish(&st);
         Ok(())
@@ -736,7 +757,7 @@ impl Inner {
         let c = &self.counters;
         c.bytes_in_use.store(st.bytes, Ordering::Relaxed);
         c.entries.store(st.layers.len() as u64, Ordering::Relaxed);
-        c.leased.store(st.layers.values().filter(|l| l.leases > 0).count() as u64, Ordering::Relaxed);
+        c.leased.store(st.leased, Ordering::Relaxed);
     }
 }
 
@@ -785,9 +806,7 @@ impl Rootfs {
         let f = self.inner.root.join(layout::LEASES).join(id);
         write_atomic(&f, layout::encode_lease(&self.layers).as_bytes())?;
         for l in &self.layers {
-            if let Some(layer) = st.layers.get_mut(l) {
-                layer.leases += 1;
-            }
+            st.lease(l);
         }
         st.pins.insert(id.to_string(), self.layers.clone());
         self.inner.publish(&st);
@@ -799,10 +818,7 @@ impl Drop for Rootfs {
     fn drop(&mut self) {
         let mut st = self.inner.state.lock();
         for l in &self.layers {
-            if let Some(layer) = st.layers.get_mut(l) {
-                debug_assert!(layer.leases > 0, "lease count underflow on {l}");
-                layer.leases = layer.leases.saturating_sub(1);
-            }
+            st.unlease(l);
         }
         self.inner.publish(&st);
     }
