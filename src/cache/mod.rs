@@ -30,7 +30,7 @@ mod layout;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -44,7 +44,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{ImageFetcher, ImageManifest};
-use crate::unpack::{UnpackOptions, WhiteoutMode, remove_tree, unpack};
+use crate::unpack::{UnpackOptions, WhiteoutMode, list_dir, remove_tree, unpack};
 use layout::{ImageRecord, LayerMeta};
 
 /// Options for [`RootfsCache::open`].
@@ -289,23 +289,10 @@ fn remove_path(path: &Path) -> Result<()> {
 fn disk_usage(dir: &Path) -> Result<u64> {
     const DIR: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
     let is_dir = |mode: u32| mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits();
-    let names = |fd: &OwnedFd| -> Result<Vec<std::ffi::CString>> {
-        let dup = fd.try_clone().map_err(io("dup", dir))?;
-        let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| Error::io("fdopendir", dir, e))?;
-        let mut v = Vec::new();
-        for ent in d.iter() {
-            let ent = ent.map_err(|e| Error::io("getdents64", dir, e))?;
-            let n = ent.file_name();
-            if n.to_bytes() != b"." && n.to_bytes() != b".." {
-                v.push(n.to_owned());
-            }
-        }
-        Ok(v)
-    };
     let fd = openat(nix::fcntl::AT_FDCWD, dir, DIR, Mode::empty()).map_err(|e| Error::io("open", dir, e))?;
     let mut total = nix::sys::stat::fstat(&fd).map_err(|e| Error::io("fstat", dir, e))?.st_blocks as u64 * 512;
     let mut seen = HashSet::new();
-    let first = names(&fd)?;
+    let first = list_dir(fd.as_fd(), dir)?;
     let mut stack = vec![(fd, first)];
     while let Some((fd, pending)) = stack.last_mut() {
         let Some(name) = pending.pop() else {
@@ -313,14 +300,14 @@ fn disk_usage(dir: &Path) -> Result<u64> {
             continue;
         };
         let st =
-            fstatat(&*fd, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::io("fstatat", dir, e))?;
+            fstatat(&*fd, name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::io("fstatat", dir, e))?;
         if st.st_nlink > 1 && !is_dir(st.st_mode) && !seen.insert(st.st_ino) {
             continue; // another name of an inode already counted
         }
         total += st.st_blocks as u64 * 512;
         if is_dir(st.st_mode) {
-            let sub = openat(&*fd, name.as_c_str(), DIR, Mode::empty()).map_err(|e| Error::io("openat", dir, e))?;
-            let n = names(&sub)?;
+            let sub = openat(&*fd, name.as_slice(), DIR, Mode::empty()).map_err(|e| Error::io("openat", dir, e))?;
+            let n = list_dir(sub.as_fd(), dir)?;
             stack.push((sub, n));
         }
     }

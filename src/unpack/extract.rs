@@ -249,18 +249,24 @@ impl MetaPolicy {
             fchown(fd, Some(uid), Some(gid)).map_err(|e| Error::io("fchown", path, e))?;
         }
         if xattrs {
-            for (k, v) in &h.xattrs {
-                let k = whiteout::escape_xattr(k);
-                if let Err(e) = sys::fsetxattr(fd, &k, v) {
-                    self.xattr_error(e, path, skipped)?;
-                }
-            }
+            self.set_xattrs(fd, &h.xattrs, path, skipped)?;
         }
         if Self::needs_chmod(h, created, owner.is_some()) {
             fchmod(fd, Mode::from_bits_truncate(h.mode)).map_err(|e| Error::io("fchmod", path, e))?;
         }
         let t = mtime(h);
         futimens(fd, &t, &t).map_err(|e| Error::io("futimens", path, e))?;
+        Ok(())
+    }
+
+    /// Set image xattrs on an open file or directory, escaping overlay's namespaces.
+    fn set_xattrs(&self, fd: BorrowedFd<'_>, xattrs: &Xattrs, path: &std::path::Path, skipped: &mut u64) -> Result<()> {
+        for (k, v) in xattrs {
+            let k = whiteout::escape_xattr(k);
+            if let Err(e) = sys::fsetxattr(fd, &k, v) {
+                self.xattr_error(e, path, skipped)?;
+            }
+        }
         Ok(())
     }
 
@@ -693,12 +699,7 @@ impl<'a> Extractor<'a> {
         // Open it now: its children usually follow, and xattrs (including an opaque
         // marker from this same layer) need a descriptor.
         let fd = openat(&dir.fd, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", &path, e))?;
-        for (k, v) in &h.xattrs {
-            let k = whiteout::escape_xattr(k);
-            if let Err(e) = sys::fsetxattr(fd.as_fd(), &k, v) {
-                self.meta.xattr_error(e, &path, &mut self.counts.skipped_xattrs)?;
-            }
-        }
+        self.meta.set_xattrs(fd.as_fd(), &h.xattrs, &path, &mut self.counts.skipped_xattrs)?;
         self.cache(Self::describe(fd, full.to_vec()));
         self.note_added(full.to_vec());
         self.defer(full.to_vec(), DirMeta::new(&h, created, false));
@@ -929,7 +930,8 @@ fn child_path(parent: &[u8], child: &[u8]) -> Vec<u8> {
     p
 }
 
-fn list_dir(fd: BorrowedFd<'_>, display: &std::path::Path) -> Result<Vec<Vec<u8>>> {
+/// The names in directory `fd`, without `.` and `..`.
+pub(crate) fn list_dir(fd: BorrowedFd<'_>, display: &std::path::Path) -> Result<Vec<Vec<u8>>> {
     let dup = fd.try_clone_to_owned().map_err(|e| Error::io("dup", display, e))?;
     let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| Error::io("fdopendir", display, e))?;
     let mut names = Vec::new();

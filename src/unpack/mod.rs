@@ -43,7 +43,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::root::Root;
 
-pub(crate) use extract::remove_tree;
+pub(crate) use extract::{list_dir, remove_tree};
 
 /// How OCI whiteout entries (`.wh.NAME`, `.wh..wh..opq`) are materialised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
