@@ -9,6 +9,8 @@
 
 mod cache_support;
 
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
@@ -17,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+use tmpfs::with_small_tmpfs;
 
 use cache_support::{
     Comp, Fault, Gate, Rng, TestFetcher, TestLayer, disk_usage, layer, names, require_root, require_tool, seed,
@@ -662,17 +665,6 @@ fn concurrent_waiters_on_a_failed_extraction_all_fail_and_the_failure_is_not_cac
     assert_eq!(f.opens_of(&big.desc.digest), 2);
     drop(r);
     check_quiescent(&cache, &known([&big]));
-}
-
-/// Run `f` in a private mount namespace (this thread only) with a tmpfs of `size` at
-/// `dir`; nothing leaks onto the host.
-fn with_small_tmpfs(dir: &Path, size: &str, f: impl FnOnce()) {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
-    mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::empty(), Some(format!("size={size}").as_str())).unwrap();
-    f();
-    umount2(dir, MntFlags::MNT_DETACH).unwrap();
 }
 
 #[test]

@@ -3,8 +3,10 @@
 //! error, promptly (the pipeline must not deadlock when a stage stops), in both the
 //! pipelined and the inline mode, for plain and compressed input.
 
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 use std::io::{self, Read, Write};
-use std::path::Path;
+use tmpfs::with_small_tmpfs;
 
 use rootfs_cache::{Error, UnpackOptions, unpack};
 
@@ -49,20 +51,6 @@ fn opts(pipelined: bool) -> UnpackOptions {
     let mut o = UnpackOptions::default();
     o.pipelined = pipelined;
     o
-}
-
-/// Run `f` in a private mount namespace with a tmpfs of `size` mounted at `dir`.
-///
-/// The namespace belongs to this test's thread only (namespaces are per task, and
-/// `unshare(CLONE_NEWNS)` is allowed in a multi-threaded process); threads that
-/// `unpack` spawns inherit it. Nothing leaks onto the host, even without `unshare -m`.
-fn with_small_tmpfs(dir: &Path, size: &str, f: impl FnOnce()) {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
-    mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::empty(), Some(format!("size={size}").as_str())).unwrap();
-    f();
-    umount2(dir, MntFlags::MNT_DETACH).unwrap();
 }
 
 #[test]
