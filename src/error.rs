@@ -138,6 +138,44 @@ pub enum Error {
         /// What to configure instead.
         hint: &'static str,
     },
+
+    /// The kernel refused a mount or unmount. `detail` carries the filesystem's own
+    /// explanation when it gave one (the new mount API queues messages such as
+    /// `overlay: upper fs does not support tmpfile`), else it is empty.
+    #[error("{op} {}: {source}{}", target.display(), if detail.is_empty() { String::new() } else { format!(" ({detail})") })]
+    Mount {
+        /// The failing step: `fsconfig lowerdir+`, `fsconfig create`, `move_mount`, `mount`, `umount2`, ...
+        op: &'static str,
+        /// The mount target.
+        target: PathBuf,
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+        /// The kernel's message, if any.
+        detail: String,
+    },
+
+    /// The path is already a mount point; refusing to stack another mount on it.
+    #[error("{} is already a mount point", path.display())]
+    AlreadyMounted {
+        /// The mount point.
+        path: PathBuf,
+    },
+
+    /// A directory that must be empty (a fresh upper or work dir, a copy target) is not.
+    #[error("{} is not empty", path.display())]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// A mount description is unusable as given (no lowers, duplicate lowers, relative
+    /// paths, ...). The kernel is not asked.
+    #[error("invalid overlay spec: {reason}")]
+    InvalidSpec {
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -150,7 +188,9 @@ impl Error {
     /// [`Error::Layer`]).
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } | Error::Read { source, .. } => source.raw_os_error(),
+            Error::Io { source, .. } | Error::Read { source, .. } | Error::Mount { source, .. } => {
+                source.raw_os_error()
+            }
             Error::Layer { source, .. } => source.raw_os_error(),
             _ => None,
         }

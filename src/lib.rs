@@ -56,6 +56,7 @@ mod cache;
 mod digest;
 mod error;
 mod fetch;
+mod mount;
 mod root;
 mod sys;
 mod unpack;
@@ -65,5 +66,9 @@ pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
 pub use fetch::{OciLayout, Platform};
+pub use mount::{
+    BackendKind, CopyBackend, DetectReason, Detection, KernelOverlay, MAX_LOWERS, MountApi, MountBackend, OverlayMount,
+    OverlayOptions, OverlaySpec, detect, in_user_namespace, is_mount_point,
+};
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};

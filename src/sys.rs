@@ -5,9 +5,9 @@
 //! the error message. Kernel-version differences are probed once and cached here.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 
 use nix::libc;
@@ -86,6 +86,32 @@ pub fn fgetxattr(fd: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Vec<u8>>>
     }
 }
 
+/// `llistxattr(2)` on the entry `name` of directory `dirfd`: its xattr names, not
+/// following a final symlink.
+pub fn listxattr_at_nofollow(dirfd: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    let path = proc_path(dirfd, name)?;
+    let raw = read_sized(|buf| {
+        // SAFETY: `path` is NUL-terminated; `buf` is a valid writable slice.
+        check_size(unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    })?;
+    Ok(split_names(&raw))
+}
+
+/// `lgetxattr(2)` on the entry `name` of directory `dirfd`; `Ok(None)` when not set.
+pub fn getxattr_at_nofollow(dirfd: BorrowedFd<'_>, name: &[u8], xname: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let path = proc_path(dirfd, name)?;
+    let xname = cstring(xname)?;
+    let r = read_sized(|buf| {
+        // SAFETY: both strings are NUL-terminated; `buf` is a valid writable slice.
+        check_size(unsafe { libc::lgetxattr(path.as_ptr(), xname.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    });
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 /// `flistxattr(2)`: the xattr names on `fd`.
 pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
@@ -96,7 +122,6 @@ pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     Ok(split_names(&raw))
 }
 
-#[cfg(test)]
 fn split_names(raw: &[u8]) -> Vec<Vec<u8>> {
     raw.split(|&b| b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec).collect()
 }
@@ -126,6 +151,133 @@ pub fn has_openat2() -> bool {
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
         openat2(nix::fcntl::AT_FDCWD, c"/", how).is_ok()
     })
+}
+
+// The new mount API (Linux 5.2+). Constants from `uapi/linux/mount.h`, spelled out here
+// so the crate does not depend on the libc version that first exported them.
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_SET_FD: libc::c_uint = 5;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// `fsopen(2)`: a new filesystem context for `fstype`, close-on-exec.
+pub fn fsopen(fstype: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `fstype` is NUL-terminated and outlives the call.
+    owned(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) })
+}
+
+fn fsconfig(
+    fd: BorrowedFd<'_>,
+    cmd: libc::c_uint,
+    key: Option<&CStr>,
+    value: Option<&CStr>,
+    aux: i32,
+) -> io::Result<()> {
+    let key = key.map_or(std::ptr::null(), CStr::as_ptr);
+    let value = value.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: key and value are NUL-terminated strings (or null where the command
+    // takes none) that outlive the call; `fd` is a live fs context descriptor.
+    let ret = unsafe { libc::syscall(libc::SYS_fsconfig, fd.as_raw_fd(), cmd, key, value, aux) };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `fsconfig(FSCONFIG_SET_STRING, key, value)`.
+pub fn fsconfig_set_string(fd: BorrowedFd<'_>, key: &CStr, value: &[u8]) -> io::Result<()> {
+    fsconfig(fd, FSCONFIG_SET_STRING, Some(key), Some(&cstring(value)?), 0)
+}
+
+/// `fsconfig(FSCONFIG_SET_FLAG, key)`.
+pub fn fsconfig_set_flag(fd: BorrowedFd<'_>, key: &CStr) -> io::Result<()> {
+    fsconfig(fd, FSCONFIG_SET_FLAG, Some(key), None, 0)
+}
+
+/// `fsconfig(FSCONFIG_SET_FD, key, aux = dir)`: a layer given as an open directory.
+pub fn fsconfig_set_fd(fd: BorrowedFd<'_>, key: &CStr, dir: BorrowedFd<'_>) -> io::Result<()> {
+    fsconfig(fd, FSCONFIG_SET_FD, Some(key), None, dir.as_raw_fd())
+}
+
+/// `fsconfig(FSCONFIG_CMD_CREATE)`: build the superblock from the parameters set so far.
+pub fn fsconfig_create(fd: BorrowedFd<'_>) -> io::Result<()> {
+    fsconfig(fd, FSCONFIG_CMD_CREATE, None, None, 0)
+}
+
+/// The messages the kernel queued on a filesystem context (`e overlay: ...` lines),
+/// joined with `; `. Reading drains them; empty when there are none.
+pub fn fs_context_log(fd: BorrowedFd<'_>) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..32 {
+        // SAFETY: `buf` is a valid writable buffer of the given length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&buf[..n as usize]).trim_end().to_string());
+    }
+    out.join("; ")
+}
+
+/// `fsmount(2)`: a detached mount of the created superblock.
+pub fn fsmount(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments on a live descriptor.
+    owned(unsafe { libc::syscall(libc::SYS_fsmount, fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0 as libc::c_uint) })
+}
+
+/// `move_mount(2)`: attach the detached mount `mnt` at `target` (resolved from the cwd
+/// when relative; a final symlink is not followed).
+pub fn move_mount(mnt: BorrowedFd<'_>, target: &[u8]) -> io::Result<()> {
+    let target = cstring(target)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        ) as libc::c_int
+    })
+}
+
+/// Whether `path` is the root of a mount (`statx` `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+),
+/// without following a final symlink. `Ok(None)` when the kernel does not report it.
+pub fn is_mount_root(path: &[u8]) -> io::Result<Option<bool>> {
+    let path = cstring(path)?;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `path` is NUL-terminated, `stx` is a valid buffer for one statx record.
+    check(unsafe {
+        libc::statx(libc::AT_FDCWD, path.as_ptr(), libc::AT_SYMLINK_NOFOLLOW, libc::STATX_BASIC_STATS, stx.as_mut_ptr())
+    })?;
+    // SAFETY: statx succeeded, so the record is initialised.
+    let stx = unsafe { stx.assume_init() };
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    Ok((stx.stx_attributes_mask & bit != 0).then_some(stx.stx_attributes & bit != 0))
+}
+
+/// `copy_file_range(2)` from the current offsets of `src` to `dst`, advancing both.
+pub fn copy_file_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets mean "use and update the file positions"; plain fds otherwise.
+    check_size(unsafe {
+        libc::copy_file_range(src.as_raw_fd(), std::ptr::null_mut(), dst.as_raw_fd(), std::ptr::null_mut(), len, 0)
+    })
+}
+
+/// `ioctl(FICLONE)`: make `dst` share all of `src`'s extents (a reflink).
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })
 }
 
 #[cfg(test)]

@@ -1,0 +1,800 @@
+//! [`CopyBackend`]: the fallback where overlayfs cannot be mounted.
+//!
+//! `mount` materialises the merged view in the target by copying every layer, bottom
+//! first, then the upper, honouring whiteouts (0/0 character devices) and opaque
+//! directories exactly as overlayfs would. File data is cloned (`FICLONE`, a reflink)
+//! when source and target share a filesystem that supports it, else copied with
+//! `copy_file_range`, else read and written.
+//!
+//! `unmount` folds the sandbox's writes back into the upper in overlayfs format, so the
+//! upper holds the same diff it would hold after a kernel overlay, then empties the
+//! target. Finding the writes costs a walk of the target's directories plus a `stat`
+//! per entry; only changed entries are copied.
+//!
+//! # How changes are found
+//! At the end of `mount` the backend waits until the filesystem clock has moved past
+//! the last copied entry, and records that instant (`T`) and the inode of every
+//! directory in `<work>/rootfs-cache-copy`. Any later change to an entry (data, mode,
+//! owner, xattrs, times, a rename or a new hardlink) sets its ctime past `T`, and any
+//! entry added to or removed from a directory sets that directory's ctime past `T`. A
+//! directory whose inode differs from the recorded one (renamed into place, or new) is
+//! copied whole and marked opaque. Deleted names become whiteouts when a lower has them.
+//!
+//! The target is read by descriptor without following symlinks, so a sandbox that
+//! swaps a directory for a symlink while the fold runs cannot make the backend read
+//! files outside the target into the upper.
+//!
+//! # Crash safety
+//! The state file is removed only after the writes are in the upper; while it exists a
+//! new `mount` is refused ([`Error::AlreadyMounted`]) and `unmount` can be repeated
+//! (folding is idempotent). Emptying the target happens after the state file is renamed
+//! to `rootfs-cache-copy.clearing`, so a crash there never turns a half-emptied target
+//! into whiteouts.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
+use nix::libc;
+use nix::sys::stat::{
+    FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags, fchmodat, fstat, fstatat, futimens, mkdirat, mknodat,
+    utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, fchownat, linkat, symlinkat};
+
+use super::{MountBackend, OverlaySpec, checked_spec, is_empty_dir};
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::unpack::whiteout::{escape_xattr, opaque_xattr, unescape_xattr};
+use crate::unpack::{list_dir, remove_tree};
+
+const STATE: &str = "rootfs-cache-copy";
+const CLEARING: &str = "rootfs-cache-copy.clearing";
+const HEADER: &str = "rootfs-cache copy state 1";
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
+
+/// Copies the layers into the target instead of mounting an overlay (see the module
+/// docs). Use it where [`KernelOverlay`](super::KernelOverlay) cannot mount: no
+/// overlayfs, no privilege, a nested sandbox. [`detect()`](super::detect) chooses.
+///
+/// The target must be an empty directory. The work dir holds the backend's state
+/// while mounted (so any process can unmount), and the upper receives the writes on
+/// unmount, in overlayfs format. Inode numbers in the target are those of the copies.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CopyBackend {
+    _private: (),
+}
+
+impl CopyBackend {
+    /// The copy backend.
+    pub fn new() -> Self {
+        CopyBackend { _private: () }
+    }
+}
+
+fn exists_at(dir: BorrowedFd<'_>, name: &str, display: &Path) -> Result<bool> {
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(Error::io("fstatat", display.join(name), e)),
+    }
+}
+
+impl MountBackend for CopyBackend {
+    fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        let c = checked_spec(spec)?;
+        let p = &c.paths;
+        let work = open_dir_path(&p.work)?;
+        if exists_at(work.as_fd(), STATE, &p.work)? || exists_at(work.as_fd(), CLEARING, &p.work)? {
+            return Err(Error::AlreadyMounted { path: p.target.clone() });
+        }
+        if !is_empty_dir(&p.target)? {
+            return Err(Error::NotEmpty { path: p.target.clone() });
+        }
+        let target = open_dir_path(&p.target)?;
+        let mut layers: Vec<(OwnedFd, &Path)> = Vec::with_capacity(p.lowers.len() + 1);
+        for l in p.lowers.iter().rev() {
+            layers.push((open_dir_path(l)?, l));
+        }
+        layers.push((open_dir_path(&p.upper)?, &p.upper));
+        let copied = (|| {
+            for (fd, path) in &layers {
+                copy_layer(fd.as_fd(), target.as_fd(), c.userxattr, path, &p.target)?;
+            }
+            let stamp = wait_for_tick(work.as_fd(), &p.work)?;
+            let dirs = dir_inodes(target.as_fd(), &p.target)?;
+            write_state(work.as_fd(), &p.work, stamp, &dirs)
+        })();
+        if let Err(e) = copied {
+            // Leave the target as it was: empty.
+            let _ = clear_dir(target.as_fd(), &p.target);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        let display = spec.target.as_path();
+        let work = match open_dir_path(&spec.work) {
+            Ok(w) => w,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if exists_at(work.as_fd(), STATE, &spec.work)? {
+            let state = read_state(work.as_fd(), &spec.work)?;
+            let mut lowers = Vec::with_capacity(spec.lowers.len());
+            for l in &spec.lowers {
+                lowers.push(open_dir_path(l)?);
+            }
+            let target = open_dir_path(display)?;
+            let upper = open_dir_path(&spec.upper)?;
+            let fold = Fold { state, lowers, upper, userxattr: spec.userxattr(), display, links: HashMap::new() };
+            fold.run(target.as_fd())?;
+            nix::fcntl::renameat(&work, STATE, &work, CLEARING)
+                .map_err(|e| Error::io("renameat", spec.work.join(STATE), e))?;
+        }
+        if exists_at(work.as_fd(), CLEARING, &spec.work)? {
+            match open_dir_path(display) {
+                Ok(target) => clear_dir(target.as_fd(), display)?,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+            nix::unistd::unlinkat(&work, CLEARING, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| Error::io("unlinkat", spec.work.join(CLEARING), e))?;
+        }
+        Ok(())
+    }
+}
+
+fn open_dir_path(p: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", p, e))
+}
+
+fn open_dir_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<OwnedFd> {
+    openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", display, e))
+}
+
+fn stat_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<Option<FileStat>> {
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(Error::io("fstatat", display, e)),
+    }
+}
+
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    kind(st) == SFlag::S_IFDIR
+}
+
+fn is_whiteout(st: &FileStat) -> bool {
+    kind(st) == SFlag::S_IFCHR && st.st_rdev == 0
+}
+
+fn ctime(st: &FileStat) -> (i64, i64) {
+    (st.st_ctime, st.st_ctime_nsec)
+}
+
+fn is_opaque(dir: BorrowedFd<'_>, userxattr: bool) -> bool {
+    matches!(sys::fgetxattr(dir, opaque_xattr(userxattr)), Ok(Some(v)) if v == b"y")
+}
+
+fn remove_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<()> {
+    remove_tree(dir, name, name, None, display).map(drop)
+}
+
+/// Removes every entry of `dir`, keeping `dir` itself.
+fn clear_dir(dir: BorrowedFd<'_>, display: &Path) -> Result<()> {
+    for name in list_dir(dir, display)? {
+        remove_at(dir, &name, display)?;
+    }
+    Ok(())
+}
+
+fn child(path: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(path.len() + 1 + name.len());
+    if !path.is_empty() {
+        p.extend_from_slice(path);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+fn shown(root: &Path, rel: &[u8]) -> std::path::PathBuf {
+    if rel.is_empty() { root.to_path_buf() } else { root.join(std::ffi::OsStr::from_bytes(rel)) }
+}
+
+/// How xattr names change on the way: layers store image xattrs escaped and overlay
+/// metadata unescaped; the target is a plain directory.
+#[derive(Clone, Copy)]
+enum Xattrs {
+    /// Layer → target: drop overlay metadata, unescape image xattrs.
+    Unescape,
+    /// Target → upper: escape anything that looks like overlay metadata.
+    Escape,
+}
+
+fn not_root() -> bool {
+    !nix::unistd::geteuid().is_root() || super::in_user_namespace()
+}
+
+/// Copies ownership, xattrs, mode and (unless a directory, done after its children)
+/// times of `sdir/sname` onto `ddir/dname`, never following symlinks.
+fn copy_meta(
+    sdir: BorrowedFd<'_>,
+    sname: &[u8],
+    st: &FileStat,
+    ddir: BorrowedFd<'_>,
+    dname: &[u8],
+    xattrs: Xattrs,
+    display: &Path,
+) -> Result<()> {
+    let symlink = kind(st) == SFlag::S_IFLNK;
+    match fchownat(
+        ddir,
+        dname,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(()) => {}
+        // Unprivileged: files stay owned by us, as rootless extraction leaves them.
+        Err(Errno::EPERM | Errno::EINVAL) if not_root() => {}
+        Err(e) => return Err(Error::io("fchownat", display, e)),
+    }
+    let names = match sys::listxattr_at_nofollow(sdir, sname) {
+        Ok(n) => n,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP)) => Vec::new(),
+        Err(e) => return Err(Error::io("llistxattr", display, e)),
+    };
+    for name in names {
+        let to = match xattrs {
+            Xattrs::Unescape => match unescape_xattr(&name) {
+                Some(n) => n,
+                None => continue,
+            },
+            Xattrs::Escape => escape_xattr(&name),
+        };
+        let Some(value) =
+            sys::getxattr_at_nofollow(sdir, sname, &name).map_err(|e| Error::io("lgetxattr", display, e))?
+        else {
+            continue;
+        };
+        match sys::setxattr_at_nofollow(ddir, dname, &to, &value) {
+            Ok(()) => {}
+            // `trusted.*` needs privilege; `user.*` is refused on symlinks; some
+            // filesystems have no xattrs. overlayfs would show them; a copy cannot.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {}
+            Err(e) => return Err(Error::io("lsetxattr", display, e)),
+        }
+    }
+    if !symlink {
+        // After chown, which clears set-id bits. Not a symlink, and created by us in a
+        // directory we hold open, so following is safe.
+        fchmodat(ddir, dname, Mode::from_bits_truncate(st.st_mode & 0o7777), FchmodatFlags::FollowSymlink)
+            .map_err(|e| Error::io("fchmodat", display, e))?;
+    }
+    if !is_dir(st) {
+        set_times(ddir, dname, st, display)?;
+    }
+    Ok(())
+}
+
+fn set_times(ddir: BorrowedFd<'_>, dname: &[u8], st: &FileStat, display: &Path) -> Result<()> {
+    let at = TimeSpec::new(st.st_atime, st.st_atime_nsec);
+    let mt = TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    utimensat(ddir, dname, &at, &mt, UtimensatFlags::NoFollowSymlink).map_err(|e| Error::io("utimensat", display, e))
+}
+
+fn set_dir_times(dir: BorrowedFd<'_>, st: &FileStat, display: &Path) -> Result<()> {
+    let at = TimeSpec::new(st.st_atime, st.st_atime_nsec);
+    let mt = TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    futimens(dir, &at, &mt).map_err(|e| Error::io("futimens", display, e))
+}
+
+/// Copies a regular file's data: a reflink when the filesystem can, else
+/// `copy_file_range`, else read and write.
+pub(crate) fn copy_data(src: &File, dst: &File, display: &Path) -> Result<()> {
+    if sys::ficlone(dst.as_fd(), src.as_fd()).is_ok() {
+        return Ok(());
+    }
+    let mut kernel_copy = true;
+    loop {
+        if kernel_copy {
+            match sys::copy_file_range(src.as_fd(), dst.as_fd(), 1 << 30) {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                    Errno::EINTR => continue,
+                    Errno::EXDEV | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL => kernel_copy = false,
+                    _ => return Err(Error::io("copy_file_range", display, e)),
+                },
+            }
+        } else {
+            let (mut s, mut d) = (src, dst);
+            io::copy(&mut s, &mut d).map_err(|e| Error::io("write", display, e))?;
+            return Ok(());
+        }
+    }
+}
+
+/// Creates a copy of the non-directory `sdir/sname` (described by `st`) at
+/// `ddir/dname`, which must not exist.
+fn copy_leaf(
+    sdir: BorrowedFd<'_>,
+    sname: &[u8],
+    st: &FileStat,
+    ddir: BorrowedFd<'_>,
+    dname: &[u8],
+    xattrs: Xattrs,
+    display: &Path,
+) -> Result<()> {
+    match kind(st) {
+        SFlag::S_IFREG => {
+            let src = openat(
+                sdir,
+                sname,
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("openat", display, e))?;
+            let src = File::from(src);
+            let now = fstat(src.as_fd()).map_err(|e| Error::io("fstat", display, e))?;
+            if kind(&now) != SFlag::S_IFREG || now.st_ino != st.st_ino {
+                // Replaced between stat and open: the caller's ctime check will see it next time.
+                return Err(Error::io("openat", display, Errno::EAGAIN));
+            }
+            let dst = openat(
+                ddir,
+                dname,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(|e| Error::io("openat", display, e))?;
+            copy_data(&src, &File::from(dst), display)?;
+        }
+        SFlag::S_IFLNK => {
+            let link = readlinkat(sdir, sname).map_err(|e| Error::io("readlinkat", display, e))?;
+            symlinkat(link.as_os_str(), ddir, dname).map_err(|e| Error::io("symlinkat", display, e))?;
+        }
+        k => {
+            mknodat(ddir, dname, k, Mode::from_bits_truncate(0o600), st.st_rdev)
+                .map_err(|e| Error::io("mknodat", display, e))?;
+        }
+    }
+    copy_meta(sdir, sname, st, ddir, dname, xattrs, display)
+}
+
+/// Applies one layer (or the upper) to `dst` as overlayfs stacks it: whiteouts remove,
+/// opaque directories replace, anything else replaces what is there. Hardlinks inside
+/// the layer stay hardlinks.
+fn copy_layer(
+    src_root: BorrowedFd<'_>,
+    dst_root: BorrowedFd<'_>,
+    userxattr: bool,
+    src_path: &Path,
+    dst_path: &Path,
+) -> Result<()> {
+    struct Frame {
+        src: OwnedFd,
+        dst: OwnedFd,
+        path: Vec<u8>,
+        names: Vec<Vec<u8>>,
+        st: FileStat,
+    }
+    let src = open_dir_at(src_root, b".", src_path)?;
+    let dst = open_dir_at(dst_root, b".", dst_path)?;
+    let st = fstat(src.as_fd()).map_err(|e| Error::io("fstat", src_path, e))?;
+    // The merged root carries the top layer's metadata: each layer overwrites it.
+    copy_meta(src.as_fd(), b".", &st, dst.as_fd(), b".", Xattrs::Unescape, dst_path)?;
+    let names = list_dir(src.as_fd(), src_path)?;
+    let mut stack = vec![Frame { src, dst, path: Vec::new(), names, st }];
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.names.pop() else {
+            let done = stack.pop().expect("non-empty");
+            set_dir_times(done.dst.as_fd(), &done.st, &shown(dst_path, &done.path))?;
+            continue;
+        };
+        let path = child(&top.path, &name);
+        let (sshow, dshow) = (shown(src_path, &path), shown(dst_path, &path));
+        let Some(st) = stat_at(top.src.as_fd(), &name, &sshow)? else { continue };
+        let existing = stat_at(top.dst.as_fd(), &name, &dshow)?;
+        if is_whiteout(&st) {
+            if existing.is_some() {
+                remove_at(top.dst.as_fd(), &name, &dshow)?;
+            }
+            continue;
+        }
+        if is_dir(&st) {
+            let sub = open_dir_at(top.src.as_fd(), &name, &sshow)?;
+            let merge = existing.as_ref().is_some_and(is_dir) && !is_opaque(sub.as_fd(), userxattr);
+            if !merge {
+                if existing.is_some() {
+                    remove_at(top.dst.as_fd(), &name, &dshow)?;
+                }
+                mkdirat(top.dst.as_fd(), name.as_slice(), Mode::from_bits_truncate(0o700))
+                    .map_err(|e| Error::io("mkdirat", &dshow, e))?;
+            }
+            copy_meta(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, Xattrs::Unescape, &dshow)?;
+            let dst = open_dir_at(top.dst.as_fd(), &name, &dshow)?;
+            let names = list_dir(sub.as_fd(), &sshow)?;
+            stack.push(Frame { src: sub, dst, path, names, st });
+            continue;
+        }
+        if existing.is_some() {
+            remove_at(top.dst.as_fd(), &name, &dshow)?;
+        }
+        if st.st_nlink > 1 && kind(&st) != SFlag::S_IFDIR {
+            if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
+                linkat(dst_root, first.as_slice(), top.dst.as_fd(), name.as_slice(), AtFlags::empty())
+                    .map_err(|e| Error::io("linkat", &dshow, e))?;
+                continue;
+            }
+            links.insert((st.st_dev, st.st_ino), path.clone());
+        }
+        copy_leaf(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, Xattrs::Unescape, &dshow)?;
+    }
+    Ok(())
+}
+
+/// Waits until the filesystem's clock for new ctimes has moved past every entry
+/// created so far, and returns the last instant before that.
+fn wait_for_tick(work: BorrowedFd<'_>, display: &Path) -> Result<(i64, i64)> {
+    let name = ".rootfs-cache-copy-stamp";
+    let fd = openat(
+        work,
+        name,
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::io("openat", display.join(name), e))?;
+    let first = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", display.join(name), e))?);
+    let mut result = Err(Error::io("fstat", display.join(name), Errno::ETIMEDOUT));
+    for _ in 0..1000 {
+        nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(0o600))
+            .map_err(|e| Error::io("fchmod", display.join(name), e))?;
+        let now = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", display.join(name), e))?);
+        if now > first {
+            result = Ok(first);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+    nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+        .map_err(|e| Error::io("unlinkat", display.join(name), e))?;
+    result
+}
+
+/// The inode of every directory in the tree, by relative path (`""` for the root).
+fn dir_inodes(root: BorrowedFd<'_>, display: &Path) -> Result<Vec<(u64, Vec<u8>)>> {
+    let fd = open_dir_at(root, b".", display)?;
+    let st = fstat(fd.as_fd()).map_err(|e| Error::io("fstat", display, e))?;
+    let mut out = vec![(st.st_ino, Vec::new())];
+    let names = list_dir(fd.as_fd(), display)?;
+    let mut stack = vec![(fd, Vec::<u8>::new(), names)];
+    while let Some((fd, path, names)) = stack.last_mut() {
+        let Some(name) = names.pop() else {
+            stack.pop();
+            continue;
+        };
+        let p = child(path, &name);
+        let show = shown(display, &p);
+        let Some(st) = stat_at(fd.as_fd(), &name, &show)? else { continue };
+        if is_dir(&st) {
+            let sub = open_dir_at(fd.as_fd(), &name, &show)?;
+            out.push((st.st_ino, p.clone()));
+            let names = list_dir(sub.as_fd(), &show)?;
+            stack.push((sub, p, names));
+        }
+    }
+    Ok(out)
+}
+
+struct State {
+    stamp: (i64, i64),
+    dirs: HashMap<Vec<u8>, u64>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (s.len() % 2 == 0).then_some(())?;
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn write_state(work: BorrowedFd<'_>, display: &Path, stamp: (i64, i64), dirs: &[(u64, Vec<u8>)]) -> Result<()> {
+    let mut text = format!("{HEADER}\n{} {}\n", stamp.0, stamp.1);
+    for (ino, path) in dirs {
+        text.push_str(&format!("{ino} {}\n", hex(path)));
+    }
+    let tmp = format!("{STATE}.tmp");
+    let shown = display.join(&tmp);
+    let fd = openat(
+        work,
+        tmp.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::io("openat", &shown, e))?;
+    let mut f = File::from(fd);
+    f.write_all(text.as_bytes()).map_err(|e| Error::io("write", &shown, e))?;
+    f.sync_all().map_err(|e| Error::io("fsync", &shown, e))?;
+    nix::fcntl::renameat(work, tmp.as_str(), work, STATE).map_err(|e| Error::io("renameat", &shown, e))
+}
+
+fn read_state(work: BorrowedFd<'_>, display: &Path) -> Result<State> {
+    let path = display.join(STATE);
+    let fd = openat(work, STATE, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("openat", &path, e))?;
+    let text = io::read_to_string(File::from(fd)).map_err(|e| Error::io("read", &path, e))?;
+    let bad = |reason: &str| Error::InvalidImage { path: path.clone(), reason: reason.to_string() };
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Err(bad("not a copy backend state file"));
+    }
+    let stamp = lines
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| bad("bad timestamp line"))?;
+    let mut dirs = HashMap::new();
+    for l in lines {
+        let (ino, p) = l.split_once(' ').ok_or_else(|| bad("bad directory line"))?;
+        let ino = ino.parse().map_err(|_| bad("bad inode number"))?;
+        dirs.insert(unhex(p).ok_or_else(|| bad("bad path"))?, ino);
+    }
+    Ok(State { stamp, dirs })
+}
+
+/// Folds the target's changes since mount into the upper.
+struct Fold<'a> {
+    state: State,
+    lowers: Vec<OwnedFd>,
+    upper: OwnedFd,
+    userxattr: bool,
+    display: &'a Path,
+    /// Target inode → upper path of its first copy, to keep hardlinks.
+    links: HashMap<u64, Vec<u8>>,
+}
+
+struct Frame {
+    /// The target directory.
+    fd: OwnedFd,
+    st: FileStat,
+    path: Vec<u8>,
+    names: Vec<Vec<u8>>,
+    /// The matching upper directory, once it exists.
+    upper: Option<OwnedFd>,
+    /// Everything under here is new: copy it all.
+    copy_all: bool,
+    /// The directory itself changed: its metadata and times go to the upper.
+    changed: bool,
+}
+
+impl Fold<'_> {
+    fn changed(&self, st: &FileStat) -> bool {
+        ctime(st) > self.state.stamp
+    }
+
+    fn run(mut self, target: BorrowedFd<'_>) -> Result<()> {
+        let fd = open_dir_at(target, b".", self.display)?;
+        let st = fstat(fd.as_fd()).map_err(|e| Error::io("fstat", self.display, e))?;
+        let upper = open_dir_at(self.upper.as_fd(), b".", self.display)?;
+        let changed = self.changed(&st) || self.state.dirs.get(&Vec::new()) != Some(&st.st_ino);
+        let names = list_dir(fd.as_fd(), self.display)?;
+        let mut stack = vec![Frame { fd, st, path: Vec::new(), names, upper: Some(upper), copy_all: false, changed }];
+        if changed {
+            self.sync_dir(&mut stack, false)?;
+        }
+        while let Some(top) = stack.last_mut() {
+            let Some(name) = top.names.pop() else {
+                let done = stack.pop().expect("non-empty");
+                if done.changed {
+                    let u = done.upper.as_ref().expect("changed directories exist in the upper");
+                    set_dir_times(u.as_fd(), &done.st, &shown(self.display, &done.path))?;
+                }
+                continue;
+            };
+            let path = child(&top.path, &name);
+            let show = shown(self.display, &path);
+            let Some(st) = stat_at(top.fd.as_fd(), &name, &show)? else { continue };
+            if is_dir(&st) {
+                let fd = open_dir_at(top.fd.as_fd(), &name, &show)?;
+                let st = fstat(fd.as_fd()).map_err(|e| Error::io("fstat", &show, e))?;
+                let new = self.state.dirs.get(&path) != Some(&st.st_ino);
+                let copy_all = top.copy_all || new;
+                let changed = copy_all || self.changed(&st);
+                let names = list_dir(fd.as_fd(), &show)?;
+                stack.push(Frame { fd, st, path, names, upper: None, copy_all, changed });
+                if changed {
+                    // A directory new at this path (created, or renamed here) hides
+                    // whatever the lowers have under the same name: opaque.
+                    self.sync_dir(&mut stack, new)?;
+                }
+            } else if top.copy_all || self.changed(&st) {
+                self.copy_up(&mut stack, &name, &st, &path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the upper has the directory of `stack[depth]`, creating missing
+    /// parents with the target's metadata (overlayfs copy-up of parents).
+    fn upper_dir(&self, stack: &mut [Frame], depth: usize) -> Result<()> {
+        if stack[depth].upper.is_some() {
+            return Ok(());
+        }
+        self.upper_dir(stack, depth - 1)?;
+        let (parents, rest) = stack.split_at_mut(depth);
+        let parent = &parents[depth - 1];
+        let me = &mut rest[0];
+        let name = me.path.rsplit(|&b| b == b'/').next().expect("a name").to_vec();
+        let show = shown(self.display, &me.path);
+        let pu = parent.upper.as_ref().expect("ensured").as_fd();
+        match stat_at(pu, &name, &show)? {
+            Some(st) if is_dir(&st) => {}
+            existing => {
+                if existing.is_some() {
+                    remove_at(pu, &name, &show)?;
+                }
+                mkdirat(pu, name.as_slice(), Mode::from_bits_truncate(0o700))
+                    .map_err(|e| Error::io("mkdirat", &show, e))?;
+                copy_meta(parent.fd.as_fd(), &name, &me.st, pu, &name, Xattrs::Escape, &show)?;
+                let u = open_dir_at(pu, &name, &show)?;
+                set_dir_times(u.as_fd(), &me.st, &show)?;
+                me.upper = Some(u);
+                return Ok(());
+            }
+        }
+        me.upper = Some(open_dir_at(pu, &name, &show)?);
+        Ok(())
+    }
+
+    /// The top frame's directory changed: bring its upper copy's metadata up to date
+    /// and record deletions. With `fresh`, replace the upper directory by an empty,
+    /// opaque one.
+    fn sync_dir(&self, stack: &mut [Frame], fresh: bool) -> Result<()> {
+        let depth = stack.len() - 1;
+        let show = shown(self.display, &stack[depth].path);
+        if depth > 0 {
+            if fresh {
+                let (parents, rest) = stack.split_at_mut(depth);
+                self.upper_dir(parents, depth - 1)?;
+                let parent = &parents[depth - 1];
+                let me = &mut rest[0];
+                let name = me.path.rsplit(|&b| b == b'/').next().expect("a name").to_vec();
+                let pu = parent.upper.as_ref().expect("ensured").as_fd();
+                if stat_at(pu, &name, &show)?.is_some() {
+                    remove_at(pu, &name, &show)?;
+                }
+                mkdirat(pu, name.as_slice(), Mode::from_bits_truncate(0o700))
+                    .map_err(|e| Error::io("mkdirat", &show, e))?;
+                let u = open_dir_at(pu, &name, &show)?;
+                sys::fsetxattr(u.as_fd(), opaque_xattr(self.userxattr), b"y")
+                    .map_err(|e| Error::io("fsetxattr", &show, e))?;
+                me.upper = Some(u);
+            } else {
+                self.upper_dir(stack, depth)?;
+            }
+            let parent = &stack[depth - 1];
+            let me = &stack[depth];
+            let name = me.path.rsplit(|&b| b == b'/').next().expect("a name");
+            let pu = parent.upper.as_ref().expect("ensured").as_fd();
+            copy_meta(parent.fd.as_fd(), name, &me.st, pu, name, Xattrs::Escape, &show)?;
+        } else {
+            let me = &stack[0];
+            let u = me.upper.as_ref().expect("root").as_fd();
+            copy_meta(me.fd.as_fd(), b".", &me.st, u, b".", Xattrs::Escape, &show)?;
+        }
+        if fresh {
+            return Ok(());
+        }
+        // Deletions: names the merged view had (lowers, or the upper's own entries)
+        // that the target no longer has.
+        let me = &stack[depth];
+        let u = me.upper.as_ref().expect("ensured").as_fd();
+        let now: HashSet<Vec<u8>> = list_dir(me.fd.as_fd(), &show)?.into_iter().collect();
+        let lower = self.lower_names(&me.path)?;
+        let mut gone: HashSet<Vec<u8>> = lower.iter().filter(|n| !now.contains(*n)).cloned().collect();
+        gone.extend(list_dir(u, &show)?.into_iter().filter(|n| !now.contains(n)));
+        for name in gone {
+            let cshow = shown(self.display, &child(&me.path, &name));
+            let existing = stat_at(u, &name, &cshow)?;
+            let needs_whiteout = lower.contains(&name);
+            if existing.as_ref().is_some_and(is_whiteout) && needs_whiteout {
+                continue;
+            }
+            if existing.is_some() {
+                remove_at(u, &name, &cshow)?;
+            }
+            if needs_whiteout {
+                mknodat(u, name.as_slice(), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), 0)
+                    .map_err(|e| Error::io("mknodat", &cshow, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_up(&mut self, stack: &mut [Frame], name: &[u8], st: &FileStat, path: &[u8]) -> Result<()> {
+        let depth = stack.len() - 1;
+        self.upper_dir(stack, depth)?;
+        let top = &stack[depth];
+        let u = top.upper.as_ref().expect("ensured").as_fd();
+        let show = shown(self.display, path);
+        if stat_at(u, name, &show)?.is_some() {
+            remove_at(u, name, &show)?;
+        }
+        if st.st_nlink > 1 {
+            if let Some(first) = self.links.get(&st.st_ino) {
+                return linkat(self.upper.as_fd(), first.as_slice(), u, name, AtFlags::empty())
+                    .map_err(|e| Error::io("linkat", &show, e));
+            }
+            self.links.insert(st.st_ino, path.to_vec());
+        }
+        copy_leaf(top.fd.as_fd(), name, st, u, name, Xattrs::Escape, &show)
+    }
+
+    /// The names the lowers alone show in directory `path`, resolved as overlayfs does.
+    fn lower_names(&self, path: &[u8]) -> Result<HashSet<Vec<u8>>> {
+        let comps: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
+        let mut seen = HashSet::new();
+        let mut whited = HashSet::new();
+        'layers: for lower in &self.lowers {
+            let mut fd = open_dir_at(lower.as_fd(), b".", self.display)?;
+            let mut last = false;
+            for c in &comps {
+                match stat_at(fd.as_fd(), c, self.display)? {
+                    None => continue 'layers,
+                    Some(st) if !is_dir(&st) => break 'layers,
+                    Some(_) => {
+                        fd = open_dir_at(fd.as_fd(), c, self.display)?;
+                        last |= is_opaque(fd.as_fd(), self.userxattr);
+                    }
+                }
+            }
+            for name in list_dir(fd.as_fd(), self.display)? {
+                if seen.contains(&name) || whited.contains(&name) {
+                    continue;
+                }
+                match stat_at(fd.as_fd(), &name, self.display)? {
+                    Some(st) if is_whiteout(&st) => whited.insert(name),
+                    Some(_) => seen.insert(name),
+                    None => false,
+                };
+            }
+            if last {
+                break;
+            }
+        }
+        Ok(seen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        for b in [&b""[..], b"a", b"usr/lib/\xff\x00x"] {
+            assert_eq!(unhex(&hex(b)).unwrap(), b);
+        }
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+    }
+}

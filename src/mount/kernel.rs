@@ -1,0 +1,298 @@
+//! [`KernelOverlay`]: overlayfs through the new mount API, or `mount(2)` on old kernels.
+//!
+//! # Kernel differences
+//! Probed once per process on first use, and cached:
+//! - **Layer fds** (`fsconfig(FSCONFIG_SET_FD, "lowerdir+")`, Linux 6.13+): each layer is
+//!   handed over as an open directory, so neither path lengths nor the option page
+//!   limit anything; the kernel's 500-lower limit is the only one.
+//! - **Layer strings** (`fsconfig(FSCONFIG_SET_STRING, "lowerdir+")`, Linux 6.8+): one
+//!   layer per call. `fsconfig` copies at most 256 bytes of a string, so a longer path
+//!   is resolved as `.` from a helper thread that has `fchdir`ed into the layer.
+//! - **Legacy** (`mount(2)`, any kernel with overlayfs): one option string, at most a
+//!   page. Past a page, the paths are made relative to their deepest common directory
+//!   and the mount is made from a helper thread that `chdir`s there (containerd's
+//!   compaction). Helper threads `unshare(CLONE_FS)` first, so the process's working
+//!   directory never changes.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use nix::fcntl::{OFlag, open};
+use nix::libc;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::stat::Mode;
+
+use super::options::{self, Param, bytes};
+use super::{MountBackend, OverlaySpec, checked_spec, mountinfo};
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// How [`KernelOverlay`] talks to the kernel. [`MountApi::Auto`] picks the best the
+/// running kernel has; the others force one path (tests, benchmarks, working around a
+/// kernel bug).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MountApi {
+    /// Probe once, then use the best available.
+    #[default]
+    Auto,
+    /// `fsopen` + `fsconfig(FSCONFIG_SET_FD, "lowerdir+")` per layer (Linux 6.13+).
+    LayerFds,
+    /// `fsopen` + `fsconfig(FSCONFIG_SET_STRING, "lowerdir+")` per layer (Linux 6.8+).
+    LayerStrings,
+    /// `mount(2)` with an option string, compacted past a page.
+    Legacy,
+}
+
+/// The kernel's overlayfs.
+///
+/// Mounts with `index=off`, `redirect_dir=off`, `metacopy=off` and `xino=off` unless the
+/// spec's [`OverlayOptions`](super::OverlayOptions) ask otherwise, and with `userxattr`
+/// inside a user namespace. Unmounting is `umount2(MNT_DETACH)` followed by a check that
+/// the target is no longer a mount point; nothing is ever deleted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOverlay {
+    api: MountApi,
+}
+
+static PROBED: AtomicU8 = AtomicU8::new(0);
+
+impl KernelOverlay {
+    /// The kernel backend, choosing the mount API by probing the kernel.
+    pub fn new() -> Self {
+        KernelOverlay { api: MountApi::Auto }
+    }
+
+    /// The kernel backend forced to one mount API. A forced API the kernel lacks fails at
+    /// mount time with the kernel's error (`EINVAL` for an unknown `lowerdir+`).
+    pub fn with_api(api: MountApi) -> Self {
+        KernelOverlay { api }
+    }
+
+    /// The API mounts will use: the forced one, or what the probe found.
+    pub fn api(&self) -> MountApi {
+        match self.api {
+            MountApi::Auto => probe(),
+            api => api,
+        }
+    }
+}
+
+/// Which API the kernel has. Cached once it is known; not cached when the probe itself
+/// is refused (`EPERM` before privileges are set up), so a later call probes again.
+fn probe() -> MountApi {
+    const APIS: [MountApi; 3] = [MountApi::LayerFds, MountApi::LayerStrings, MountApi::Legacy];
+    if let n @ 1..=3 = PROBED.load(Ordering::Relaxed) {
+        return APIS[usize::from(n - 1)];
+    }
+    let found = (|| {
+        let root = open("/", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+        let ctx = match sys::fsopen(c"overlay") {
+            Ok(c) => c,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Some(MountApi::Legacy),
+            Err(_) => return None,
+        };
+        if sys::fsconfig_set_fd(ctx.as_fd(), c"lowerdir+", root.as_fd()).is_ok() {
+            return Some(MountApi::LayerFds);
+        }
+        let ctx = sys::fsopen(c"overlay").ok()?;
+        if sys::fsconfig_set_string(ctx.as_fd(), c"lowerdir+", b"/").is_ok() {
+            return Some(MountApi::LayerStrings);
+        }
+        Some(MountApi::Legacy)
+    })();
+    match found {
+        Some(api) => {
+            let n = APIS.iter().position(|a| *a == api).unwrap_or(2) as u8 + 1;
+            PROBED.store(n, Ordering::Relaxed);
+            api
+        }
+        None => MountApi::Legacy,
+    }
+}
+
+fn mount_err<'a, E: Into<io::Error>>(
+    op: &'static str,
+    target: &'a Path,
+    detail: String,
+) -> impl FnOnce(E) -> Error + 'a {
+    move |source| Error::Mount { op, target: target.to_path_buf(), source: source.into(), detail }
+}
+
+/// Runs `f` on a helper thread with its own filesystem context (cwd), so changing
+/// directory there never affects the rest of the process.
+fn with_own_cwd<T: Send>(target: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            unshare(CloneFlags::CLONE_FS).map_err(mount_err("unshare CLONE_FS", target, String::new()))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn set_param(ctx: BorrowedFd<'_>, p: &Param, target: &Path) -> Result<()> {
+    let r = match *p {
+        Param::Flag(k) => sys::fsconfig_set_flag(ctx, &cstr(k)),
+        Param::Value(k, v) => sys::fsconfig_set_string(ctx, &cstr(k), v.as_bytes()),
+    };
+    r.map_err(|e| Error::Mount {
+        op: "fsconfig",
+        target: target.to_path_buf(),
+        detail: sys::fs_context_log(ctx),
+        source: e,
+    })
+}
+
+fn cstr(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).expect("parameter names have no NUL")
+}
+
+/// Sets one layer parameter, attaching the kernel's message on failure.
+fn set_layer(ctx: BorrowedFd<'_>, key: &'static CStr, how: Layer<'_>, path: &Path, target: &Path) -> Result<()> {
+    let r = match how {
+        Layer::Fd(fd) => sys::fsconfig_set_fd(ctx, key, fd),
+        Layer::Str(s) => sys::fsconfig_set_string(ctx, key, s),
+    };
+    r.map_err(|e| {
+        let log = sys::fs_context_log(ctx);
+        let detail = if log.is_empty() { format!("{}", path.display()) } else { format!("{}: {log}", path.display()) };
+        Error::Mount { op: op_name(key), target: target.to_path_buf(), source: e, detail }
+    })
+}
+
+fn op_name(key: &CStr) -> &'static str {
+    match key.to_bytes() {
+        b"lowerdir+" => "fsconfig lowerdir+",
+        b"upperdir" => "fsconfig upperdir",
+        _ => "fsconfig workdir",
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Layer<'a> {
+    Fd(BorrowedFd<'a>),
+    Str(&'a [u8]),
+}
+
+/// `fsconfig` copies at most this many bytes of a string value (`strndup_user(.., 256)`).
+const FSCONFIG_STRING_MAX: usize = 255;
+
+impl MountBackend for KernelOverlay {
+    fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        let c = checked_spec(spec)?;
+        let params = options::params(&spec.options, c.userxattr);
+        match self.api() {
+            MountApi::Legacy | MountApi::Auto => mount_legacy(&c.paths, &params),
+            api => mount_new(&c, &params, api == MountApi::LayerFds),
+        }
+    }
+
+    fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        unmount_target(&spec.target)
+    }
+}
+
+/// Detaches whatever is mounted at `target` and checks that nothing is left there.
+/// A target that is not mounted (or does not exist) is fine: unmounting twice is harmless.
+pub(crate) fn unmount_target(target: &Path) -> Result<()> {
+    match nix::mount::umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(mount_err("umount2", target, String::new())(e)),
+    }
+    if mountinfo::is_mount_point(target)? {
+        return Err(Error::Mount {
+            op: "umount2",
+            target: target.to_path_buf(),
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+            detail: "still a mount point after MNT_DETACH: another mount is stacked here, or it is locked".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The absolute paths of a checked spec and open `O_PATH` descriptors for its layers.
+pub(crate) struct Paths {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub target: PathBuf,
+    pub lower_fds: Vec<OwnedFd>,
+    pub upper_fd: OwnedFd,
+    pub work_fd: OwnedFd,
+}
+
+fn mount_new(c: &super::Checked, params: &[Param], fds: bool) -> Result<()> {
+    let p = &c.paths;
+    let target = &p.target;
+    let ctx = sys::fsopen(c"overlay").map_err(mount_err("fsopen overlay", target, String::new()))?;
+    let ctx = ctx.as_fd();
+    for param in params {
+        set_param(ctx, param, target)?;
+    }
+    let layers = p.lower_fds.iter().zip(&p.lowers).map(|(fd, path)| (c"lowerdir+", fd, path));
+    let layers = layers.chain([(c"upperdir", &p.upper_fd, &p.upper), (c"workdir", &p.work_fd, &p.work)]);
+    let layers: Vec<_> = layers.collect();
+    if fds {
+        for (key, fd, path) in &layers {
+            set_layer(ctx, key, Layer::Fd(fd.as_fd()), path, target)?;
+        }
+    } else if layers.iter().all(|(_, _, path)| bytes(path).len() <= FSCONFIG_STRING_MAX) {
+        for (key, _, path) in &layers {
+            set_layer(ctx, key, Layer::Str(bytes(path)), path, target)?;
+        }
+    } else {
+        with_own_cwd(target, || {
+            for (key, fd, path) in &layers {
+                if bytes(path).len() <= FSCONFIG_STRING_MAX {
+                    set_layer(ctx, key, Layer::Str(bytes(path)), path, target)?;
+                } else {
+                    nix::unistd::fchdir(fd).map_err(|e| Error::io("fchdir", path.as_path(), e))?;
+                    set_layer(ctx, key, Layer::Str(b"."), path, target)?;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    sys::fsconfig_create(ctx).map_err(|e| Error::Mount {
+        op: "fsconfig create",
+        target: target.clone(),
+        detail: sys::fs_context_log(ctx),
+        source: e,
+    })?;
+    let mnt = sys::fsmount(ctx).map_err(|e| Error::Mount {
+        op: "fsmount",
+        target: target.clone(),
+        detail: sys::fs_context_log(ctx),
+        source: e,
+    })?;
+    sys::move_mount(mnt.as_fd(), bytes(target)).map_err(mount_err("move_mount", target, String::new()))
+}
+
+fn mount_legacy(p: &Paths, params: &[Param]) -> Result<()> {
+    let target = &p.target;
+    let sys_mount = |data: &[u8]| {
+        nix::mount::mount(Some("overlay"), target.as_path(), Some("overlay"), MsFlags::empty(), Some(data))
+            .map_err(mount_err("mount", target, String::new()))
+    };
+    let lowers: Vec<&[u8]> = p.lowers.iter().map(|l| bytes(l)).collect();
+    if let Some(data) = options::legacy_data(&lowers, bytes(&p.upper), bytes(&p.work), params) {
+        return sys_mount(&data);
+    }
+    let too_long = || Error::LimitExceeded { what: "overlay mount(2) option data after path compaction", limit: 4095 };
+    let mut all: Vec<&Path> = p.lowers.iter().map(PathBuf::as_path).collect();
+    all.extend([p.upper.as_path(), p.work.as_path()]);
+    let (base, rel) = options::compact(&all).ok_or_else(too_long)?;
+    let n = p.lowers.len();
+    let lowers: Vec<&[u8]> = rel[..n].iter().map(|l| bytes(l)).collect();
+    let data = options::legacy_data(&lowers, bytes(&rel[n]), bytes(&rel[n + 1]), params).ok_or_else(too_long)?;
+    with_own_cwd(target, || {
+        nix::unistd::chdir(base.as_path()).map_err(|e| Error::io("chdir", base.as_path(), e))?;
+        sys_mount(&data)
+    })
+}

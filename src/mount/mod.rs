@@ -1,0 +1,400 @@
+//! Mount backends: turning lower dirs plus a private upper into a mounted rootfs.
+//!
+//! - [`MountBackend`]: the trait; host runtimes may bring their own (FUSE, a remote
+//!   snapshotter) and hand it to the workspace code.
+//! - [`KernelOverlay`]: the kernel's overlayfs, through the new mount API when the
+//!   kernel has it (see [`MountApi`]).
+//! - [`CopyBackend`]: where overlay cannot be mounted, the layers are copied (reflinked
+//!   where the filesystem can) into the target, and writes are folded back into the
+//!   upper on unmount.
+//! - [`detect()`]: picks one by trying a real overlay mount, and says why.
+//! - [`OverlayMount`]: an RAII guard that unmounts on drop.
+//!
+//! ```text
+//!   spec.lowers[0]  (top)        ┐
+//!   spec.lowers[1]               │ read-only, shared (cache layers)
+//!   ...                          ┘
+//!   spec.upper                     private writes of this sandbox
+//!   spec.work                      overlay's scratch dir (same filesystem as upper)
+//!   spec.target                    the merged view
+//! ```
+//!
+//! # Concurrency
+//! Backends are `Send + Sync` and keep no per-mount state in memory: everything a
+//! backend needs to unmount is in the [`OverlaySpec`] and on disk, so a different
+//! process (or a restarted runtime) can unmount what another mounted.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, open};
+use nix::sys::stat::{Mode, fstat};
+
+use crate::error::{Error, Result};
+
+mod copy;
+mod kernel;
+mod mountinfo;
+mod options;
+
+pub use copy::CopyBackend;
+pub use kernel::{KernelOverlay, MountApi};
+pub use mountinfo::is_mount_point;
+pub use options::MAX_LOWERS;
+
+/// How an overlay is made. Implemented by [`KernelOverlay`] and [`CopyBackend`]; host
+/// runtimes may implement their own.
+///
+/// A backend must leave the sandbox's writes in `spec.upper` in overlayfs format once
+/// [`unmount`](MountBackend::unmount) returns (whiteouts as 0/0 character devices,
+/// opaque directories marked with the `overlay.opaque` xattr), because the diff engine
+/// reads the upper directly.
+pub trait MountBackend: Send + Sync {
+    /// Makes the merged view of `spec` appear at `spec.target`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpec`] (no or duplicate lowers), [`Error::LimitExceeded`] (more
+    /// than [`MAX_LOWERS`]), [`Error::AlreadyMounted`] (target is a mount point),
+    /// [`Error::NotEmpty`] (a fresh upper was asked for and is not empty),
+    /// [`Error::Mount`] with the kernel's message when the mount itself fails.
+    fn mount(&self, spec: &OverlaySpec) -> Result<()>;
+
+    /// Removes the merged view at `spec.target`. Unmounting something not mounted is not
+    /// an error. Never deletes the upper or the lowers.
+    ///
+    /// # Errors
+    /// [`Error::Mount`] when the target is still a mount point afterwards.
+    fn unmount(&self, spec: &OverlaySpec) -> Result<()>;
+}
+
+impl<B: MountBackend + ?Sized> MountBackend for &B {
+    fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        (**self).mount(spec)
+    }
+    fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        (**self).unmount(spec)
+    }
+}
+
+impl<B: MountBackend + ?Sized> MountBackend for Box<B> {
+    fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        (**self).mount(spec)
+    }
+    fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        (**self).unmount(spec)
+    }
+}
+
+impl<B: MountBackend + ?Sized> MountBackend for std::sync::Arc<B> {
+    fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        (**self).mount(spec)
+    }
+    fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        (**self).unmount(spec)
+    }
+}
+
+/// Overlay features. The defaults are what the diff engine needs; change them only if
+/// you do not use [`Workspace`](crate) diffs on this upper.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OverlayOptions {
+    /// Refuse to mount unless the upper and work dirs are empty ([`Error::NotEmpty`]):
+    /// a new sandbox must never see another's writes. Default: false (remounting an
+    /// existing upper is the normal case after an unmount).
+    pub fresh: bool,
+    /// `volatile`: skip all syncs to the upper (fast scratch; after a crash the upper
+    /// must be thrown away, and the kernel refuses to remount it). Default: false.
+    pub volatile: bool,
+    /// `userxattr`: overlay metadata in `user.overlay.*` instead of `trusted.overlay.*`,
+    /// needed to mount inside a user namespace. `None` (default): on exactly when this
+    /// process is in a non-initial user namespace.
+    pub userxattr: Option<bool>,
+    /// `index=on`. Default: off.
+    pub index: bool,
+    /// `redirect_dir=on` (directory renames without copy-up, recorded as xattrs the diff
+    /// engine refuses). Default: off.
+    pub redirect_dir: bool,
+    /// `metacopy=on` (metadata-only copy-up, also refused by the diff engine). Default: off.
+    pub metacopy: bool,
+    /// `xino=auto` (unique inode numbers across layers). Default: off.
+    pub xino: bool,
+}
+
+/// What to mount: lower dirs (top first), the private upper and work dirs, and the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlaySpec {
+    /// Read-only lower dirs, top layer first (as [`Rootfs::lowers`](crate::Rootfs::lowers)).
+    pub lowers: Vec<PathBuf>,
+    /// The writable upper dir.
+    pub upper: PathBuf,
+    /// Overlay's work dir: empty, on the same filesystem as the upper.
+    pub work: PathBuf,
+    /// Where the merged view appears. Must be an existing directory.
+    pub target: PathBuf,
+    /// Features.
+    pub options: OverlayOptions,
+}
+
+impl OverlaySpec {
+    /// A spec with default options.
+    pub fn new<L: Into<PathBuf>>(
+        lowers: impl IntoIterator<Item = L>,
+        upper: impl Into<PathBuf>,
+        work: impl Into<PathBuf>,
+        target: impl Into<PathBuf>,
+    ) -> Self {
+        OverlaySpec {
+            lowers: lowers.into_iter().map(Into::into).collect(),
+            upper: upper.into(),
+            work: work.into(),
+            target: target.into(),
+            options: OverlayOptions::default(),
+        }
+    }
+
+    /// Whether `userxattr` applies: the explicit option, else whether this process is
+    /// in a user namespace.
+    pub fn userxattr(&self) -> bool {
+        self.options.userxattr.unwrap_or_else(in_user_namespace)
+    }
+}
+
+/// Whether this process runs in a user namespace other than the initial one (its uid
+/// map is not the identity over the whole range).
+pub fn in_user_namespace() -> bool {
+    static IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN.get_or_init(|| match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"],
+        Err(_) => false,
+    })
+}
+
+/// A spec that passed the checks every backend makes before touching anything.
+pub(crate) struct Checked {
+    pub paths: kernel::Paths,
+    pub userxattr: bool,
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", path, e))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).map_err(|e| Error::io("getcwd", p, e))
+}
+
+pub(crate) fn is_empty_dir(path: &Path) -> Result<bool> {
+    let mut it = std::fs::read_dir(path).map_err(|e| Error::io("opendir", path, e))?;
+    Ok(it.next().is_none())
+}
+
+/// Validates `spec` and opens its directories: at least one and at most [`MAX_LOWERS`]
+/// lowers, none listed twice (the kernel answers `ELOOP`, which explains nothing),
+/// every path an existing directory, a fresh upper/work empty when asked, and the
+/// target not already a mount point.
+pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
+    if spec.lowers.is_empty() {
+        return Err(Error::InvalidSpec { reason: "no lower directories".into() });
+    }
+    if spec.lowers.len() > MAX_LOWERS {
+        return Err(Error::LimitExceeded {
+            what: "overlay lower directories (kernel maximum)",
+            limit: MAX_LOWERS as u64,
+        });
+    }
+    let lowers = spec.lowers.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?;
+    let mut seen = std::collections::HashMap::with_capacity(lowers.len());
+    let mut lower_fds = Vec::with_capacity(lowers.len());
+    for l in &lowers {
+        let fd = open_dir(l)?;
+        let st = fstat(fd.as_fd()).map_err(|e| Error::io("fstat", l.as_path(), e))?;
+        if let Some(first) = seen.insert((st.st_dev, st.st_ino), l) {
+            return Err(Error::InvalidSpec {
+                reason: format!("lower {} is listed twice (also as {})", l.display(), first.display()),
+            });
+        }
+        lower_fds.push(fd);
+    }
+    let (upper, work, target) = (absolute(&spec.upper)?, absolute(&spec.work)?, absolute(&spec.target)?);
+    let (upper_fd, work_fd) = (open_dir(&upper)?, open_dir(&work)?);
+    if spec.options.fresh {
+        for d in [&upper, &work] {
+            if !is_empty_dir(d)? {
+                return Err(Error::NotEmpty { path: d.clone() });
+            }
+        }
+    }
+    drop(open_dir(&target)?);
+    if is_mount_point(&target)? {
+        return Err(Error::AlreadyMounted { path: target });
+    }
+    let paths = kernel::Paths { lowers, upper, work, target, lower_fds, upper_fd, work_fd };
+    Ok(Checked { paths, userxattr: spec.userxattr() })
+}
+
+/// A mounted overlay that is unmounted when dropped.
+///
+/// Drop ignores unmount errors (it never panics and never prints); call
+/// [`unmount`](OverlayMount::unmount) to see them.
+///
+/// ```no_run
+/// use rootfs_cache::{KernelOverlay, OverlayMount, OverlaySpec};
+/// # fn main() -> rootfs_cache::Result<()> {
+/// let spec = OverlaySpec::new(["/cache/layers/ab/fs"], "/sb/1/upper", "/sb/1/work", "/sb/1/rootfs");
+/// let m = OverlayMount::mount(&KernelOverlay::new(), spec)?;
+/// std::fs::write(m.target().join("tmp/hello"), b"hi").expect("write"); // lands in /sb/1/upper
+/// m.unmount()?;
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping an OverlayMount unmounts it"]
+pub struct OverlayMount<'a> {
+    backend: &'a dyn MountBackend,
+    spec: OverlaySpec,
+    mounted: bool,
+}
+
+impl<'a> OverlayMount<'a> {
+    /// Mounts `spec` with `backend`.
+    ///
+    /// # Errors
+    /// Whatever [`MountBackend::mount`] returns.
+    pub fn mount(backend: &'a dyn MountBackend, spec: OverlaySpec) -> Result<Self> {
+        backend.mount(&spec)?;
+        Ok(OverlayMount { backend, spec, mounted: true })
+    }
+
+    /// The merged view.
+    pub fn target(&self) -> &Path {
+        &self.spec.target
+    }
+
+    /// What was mounted.
+    pub fn spec(&self) -> &OverlaySpec {
+        &self.spec
+    }
+
+    /// Unmounts now, reporting errors.
+    ///
+    /// # Errors
+    /// Whatever [`MountBackend::unmount`] returns.
+    pub fn unmount(mut self) -> Result<()> {
+        self.mounted = false;
+        self.backend.unmount(&self.spec)
+    }
+
+    /// Gives up the guard and leaves the overlay mounted; the caller must unmount it
+    /// with `backend.unmount(&spec)` later.
+    pub fn keep_mounted(mut self) -> OverlaySpec {
+        self.mounted = false;
+        std::mem::replace(&mut self.spec, OverlaySpec::new(Vec::<PathBuf>::new(), "", "", ""))
+    }
+}
+
+impl Drop for OverlayMount<'_> {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = self.backend.unmount(&self.spec);
+        }
+    }
+}
+
+impl std::fmt::Debug for OverlayMount<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlayMount").field("spec", &self.spec).field("mounted", &self.mounted).finish()
+    }
+}
+
+/// Which backend [`detect()`] chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// [`KernelOverlay`].
+    Kernel,
+    /// [`CopyBackend`].
+    Copy,
+}
+
+/// Why [`detect()`] chose its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DetectReason {
+    /// A probe overlay mount (upper on the scratch filesystem) worked.
+    OverlayMounted,
+    /// The kernel has no overlay filesystem (`ENODEV`; module missing or not loadable).
+    NoOverlayfs,
+    /// Mounting is not permitted here (`EPERM`/`EACCES`): no `CAP_SYS_ADMIN` over this
+    /// mount namespace, or a seccomp or LSM policy refused it.
+    NotPermitted,
+    /// Overlayfs exists but refused this setup (`EINVAL`, `EOPNOTSUPP`, ...): typically
+    /// the scratch filesystem cannot hold an upper (it is itself an overlay, lacks
+    /// xattrs or `O_TMPFILE`), or the stack is nested too deep. `errno` is the error.
+    OverlayRefused {
+        /// The errno the probe mount failed with.
+        errno: i32,
+    },
+}
+
+/// What [`detect()`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Detection {
+    /// The backend to use.
+    pub kind: BackendKind,
+    /// Why.
+    pub reason: DetectReason,
+    /// Whether the probe mount used `userxattr` (in a user namespace).
+    pub userxattr: bool,
+}
+
+impl Detection {
+    /// A boxed instance of the chosen backend.
+    pub fn backend(&self) -> Box<dyn MountBackend> {
+        match self.kind {
+            BackendKind::Kernel => Box::new(KernelOverlay::new()),
+            BackendKind::Copy => Box::new(CopyBackend::new()),
+        }
+    }
+}
+
+/// Picks a backend by mounting a tiny probe overlay whose upper lives in `scratch` (use
+/// the directory that will hold the uppers: whether overlay works depends on that
+/// filesystem). The probe is unmounted and removed before returning.
+///
+/// # Errors
+/// Only when the probe directories cannot be created or removed in `scratch`; a failing
+/// probe mount is an answer ([`BackendKind::Copy`]), not an error.
+pub fn detect(scratch: &Path) -> Result<Detection> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = scratch.join(format!(".rootfs-cache-probe-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let sub = |n: &str| dir.join(n);
+    for d in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir_all(sub(d)).map_err(|e| Error::io("mkdir", sub(d), e))?;
+    }
+    let mut spec = OverlaySpec::new([sub("lower")], sub("upper"), sub("work"), sub("merged"));
+    spec.options.fresh = true;
+    let userxattr = spec.userxattr();
+    let kernel = KernelOverlay::new();
+    let outcome = kernel.mount(&spec);
+    let unmounted = if outcome.is_ok() { kernel.unmount(&spec) } else { Ok(()) };
+    // Never delete through a mount: only remove the probe once it is verifiably unmounted.
+    unmounted?;
+    let parent = open(scratch, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", scratch, e))?;
+    let name = dir.file_name().expect("a probe name").as_encoded_bytes();
+    crate::unpack::remove_tree(parent.as_fd(), name, name, None, &dir)?;
+    let (kind, reason) = match outcome {
+        Ok(()) => (BackendKind::Kernel, DetectReason::OverlayMounted),
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(0);
+            let reason = match errno {
+                nix::libc::ENODEV => DetectReason::NoOverlayfs,
+                nix::libc::EPERM | nix::libc::EACCES => DetectReason::NotPermitted,
+                _ => DetectReason::OverlayRefused { errno },
+            };
+            (BackendKind::Copy, reason)
+        }
+    };
+    Ok(Detection { kind, reason, userxattr })
+}

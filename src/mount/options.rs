@@ -1,0 +1,235 @@
+//! Pure overlay option building: parameters, the legacy `mount(2)` data string and
+//! relative-path compaction. No I/O here; everything is table-tested below.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use super::OverlayOptions;
+
+/// The kernel's limit on overlay lower layers (`OVL_MAX_STACK`, fs/overlayfs/params.h).
+pub const MAX_LOWERS: usize = 500;
+
+/// `mount(2)` copies at most one page of option data, NUL included.
+pub const LEGACY_DATA_MAX: usize = 4095;
+
+/// One overlay parameter besides the layers, as `fsconfig` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// A flag (`FSCONFIG_SET_FLAG`): `userxattr`, `volatile`.
+    Flag(&'static str),
+    /// A key with a value (`FSCONFIG_SET_STRING`): `index=off`.
+    Value(&'static str, &'static str),
+}
+
+impl Param {
+    fn push_to(&self, out: &mut Vec<u8>) {
+        match *self {
+            Param::Flag(k) => out.extend_from_slice(k.as_bytes()),
+            Param::Value(k, v) => {
+                out.extend_from_slice(k.as_bytes());
+                out.push(b'=');
+                out.extend_from_slice(v.as_bytes());
+            }
+        }
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
+/// The parameters for `opts` (layers excluded), in the order they are set.
+///
+/// Every feature is spelled out, on or off, so the kernel's compiled-in defaults
+/// (`CONFIG_OVERLAY_FS_INDEX`, `..._REDIRECT_DIR`, `..._METACOPY`, `..._XINO_AUTO`) and
+/// module parameters never decide what ends up in an upper dir: the diff engine reads
+/// uppers directly and must not meet redirect or metacopy xattrs.
+pub fn params(opts: &OverlayOptions, userxattr: bool) -> Vec<Param> {
+    let mut p = vec![
+        Param::Value("index", on_off(opts.index)),
+        Param::Value("redirect_dir", on_off(opts.redirect_dir)),
+        Param::Value("metacopy", on_off(opts.metacopy)),
+        Param::Value("xino", if opts.xino { "auto" } else { "off" }),
+    ];
+    if userxattr {
+        p.push(Param::Flag("userxattr"));
+    }
+    if opts.volatile {
+        p.push(Param::Flag("volatile"));
+    }
+    p
+}
+
+/// Escapes a path for the legacy option string: overlay splits options on `,` and
+/// lower dirs on `:`, both honouring `\` as an escape.
+fn escape_into(path: &[u8], out: &mut Vec<u8>) {
+    for &b in path {
+        if matches!(b, b',' | b':' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+}
+
+/// The `mount(2)` data string: `lowerdir=a:b,upperdir=u,workdir=w,index=off,...`.
+///
+/// Returns `None` when it does not fit in [`LEGACY_DATA_MAX`] bytes.
+pub fn legacy_data(lowers: &[&[u8]], upper: &[u8], work: &[u8], params: &[Param]) -> Option<Vec<u8>> {
+    let mut out = b"lowerdir=".to_vec();
+    for (i, l) in lowers.iter().enumerate() {
+        if i > 0 {
+            out.push(b':');
+        }
+        escape_into(l, &mut out);
+    }
+    out.extend_from_slice(b",upperdir=");
+    escape_into(upper, &mut out);
+    out.extend_from_slice(b",workdir=");
+    escape_into(work, &mut out);
+    for p in params {
+        out.push(b',');
+        p.push_to(&mut out);
+    }
+    (out.len() <= LEGACY_DATA_MAX).then_some(out)
+}
+
+/// Relative-path compaction (what containerd does past a page of options): the deepest
+/// directory containing every path, and each path relative to it. `None` when the only
+/// common ancestor is `/` (nothing to gain) or a path is not absolute and normal.
+pub fn compact(paths: &[&Path]) -> Option<(PathBuf, Vec<PathBuf>)> {
+    let split: Vec<Vec<Component<'_>>> = paths.iter().map(|p| p.components().collect()).collect();
+    let ok = |c: &[Component<'_>]| {
+        c.first() == Some(&Component::RootDir) && c[1..].iter().all(|x| matches!(x, Component::Normal(_)))
+    };
+    if split.is_empty() || !split.iter().all(|c| ok(c)) {
+        return None;
+    }
+    // Keep one component for each path itself: the base is a strict ancestor of every path.
+    let mut n = split.iter().map(|c| c.len() - 1).min()?;
+    for c in &split[1..] {
+        n = n.min(split[0].iter().zip(c).take_while(|(a, b)| a == b).count());
+    }
+    if n <= 1 {
+        return None;
+    }
+    let base: PathBuf = split[0][..n].iter().collect();
+    let rel = split.iter().map(|c| c[n..].iter().collect()).collect();
+    Some((base, rel))
+}
+
+/// The bytes of a path.
+pub fn bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(f: impl FnOnce(&mut OverlayOptions)) -> OverlayOptions {
+        let mut o = OverlayOptions::default();
+        f(&mut o);
+        o
+    }
+
+    #[test]
+    fn params_table() {
+        use Param::*;
+        let base =
+            [Value("index", "off"), Value("redirect_dir", "off"), Value("metacopy", "off"), Value("xino", "off")];
+        let cases: Vec<(OverlayOptions, bool, Vec<Param>)> = vec![
+            (OverlayOptions::default(), false, base.to_vec()),
+            (OverlayOptions::default(), true, [&base[..], &[Flag("userxattr")]].concat()),
+            (opts(|o| o.volatile = true), false, [&base[..], &[Flag("volatile")]].concat()),
+            (
+                opts(|o| {
+                    o.index = true;
+                    o.redirect_dir = true;
+                    o.metacopy = true;
+                    o.xino = true;
+                    o.volatile = true;
+                }),
+                true,
+                vec![
+                    Value("index", "on"),
+                    Value("redirect_dir", "on"),
+                    Value("metacopy", "on"),
+                    Value("xino", "auto"),
+                    Flag("userxattr"),
+                    Flag("volatile"),
+                ],
+            ),
+        ];
+        for (o, ux, want) in cases {
+            assert_eq!(params(&o, ux), want, "{o:?} userxattr={ux}");
+        }
+    }
+
+    #[test]
+    fn legacy_data_table() {
+        let p = params(&OverlayOptions::default(), false);
+        type Case<'a> = (Vec<&'a [u8]>, &'a [u8], &'a [u8], &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                vec![b"/l1"],
+                b"/u",
+                b"/w",
+                "lowerdir=/l1,upperdir=/u,workdir=/w,index=off,redirect_dir=off,metacopy=off,xino=off",
+            ),
+            (
+                vec![b"/a", b"/b"],
+                b"/u",
+                b"/w",
+                "lowerdir=/a:/b,upperdir=/u,workdir=/w,index=off,redirect_dir=off,metacopy=off,xino=off",
+            ),
+            (
+                vec![b"/with:colon", b"/with,comma", b"/back\\slash"],
+                b"/u,1",
+                b"/w:2",
+                r"lowerdir=/with\:colon:/with\,comma:/back\\slash,upperdir=/u\,1,workdir=/w\:2,index=off,redirect_dir=off,metacopy=off,xino=off",
+            ),
+        ];
+        for (lowers, u, w, want) in cases {
+            assert_eq!(String::from_utf8(legacy_data(&lowers, u, w, &p).unwrap()).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn legacy_data_refuses_more_than_a_page() {
+        let long = vec![b'x'; 4100];
+        assert!(legacy_data(&[&long], b"/u", b"/w", &[]).is_none());
+        // Exactly at the limit still fits.
+        let fixed = "lowerdir=,upperdir=/u,workdir=/w".len();
+        let l = vec![b'y'; LEGACY_DATA_MAX - fixed];
+        assert_eq!(legacy_data(&[&l], b"/u", b"/w", &[]).unwrap().len(), LEGACY_DATA_MAX);
+        let l = vec![b'y'; LEGACY_DATA_MAX - fixed + 1];
+        assert!(legacy_data(&[&l], b"/u", b"/w", &[]).is_none());
+    }
+
+    #[test]
+    fn compact_table() {
+        let p = |s: &str| PathBuf::from(s);
+        type Case<'a> = (Vec<&'a str>, Option<(&'a str, Vec<&'a str>)>);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                vec!["/c/layers/a/fs", "/c/layers/b/fs", "/c/ws/u", "/c/ws/w"],
+                Some(("/c", vec!["layers/a/fs", "layers/b/fs", "ws/u", "ws/w"])),
+            ),
+            (vec!["/c/l/a", "/c/l/b"], Some(("/c/l", vec!["a", "b"]))),
+            // The base is always a strict ancestor, even when one path contains the others.
+            (vec!["/c/l", "/c/l/b"], Some(("/c", vec!["l", "l/b"]))),
+            (vec!["/a/x", "/b/y"], None),
+            (vec!["/x", "/y"], None),
+            (vec!["relative/a", "relative/b"], None),
+            (vec!["/c/../d/a", "/c/../d/b"], None),
+            (vec![], None),
+        ];
+        for (input, want) in cases {
+            let paths: Vec<PathBuf> = input.iter().map(|s| p(s)).collect();
+            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            let got = compact(&refs);
+            let want = want.map(|(b, r)| (p(b), r.into_iter().map(p).collect::<Vec<_>>()));
+            assert_eq!(got, want, "{input:?}");
+        }
+    }
+}
