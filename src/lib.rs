@@ -24,6 +24,28 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The lowers become a sandbox's rootfs with a [`MountBackend`]: [`KernelOverlay`]
+//! (overlayfs through the new mount API, one layer per `fsconfig` call, so the 4 KiB
+//! option page never limits the layer count), or [`CopyBackend`] where overlay cannot
+//! be mounted; [`detect()`] tries a real probe mount and says why it chose.
+//!
+//! ```no_run
+//! use rootfs_cache::{detect, OverlayMount, OverlaySpec};
+//! # fn main() -> rootfs_cache::Result<()> {
+//! # let cache = rootfs_cache::RootfsCache::open("/var/lib/rt/rootfs-cache", Default::default())?;
+//! # let rootfs = cache.ensure(&rootfs_cache::OciLayout::open("/srv/images/python")?, "3.12")?;
+//! let backend = detect("/run/sb".as_ref())?.backend(); // Kernel, or Copy (and why: Detection::reason)
+//! for d in ["upper", "work", "rootfs"] {
+//!     std::fs::create_dir_all(format!("/run/sb/42/{d}")).expect("mkdir");
+//! }
+//! let mut spec = OverlaySpec::new(rootfs.lowers(), "/run/sb/42/upper", "/run/sb/42/work", "/run/sb/42/rootfs");
+//! spec.options.fresh = true; // refuse an upper that holds another sandbox's writes
+//! let mounted = OverlayMount::mount(backend, spec)?;
+//! // ... run the sandbox on /run/sb/42/rootfs; its writes land in /run/sb/42/upper ...
+//! mounted.unmount()?; // or drop it: unmounts (MNT_DETACH) and verifies
+//! # Ok(()) }
+//! ```
+//!
 //! Layers can also be extracted directly with [`unpack()`]: streaming, safe extraction of
 //! one OCI layer (plain, gzip or zstd) with digest verification and OCI → overlayfs
 //! whiteout conversion (or flattening).
@@ -44,11 +66,14 @@
 //! ## Modules
 //! - `digest`: [`Digest`] (`sha256:<64 lowercase hex>` only), [`HashingReader`], [`HashingWriter`];
 //! - `error`: [`Error`], one `#[non_exhaustive]` enum; OS errors name the operation and path;
-//! - `sys`: the only `unsafe` code (xattrs and other calls `nix` lacks);
+//! - `sys`: the only `unsafe` code (xattrs, the new mount API and other calls `nix` lacks);
 //! - `root`: fd-based path resolution inside a root directory ([`Root`]);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
-//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`].
+//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
+//! - `mount`: [`MountBackend`], [`OverlaySpec`], [`OverlayOptions`], [`KernelOverlay`]
+//!   ([`MountApi`]), [`CopyBackend`], [`OverlayMount`], [`detect()`] ([`Detection`],
+//!   [`BackendKind`], [`DetectReason`]).
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 

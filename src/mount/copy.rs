@@ -108,7 +108,7 @@ impl MountBackend for CopyBackend {
             for (fd, path) in &layers {
                 copy_layer(fd.as_fd(), target.as_fd(), c.userxattr, path, &p.target)?;
             }
-            let stamp = wait_for_tick(work.as_fd(), &p.work)?;
+            let stamp = wait_for_tick(target.as_fd(), &p.target)?;
             let dirs = dir_inodes(target.as_fd(), &p.target)?;
             write_state(work.as_fd(), &p.work, stamp, &dirs)
         })();
@@ -450,31 +450,40 @@ fn copy_layer(
     Ok(())
 }
 
-/// Waits until the filesystem's clock for new ctimes has moved past every entry
-/// created so far, and returns the last instant before that.
-fn wait_for_tick(work: BorrowedFd<'_>, display: &Path) -> Result<(i64, i64)> {
+/// Waits until the target filesystem's clock for new ctimes has moved past every
+/// entry copied so far, and returns the last instant before that.
+///
+/// The stamp lives in the target itself so it has the target filesystem's timestamp
+/// granularity. Removing it changes the root's ctime, so the root always counts as
+/// changed (a metadata sync and a scan of its names, nothing more); its times are put
+/// back so the stamp leaves no trace in the view.
+fn wait_for_tick(target: BorrowedFd<'_>, display: &Path) -> Result<(i64, i64)> {
     let name = ".rootfs-cache-copy-stamp";
+    let shown = display.join(name);
+    let root = fstat(target).map_err(|e| Error::io("fstat", display, e))?;
     let fd = openat(
-        work,
+        target,
         name,
-        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
-    .map_err(|e| Error::io("openat", display.join(name), e))?;
-    let first = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", display.join(name), e))?);
-    let mut result = Err(Error::io("fstat", display.join(name), Errno::ETIMEDOUT));
-    for _ in 0..1000 {
+    .map_err(|e| Error::io("openat", &shown, e))?;
+    let first = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", &shown, e))?);
+    let mut result = Err(Error::io("fstat", &shown, Errno::ETIMEDOUT));
+    for _ in 0..5000 {
         nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(0o600))
-            .map_err(|e| Error::io("fchmod", display.join(name), e))?;
-        let now = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", display.join(name), e))?);
+            .map_err(|e| Error::io("fchmod", &shown, e))?;
+        let now = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", &shown, e))?);
         if now > first {
             result = Ok(first);
             break;
         }
         std::thread::sleep(std::time::Duration::from_micros(500));
     }
-    nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
-        .map_err(|e| Error::io("unlinkat", display.join(name), e))?;
+    drop(fd);
+    nix::unistd::unlinkat(target, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+        .map_err(|e| Error::io("unlinkat", &shown, e))?;
+    set_dir_times(target, &root, display)?;
     result
 }
 

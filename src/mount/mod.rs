@@ -243,24 +243,24 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
 /// use rootfs_cache::{KernelOverlay, OverlayMount, OverlaySpec};
 /// # fn main() -> rootfs_cache::Result<()> {
 /// let spec = OverlaySpec::new(["/cache/layers/ab/fs"], "/sb/1/upper", "/sb/1/work", "/sb/1/rootfs");
-/// let m = OverlayMount::mount(&KernelOverlay::new(), spec)?;
+/// let m = OverlayMount::mount(KernelOverlay::new(), spec)?; // or `&backend`, or a Box<dyn MountBackend>
 /// std::fs::write(m.target().join("tmp/hello"), b"hi").expect("write"); // lands in /sb/1/upper
 /// m.unmount()?;
 /// # Ok(()) }
 /// ```
 #[must_use = "dropping an OverlayMount unmounts it"]
-pub struct OverlayMount<'a> {
-    backend: &'a dyn MountBackend,
+pub struct OverlayMount<B: MountBackend> {
+    backend: B,
     spec: OverlaySpec,
     mounted: bool,
 }
 
-impl<'a> OverlayMount<'a> {
-    /// Mounts `spec` with `backend`.
+impl<B: MountBackend> OverlayMount<B> {
+    /// Mounts `spec` with `backend` (owned, or borrowed: `&B` is a backend too).
     ///
     /// # Errors
     /// Whatever [`MountBackend::mount`] returns.
-    pub fn mount(backend: &'a dyn MountBackend, spec: OverlaySpec) -> Result<Self> {
+    pub fn mount(backend: B, spec: OverlaySpec) -> Result<Self> {
         backend.mount(&spec)?;
         Ok(OverlayMount { backend, spec, mounted: true })
     }
@@ -292,7 +292,7 @@ impl<'a> OverlayMount<'a> {
     }
 }
 
-impl Drop for OverlayMount<'_> {
+impl<B: MountBackend> Drop for OverlayMount<B> {
     fn drop(&mut self) {
         if self.mounted {
             let _ = self.backend.unmount(&self.spec);
@@ -300,7 +300,7 @@ impl Drop for OverlayMount<'_> {
     }
 }
 
-impl std::fmt::Debug for OverlayMount<'_> {
+impl<B: MountBackend> std::fmt::Debug for OverlayMount<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OverlayMount").field("spec", &self.spec).field("mounted", &self.mounted).finish()
     }
