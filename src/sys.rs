@@ -223,7 +223,10 @@ pub fn fs_context_log(fd: BorrowedFd<'_>) -> String {
         if n <= 0 {
             break;
         }
-        out.push(String::from_utf8_lossy(&buf[..n as usize]).trim_end().to_string());
+        let msg = String::from_utf8_lossy(&buf[..n as usize]);
+        // Each message starts with its level: `e ` error, `w ` warning, `i ` info.
+        let msg = msg.trim_end();
+        out.push(msg.get(2..).filter(|_| msg.as_bytes().get(1) == Some(&b' ')).unwrap_or(msg).to_string());
     }
     out.join("; ")
 }

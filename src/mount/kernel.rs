@@ -183,6 +183,14 @@ enum Layer<'a> {
 /// `fsconfig` copies at most this many bytes of a string value (`strndup_user(.., 256)`).
 const FSCONFIG_STRING_MAX: usize = 255;
 
+/// Whether a path can go to `fsconfig` as a string as is. Besides the length limit,
+/// overlayfs strips `\` escapes from `upperdir`/`workdir` strings (not `lowerdir+`);
+/// such paths take the `fchdir` + `.` route instead.
+fn plain_string(path: &Path) -> bool {
+    let b = bytes(path);
+    b.len() <= FSCONFIG_STRING_MAX && !b.contains(&b'\\')
+}
+
 impl MountBackend for KernelOverlay {
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
@@ -201,6 +209,13 @@ impl MountBackend for KernelOverlay {
 /// Detaches whatever is mounted at `target` and checks that nothing is left there.
 /// A target that is not mounted (or does not exist) is fine: unmounting twice is harmless.
 pub(crate) fn unmount_target(target: &Path) -> Result<()> {
+    // Mounting resolved the target (see `checked_spec`); unmount the same place.
+    let resolved = match std::fs::canonicalize(target) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("realpath", target, e)),
+    };
+    let target = resolved.as_path();
     match nix::mount::umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
         Err(e) => return Err(mount_err("umount2", target, String::new())(e)),
@@ -242,14 +257,14 @@ fn mount_new(c: &super::Checked, params: &[Param], fds: bool) -> Result<()> {
         for (key, fd, path) in &layers {
             set_layer(ctx, key, Layer::Fd(fd.as_fd()), path, target)?;
         }
-    } else if layers.iter().all(|(_, _, path)| bytes(path).len() <= FSCONFIG_STRING_MAX) {
+    } else if layers.iter().all(|(_, _, path)| plain_string(path)) {
         for (key, _, path) in &layers {
             set_layer(ctx, key, Layer::Str(bytes(path)), path, target)?;
         }
     } else {
         with_own_cwd(target, || {
             for (key, fd, path) in &layers {
-                if bytes(path).len() <= FSCONFIG_STRING_MAX {
+                if plain_string(path) {
                     set_layer(ctx, key, Layer::Str(bytes(path)), path, target)?;
                 } else {
                     nix::unistd::fchdir(fd).map_err(|e| Error::io("fchdir", path.as_path(), e))?;

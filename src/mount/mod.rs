@@ -217,8 +217,18 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
         }
         lower_fds.push(fd);
     }
-    let (upper, work, target) = (absolute(&spec.upper)?, absolute(&spec.work)?, absolute(&spec.target)?);
+    let (upper, work) = (absolute(&spec.upper)?, absolute(&spec.work)?);
+    // Resolve the target once: `mount(2)` would follow a symlink there while the
+    // mount-point check and `umount2(UMOUNT_NOFOLLOW)` would look at the link itself.
+    let target = std::fs::canonicalize(&spec.target).map_err(|e| Error::io("realpath", &spec.target, e))?;
     let (upper_fd, work_fd) = (open_dir(&upper)?, open_dir(&work)?);
+    let dev = |fd: &OwnedFd, p: &Path| fstat(fd.as_fd()).map(|st| st.st_dev).map_err(|e| Error::io("fstat", p, e));
+    if dev(&upper_fd, &upper)? != dev(&work_fd, &work)? {
+        // The kernel says only EINVAL (the reason goes to dmesg).
+        return Err(Error::InvalidSpec {
+            reason: format!("upper {} and work {} are on different filesystems", upper.display(), work.display()),
+        });
+    }
     if spec.options.fresh {
         for d in [&upper, &work] {
             if !is_empty_dir(d)? {

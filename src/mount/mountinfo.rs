@@ -48,7 +48,9 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io("realpath", path, e)),
     };
-    let text = std::fs::read("/proc/self/mountinfo").map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
+    // thread-self: a thread may have its own mount namespace (`unshare(CLONE_NEWNS)`).
+    let text = std::fs::read("/proc/thread-self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/thread-self/mountinfo", e))?;
     Ok(mount_points(&text).contains(&canon))
 }
 

@@ -47,7 +47,11 @@ fn on_off(on: bool) -> &'static str {
 pub fn params(opts: &OverlayOptions, userxattr: bool) -> Vec<Param> {
     let mut p = vec![
         Param::Value("index", on_off(opts.index)),
-        Param::Value("redirect_dir", on_off(opts.redirect_dir)),
+        // `nofollow`, not `off`: `off` still follows redirects found in lowers (when the
+        // module's `redirect_always_follow` is set, the default), which a cache of
+        // untrusted layers must not do, and the kernel refuses `off` with `userxattr`
+        // ("conflicting options: userxattr,redirect_dir=follow").
+        Param::Value("redirect_dir", if opts.redirect_dir { "on" } else { "nofollow" }),
         Param::Value("metacopy", on_off(opts.metacopy)),
         Param::Value("xino", if opts.xino { "auto" } else { "off" }),
     ];
@@ -136,7 +140,7 @@ mod tests {
     fn params_table() {
         use Param::*;
         let base =
-            [Value("index", "off"), Value("redirect_dir", "off"), Value("metacopy", "off"), Value("xino", "off")];
+            [Value("index", "off"), Value("redirect_dir", "nofollow"), Value("metacopy", "off"), Value("xino", "off")];
         let cases: Vec<(OverlayOptions, bool, Vec<Param>)> = vec![
             (OverlayOptions::default(), false, base.to_vec()),
             (OverlayOptions::default(), true, [&base[..], &[Flag("userxattr")]].concat()),
@@ -174,19 +178,19 @@ mod tests {
                 vec![b"/l1"],
                 b"/u",
                 b"/w",
-                "lowerdir=/l1,upperdir=/u,workdir=/w,index=off,redirect_dir=off,metacopy=off,xino=off",
+                "lowerdir=/l1,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
             ),
             (
                 vec![b"/a", b"/b"],
                 b"/u",
                 b"/w",
-                "lowerdir=/a:/b,upperdir=/u,workdir=/w,index=off,redirect_dir=off,metacopy=off,xino=off",
+                "lowerdir=/a:/b,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
             ),
             (
                 vec![b"/with:colon", b"/with,comma", b"/back\\slash"],
                 b"/u,1",
                 b"/w:2",
-                r"lowerdir=/with\:colon:/with\,comma:/back\\slash,upperdir=/u\,1,workdir=/w\:2,index=off,redirect_dir=off,metacopy=off,xino=off",
+                r"lowerdir=/with\:colon:/with\,comma:/back\\slash,upperdir=/u\,1,workdir=/w\:2,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
             ),
         ];
         for (lowers, u, w, want) in cases {
