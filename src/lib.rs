@@ -97,3 +97,8 @@ pub use mount::{
 };
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};
+
+// The README's examples compile (`cargo test --doc`), so the API tour stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
