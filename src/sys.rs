@@ -54,6 +54,14 @@ pub fn setxattr_at_nofollow(dirfd: BorrowedFd<'_>, name: &[u8], xname: &[u8], va
     check(unsafe { libc::lsetxattr(path.as_ptr(), xname.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }
 
+/// `lremovexattr(2)` on the entry `name` of directory `dirfd`, not following a final symlink.
+pub fn removexattr_at_nofollow(dirfd: BorrowedFd<'_>, name: &[u8], xname: &[u8]) -> io::Result<()> {
+    let path = proc_path(dirfd, name)?;
+    let xname = cstring(xname)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    check(unsafe { libc::lremovexattr(path.as_ptr(), xname.as_ptr()) })
+}
+
 /// Calls `get(buf)` with a growing buffer until the value fits (the xattr size protocol).
 fn read_sized(mut get: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 256];

@@ -24,6 +24,10 @@
 //! swaps a directory for a symlink while the fold runs cannot make the backend read
 //! files outside the target into the upper.
 //!
+//! The one thing overlayfs format cannot hold is a 0/0 character device: one created
+//! in the target (the kernel overlay refuses with `EPERM`) becomes a whiteout, so the
+//! name reads as deleted after unmount.
+//!
 //! # Crash safety
 //! The state file is removed only after the writes are in the upper; while it exists a
 //! new `mount` is refused ([`Error::AlreadyMounted`]) and `unmount` can be repeated
@@ -51,7 +55,7 @@ use nix::unistd::{Gid, Uid, fchownat, linkat, symlinkat};
 use super::{MountBackend, OverlaySpec, checked_spec, is_empty_dir};
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::unpack::whiteout::{escape_xattr, opaque_xattr, unescape_xattr};
+use crate::unpack::whiteout::opaque_xattr;
 use crate::unpack::{list_dir, remove_tree};
 
 const STATE: &str = "rootfs-cache-copy";
@@ -216,14 +220,45 @@ fn shown(root: &Path, rel: &[u8]) -> std::path::PathBuf {
     if rel.is_empty() { root.to_path_buf() } else { root.join(std::ffi::OsStr::from_bytes(rel)) }
 }
 
-/// How xattr names change on the way: layers store image xattrs escaped and overlay
-/// metadata unescaped; the target is a plain directory.
+/// How xattr names change on the way. Layers store image xattrs in overlay's own
+/// namespace escaped (`P.overlay.X` for `P.X`, with `P` = `trusted.overlay.`, or
+/// `user.overlay.` under `userxattr`) and overlay metadata unescaped; the target is a
+/// plain directory. Like the kernel, only the active namespace is special.
 #[derive(Clone, Copy)]
 enum Xattrs {
     /// Layer → target: drop overlay metadata, unescape image xattrs.
-    Unescape,
-    /// Target → upper: escape anything that looks like overlay metadata.
-    Escape,
+    Unescape(&'static [u8]),
+    /// Target → upper: escape anything in the overlay namespace.
+    Escape(&'static [u8]),
+}
+
+impl Xattrs {
+    fn prefix(userxattr: bool) -> &'static [u8] {
+        if userxattr { b"user.overlay." } else { b"trusted.overlay." }
+    }
+
+    /// The destination name for source xattr `name`; `None` to drop it.
+    fn translate(self, name: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Xattrs::Unescape(p) => match name.strip_prefix(p) {
+                None => Some(name.to_vec()),
+                Some(rest) => rest.strip_prefix(b"overlay.").map(|r| [p, r].concat()),
+            },
+            Xattrs::Escape(p) => match name.strip_prefix(p) {
+                None => Some(name.to_vec()),
+                Some(rest) => Some([p, b"overlay.", rest].concat()),
+            },
+        }
+    }
+
+    /// Whether a destination xattr is overlay's own metadata (an upper's opaque marker),
+    /// which syncing must leave alone.
+    fn is_private(self, name: &[u8]) -> bool {
+        match self {
+            Xattrs::Unescape(_) => false,
+            Xattrs::Escape(p) => name.strip_prefix(p).is_some_and(|rest| !rest.starts_with(b"overlay.")),
+        }
+    }
 }
 
 fn not_root() -> bool {
@@ -259,14 +294,9 @@ fn copy_meta(
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP)) => Vec::new(),
         Err(e) => return Err(Error::io("llistxattr", display, e)),
     };
+    let mut wanted = HashSet::new();
     for name in names {
-        let to = match xattrs {
-            Xattrs::Unescape => match unescape_xattr(&name) {
-                Some(n) => n,
-                None => continue,
-            },
-            Xattrs::Escape => escape_xattr(&name),
-        };
+        let Some(to) = xattrs.translate(&name) else { continue };
         let Some(value) =
             sys::getxattr_at_nofollow(sdir, sname, &name).map_err(|e| Error::io("lgetxattr", display, e))?
         else {
@@ -278,6 +308,23 @@ fn copy_meta(
             // filesystems have no xattrs. overlayfs would show them; a copy cannot.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {}
             Err(e) => return Err(Error::io("lsetxattr", display, e)),
+        }
+        wanted.insert(to);
+    }
+    if is_dir(st) {
+        // A directory may already exist at the destination (merged from a lower layer,
+        // or the upper's copy): drop what the source no longer has.
+        let have = match sys::listxattr_at_nofollow(ddir, dname) {
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP)) => Vec::new(),
+            Err(e) => return Err(Error::io("llistxattr", display, e)),
+        };
+        for name in have.iter().filter(|n| !wanted.contains(*n) && !xattrs.is_private(n)) {
+            match sys::removexattr_at_nofollow(ddir, dname, name) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EPERM | libc::EOPNOTSUPP)) => {}
+                Err(e) => return Err(Error::io("lremovexattr", display, e)),
+            }
         }
     }
     if !symlink {
@@ -398,7 +445,8 @@ fn copy_layer(
     let dst = open_dir_at(dst_root, b".", dst_path)?;
     let st = fstat(src.as_fd()).map_err(|e| Error::io("fstat", src_path, e))?;
     // The merged root carries the top layer's metadata: each layer overwrites it.
-    copy_meta(src.as_fd(), b".", &st, dst.as_fd(), b".", Xattrs::Unescape, dst_path)?;
+    let xattrs = Xattrs::Unescape(Xattrs::prefix(userxattr));
+    copy_meta(src.as_fd(), b".", &st, dst.as_fd(), b".", xattrs, dst_path)?;
     let names = list_dir(src.as_fd(), src_path)?;
     let mut stack = vec![Frame { src, dst, path: Vec::new(), names, st }];
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
@@ -428,7 +476,7 @@ fn copy_layer(
                 mkdirat(top.dst.as_fd(), name.as_slice(), Mode::from_bits_truncate(0o700))
                     .map_err(|e| Error::io("mkdirat", &dshow, e))?;
             }
-            copy_meta(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, Xattrs::Unescape, &dshow)?;
+            copy_meta(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, xattrs, &dshow)?;
             let dst = open_dir_at(top.dst.as_fd(), &name, &dshow)?;
             let names = list_dir(sub.as_fd(), &sshow)?;
             stack.push(Frame { src: sub, dst, path, names, st });
@@ -445,7 +493,7 @@ fn copy_layer(
             }
             links.insert((st.st_dev, st.st_ino), path.clone());
         }
-        copy_leaf(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, Xattrs::Unescape, &dshow)?;
+        copy_leaf(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, xattrs, &dshow)?;
     }
     Ok(())
 }
@@ -458,16 +506,20 @@ fn copy_layer(
 /// changed (a metadata sync and a scan of its names, nothing more); its times are put
 /// back so the stamp leaves no trace in the view.
 fn wait_for_tick(target: BorrowedFd<'_>, display: &Path) -> Result<(i64, i64)> {
-    let name = ".rootfs-cache-copy-stamp";
-    let shown = display.join(name);
     let root = fstat(target).map_err(|e| Error::io("fstat", display, e))?;
-    let fd = openat(
-        target,
-        name,
-        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| Error::io("openat", &shown, e))?;
+    // A layer may hold any name: pick one that is free.
+    let mut n = 0u32;
+    let (name, fd) = loop {
+        let name = format!(".rootfs-cache-copy-stamp-{}-{n}", std::process::id());
+        let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
+        match openat(target, name.as_str(), flags, Mode::from_bits_truncate(0o600)) {
+            Ok(fd) => break (name, fd),
+            Err(Errno::EEXIST) if n < 1000 => n += 1,
+            Err(e) => return Err(Error::io("openat", display.join(&name), e)),
+        }
+    };
+    let name = name.as_str();
+    let shown = display.join(name);
     let first = ctime(&fstat(fd.as_fd()).map_err(|e| Error::io("fstat", &shown, e))?);
     let mut result = Err(Error::io("fstat", &shown, Errno::ETIMEDOUT));
     for _ in 0..5000 {
@@ -591,8 +643,6 @@ struct Frame {
     upper: Option<OwnedFd>,
     /// Everything under here is new: copy it all.
     copy_all: bool,
-    /// The directory itself changed: its metadata and times go to the upper.
-    changed: bool,
 }
 
 impl Fold<'_> {
@@ -606,15 +656,17 @@ impl Fold<'_> {
         let upper = open_dir_at(self.upper.as_fd(), b".", self.display)?;
         let changed = self.changed(&st) || self.state.dirs.get(&Vec::new()) != Some(&st.st_ino);
         let names = list_dir(fd.as_fd(), self.display)?;
-        let mut stack = vec![Frame { fd, st, path: Vec::new(), names, upper: Some(upper), copy_all: false, changed }];
+        let mut stack = vec![Frame { fd, st, path: Vec::new(), names, upper: Some(upper), copy_all: false }];
         if changed {
             self.sync_dir(&mut stack, false)?;
         }
         while let Some(top) = stack.last_mut() {
             let Some(name) = top.names.pop() else {
+                // Any upper directory we touched (created, or added entries to) gets the
+                // target's times back, as overlayfs restores a parent's times after a
+                // copy-up. Children are done, so nothing changes it afterwards.
                 let done = stack.pop().expect("non-empty");
-                if done.changed {
-                    let u = done.upper.as_ref().expect("changed directories exist in the upper");
+                if let Some(u) = &done.upper {
                     set_dir_times(u.as_fd(), &done.st, &shown(self.display, &done.path))?;
                 }
                 continue;
@@ -629,13 +681,15 @@ impl Fold<'_> {
                 let copy_all = top.copy_all || new;
                 let changed = copy_all || self.changed(&st);
                 let names = list_dir(fd.as_fd(), &show)?;
-                stack.push(Frame { fd, st, path, names, upper: None, copy_all, changed });
+                stack.push(Frame { fd, st, path, names, upper: None, copy_all });
                 if changed {
                     // A directory new at this path (created, or renamed here) hides
                     // whatever the lowers have under the same name: opaque.
                     self.sync_dir(&mut stack, new)?;
                 }
             } else if top.copy_all || self.changed(&st) {
+                // A 0/0 character device made in the target (overlayfs refuses to create
+                // one) lands in the upper as what it means there: a whiteout.
                 self.copy_up(&mut stack, &name, &st, &path)?;
             }
         }
@@ -663,7 +717,15 @@ impl Fold<'_> {
                 }
                 mkdirat(pu, name.as_slice(), Mode::from_bits_truncate(0o700))
                     .map_err(|e| Error::io("mkdirat", &show, e))?;
-                copy_meta(parent.fd.as_fd(), &name, &me.st, pu, &name, Xattrs::Escape, &show)?;
+                copy_meta(
+                    parent.fd.as_fd(),
+                    &name,
+                    &me.st,
+                    pu,
+                    &name,
+                    Xattrs::Escape(Xattrs::prefix(self.userxattr)),
+                    &show,
+                )?;
                 let u = open_dir_at(pu, &name, &show)?;
                 set_dir_times(u.as_fd(), &me.st, &show)?;
                 me.upper = Some(u);
@@ -704,11 +766,19 @@ impl Fold<'_> {
             let me = &stack[depth];
             let name = me.path.rsplit(|&b| b == b'/').next().expect("a name");
             let pu = parent.upper.as_ref().expect("ensured").as_fd();
-            copy_meta(parent.fd.as_fd(), name, &me.st, pu, name, Xattrs::Escape, &show)?;
+            copy_meta(
+                parent.fd.as_fd(),
+                name,
+                &me.st,
+                pu,
+                name,
+                Xattrs::Escape(Xattrs::prefix(self.userxattr)),
+                &show,
+            )?;
         } else {
             let me = &stack[0];
             let u = me.upper.as_ref().expect("root").as_fd();
-            copy_meta(me.fd.as_fd(), b".", &me.st, u, b".", Xattrs::Escape, &show)?;
+            copy_meta(me.fd.as_fd(), b".", &me.st, u, b".", Xattrs::Escape(Xattrs::prefix(self.userxattr)), &show)?;
         }
         if fresh {
             return Ok(());
@@ -755,7 +825,7 @@ impl Fold<'_> {
             }
             self.links.insert(st.st_ino, path.to_vec());
         }
-        copy_leaf(top.fd.as_fd(), name, st, u, name, Xattrs::Escape, &show)
+        copy_leaf(top.fd.as_fd(), name, st, u, name, Xattrs::Escape(Xattrs::prefix(self.userxattr)), &show)
     }
 
     /// The names the lowers alone show in directory `path`, resolved as overlayfs does.
