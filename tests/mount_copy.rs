@@ -544,7 +544,7 @@ struct LEnt {
     meta: Meta,
 }
 
-/// Random stacks: `strict` also exercises what known bugs break (per-layer directory
+/// Random stacks: `strict` also exercises what earlier bugs broke (per-layer directory
 /// xattrs, `user.overlay.*` xattrs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -836,7 +836,7 @@ fn open_reg(p: &Path, create: bool, truncate: bool, append: bool) -> Option<fs::
 }
 
 /// Applies `op` to the tree at `t`, best effort: an operation that does not apply
-/// (missing path, wrong type) does nothing. Strict mode allows what known bugs break.
+/// (missing path, wrong type) does nothing. Strict mode adds what earlier bugs broke.
 ///
 /// Lenient mode sets xattrs on directories only when `dir_xattrs` (the last session): a
 /// directory xattr already in the upper survives a later `rm -rf d && mkdir d` when
@@ -1721,10 +1721,9 @@ fn rootless_copy_backend() {
 // Library bugs, pinned down (run with `--ignored`)
 
 /// A merged directory (in two layers, the higher one not opaque) shows the xattrs of
-/// the higher layer's directory only, in the kernel; the copy backend applies every
-/// layer's xattrs on top of each other and never removes one, so a lower layer's
-/// directory xattrs leak into the view. (`copy_layer` → `copy_meta` on an existing
-/// directory, src/mount/copy.rs.) The same happens to the target root across layers.
+/// the higher layer's directory only, as the kernel does: the copy backend drops a
+/// lower layer's directory xattrs when a higher layer's directory replaces its
+/// metadata (regression: they used to leak into the view, the root included).
 #[test]
 fn merged_dir_shows_only_the_top_layers_xattrs() {
     if !support::require_root("merged_dir_shows_only_the_top_layers_xattrs") {
@@ -1751,8 +1750,8 @@ fn merged_dir_shows_only_the_top_layers_xattrs() {
 
 /// The change-detection stamp is a file created with `O_EXCL` in the target's root
 /// after the layers are copied (`wait_for_tick`, src/mount/copy.rs): an image with a
-/// file of that name at its root cannot be mounted by the copy backend (EEXIST),
-/// although the kernel mounts and shows it.
+/// file of the same name at its root still mounts and shows it, as with the kernel
+/// (regression: it used to fail with EEXIST).
 #[test]
 fn layer_file_named_like_the_stamp() {
     if !support::require_root("layer_file_named_like_the_stamp") {
@@ -1771,10 +1770,8 @@ fn layer_file_named_like_the_stamp() {
 
 /// Writing `d/f` (a lower file) through the copy target: the kernel copies `d` up and
 /// restores its times after creating `f` in it, so `d` keeps the lower's mtime. The
-/// fold creates the upper `d` with the right times (`upper_dir`) and then creates `f`
-/// in it, and never restores `d`'s times because `d` itself did not change (frames with
-/// `changed == false` skip `set_dir_times` in `Fold::run`, src/mount/copy.rs). Every
-/// ancestor created this way shows the fold's time instead of the image's.
+/// fold must do the same for every upper directory it creates or adds entries to
+/// (regression: ancestors created by a copy-up showed the fold's time).
 #[test]
 fn parent_dir_mtime_kept_after_child_copy_up() {
     if !support::require_root("parent_dir_mtime_kept_after_child_copy_up") {
@@ -1805,12 +1802,10 @@ fn parent_dir_mtime_kept_after_child_copy_up() {
 }
 
 /// Removing an xattr from a directory that already exists in the upper (pre-populated,
-/// or from an earlier session) is lost: `Fold::sync_dir` → `copy_meta` only sets the
-/// target's xattrs on the existing upper directory and never removes the ones the
-/// target no longer has (src/mount/copy.rs). The kernel removes it from the upper.
-/// `rm -rf e && mkdir e` loses them the same way when the new directory reuses the old
-/// inode number (ext4 usually does): the fold takes it for the old directory (the
-/// recorded inode matches), so it is not replaced by a fresh opaque one.
+/// or from an earlier session) reaches the upper, as with the kernel. Also when
+/// `rm -rf e && mkdir e` gives the new directory the old inode number (ext4 usually
+/// does), so the fold takes it for the old directory rather than a fresh opaque one
+/// (regression: the xattrs used to come back).
 #[test]
 fn removed_dir_xattr_is_removed_by_the_fold() {
     if !support::require_root("removed_dir_xattr_is_removed_by_the_fold") {
@@ -1859,11 +1854,8 @@ fn removed_dir_xattr_is_removed_by_the_fold() {
 /// `user.overlay.*` as ordinary xattrs: it shows `user.overlay.baz` and
 /// `user.overlay.overlay.bar` on a lower file exactly as stored, and stores an
 /// xattr `user.overlay.q` set through the mount as `user.overlay.q`. The copy backend
-/// treats `user.overlay.*` as overlay metadata in both modes (`unescape_xattr` /
-/// `escape_xattr` with both prefixes, src/unpack/whiteout.rs, used by
-/// src/mount/copy.rs `copy_meta`): it hides `user.overlay.baz`, shows
-/// `user.overlay.overlay.bar` as `user.overlay.bar`, and folds `user.overlay.q` into
-/// the upper as `user.overlay.overlay.q`, which the kernel then shows under that name.
+/// does the same: only the active namespace is overlay metadata (regression: it used
+/// to treat `user.overlay.*` as metadata in both modes).
 #[test]
 fn user_overlay_xattrs_are_plain_in_trusted_mode() {
     if !support::require_root("user_overlay_xattrs_are_plain_in_trusted_mode") {
