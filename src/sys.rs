@@ -170,6 +170,7 @@ const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_SET_FD: libc::c_uint = 5;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 
 fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
     if ret < 0 {
@@ -245,32 +246,68 @@ pub fn fsmount(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     owned(unsafe { libc::syscall(libc::SYS_fsmount, fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0 as libc::c_uint) })
 }
 
-/// `move_mount(2)`: attach the detached mount `mnt` at `target` (resolved from the cwd
-/// when relative; a final symlink is not followed).
-pub fn move_mount(mnt: BorrowedFd<'_>, target: &[u8]) -> io::Result<()> {
-    let target = cstring(target)?;
-    // SAFETY: both strings are NUL-terminated and outlive the call.
+/// `move_mount(2)` onto an open directory: attach the detached mount `mnt` exactly on
+/// the directory `target` was opened on.
+pub fn move_mount_to_fd(mnt: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: empty NUL-terminated paths with the EMPTY_PATH flags name the fds themselves.
     check(unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             mnt.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_FDCWD,
-            target.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         ) as libc::c_int
     })
 }
 
-/// Whether `path` is the root of a mount (`statx` `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+),
-/// without following a final symlink. `Ok(None)` when the kernel does not report it.
+/// Whether the directory open as `dir` (an `O_RDONLY` descriptor at offset 0) has no
+/// entries besides `.` and `..`. Reads at most one `getdents64` buffer in the common
+/// case. Moves the descriptor's offset.
+pub fn dir_is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut buf = [0u8; 512];
+    loop {
+        // SAFETY: `buf` is a valid writable buffer of the given length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+        // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name (NUL-terminated).
+        let mut off = 0usize;
+        while off + 19 < n as usize {
+            let reclen = usize::from(u16::from_ne_bytes([buf[off + 16], buf[off + 17]]));
+            let name = &buf[off + 19..off + reclen.max(19)];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if name != b"." && name != b".." {
+                return Ok(false);
+            }
+            if reclen == 0 {
+                break;
+            }
+            off += reclen;
+        }
+    }
+}
+
+/// Whether the directory open as `fd` is the root of a mount (`statx`
+/// `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+). `Ok(None)` when the kernel does not report it.
+pub fn is_mount_root_fd(fd: BorrowedFd<'_>) -> io::Result<Option<bool>> {
+    statx_mount_root(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+}
+
+/// Whether `path` (a final symlink followed) is the root of a mount; see [`is_mount_root_fd`].
 pub fn is_mount_root(path: &[u8]) -> io::Result<Option<bool>> {
-    let path = cstring(path)?;
+    statx_mount_root(libc::AT_FDCWD, &cstring(path)?, 0)
+}
+
+fn statx_mount_root(dirfd: RawFd, path: &CStr, flags: libc::c_int) -> io::Result<Option<bool>> {
     let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
     // SAFETY: `path` is NUL-terminated, `stx` is a valid buffer for one statx record.
-    check(unsafe {
-        libc::statx(libc::AT_FDCWD, path.as_ptr(), libc::AT_SYMLINK_NOFOLLOW, libc::STATX_BASIC_STATS, stx.as_mut_ptr())
-    })?;
+    check(unsafe { libc::statx(dirfd, path.as_ptr(), flags, libc::STATX_BASIC_STATS, stx.as_mut_ptr()) })?;
     // SAFETY: statx succeeded, so the record is initialised.
     let stx = unsafe { stx.assume_init() };
     let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
@@ -320,6 +357,19 @@ mod tests {
         let f = File::open("/").unwrap();
         assert!(proc_path(f.as_fd(), b"a/b").is_err());
         assert!(proc_path(f.as_fd(), b"").is_err());
+    }
+
+    #[test]
+    fn dir_is_empty_sees_any_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || File::open(dir.path()).unwrap();
+        assert!(dir_is_empty(open().as_fd()).unwrap());
+        // A name long enough that `.` and `..` plus it do not fit one small record run.
+        std::fs::write(dir.path().join("x".repeat(250)), b"").unwrap();
+        assert!(!dir_is_empty(open().as_fd()).unwrap());
+        std::fs::remove_file(dir.path().join("x".repeat(250))).unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        assert!(!dir_is_empty(open().as_fd()).unwrap());
     }
 
     #[test]

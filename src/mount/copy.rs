@@ -52,7 +52,7 @@ use nix::sys::stat::{
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat, linkat, symlinkat};
 
-use super::{MountBackend, OverlaySpec, checked_spec, is_empty_dir};
+use super::{MountBackend, OverlaySpec, checked_spec, is_empty_dir, spec_problem};
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::unpack::whiteout::opaque_xattr;
@@ -95,6 +95,9 @@ impl MountBackend for CopyBackend {
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
         let p = &c.paths;
+        if let Some(problem) = spec_problem(p)? {
+            return Err(problem);
+        }
         let work = open_dir_path(&p.work)?;
         if exists_at(work.as_fd(), STATE, &p.work)? || exists_at(work.as_fd(), CLEARING, &p.work)? {
             return Err(Error::AlreadyMounted { path: p.target.clone() });

@@ -195,9 +195,15 @@ impl MountBackend for KernelOverlay {
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
         let params = options::params(&spec.options, c.userxattr);
-        match self.api() {
+        let r = match self.api() {
             MountApi::Legacy | MountApi::Auto => mount_legacy(&c.paths, &params),
             api => mount_new(&c, &params, api == MountApi::LayerFds),
+        };
+        match r {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EINVAL)) => {
+                Err(super::spec_problem(&c.paths)?.unwrap_or(e))
+            }
+            r => r,
         }
     }
 
@@ -209,14 +215,8 @@ impl MountBackend for KernelOverlay {
 /// Detaches whatever is mounted at `target` and checks that nothing is left there.
 /// A target that is not mounted (or does not exist) is fine: unmounting twice is harmless.
 pub(crate) fn unmount_target(target: &Path) -> Result<()> {
-    // Mounting resolved the target (see `checked_spec`); unmount the same place.
-    let resolved = match std::fs::canonicalize(target) {
-        Ok(p) => p,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("realpath", target, e)),
-    };
-    let target = resolved.as_path();
-    match nix::mount::umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+    // A final symlink is followed, as it was by mount.
+    match nix::mount::umount2(target, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
         Err(e) => return Err(mount_err("umount2", target, String::new())(e)),
     }
@@ -240,6 +240,8 @@ pub(crate) struct Paths {
     pub lower_fds: Vec<OwnedFd>,
     pub upper_fd: OwnedFd,
     pub work_fd: OwnedFd,
+    /// The target, opened once: the mount goes exactly where the checks looked.
+    pub target_fd: OwnedFd,
 }
 
 fn mount_new(c: &super::Checked, params: &[Param], fds: bool) -> Result<()> {
@@ -286,7 +288,7 @@ fn mount_new(c: &super::Checked, params: &[Param], fds: bool) -> Result<()> {
         detail: sys::fs_context_log(ctx),
         source: e,
     })?;
-    sys::move_mount(mnt.as_fd(), bytes(target)).map_err(mount_err("move_mount", target, String::new()))
+    sys::move_mount_to_fd(mnt.as_fd(), p.target_fd.as_fd()).map_err(mount_err("move_mount", target, String::new()))
 }
 
 fn mount_legacy(p: &Paths, params: &[Param]) -> Result<()> {

@@ -186,14 +186,18 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 pub(crate) fn is_empty_dir(path: &Path) -> Result<bool> {
-    let mut it = std::fs::read_dir(path).map_err(|e| Error::io("opendir", path, e))?;
-    Ok(it.next().is_none())
+    let fd = open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", path, e))?;
+    crate::sys::dir_is_empty(fd.as_fd()).map_err(|e| Error::io("getdents64", path, e))
 }
 
 /// Validates `spec` and opens its directories: at least one and at most [`MAX_LOWERS`]
-/// lowers, none listed twice (the kernel answers `ELOOP`, which explains nothing),
-/// every path an existing directory, a fresh upper/work empty when asked, and the
-/// target not already a mount point.
+/// lowers, none listed twice by the same path, every path an existing directory, a
+/// fresh upper/work empty when asked, and the target (opened once, so the mount lands
+/// on exactly the directory checked) not already a mount point.
+///
+/// Checks that need a `stat` per layer run only after the kernel refuses
+/// ([`spec_problem`]): this is the hot path of every restore.
 pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     if spec.lowers.is_empty() {
         return Err(Error::InvalidSpec { reason: "no lower directories".into() });
@@ -205,43 +209,61 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
         });
     }
     let lowers = spec.lowers.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?;
-    let mut seen = std::collections::HashMap::with_capacity(lowers.len());
-    let mut lower_fds = Vec::with_capacity(lowers.len());
+    let mut seen = std::collections::HashSet::with_capacity(lowers.len());
     for l in &lowers {
-        let fd = open_dir(l)?;
-        let st = fstat(fd.as_fd()).map_err(|e| Error::io("fstat", l.as_path(), e))?;
-        if let Some(first) = seen.insert((st.st_dev, st.st_ino), l) {
-            return Err(Error::InvalidSpec {
-                reason: format!("lower {} is listed twice (also as {})", l.display(), first.display()),
-            });
+        if !seen.insert(l) {
+            return Err(Error::InvalidSpec { reason: format!("lower {} is listed twice", l.display()) });
         }
-        lower_fds.push(fd);
     }
-    let (upper, work) = (absolute(&spec.upper)?, absolute(&spec.work)?);
-    // Resolve the target once: `mount(2)` would follow a symlink there while the
-    // mount-point check and `umount2(UMOUNT_NOFOLLOW)` would look at the link itself.
-    let target = std::fs::canonicalize(&spec.target).map_err(|e| Error::io("realpath", &spec.target, e))?;
-    let (upper_fd, work_fd) = (open_dir(&upper)?, open_dir(&work)?);
-    let dev = |fd: &OwnedFd, p: &Path| fstat(fd.as_fd()).map(|st| st.st_dev).map_err(|e| Error::io("fstat", p, e));
-    if dev(&upper_fd, &upper)? != dev(&work_fd, &work)? {
-        // The kernel says only EINVAL (the reason goes to dmesg).
-        return Err(Error::InvalidSpec {
-            reason: format!("upper {} and work {} are on different filesystems", upper.display(), work.display()),
-        });
-    }
+    let lower_fds = lowers.iter().map(|l| open_dir(l)).collect::<Result<Vec<_>>>()?;
+    let (upper, work, target) = (absolute(&spec.upper)?, absolute(&spec.work)?, absolute(&spec.target)?);
+    let readable = |p: &Path| {
+        open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| Error::io("open", p, e))
+    };
+    let (upper_fd, work_fd) = (readable(&upper)?, readable(&work)?);
     if spec.options.fresh {
-        for d in [&upper, &work] {
-            if !is_empty_dir(d)? {
+        for (fd, d) in [(&upper_fd, &upper), (&work_fd, &work)] {
+            if !crate::sys::dir_is_empty(fd.as_fd()).map_err(|e| Error::io("getdents64", d.as_path(), e))? {
                 return Err(Error::NotEmpty { path: d.clone() });
             }
         }
     }
-    drop(open_dir(&target)?);
-    if is_mount_point(&target)? {
+    // Follows a symlink, as mount(2) and umount2(2) do: the checks, the mount and the
+    // unmount all mean the directory the path names.
+    let target_fd = open_dir(&target)?;
+    let mounted = match crate::sys::is_mount_root_fd(target_fd.as_fd()) {
+        Ok(Some(m)) => m,
+        Ok(None) => is_mount_point(&target)?,
+        Err(e) => return Err(Error::io("statx", target.as_path(), e)),
+    };
+    if mounted {
         return Err(Error::AlreadyMounted { path: target });
     }
-    let paths = kernel::Paths { lowers, upper, work, target, lower_fds, upper_fd, work_fd };
+    let paths = kernel::Paths { lowers, upper, work, target, lower_fds, upper_fd, work_fd, target_fd };
     Ok(Checked { paths, userxattr: spec.userxattr() })
+}
+
+/// What is wrong with a checked spec that the kernel explains badly: the same lower
+/// reached twice through different paths (symlinks, bind mounts; the kernel says
+/// `ELOOP`), or upper and work on different filesystems (`EINVAL`, reason in dmesg).
+pub(crate) fn spec_problem(p: &kernel::Paths) -> Result<Option<Error>> {
+    let stat = |fd: &OwnedFd, path: &Path| fstat(fd.as_fd()).map_err(|e| Error::io("fstat", path, e));
+    let mut seen = std::collections::HashMap::with_capacity(p.lowers.len());
+    for (fd, l) in p.lower_fds.iter().zip(&p.lowers) {
+        let st = stat(fd, l)?;
+        if let Some(first) = seen.insert((st.st_dev, st.st_ino), l) {
+            return Ok(Some(Error::InvalidSpec {
+                reason: format!("lower {} is listed twice (also as {})", l.display(), first.display()),
+            }));
+        }
+    }
+    if stat(&p.upper_fd, &p.upper)?.st_dev != stat(&p.work_fd, &p.work)?.st_dev {
+        return Ok(Some(Error::InvalidSpec {
+            reason: format!("upper {} and work {} are on different filesystems", p.upper.display(), p.work.display()),
+        }));
+    }
+    Ok(None)
 }
 
 /// A mounted overlay that is unmounted when dropped.

@@ -35,7 +35,8 @@ pub fn mount_points(text: &[u8]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Whether `path` is currently a mount point in this mount namespace. A missing path is not.
+/// Whether `path` (a final symlink followed) is currently a mount point in this mount
+/// namespace. A missing path is not.
 pub fn is_mount_point(path: &Path) -> Result<bool> {
     match sys::is_mount_root(bytes(path)) {
         Ok(Some(v)) => return Ok(v),
