@@ -195,12 +195,16 @@ impl MountBackend for KernelOverlay {
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
         let params = options::params(&spec.options, c.userxattr);
-        let r = match self.api() {
-            MountApi::Legacy | MountApi::Auto => mount_legacy(&c.paths, &params),
-            api => mount_new(&c, &params, api == MountApi::LayerFds),
+        let r = match (self.api, self.api()) {
+            (_, MountApi::Legacy | MountApi::Auto) => mount_legacy(&c.paths, &params),
+            // Auto on a kernel with layer fds: a plain path costs the kernel one lookup
+            // and us nothing, an fd costs an open and a close; fds only where needed.
+            (MountApi::Auto, MountApi::LayerFds) => mount_new(&c, &params, Layers::Mixed),
+            (_, MountApi::LayerFds) => mount_new(&c, &params, Layers::Fds),
+            (_, MountApi::LayerStrings) => mount_new(&c, &params, Layers::Strings),
         };
         match r {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EINVAL)) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EINVAL | libc::ENOENT | libc::ENOTDIR)) => {
                 Err(super::spec_problem(&c.paths)?.unwrap_or(e))
             }
             r => r,
@@ -237,14 +241,29 @@ pub(crate) struct Paths {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub target: PathBuf,
-    pub lower_fds: Vec<OwnedFd>,
     pub upper_fd: OwnedFd,
     pub work_fd: OwnedFd,
     /// The target, opened once: the mount goes exactly where the checks looked.
     pub target_fd: OwnedFd,
 }
 
-fn mount_new(c: &super::Checked, params: &[Param], fds: bool) -> Result<()> {
+/// How layers are handed to `fsconfig`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layers {
+    /// Every layer as an open directory.
+    Fds,
+    /// Plain paths as strings, the rest as open directories.
+    Mixed,
+    /// Plain paths as strings, the rest as `.` from a helper thread `fchdir`ed there.
+    Strings,
+}
+
+fn open_layer(path: &Path) -> Result<OwnedFd> {
+    open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", path, e))
+}
+
+fn mount_new(c: &super::Checked, params: &[Param], how: Layers) -> Result<()> {
     let p = &c.paths;
     let target = &p.target;
     let ctx = sys::fsopen(c"overlay").map_err(mount_err("fsopen overlay", target, String::new()))?;
@@ -252,24 +271,41 @@ fn mount_new(c: &super::Checked, params: &[Param], fds: bool) -> Result<()> {
     for param in params {
         set_param(ctx, param, target)?;
     }
-    let layers = p.lower_fds.iter().zip(&p.lowers).map(|(fd, path)| (c"lowerdir+", fd, path));
-    let layers = layers.chain([(c"upperdir", &p.upper_fd, &p.upper), (c"workdir", &p.work_fd, &p.work)]);
-    let layers: Vec<_> = layers.collect();
-    if fds {
-        for (key, fd, path) in &layers {
-            set_layer(ctx, key, Layer::Fd(fd.as_fd()), path, target)?;
+    let layers = p.lowers.iter().map(|path| (c"lowerdir+", None, path));
+    let layers = layers.chain([(c"upperdir", Some(&p.upper_fd), &p.upper), (c"workdir", Some(&p.work_fd), &p.work)]);
+    let layers: Vec<(&CStr, Option<&OwnedFd>, &PathBuf)> = layers.collect();
+    let set = |key: &'static CStr, fd: Option<&OwnedFd>, path: &Path, as_fd: bool| -> Result<()> {
+        if !as_fd {
+            return set_layer(ctx, key, Layer::Str(bytes(path)), path, target);
+        }
+        match fd {
+            Some(fd) => set_layer(ctx, key, Layer::Fd(fd.as_fd()), path, target),
+            None => set_layer(ctx, key, Layer::Fd(open_layer(path)?.as_fd()), path, target),
+        }
+    };
+    if how != Layers::Strings {
+        for &(key, fd, path) in &layers {
+            set(key, fd, path, how == Layers::Fds || !plain_string(path))?;
         }
     } else if layers.iter().all(|(_, _, path)| plain_string(path)) {
-        for (key, _, path) in &layers {
-            set_layer(ctx, key, Layer::Str(bytes(path)), path, target)?;
+        for &(key, fd, path) in &layers {
+            set(key, fd, path, false)?;
         }
     } else {
         with_own_cwd(target, || {
-            for (key, fd, path) in &layers {
+            for &(key, fd, path) in &layers {
                 if plain_string(path) {
-                    set_layer(ctx, key, Layer::Str(bytes(path)), path, target)?;
+                    set(key, fd, path, false)?;
                 } else {
-                    nix::unistd::fchdir(fd).map_err(|e| Error::io("fchdir", path.as_path(), e))?;
+                    let opened;
+                    let dir = match fd {
+                        Some(fd) => fd,
+                        None => {
+                            opened = open_layer(path)?;
+                            &opened
+                        }
+                    };
+                    nix::unistd::fchdir(dir).map_err(|e| Error::io("fchdir", path.as_path(), e))?;
                     set_layer(ctx, key, Layer::Str(b"."), path, target)?;
                 }
             }

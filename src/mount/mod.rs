@@ -196,8 +196,8 @@ pub(crate) fn is_empty_dir(path: &Path) -> Result<bool> {
 /// fresh upper/work empty when asked, and the target (opened once, so the mount lands
 /// on exactly the directory checked) not already a mount point.
 ///
-/// Checks that need a `stat` per layer run only after the kernel refuses
-/// ([`spec_problem`]): this is the hot path of every restore.
+/// Lowers are not even opened here: checks that need a syscall per layer run only
+/// after the kernel refuses ([`spec_problem`]); this is the hot path of every restore.
 pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     if spec.lowers.is_empty() {
         return Err(Error::InvalidSpec { reason: "no lower directories".into() });
@@ -215,7 +215,6 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
             return Err(Error::InvalidSpec { reason: format!("lower {} is listed twice", l.display()) });
         }
     }
-    let lower_fds = lowers.iter().map(|l| open_dir(l)).collect::<Result<Vec<_>>>()?;
     let (upper, work, target) = (absolute(&spec.upper)?, absolute(&spec.work)?, absolute(&spec.target)?);
     let readable = |p: &Path| {
         open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
@@ -240,18 +239,23 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     if mounted {
         return Err(Error::AlreadyMounted { path: target });
     }
-    let paths = kernel::Paths { lowers, upper, work, target, lower_fds, upper_fd, work_fd, target_fd };
+    let paths = kernel::Paths { lowers, upper, work, target, upper_fd, work_fd, target_fd };
     Ok(Checked { paths, userxattr: spec.userxattr() })
 }
 
-/// What is wrong with a checked spec that the kernel explains badly: the same lower
+/// What is wrong with a checked spec that the kernel explains badly: a lower that
+/// cannot be opened (`mount(2)` says `ENOENT` without naming it), the same lower
 /// reached twice through different paths (symlinks, bind mounts; the kernel says
 /// `ELOOP`), or upper and work on different filesystems (`EINVAL`, reason in dmesg).
 pub(crate) fn spec_problem(p: &kernel::Paths) -> Result<Option<Error>> {
     let stat = |fd: &OwnedFd, path: &Path| fstat(fd.as_fd()).map_err(|e| Error::io("fstat", path, e));
     let mut seen = std::collections::HashMap::with_capacity(p.lowers.len());
-    for (fd, l) in p.lower_fds.iter().zip(&p.lowers) {
-        let st = stat(fd, l)?;
+    for l in &p.lowers {
+        let fd = match open_dir(l) {
+            Ok(fd) => fd,
+            Err(e) => return Ok(Some(e)),
+        };
+        let st = stat(&fd, l)?;
         if let Some(first) = seen.insert((st.st_dev, st.st_ino), l) {
             return Ok(Some(Error::InvalidSpec {
                 reason: format!("lower {} is listed twice (also as {})", l.display(), first.display()),
