@@ -50,7 +50,7 @@ pub enum MountApi {
 
 /// The kernel's overlayfs.
 ///
-/// Mounts with `index=off`, `redirect_dir=off`, `metacopy=off` and `xino=off` unless the
+/// Mounts with `index=off`, `redirect_dir=nofollow`, `metacopy=off` and `xino=off` unless the
 /// spec's [`OverlayOptions`](super::OverlayOptions) ask otherwise, and with `userxattr`
 /// inside a user namespace. Unmounting is `umount2(MNT_DETACH)` followed by a check that
 /// the target is no longer a mount point; nothing is ever deleted.

@@ -113,7 +113,9 @@ pub struct OverlayOptions {
     /// `index=on`. Default: off.
     pub index: bool,
     /// `redirect_dir=on` (directory renames without copy-up, recorded as xattrs the diff
-    /// engine refuses). Default: off.
+    /// engine refuses). Default: off, sent as `nofollow` (redirects are neither created
+    /// nor followed; plain `off` would follow ones found in lowers, and is refused
+    /// together with `userxattr`).
     pub redirect_dir: bool,
     /// `metacopy=on` (metadata-only copy-up, also refused by the diff engine). Default: off.
     pub metacopy: bool,
