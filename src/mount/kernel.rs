@@ -235,7 +235,8 @@ pub(crate) fn unmount_target(target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The absolute paths of a checked spec and open `O_PATH` descriptors for its layers.
+/// The absolute paths of a checked spec, with open descriptors for upper, work and the
+/// target (lowers are opened only where `fsconfig` needs an fd).
 pub(crate) struct Paths {
     pub lowers: Vec<PathBuf>,
     pub upper: PathBuf,
