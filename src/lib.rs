@@ -46,6 +46,36 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A [`Workspace`] is one sandbox's view: a fresh upper over the lowers, mounted with
+//! any backend, holding the image's lease. Its writes move around as a diff read from
+//! the upper alone: [`Workspace::changes`], [`Workspace::export_diff`] /
+//! [`Workspace::import_diff`] (checkpoint/restore), [`Workspace::apply`] (flatten into a
+//! private lower; CI runners recycling a workspace) and [`Workspace::detach`] (copy
+//! everything up and let the cache evict the image).
+//!
+//! ```no_run
+//! use rootfs_cache::{DiffOptions, KernelOverlay, Workspace, WorkspaceOptions};
+//! # fn main() -> rootfs_cache::Result<()> {
+//! # let cache = rootfs_cache::RootfsCache::open("/var/lib/rt/rootfs-cache", Default::default())?;
+//! # let images = rootfs_cache::OciLayout::open("/srv/images/python")?;
+//! let mut ws = Workspace::create("/run/sb/42", cache.ensure(&images, "3.12")?, WorkspaceOptions::default())?;
+//! let rootfs = ws.mount(KernelOverlay::new())?.to_path_buf(); // /run/sb/42/rootfs
+//! # let _ = rootfs;
+//! // ... the sandbox runs; then checkpoint its writes:
+//! let blob = std::fs::File::create("/var/lib/rt/ckpt/42.tar.zst").expect("create");
+//! let mut opts = DiffOptions::default();
+//! opts.compression = rootfs_cache::Compression::Zstd;
+//! let stats = ws.export_diff(blob, &opts)?; // stats.digest, stats.diff_id
+//! ws.destroy()?; // unmounts, deletes, releases the lease
+//!
+//! // Restore elsewhere: a fresh workspace on the same image, the diff imported.
+//! let mut ws = Workspace::create("/run/sb/43", cache.ensure(&images, "3.12")?, WorkspaceOptions::default())?;
+//! ws.import_diff(std::fs::File::open("/var/lib/rt/ckpt/42.tar.zst").expect("open"))?;
+//! ws.mount(KernelOverlay::new())?;
+//! # let _ = stats;
+//! # Ok(()) }
+//! ```
+//!
 //! Layers can also be extracted directly with [`unpack()`]: streaming, safe extraction of
 //! one OCI layer (plain, gzip or zstd) with digest verification and OCI → overlayfs
 //! whiteout conversion (or flattening).
@@ -73,7 +103,9 @@
 //! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
 //! - `mount`: [`MountBackend`], [`OverlaySpec`], [`OverlayOptions`], [`KernelOverlay`]
 //!   ([`MountApi`]), [`CopyBackend`], [`OverlayMount`], [`detect()`] ([`Detection`],
-//!   [`BackendKind`], [`DetectReason`]).
+//!   [`BackendKind`], [`DetectReason`]);
+//! - `workspace`: [`Workspace`], [`WorkspaceOptions`], [`Lowers`], [`ChangeSet`],
+//!   [`Change`], [`ChangeKind`], [`ApplyReport`], [`DiffOptions`], [`DiffStats`].
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -85,6 +117,7 @@ mod mount;
 mod root;
 mod sys;
 mod unpack;
+mod workspace;
 
 pub use cache::{CacheOptions, CacheStats, GcReport, Rootfs, RootfsCache};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
@@ -97,6 +130,9 @@ pub use mount::{
 };
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};
+pub use workspace::{
+    ApplyReport, Change, ChangeKind, ChangeSet, DiffOptions, DiffStats, Lowers, Workspace, WorkspaceOptions,
+};
 
 // The README's examples compile (`cargo test --doc`), so the API tour stays true.
 #[cfg(doctest)]

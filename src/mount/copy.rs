@@ -113,7 +113,8 @@ impl MountBackend for CopyBackend {
         layers.push((open_dir_path(&p.upper)?, &p.upper));
         let copied = (|| {
             for (fd, path) in &layers {
-                copy_layer(fd.as_fd(), target.as_fd(), c.userxattr, path, &p.target)?;
+                let xattrs = Xattrs::Unescape(Xattrs::prefix(c.userxattr));
+                copy_layer(fd.as_fd(), target.as_fd(), c.userxattr, xattrs, path, &p.target)?;
             }
             let stamp = wait_for_tick(target.as_fd(), &p.target)?;
             let dirs = dir_inodes(target.as_fd(), &p.target)?;
@@ -160,7 +161,7 @@ impl MountBackend for CopyBackend {
     }
 }
 
-fn open_dir_path(p: &Path) -> Result<OwnedFd> {
+pub(crate) fn open_dir_path(p: &Path) -> Result<OwnedFd> {
     nix::fcntl::open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| Error::io("open", p, e))
 }
@@ -202,7 +203,7 @@ fn remove_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<()> {
 }
 
 /// Removes every entry of `dir`, keeping `dir` itself.
-fn clear_dir(dir: BorrowedFd<'_>, display: &Path) -> Result<()> {
+pub(crate) fn clear_dir(dir: BorrowedFd<'_>, display: &Path) -> Result<()> {
     for name in list_dir(dir, display)? {
         remove_at(dir, &name, display)?;
     }
@@ -228,20 +229,22 @@ fn shown(root: &Path, rel: &[u8]) -> std::path::PathBuf {
 /// `user.overlay.` under `userxattr`) and overlay metadata unescaped; the target is a
 /// plain directory. Like the kernel, only the active namespace is special.
 #[derive(Clone, Copy)]
-enum Xattrs {
+pub(crate) enum Xattrs {
     /// Layer → target: drop overlay metadata, unescape image xattrs.
     Unescape(&'static [u8]),
     /// Target → upper: escape anything in the overlay namespace.
     Escape(&'static [u8]),
+    /// Layer → layer: drop overlay metadata, keep escaped image xattrs escaped.
+    Keep(&'static [u8]),
 }
 
 impl Xattrs {
-    fn prefix(userxattr: bool) -> &'static [u8] {
+    pub(crate) fn prefix(userxattr: bool) -> &'static [u8] {
         if userxattr { b"user.overlay." } else { b"trusted.overlay." }
     }
 
     /// The destination name for source xattr `name`; `None` to drop it.
-    fn translate(self, name: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn translate(self, name: &[u8]) -> Option<Vec<u8>> {
         match self {
             Xattrs::Unescape(p) => match name.strip_prefix(p) {
                 None => Some(name.to_vec()),
@@ -251,6 +254,10 @@ impl Xattrs {
                 None => Some(name.to_vec()),
                 Some(rest) => Some([p, b"overlay.", rest].concat()),
             },
+            Xattrs::Keep(p) => match name.strip_prefix(p) {
+                Some(rest) if !rest.starts_with(b"overlay.") => None,
+                _ => Some(name.to_vec()),
+            },
         }
     }
 
@@ -259,7 +266,9 @@ impl Xattrs {
     fn is_private(self, name: &[u8]) -> bool {
         match self {
             Xattrs::Unescape(_) => false,
-            Xattrs::Escape(p) => name.strip_prefix(p).is_some_and(|rest| !rest.starts_with(b"overlay.")),
+            Xattrs::Escape(p) | Xattrs::Keep(p) => {
+                name.strip_prefix(p).is_some_and(|rest| !rest.starts_with(b"overlay."))
+            }
         }
     }
 }
@@ -270,7 +279,7 @@ fn not_root() -> bool {
 
 /// Copies ownership, xattrs, mode and (unless a directory, done after its children)
 /// times of `sdir/sname` onto `ddir/dname`, never following symlinks.
-fn copy_meta(
+pub(crate) fn copy_meta(
     sdir: BorrowedFd<'_>,
     sname: &[u8],
     st: &FileStat,
@@ -348,7 +357,7 @@ fn set_times(ddir: BorrowedFd<'_>, dname: &[u8], st: &FileStat, display: &Path) 
     utimensat(ddir, dname, &at, &mt, UtimensatFlags::NoFollowSymlink).map_err(|e| Error::io("utimensat", display, e))
 }
 
-fn set_dir_times(dir: BorrowedFd<'_>, st: &FileStat, display: &Path) -> Result<()> {
+pub(crate) fn set_dir_times(dir: BorrowedFd<'_>, st: &FileStat, display: &Path) -> Result<()> {
     let at = TimeSpec::new(st.st_atime, st.st_atime_nsec);
     let mt = TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
     futimens(dir, &at, &mt).map_err(|e| Error::io("futimens", display, e))
@@ -382,7 +391,7 @@ pub(crate) fn copy_data(src: &File, dst: &File, display: &Path) -> Result<()> {
 
 /// Creates a copy of the non-directory `sdir/sname` (described by `st`) at
 /// `ddir/dname`, which must not exist.
-fn copy_leaf(
+pub(crate) fn copy_leaf(
     sdir: BorrowedFd<'_>,
     sname: &[u8],
     st: &FileStat,
@@ -430,10 +439,11 @@ fn copy_leaf(
 /// Applies one layer (or the upper) to `dst` as overlayfs stacks it: whiteouts remove,
 /// opaque directories replace, anything else replaces what is there. Hardlinks inside
 /// the layer stay hardlinks.
-fn copy_layer(
+pub(crate) fn copy_layer(
     src_root: BorrowedFd<'_>,
     dst_root: BorrowedFd<'_>,
     userxattr: bool,
+    xattrs: Xattrs,
     src_path: &Path,
     dst_path: &Path,
 ) -> Result<()> {
@@ -448,7 +458,6 @@ fn copy_layer(
     let dst = open_dir_at(dst_root, b".", dst_path)?;
     let st = fstat(src.as_fd()).map_err(|e| Error::io("fstat", src_path, e))?;
     // The merged root carries the top layer's metadata: each layer overwrites it.
-    let xattrs = Xattrs::Unescape(Xattrs::prefix(userxattr));
     copy_meta(src.as_fd(), b".", &st, dst.as_fd(), b".", xattrs, dst_path)?;
     let names = list_dir(src.as_fd(), src_path)?;
     let mut stack = vec![Frame { src, dst, path: Vec::new(), names, st }];

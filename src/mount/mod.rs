@@ -32,9 +32,9 @@ use nix::sys::stat::{Mode, fstat};
 
 use crate::error::{Error, Result};
 
-mod copy;
+pub(crate) mod copy;
 mod kernel;
-mod mountinfo;
+pub(crate) mod mountinfo;
 mod options;
 
 pub use copy::CopyBackend;

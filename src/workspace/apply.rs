@@ -1,0 +1,107 @@
+//! `Workspace::apply`: flatten an upper into a private lower.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::stat::{Mode, SFlag, mkdirat};
+
+use super::changes::check_no_redirects;
+use super::walk::{Event, kind, open_dir_at, shown, stat_at, walk};
+use crate::error::{Error, Result};
+use crate::mount::copy::{Xattrs, copy_leaf, copy_meta, open_dir_path, set_dir_times};
+use crate::unpack::remove_tree;
+
+/// What [`Workspace::apply`](super::Workspace::apply) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApplyReport {
+    /// Non-directory entries moved into the lower by `rename` (no data copied).
+    pub moved: u64,
+    /// Non-directory entries copied (upper and lower on different filesystems), then
+    /// renamed into place.
+    pub copied: u64,
+    /// Directories created or updated in the lower.
+    pub dirs: u64,
+    /// Opaque directories: the lower's directory replaced as a whole.
+    pub replaced_dirs: u64,
+    /// Whiteouts: paths deleted from the lower.
+    pub deleted: u64,
+}
+
+pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<ApplyReport> {
+    // Refuse before changing anything.
+    walk(upper, userxattr, |ev| {
+        match ev {
+            Event::Enter { parent, name, path, .. } | Event::Leaf { parent, name, path, .. } if !path.is_empty() => {
+                check_no_redirects(parent, name, userxattr, &shown(upper, path))?
+            }
+            _ => {}
+        }
+        Ok(true)
+    })?;
+    let keep = Xattrs::Keep(Xattrs::prefix(userxattr));
+    let root = open_dir_path(lower)?;
+    let mut report = ApplyReport::default();
+    let mut stack: Vec<OwnedFd> = Vec::new();
+    walk(upper, userxattr, |ev| {
+        match ev {
+            Event::Enter { fd, path: [], st, .. } => {
+                copy_meta(fd, b".", st, root.as_fd(), b".", keep, lower)?;
+                stack.push(open_dir_at(root.as_fd(), b".", lower)?);
+            }
+            Event::Enter { parent, name, path, st, opaque, .. } => {
+                let display = shown(lower, path);
+                let ld = stack.last().expect("root entered").as_fd();
+                let existing = stat_at(ld, name, &display)?;
+                let is_dir = existing.as_ref().is_some_and(|s| kind(s) == SFlag::S_IFDIR);
+                if opaque || !is_dir {
+                    if existing.is_some() {
+                        remove_tree(ld, name, name, None, &display)?;
+                    }
+                    mkdirat(ld, name, Mode::from_bits_truncate(0o700))
+                        .map_err(|e| Error::io("mkdirat", &display, e))?;
+                    report.replaced_dirs += u64::from(opaque);
+                }
+                copy_meta(parent, name, st, ld, name, keep, &display)?;
+                report.dirs += 1;
+                let sub = open_dir_at(ld, name, &display)?;
+                stack.push(sub);
+            }
+            Event::Leave { path, st, .. } => {
+                let ld = stack.pop().expect("entered");
+                set_dir_times(ld.as_fd(), st, &shown(lower, path))?;
+            }
+            Event::Whiteout { name, path, .. } => {
+                let ld = stack.last().expect("root entered").as_fd();
+                remove_tree(ld, name, name, None, &shown(lower, path))?;
+                report.deleted += 1;
+            }
+            Event::Leaf { parent, name, path, st } => {
+                let display = shown(lower, path);
+                let ld = stack.last().expect("root entered").as_fd();
+                if stat_at(ld, name, &display)?.is_some_and(|s| kind(&s) == SFlag::S_IFDIR) {
+                    remove_tree(ld, name, name, None, &display)?;
+                }
+                // A rename replaces the lower's directory entry, never the file it named:
+                // a lower file hardlinked into some shared file cache keeps its content.
+                match nix::fcntl::renameat(parent, name, ld, name) {
+                    Ok(()) => report.moved += 1,
+                    Err(Errno::EXDEV) => {
+                        let tmp = [b".rootfs-cache-apply-".as_slice(), name].concat();
+                        let tmp = &tmp[..tmp.len().min(255)];
+                        if stat_at(ld, tmp, &display)?.is_some() {
+                            remove_tree(ld, tmp, tmp, None, &display)?;
+                        }
+                        copy_leaf(parent, name, st, ld, tmp, keep, &display)?;
+                        nix::fcntl::renameat(ld, tmp, ld, name).map_err(|e| Error::io("renameat", &display, e))?;
+                        report.copied += 1;
+                    }
+                    Err(e) => return Err(Error::io("renameat", &display, e)),
+                }
+            }
+        }
+        Ok(true)
+    })?;
+    Ok(report)
+}

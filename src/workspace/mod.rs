@@ -1,0 +1,520 @@
+//! [`Workspace`]: one sandbox's writable view of a rootfs, and the diff engine.
+//!
+//! ```text
+//! Workspace::create(dir, lowers, opts)        Workspace::convert(path, backend)
+//!   dir/upper    private writes                 path.lower   the original directory
+//!   dir/work     overlay's scratch              path.upper   writes
+//!   dir/rootfs   the merged view (mount)        path.work    overlay's scratch
+//!   dir/empty    (after detach) the only lower  path         the merged view (mount)
+//! ```
+//!
+//! The diff engine reads the upper directly, never the merged mount: [`changes`]
+//! (a [`ChangeSet`]), [`apply`] (flatten into a private lower), [`export_diff`] (an
+//! OCI layer tar) and [`detach`] (copy everything up, drop the lowers). Uppers are in
+//! overlayfs format whichever [`MountBackend`] mounted them.
+//!
+//! # Concurrency
+//! A `Workspace` is owned by one thread at a time (`&mut self` for everything that
+//! changes it). Two `Workspace`s must not share a directory; [`Workspace::create`]
+//! refuses a directory whose upper holds writes unless asked to reset it.
+//!
+//! [`changes`]: Workspace::changes
+//! [`apply`]: Workspace::apply
+//! [`export_diff`]: Workspace::export_diff
+//! [`detach`]: Workspace::detach
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::cache::Rootfs;
+use crate::error::{Error, Result};
+use crate::mount::copy::{Xattrs, clear_dir, copy_layer, open_dir_path};
+use crate::mount::{MountBackend, OverlayOptions, OverlaySpec, is_mount_point};
+use crate::unpack::{UnpackOptions, WhiteoutMode, unpack};
+
+mod apply;
+mod changes;
+mod export;
+pub(crate) mod tar_writer;
+pub(crate) mod walk;
+
+pub use apply::ApplyReport;
+pub use changes::{Change, ChangeKind, ChangeSet};
+pub use export::{DiffOptions, DiffStats};
+
+/// Where a workspace's lowers come from.
+#[derive(Debug)]
+pub enum Lowers {
+    /// A cached image: the workspace holds its lease until destroyed or detached.
+    Rootfs(Rootfs),
+    /// Plain directories, top first.
+    Dirs(Vec<PathBuf>),
+}
+
+impl From<Rootfs> for Lowers {
+    fn from(r: Rootfs) -> Self {
+        Lowers::Rootfs(r)
+    }
+}
+
+impl From<Vec<PathBuf>> for Lowers {
+    fn from(d: Vec<PathBuf>) -> Self {
+        Lowers::Dirs(d)
+    }
+}
+
+impl From<&Path> for Lowers {
+    fn from(d: &Path) -> Self {
+        Lowers::Dirs(vec![d.to_path_buf()])
+    }
+}
+
+/// Options for [`Workspace::create`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct WorkspaceOptions {
+    /// Overlay features for every mount of this workspace (`volatile`, `userxattr`, ...).
+    /// `fresh` is ignored: the workspace knows when its upper must be empty.
+    pub overlay: OverlayOptions,
+    /// Empty a leftover upper (a crashed sandbox's writes) instead of refusing with
+    /// [`Error::NotEmpty`]. Default: false.
+    pub reset: bool,
+}
+
+/// A sandbox's upper, work dir and merged mount point, bound to its lowers.
+///
+/// Dropping a mounted workspace unmounts it (errors ignored; call
+/// [`unmount`](Workspace::unmount) to see them) and releases its lease; the
+/// directories stay until [`destroy`](Workspace::destroy).
+pub struct Workspace {
+    dir: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    target: PathBuf,
+    lowers: Vec<PathBuf>,
+    rootfs: Option<Rootfs>,
+    options: OverlayOptions,
+    backend: Option<Box<dyn MountBackend>>,
+    /// `convert`ed: `path.lower` is this workspace's own, and `destroy` puts it back.
+    converted: bool,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("dir", &self.dir)
+            .field("lowers", &self.lowers)
+            .field("mounted", &self.backend.is_some())
+            .field("leased", &self.rootfs.is_some())
+            .finish()
+    }
+}
+
+fn mkdir(p: &Path) -> Result<()> {
+    match std::fs::create_dir(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io("mkdir", p, e)),
+    }
+}
+
+/// Empties `dir`, refusing if anything is mounted inside it.
+fn empty_dir(dir: &Path) -> Result<()> {
+    refuse_mounts_under(dir)?;
+    let fd = open_dir_path(dir)?;
+    clear_dir(fd.as_fd(), dir)
+}
+
+/// Rule 8: never delete through a live mount.
+fn refuse_mounts_under(dir: &Path) -> Result<()> {
+    let canon = match std::fs::canonicalize(dir) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("realpath", dir, e)),
+    };
+    let text = std::fs::read("/proc/thread-self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/thread-self/mountinfo", e))?;
+    match crate::mount::mountinfo::mount_points(&text).into_iter().find(|m| m.starts_with(&canon)) {
+        Some(m) => Err(Error::AlreadyMounted { path: m }),
+        None => Ok(()),
+    }
+}
+
+/// Gives the upper root the metadata of the top lower's root: overlayfs shows the
+/// upper root's mode, owner and times as the merged root's.
+fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(top_lower).map_err(|e| Error::io("stat", top_lower, e))?;
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(upper, Some(m.uid()), Some(m.gid())).map_err(|e| Error::io("chown", upper, e))?;
+    }
+    std::fs::set_permissions(upper, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(|e| Error::io("chmod", upper, e))?;
+    let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
+    let a = nix::sys::time::TimeSpec::new(m.atime(), m.atime_nsec());
+    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, upper, &a, &t, nix::sys::stat::UtimensatFlags::FollowSymlink)
+        .map_err(|e| Error::io("utimensat", upper, e))
+}
+
+impl Workspace {
+    /// A new workspace in `dir` (created if missing) over `lowers`, with an empty upper
+    /// and work dir, not mounted.
+    ///
+    /// # Errors
+    /// [`Error::NotEmpty`] when `dir/upper` holds writes (unless `opts.reset`),
+    /// [`Error::AlreadyMounted`] when something is still mounted in `dir`,
+    /// [`Error::InvalidSpec`] without lowers, or I/O errors.
+    pub fn create(dir: impl AsRef<Path>, lowers: impl Into<Lowers>, opts: WorkspaceOptions) -> Result<Self> {
+        let dir = std::path::absolute(dir.as_ref()).map_err(|e| Error::io("getcwd", dir.as_ref(), e))?;
+        let (lowers, rootfs) = match lowers.into() {
+            Lowers::Rootfs(r) => (r.lowers().to_vec(), Some(r)),
+            Lowers::Dirs(d) => (d, None),
+        };
+        if lowers.is_empty() {
+            return Err(Error::InvalidSpec { reason: "a workspace needs at least one lower directory".into() });
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+        let (upper, work, target) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        refuse_mounts_under(&dir)?;
+        if upper.exists() && !crate::mount::is_empty_dir(&upper)? {
+            if !opts.reset {
+                return Err(Error::NotEmpty { path: upper });
+            }
+            empty_dir(&upper)?;
+        }
+        for d in [&upper, &work, &target] {
+            mkdir(d)?;
+        }
+        // Work holds only overlay scratch (and a crashed volatile mount's marker):
+        // never data, always thrown away.
+        empty_dir(&work)?;
+        seed_upper_root(&upper, &lowers[0])?;
+        let mut options = opts.overlay;
+        options.fresh = false;
+        Ok(Workspace { dir, upper, work, target, lowers, rootfs, options, backend: None, converted: false })
+    }
+
+    /// Turns the existing directory `path` into a workspace in place and mounts it:
+    /// `path` is renamed to `path.lower`, `path.upper` and `path.work` are created, and
+    /// the overlay is mounted at `path`, so callers keep using `path`.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyMounted`] when `path` is a mount point; I/O errors (`EEXIST`
+    /// when `path.lower` exists); the backend's mount error, after which `path` is
+    /// restored.
+    pub fn convert(path: impl AsRef<Path>, backend: impl MountBackend + 'static) -> Result<Self> {
+        let path = std::path::absolute(path.as_ref()).map_err(|e| Error::io("getcwd", path.as_ref(), e))?;
+        if is_mount_point(&path)? {
+            return Err(Error::AlreadyMounted { path });
+        }
+        let sibling = |ext: &str| {
+            let mut s = path.clone().into_os_string();
+            s.push(ext);
+            PathBuf::from(s)
+        };
+        let (lower, upper, work) = (sibling(".lower"), sibling(".upper"), sibling(".work"));
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io("lstat", &path, e))?;
+        if !meta.is_dir() {
+            return Err(Error::InvalidSpec { reason: format!("{} is not a directory", path.display()) });
+        }
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            path.as_path(),
+            nix::fcntl::AT_FDCWD,
+            lower.as_path(),
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| Error::io("renameat2", &lower, e))?;
+        let made = (|| {
+            for d in [&upper, &work, &path] {
+                std::fs::create_dir(d).map_err(|e| Error::io("mkdir", d, e))?;
+            }
+            seed_upper_root(&upper, &lower)?;
+            let mut ws = Workspace {
+                dir: path.clone(),
+                upper: upper.clone(),
+                work: work.clone(),
+                target: path.clone(),
+                lowers: vec![lower.clone()],
+                rootfs: None,
+                options: OverlayOptions::default(),
+                backend: None,
+                converted: true,
+            };
+            ws.mount(backend)?;
+            Ok(ws)
+        })();
+        if made.is_err() {
+            // Put everything back as it was.
+            for d in [&upper, &work, &path] {
+                let _ = std::fs::remove_dir(d);
+            }
+            let _ = std::fs::rename(&lower, &path);
+        }
+        made
+    }
+
+    /// The merged view's mount point.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The upper dir (the sandbox's writes, overlayfs format).
+    pub fn upper(&self) -> &Path {
+        &self.upper
+    }
+
+    /// The lower dirs, top first.
+    pub fn lowers(&self) -> &[PathBuf] {
+        &self.lowers
+    }
+
+    /// Whether the merged view is mounted.
+    pub fn is_mounted(&self) -> bool {
+        self.backend.is_some()
+    }
+
+    /// Whether the workspace still holds a cache lease (not detached).
+    pub fn is_leased(&self) -> bool {
+        self.rootfs.is_some()
+    }
+
+    fn spec(&self) -> OverlaySpec {
+        OverlaySpec {
+            lowers: self.lowers.clone(),
+            upper: self.upper.clone(),
+            work: self.work.clone(),
+            target: self.target.clone(),
+            options: self.options.clone(),
+        }
+    }
+
+    fn userxattr(&self) -> bool {
+        self.spec().userxattr()
+    }
+
+    /// Mounts the merged view with `backend` (kept to unmount later) and returns its path.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyMounted`] when already mounted; the backend's errors.
+    pub fn mount(&mut self, backend: impl MountBackend + 'static) -> Result<&Path> {
+        if self.backend.is_some() {
+            return Err(Error::AlreadyMounted { path: self.target.clone() });
+        }
+        backend.mount(&self.spec())?;
+        self.backend = Some(Box::new(backend));
+        Ok(&self.target)
+    }
+
+    /// Unmounts the merged view (verified). Not mounted is fine.
+    ///
+    /// # Errors
+    /// The backend's unmount error; the workspace then still counts as mounted.
+    pub fn unmount(&mut self) -> Result<()> {
+        if let Some(b) = self.backend.take() {
+            if let Err(e) = b.unmount(&self.spec()) {
+                self.backend = Some(b);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts, then empties the upper and work dirs: the next mount starts clean
+    /// (runner recycling).
+    ///
+    /// # Errors
+    /// Unmount and I/O errors.
+    pub fn reset(&mut self) -> Result<()> {
+        self.unmount()?;
+        empty_dir(&self.upper)?;
+        empty_dir(&self.work)?;
+        seed_upper_root(&self.upper, &self.lowers[0])
+    }
+
+    /// Unmounts (verified), then deletes the workspace's directories and releases the
+    /// lease. A `convert`ed workspace gets its lower back at the original path (with
+    /// whatever was [`apply`](Workspace::apply)ed, without unapplied writes).
+    ///
+    /// # Errors
+    /// [`Error::AlreadyMounted`] when anything is still mounted inside (nothing is
+    /// deleted then); unmount and I/O errors.
+    pub fn destroy(mut self) -> Result<()> {
+        self.unmount()?;
+        if self.converted {
+            for d in [&self.upper, &self.work] {
+                empty_dir(d)?;
+                std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+            }
+            std::fs::remove_dir(&self.target).map_err(|e| Error::io("rmdir", &self.target, e))?;
+            std::fs::rename(&self.lowers[0], &self.target).map_err(|e| Error::io("rename", &self.target, e))?;
+        } else {
+            empty_dir(&self.dir)?;
+            std::fs::remove_dir(&self.dir).map_err(|e| Error::io("rmdir", &self.dir, e))?;
+        }
+        self.rootfs = None;
+        Ok(())
+    }
+
+    /// Unpacks an OCI layer diff (as written by [`export_diff`](Workspace::export_diff),
+    /// plain, gzip or zstd) into the empty upper of an unmounted workspace, with safe
+    /// extraction and overlay whiteouts: mounting then shows the view it was taken from.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyMounted`] when mounted, [`Error::NotEmpty`] when the upper holds
+    /// writes, and every [`unpack`](crate::unpack()) error (hostile entries, ...).
+    pub fn import_diff(&mut self, input: impl Read + Send) -> Result<DiffStats> {
+        if self.backend.is_some() {
+            return Err(Error::AlreadyMounted { path: self.target.clone() });
+        }
+        if !crate::mount::is_empty_dir(&self.upper)? {
+            return Err(Error::NotEmpty { path: self.upper.clone() });
+        }
+        let root = nix::unistd::geteuid().is_root() && !crate::mount::in_user_namespace();
+        let mut opts = if root { UnpackOptions::default() } else { UnpackOptions::rootless() };
+        opts.whiteouts = WhiteoutMode::Overlay;
+        opts.userxattr = self.userxattr();
+        opts.parent_lowers = self.lowers.clone();
+        opts.compute_diff_id = true;
+        let stats = unpack(input, &self.upper, &opts)?;
+        Ok(DiffStats {
+            digest: stats.digest,
+            diff_id: stats.diff_id.unwrap_or(stats.digest),
+            size: stats.compressed_bytes,
+            entries: stats.entries,
+            file_bytes: stats.file_bytes,
+        })
+    }
+
+    /// Copies everything the lowers show into the upper (reflinked where the
+    /// filesystem can), marks every directory opaque, remounts (if it was mounted) with
+    /// the upper over an empty lower, and releases the cache lease: the cache may evict
+    /// the image while the sandbox keeps its full view. Inode numbers of files that came
+    /// from the lowers change.
+    ///
+    /// # Errors
+    /// Unmount, copy and mount errors. On a copy error the workspace is left unmounted
+    /// with its original upper and lowers.
+    pub fn detach(&mut self) -> Result<()> {
+        let backend = self.backend.take();
+        if let Some(b) = &backend {
+            if let Err(e) = b.unmount(&self.spec()) {
+                self.backend = backend;
+                return Err(e);
+            }
+        }
+        let userxattr = self.userxattr();
+        let fresh = self.dir.join("upper.detach");
+        let old = self.dir.join("upper.old");
+        for d in [&fresh, &old] {
+            if d.exists() {
+                empty_dir(d)?;
+                std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+            }
+        }
+        mkdir(&fresh)?;
+        let built = (|| {
+            let dst = open_dir_path(&fresh)?;
+            let xattrs = Xattrs::Keep(Xattrs::prefix(userxattr));
+            for l in self.lowers.iter().rev().chain([&self.upper]) {
+                let src = open_dir_path(l)?;
+                copy_layer(src.as_fd(), dst.as_fd(), userxattr, xattrs, l, &fresh)?;
+            }
+            mark_opaque(&fresh, userxattr)
+        })();
+        if let Err(e) = built {
+            let _ =
+                empty_dir(&fresh).and_then(|()| std::fs::remove_dir(&fresh).map_err(|e| Error::io("rmdir", &fresh, e)));
+            return Err(e);
+        }
+        let empty = self.dir.join("empty");
+        mkdir(&empty)?;
+        std::fs::rename(&self.upper, &old).map_err(|e| Error::io("rename", &old, e))?;
+        std::fs::rename(&fresh, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
+        empty_dir(&old)?;
+        std::fs::remove_dir(&old).map_err(|e| Error::io("rmdir", &old, e))?;
+        empty_dir(&self.work)?;
+        self.lowers = vec![empty];
+        self.rootfs = None;
+        if let Some(b) = backend {
+            b.mount(&self.spec())?;
+            self.backend = Some(b);
+        }
+        Ok(())
+    }
+
+    /// Writes the upper as an OCI layer diff to `out`; see [`DiffOptions`].
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for uppers with redirect or metacopy xattrs; I/O errors.
+    pub fn export_diff(&self, out: impl Write, opts: &DiffOptions) -> Result<DiffStats> {
+        export::export(&self.upper, self.userxattr(), out, opts)
+    }
+
+    /// The changes in the upper relative to the lowers (scans the upper only: cost
+    /// proportional to the writes, not the rootfs).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for redirect or metacopy xattrs; I/O errors.
+    pub fn changes(&self) -> Result<ChangeSet> {
+        changes::scan(&self.upper, &self.lowers, self.userxattr())
+    }
+
+    /// Flattens the upper into the workspace's single private lower (a `convert`ed
+    /// workspace, or one created over one directory of its own), then empties the upper:
+    /// whiteouts delete, opaque directories replace the lower directory, files are moved
+    /// or replaced by rename (a lower file hardlinked elsewhere is never written in
+    /// place), directory metadata and xattrs carried over. Unmounts first and remounts
+    /// afterwards if it was mounted (changing a lower under a live overlay is undefined).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the lowers are shared (a cached image, or several) or
+    /// the upper holds redirect/metacopy xattrs; unmount, mount and I/O errors.
+    pub fn apply(&mut self) -> Result<ApplyReport> {
+        if self.rootfs.is_some() || self.lowers.len() != 1 {
+            return Err(Error::Unsupported {
+                what: "apply into shared lowers: apply needs a workspace with exactly one private lower".into(),
+            });
+        }
+        let backend = self.backend.take();
+        if let Some(b) = &backend {
+            if let Err(e) = b.unmount(&self.spec()) {
+                self.backend = backend;
+                return Err(e);
+            }
+        }
+        let report = apply::apply(&self.upper, &self.lowers[0], self.userxattr())?;
+        empty_dir(&self.upper)?;
+        empty_dir(&self.work)?;
+        seed_upper_root(&self.upper, &self.lowers[0])?;
+        if let Some(b) = backend {
+            b.mount(&self.spec())?;
+            self.backend = Some(b);
+        }
+        Ok(report)
+    }
+}
+
+/// Sets the opaque xattr on every directory under `root` (not the root itself).
+fn mark_opaque(root: &Path, userxattr: bool) -> Result<()> {
+    let name = crate::unpack::whiteout::opaque_xattr(userxattr);
+    walk::walk(root, userxattr, |ev| {
+        if let walk::Event::Enter { fd, path, .. } = ev {
+            if !path.is_empty() {
+                crate::sys::fsetxattr(fd, name, b"y")
+                    .map_err(|e| Error::io("fsetxattr", walk::shown(root, path), e))?;
+            }
+        }
+        Ok(true)
+    })
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            let _ = b.unmount(&self.spec());
+        }
+    }
+}
