@@ -174,7 +174,13 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     walk(upper, userxattr, |ev| {
         match ev {
-            Event::Enter { path: [], .. } => {}
+            // The merged root's own metadata is the upper root's: record it as `./`
+            // (as umoci does), so an import reproduces a chmod or chown of `/`.
+            Event::Enter { parent, name, path: [], st, .. } => {
+                let x = xattrs_of(parent, name, userxattr, upper)?;
+                tar.append(&header(b".", EntryKind::Dir, st, x), None).map_err(io_err("write"))?;
+                entries += 1;
+            }
             Event::Enter { parent, name, path, st, opaque, .. } => {
                 let display = shown(upper, path);
                 check_no_redirects(parent, name, userxattr, &display)?;
