@@ -749,8 +749,14 @@ impl Inner {
 }
 
 /// Lower directories, top first, of layers listed bottom first.
+///
+/// A layer listed twice (two identical empty `RUN` layers are common) appears once, at
+/// its top-most position: overlayfs refuses a lower listed twice (`ELOOP`), and
+/// stacking `L, M, L, R` shows the same tree as `L, M, R`, since the upper copy of `L`
+/// re-adds or hides again everything its lower copy does.
 fn lowers_of(root: &Path, layers: &[Digest]) -> Vec<PathBuf> {
-    layers.iter().rev().map(|d| layout::layer_fs(root, d)).collect()
+    let mut seen = std::collections::HashSet::with_capacity(layers.len());
+    layers.iter().rev().filter(|d| seen.insert(*d)).map(|d| layout::layer_fs(root, d)).collect()
 }
 
 impl Rootfs {
@@ -760,7 +766,8 @@ impl Rootfs {
         Rootfs { inner, manifest, layers, lowers }
     }
 
-    /// The lower directories, top layer first (the order of overlayfs `lowerdir=`).
+    /// The lower directories, top layer first (the order of overlayfs `lowerdir=`),
+    /// each layer once even when the image lists it twice.
     pub fn lowers(&self) -> &[PathBuf] {
         &self.lowers
     }

@@ -86,7 +86,12 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
                 // A rename replaces the lower's directory entry, never the file it named:
                 // a lower file hardlinked into some shared file cache keeps its content.
                 match nix::fcntl::renameat(parent, name, ld, name) {
-                    Ok(()) => report.moved += 1,
+                    Ok(()) => {
+                        // Copy-up left overlay's own xattrs (`origin`, `nlink`, ...) on
+                        // the file; in a lower they would be read as metadata.
+                        strip_private(ld, name, userxattr, &display)?;
+                        report.moved += 1;
+                    }
                     Err(Errno::EXDEV) => {
                         let tmp = [b".rootfs-cache-apply-".as_slice(), name].concat();
                         let tmp = &tmp[..tmp.len().min(255)];
@@ -104,4 +109,23 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
         Ok(true)
     })?;
     Ok(report)
+}
+
+/// Removes overlay's private xattrs (in the active namespace, not escaped image ones)
+/// from `dir/name`.
+fn strip_private(dir: std::os::fd::BorrowedFd<'_>, name: &[u8], userxattr: bool, display: &Path) -> Result<()> {
+    let prefix = Xattrs::prefix(userxattr);
+    let names = match crate::sys::listxattr_at_nofollow(dir, name) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(Error::io("llistxattr", display, e)),
+    };
+    for n in names.iter().filter(|n| n.strip_prefix(prefix).is_some_and(|r| !r.starts_with(b"overlay."))) {
+        match crate::sys::removexattr_at_nofollow(dir, name, n) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENODATA) => {}
+            Err(e) => return Err(Error::io("lremovexattr", display, e)),
+        }
+    }
+    Ok(())
 }

@@ -102,16 +102,30 @@ fn header(path: &[u8], kind: EntryKind, st: &FileStat, xattrs: Vec<(Vec<u8>, Vec
     }
 }
 
-fn whiteout_entry(path: Vec<u8>, st: &FileStat) -> EntryHeader {
+/// A `.wh.` marker. Its metadata means nothing and an import does not keep it, so it
+/// is fixed (mode 0644, owner 0, mtime 0): exporting an imported diff again gives the
+/// same bytes.
+fn whiteout_entry(path: Vec<u8>) -> EntryHeader {
     EntryHeader {
         path,
         kind: EntryKind::File { size: 0 },
         mode: 0o644,
         uid: 0,
         gid: 0,
-        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        mtime: (0, 0),
         xattrs: Vec::new(),
     }
+}
+
+/// OCI layers reserve `.wh.` names for whiteouts: a file of the sandbox named so would
+/// turn into a deletion on import.
+fn refuse_reserved(name: &[u8], display: &Path) -> Result<()> {
+    if name.starts_with(b".wh.") {
+        return Err(Error::Unsupported {
+            what: format!("{}: names starting with .wh. are reserved for whiteouts in OCI layers", display.display()),
+        });
+    }
+    Ok(())
 }
 
 /// The image-visible xattrs of an upper entry: overlay metadata dropped, escaped
@@ -183,27 +197,27 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
             }
             Event::Enter { parent, name, path, st, opaque, .. } => {
                 let display = shown(upper, path);
+                refuse_reserved(name, &display)?;
                 check_no_redirects(parent, name, userxattr, &display)?;
                 let x = xattrs_of(parent, name, userxattr, &display)?;
                 tar.append(&header(path, EntryKind::Dir, st, x), None).map_err(io_err("write"))?;
                 entries += 1;
                 if opaque {
                     let marker = [path, b"/.wh..wh..opq".as_slice()].concat();
-                    tar.append(&whiteout_entry(marker, st), Some(&mut io::empty())).map_err(io_err("write"))?;
+                    tar.append(&whiteout_entry(marker), Some(&mut io::empty())).map_err(io_err("write"))?;
                     entries += 1;
                 }
             }
             Event::Leave { .. } => {}
-            Event::Whiteout { name, path, parent } => {
-                let display = shown(upper, path);
-                let st = nix::sys::stat::fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                    .map_err(|e| Error::io("fstatat", &display, e))?;
+            Event::Whiteout { name, path, .. } => {
+                refuse_reserved(name, &shown(upper, path))?;
                 let wh = with_prefix(path, &[b".wh.".as_slice(), name].concat());
-                tar.append(&whiteout_entry(wh, &st), Some(&mut io::empty())).map_err(io_err("write"))?;
+                tar.append(&whiteout_entry(wh), Some(&mut io::empty())).map_err(io_err("write"))?;
                 entries += 1;
             }
             Event::Leaf { parent, name, path, st } => {
                 let display = shown(upper, path);
+                refuse_reserved(name, &display)?;
                 check_no_redirects(parent, name, userxattr, &display)?;
                 if st.st_nlink > 1 {
                     if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {

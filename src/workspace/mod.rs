@@ -5,7 +5,7 @@
 //!   dir/upper    private writes                 path.lower   the original directory
 //!   dir/work     overlay's scratch              path.upper   writes
 //!   dir/rootfs   the merged view (mount)        path.work    overlay's scratch
-//!   dir/empty    (after detach) the only lower  path         the merged view (mount)
+//!   dir/skeleton (after detach) the only lower  path         the merged view (mount)
 //! ```
 //!
 //! The diff engine reads the upper directly, never the merged mount: [`changes`]
@@ -206,6 +206,8 @@ impl Workspace {
     /// restored.
     pub fn convert(path: impl AsRef<Path>, backend: impl MountBackend + 'static) -> Result<Self> {
         let path = std::path::absolute(path.as_ref()).map_err(|e| Error::io("getcwd", path.as_ref(), e))?;
+        // `dir/` names `dir`: drop a trailing separator before deriving `dir.lower`.
+        let path: PathBuf = path.components().collect();
         if is_mount_point(&path)? {
             return Err(Error::AlreadyMounted { path });
         }
@@ -219,6 +221,12 @@ impl Workspace {
         if !meta.is_dir() {
             return Err(Error::InvalidSpec { reason: format!("{} is not a directory", path.display()) });
         }
+        // Never adopt (and later delete) directories someone else made.
+        for d in [&upper, &work] {
+            if std::fs::symlink_metadata(d).is_ok() {
+                return Err(Error::io("mkdir", d, std::io::Error::from_raw_os_error(nix::libc::EEXIST)));
+            }
+        }
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             path.as_path(),
@@ -227,9 +235,11 @@ impl Workspace {
             nix::fcntl::RenameFlags::RENAME_NOREPLACE,
         )
         .map_err(|e| Error::io("renameat2", &lower, e))?;
+        let mut created: Vec<&PathBuf> = Vec::new();
         let made = (|| {
             for d in [&upper, &work, &path] {
                 std::fs::create_dir(d).map_err(|e| Error::io("mkdir", d, e))?;
+                created.push(d);
             }
             seed_upper_root(&upper, &lower)?;
             let mut ws = Workspace {
@@ -247,9 +257,9 @@ impl Workspace {
             Ok(ws)
         })();
         if made.is_err() {
-            // Put everything back as it was.
-            for d in [&upper, &work, &path] {
-                let _ = std::fs::remove_dir(d);
+            // Put everything back as it was: remove only what was created here.
+            for d in created {
+                let _ = empty_dir(d).and_then(|()| std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e)));
             }
             let _ = std::fs::rename(&lower, &path);
         }
@@ -390,9 +400,12 @@ impl Workspace {
 
     /// Copies everything the lowers show into the upper (reflinked where the
     /// filesystem can), marks every directory opaque, remounts (if it was mounted) with
-    /// the upper over an empty lower, and releases the cache lease: the cache may evict
-    /// the image while the sandbox keeps its full view. Inode numbers of files that came
-    /// from the lowers change.
+    /// the upper over a private skeleton lower (empty stubs of the image's top-level
+    /// names, so later deletions still leave whiteouts for [`export_diff`]), and releases
+    /// the cache lease: the cache may evict the image while the sandbox keeps its full
+    /// view. Inode numbers of files that came from the lowers change.
+    ///
+    /// [`export_diff`]: Workspace::export_diff
     ///
     /// # Errors
     /// Unmount, copy and mount errors. On a copy error the workspace is left unmounted
@@ -422,21 +435,25 @@ impl Workspace {
                 let src = open_dir_path(l)?;
                 copy_layer(src.as_fd(), dst.as_fd(), userxattr, xattrs, l, &fresh)?;
             }
-            mark_opaque(&fresh, userxattr)
+            mark_opaque(&fresh, userxattr)?;
+            // The root cannot be opaque: names the lowers have at the top level and the
+            // view does not get whiteouts, so a diff of the detached upper applied over
+            // the image (export, import elsewhere) does not bring them back.
+            whiteout_missing_roots(&self.lowers, &fresh)
         })();
         if let Err(e) = built {
             let _ =
                 empty_dir(&fresh).and_then(|()| std::fs::remove_dir(&fresh).map_err(|e| Error::io("rmdir", &fresh, e)));
             return Err(e);
         }
-        let empty = self.dir.join("empty");
-        mkdir(&empty)?;
+        let skeleton = self.dir.join("skeleton");
+        make_skeleton(&self.lowers, &skeleton)?;
         std::fs::rename(&self.upper, &old).map_err(|e| Error::io("rename", &old, e))?;
         std::fs::rename(&fresh, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
         empty_dir(&old)?;
         std::fs::remove_dir(&old).map_err(|e| Error::io("rmdir", &old, e))?;
         empty_dir(&self.work)?;
-        self.lowers = vec![empty];
+        self.lowers = vec![skeleton];
         self.rootfs = None;
         if let Some(b) = backend {
             b.mount(&self.spec())?;
@@ -495,6 +512,61 @@ impl Workspace {
         }
         Ok(report)
     }
+}
+
+/// The lower of a detached workspace: an empty stub for every top-level name the old
+/// lowers had. The upper hides them all (its directories are opaque), but because the
+/// lower has the names, deleting one later makes the kernel leave a whiteout, so a
+/// diff of the detached upper still deletes it when imported over the image.
+fn make_skeleton(lowers: &[PathBuf], skeleton: &Path) -> Result<()> {
+    if skeleton.exists() {
+        empty_dir(skeleton)?;
+    }
+    mkdir(skeleton)?;
+    let sfd = open_dir_path(skeleton)?;
+    for l in lowers {
+        let lfd = open_dir_path(l)?;
+        for name in crate::unpack::list_dir(lfd.as_fd(), l)? {
+            let shown = walk::shown(skeleton, &name);
+            match nix::fcntl::openat(
+                sfd.as_fd(),
+                name.as_slice(),
+                nix::fcntl::OFlag::O_WRONLY
+                    | nix::fcntl::OFlag::O_CREAT
+                    | nix::fcntl::OFlag::O_EXCL
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+            ) {
+                Ok(_) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(Error::io("openat", &shown, e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whiteouts in `upper`'s root for every top-level name of `lowers` it lacks.
+fn whiteout_missing_roots(lowers: &[PathBuf], upper: &Path) -> Result<()> {
+    let ufd = open_dir_path(upper)?;
+    let times = nix::sys::stat::fstat(ufd.as_fd()).map_err(|e| Error::io("fstat", upper, e))?;
+    for l in lowers {
+        let lfd = open_dir_path(l)?;
+        for name in crate::unpack::list_dir(lfd.as_fd(), l)? {
+            let shown = walk::shown(upper, &name);
+            if walk::stat_at(ufd.as_fd(), &name, &shown)?.is_none() {
+                nix::sys::stat::mknodat(
+                    ufd.as_fd(),
+                    name.as_slice(),
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    0,
+                )
+                .map_err(|e| Error::io("mknodat", &shown, e))?;
+            }
+        }
+    }
+    // The whiteouts are invisible; the root's times must stay the view's.
+    crate::mount::copy::set_dir_times(ufd.as_fd(), &times, upper)
 }
 
 /// Sets the opaque xattr on every directory under `root` (not the root itself).

@@ -23,7 +23,7 @@ pub(crate) enum Event<'a> {
     /// A directory, after its entries.
     Leave { path: &'a [u8], st: &'a FileStat },
     /// A whiteout (0/0 character device).
-    Whiteout { parent: BorrowedFd<'a>, name: &'a [u8], path: &'a [u8] },
+    Whiteout { name: &'a [u8], path: &'a [u8] },
     /// Anything else that is not a directory.
     Leaf { parent: BorrowedFd<'a>, name: &'a [u8], path: &'a [u8], st: &'a FileStat },
 }
@@ -115,7 +115,7 @@ pub(crate) fn walk(root: &Path, userxattr: bool, mut visit: impl FnMut(Event<'_>
             names.sort_unstable_by(|a, b| b.cmp(a));
             stack.push(Frame { fd, st, path, names });
         } else if is_whiteout(&st) {
-            visit(Event::Whiteout { parent: top.fd.as_fd(), name: &name, path: &path })?;
+            visit(Event::Whiteout { name: &name, path: &path })?;
         } else {
             visit(Event::Leaf { parent: top.fd.as_fd(), name: &name, path: &path, st: &st })?;
         }
