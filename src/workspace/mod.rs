@@ -122,21 +122,37 @@ fn mkdir(p: &Path) -> Result<()> {
 
 /// Empties `dir`, refusing if anything is mounted inside it.
 fn empty_dir(dir: &Path) -> Result<()> {
-    refuse_mounts_under(dir)?;
-    let fd = open_dir_path(dir)?;
-    clear_dir(fd.as_fd(), dir)
+    empty_dirs(&[dir])
+}
+
+/// Empties each of `dirs` (one mount table read for all of them), refusing before
+/// deleting anything if anything is mounted inside one.
+fn empty_dirs(dirs: &[&Path]) -> Result<()> {
+    refuse_mounts_under(dirs)?;
+    for dir in dirs {
+        let fd = open_dir_path(dir)?;
+        clear_dir(fd.as_fd(), dir)?;
+    }
+    Ok(())
 }
 
 /// Rule 8: never delete through a live mount.
-fn refuse_mounts_under(dir: &Path) -> Result<()> {
-    let canon = match std::fs::canonicalize(dir) {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("realpath", dir, e)),
-    };
+fn refuse_mounts_under(dirs: &[&Path]) -> Result<()> {
+    let mut canon = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        match std::fs::canonicalize(dir) {
+            Ok(c) => canon.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("realpath", dir, e)),
+        }
+    }
+    if canon.is_empty() {
+        return Ok(());
+    }
     let text = std::fs::read("/proc/thread-self/mountinfo")
         .map_err(|e| Error::io("read", "/proc/thread-self/mountinfo", e))?;
-    match crate::mount::mountinfo::mount_points(&text).into_iter().find(|m| m.starts_with(&canon)) {
+    let points = crate::mount::mountinfo::mount_points(&text);
+    match points.into_iter().find(|m| canon.iter().any(|c| m.starts_with(c))) {
         Some(m) => Err(Error::AlreadyMounted { path: m }),
         None => Ok(()),
     }
@@ -177,7 +193,7 @@ impl Workspace {
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
         let (upper, work, target) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        refuse_mounts_under(&dir)?;
+        refuse_mounts_under(&[&dir])?;
         if upper.exists() && !crate::mount::is_empty_dir(&upper)? {
             if !opts.reset {
                 return Err(Error::NotEmpty { path: upper });
@@ -339,8 +355,7 @@ impl Workspace {
     /// Unmount and I/O errors.
     pub fn reset(&mut self) -> Result<()> {
         self.unmount()?;
-        empty_dir(&self.upper)?;
-        empty_dir(&self.work)?;
+        empty_dirs(&[&self.upper, &self.work])?;
         seed_upper_root(&self.upper, &self.lowers[0])
     }
 
@@ -503,8 +518,7 @@ impl Workspace {
             }
         }
         let report = apply::apply(&self.upper, &self.lowers[0], self.userxattr())?;
-        empty_dir(&self.upper)?;
-        empty_dir(&self.work)?;
+        empty_dirs(&[&self.upper, &self.work])?;
         seed_upper_root(&self.upper, &self.lowers[0])?;
         if let Some(b) = backend {
             b.mount(&self.spec())?;
