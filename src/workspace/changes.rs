@@ -18,8 +18,9 @@ pub enum ChangeKind {
     Added,
     /// Content or type changed (for regular files: size or mtime differ from the lower).
     Modified,
-    /// Same type, same size and mtime; mode, owner or xattrs differ (or nothing visible
-    /// changed but the entry was copied up).
+    /// Same type and content (regular files: same size and mtime); mode, owner, xattrs
+    /// or (directories) times differ, or nothing visible changed but the entry was
+    /// copied up. A directory gets this when entries were added to or removed from it.
     Metadata,
     /// Removed (a whiteout in the upper).
     Deleted,

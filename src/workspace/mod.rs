@@ -344,8 +344,27 @@ impl Workspace {
                 self.backend = Some(b);
                 return Err(e);
             }
+            if self.options.volatile {
+                self.settle_volatile()?;
+            }
         }
         Ok(())
+    }
+
+    /// After a clean unmount of a `volatile` overlay: flush the upper and remove the
+    /// marker the kernel leaves in the work dir (`work/incompat/volatile`), which makes
+    /// it refuse to mount the upper again. A crashed volatile mount never gets here, so
+    /// its upper stays refused and must be thrown away (`reset`, or `create` with
+    /// `reset`), as the kernel documentation requires.
+    fn settle_volatile(&self) -> Result<()> {
+        let up = open_dir_path(&self.upper)?;
+        nix::unistd::syncfs(up.as_fd()).map_err(|e| Error::io("syncfs", &self.upper, e))?;
+        let incompat = self.work.join("work").join("incompat");
+        match open_dir_path(&incompat) {
+            Ok(fd) => crate::unpack::remove_tree(fd.as_fd(), b"volatile", b"volatile", None, &incompat).map(drop),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Unmounts, then empties the upper and work dirs: the next mount starts clean

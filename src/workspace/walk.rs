@@ -151,6 +151,8 @@ impl LowerView {
             let mut stop_below = false;
             for c in parents {
                 match stat_at(fd.as_fd(), c, lpath)? {
+                    // An opaque parent in this layer hides the layers below.
+                    None if stop_below => return Ok(None),
                     None => continue 'layers,
                     Some(st) if kind(&st) != SFlag::S_IFDIR => return Ok(None),
                     Some(_) => {
