@@ -29,76 +29,32 @@
 //! Needs root; run as the README says
 //! (`unshare -m --propagation private -- cargo test --test mount_copy`).
 
+#[path = "common/ops.rs"]
+mod ops;
 mod support;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ops::{
+    LAYER_XATTRS, LEnt, OP_XATTRS, Op, OpMix, Snap, XattrPolicy, is_whiteout, ls, opaque, strict_cmp, try_lremovexattr,
+    view, whiteout, write,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rootfs_cache::{CopyBackend, Error, KernelOverlay, MountBackend, OverlayMount, OverlaySpec, UnpackOptions, unpack};
-use support::{Cmp, Ent, Fmt, Node, Ty};
-
-type Snap = BTreeMap<Vec<u8>, Node>;
+use support::{Cmp, Ent, Fmt, Ty};
 
 const STATE: &str = "rootfs-cache-copy";
 const ROOTLESS_ENV: &str = "ROOTFS_CACHE_TEST_ROOTLESS_DIR";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// Every object under `root` plus `root` itself (key `.`), like `support::snapshot`,
-/// except that names `readdir` lists but `lstat` does not find are left out: the kernel
-/// lists whiteouts that sit in a directory only one lower layer has (such a directory
-/// is read directly, not merged), although they cannot be looked up.
-fn view(root: &Path) -> Snap {
-    fn walk(root: &Path, rel: &Path, out: &mut Snap) {
-        let dir = root.join(rel);
-        let mut names: Vec<_> = fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for n in names {
-            let r = rel.join(&n);
-            match fs::symlink_metadata(root.join(&r)) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                _ => {}
-            }
-            let nd = support::node(&root.join(&r));
-            let is_dir = nd.ty == Ty::Dir;
-            out.insert(r.as_os_str().as_bytes().to_vec(), nd);
-            if is_dir {
-                walk(root, &r, out);
-            }
-        }
-    }
-    let mut s = Snap::new();
-    walk(root, Path::new(""), &mut s);
-    s.insert(b".".to_vec(), support::node(root));
-    s
-}
-
-/// Everything the kernel shows and the copy backend promises, directory mtimes included.
-fn strict_cmp() -> Cmp {
-    Cmp {
-        mode: true,
-        owner: true,
-        xattrs: true,
-        mtime: true,
-        dir_mtime: true,
-        mtime_nsec: true,
-        hardlinks: false,
-        ignore_xattrs: Vec::new(),
-    }
-}
 
 /// [`strict_cmp`] without directory mtimes (see `parent_dir_mtime_kept_after_child_copy_up`).
 fn cmp_no_dir_mtime() -> Cmp {
@@ -171,66 +127,8 @@ fn layer_from(entries: &[Ent], dest: &Path) {
     unpack(&blob[..], dest, &UnpackOptions::default()).unwrap_or_else(|e| panic!("unpack {}: {e}", dest.display()));
 }
 
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
-fn try_lsetxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: NUL-terminated strings, value valid for its length.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn try_lremovexattr(p: &Path, name: &str) -> std::io::Result<()> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: NUL-terminated strings.
-    let r = unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn try_mknod(p: &Path, kind: libc::mode_t, perm: u32, major: u32, minor: u32) -> std::io::Result<()> {
-    let c = cpath(p);
-    // SAFETY: valid path.
-    let r = unsafe { libc::mknod(c.as_ptr(), kind | perm, libc::makedev(major, minor)) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn try_set_mtime(p: &Path, secs: i64, nsec: u32) -> std::io::Result<()> {
-    let c = cpath(p);
-    let ts = libc::timespec { tv_sec: secs, tv_nsec: i64::from(nsec) };
-    let times = [ts, ts];
-    // SAFETY: valid path and a two-element timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn whiteout(p: &Path) {
-    support::mknod(p, libc::S_IFCHR, 0o000, 0, 0);
-}
-
-fn is_whiteout(p: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0)
-}
-
-fn opaque(p: &Path) {
-    support::lsetxattr(p, "trusted.overlay.opaque", b"y");
-}
-
 fn is_opaque(p: &Path, name: &[u8]) -> bool {
     support::lgetxattr(p, name).as_deref() == Some(b"y")
-}
-
-fn write(p: &Path, data: &[u8]) {
-    fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-}
-
-fn ls(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-    v.sort();
-    v
 }
 
 fn assert_empty_dir(p: &Path, what: &str) {
@@ -464,85 +362,9 @@ fn same_view_as_kernel_hand_written_stack() {
 // ---------------------------------------------------------------------------------------
 // Random layer stacks and operations
 
-/// Paths the layers use: names `a`, `b`, `c` up to three deep, so layers collide a lot.
-fn layer_paths() -> Vec<String> {
-    let names = ["a", "b", "c"];
-    let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    for x in names {
-        for y in names {
-            v.push(format!("{x}/{y}"));
-        }
-    }
-    for x in names {
-        for y in names {
-            for z in names {
-                v.push(format!("{x}/{y}/{z}"));
-            }
-        }
-    }
-    v
-}
-
-/// Paths operations use: the layer paths plus some new names.
-fn op_paths() -> Vec<String> {
-    let mut v = layer_paths();
-    v.extend(["n", "n/m", "n/m/o", "a/n", "a/b/n", "b/n", "b/n/m", "m"].iter().map(|s| s.to_string()));
-    v
-}
-
-const FILE_MODES: [u32; 7] = [0o644, 0o600, 0o4755, 0o2711, 0o444, 0o000, 0o6755];
-const DIR_MODES: [u32; 6] = [0o755, 0o700, 0o1777, 0o2755, 0o555, 0o000];
-const OWNERS: [(u32, u32); 4] = [(0, 0), (1000, 1000), (65534, 7), (1, 2)];
-const MTIMES: [(i64, u32); 6] = [
-    (1_600_000_000, 0),
-    (1_600_000_000, 1),
-    (1_650_000_000, 999_999_999),
-    (1_234_567_890, 123_456_789),
-    (-86_400, 500),
-    (0, 0),
-];
-const SYMLINK_TARGETS: [&str; 4] = ["a", "b/c", "/nonexistent/abs", "../sibling"];
-
-/// Xattrs layers carry (as stored in a layer: `trusted.overlay.overlay.*` is an escaped
-/// image xattr, `trusted.overlay.zzz` is overlay metadata the view must not show).
-const LAYER_XATTRS: [&str; 5] = ["user.x", "user.y", "trusted.t", "trusted.overlay.overlay.foo", "trusted.overlay.zzz"];
 /// More, that only the strict variant uses (`user_overlay_xattrs_are_plain_in_trusted_mode`).
 const LAYER_XATTRS_STRICT: [&str; 2] = ["user.overlay.overlay.bar", "user.overlay.baz"];
-/// Xattrs operations set through the target.
-const OP_XATTRS: [&str; 5] = ["user.x", "user.new", "trusted.t", "trusted.overlay.foo", "trusted.overlay.opaque"];
 const OP_XATTRS_STRICT: [&str; 1] = ["user.overlay.q"];
-
-#[derive(Clone, Debug)]
-struct Meta {
-    mode: usize,
-    owner: usize,
-    mtime: usize,
-    xattr: Option<(usize, u8)>,
-}
-
-#[derive(Clone, Debug)]
-enum LKind {
-    File {
-        seed: u8,
-        len: u16,
-    },
-    Dir {
-        opaque: bool,
-    },
-    Symlink(usize),
-    Whiteout,
-    Fifo,
-    CharDev,
-    /// Hardlink to the n-th file created earlier in the same layer.
-    Hardlink(usize),
-}
-
-#[derive(Clone, Debug)]
-struct LEnt {
-    path: usize,
-    kind: LKind,
-    meta: Meta,
-}
 
 /// Random stacks: `strict` also exercises what earlier bugs broke (per-layer directory
 /// xattrs, `user.overlay.*` xattrs).
@@ -552,138 +374,20 @@ enum Mode {
     Strict,
 }
 
-fn meta_strategy() -> impl Strategy<Value = Meta> {
-    (0..16usize, 0..OWNERS.len(), 0..MTIMES.len(), proptest::option::weighted(0.4, (0..16usize, any::<u8>())))
-        .prop_map(|(mode, owner, mtime, xattr)| Meta { mode, owner, mtime, xattr })
-}
-
-fn lkind_strategy() -> impl Strategy<Value = LKind> {
-    prop_oneof![
-        5 => (any::<u8>(), prop_oneof![Just(0u16), 1..64u16, 1000..5000u16]).prop_map(|(seed, len)| LKind::File { seed, len }),
-        4 => any::<bool>().prop_map(|o| LKind::Dir { opaque: o }),
-        1 => (0..SYMLINK_TARGETS.len()).prop_map(LKind::Symlink),
-        3 => Just(LKind::Whiteout),
-        1 => Just(LKind::Fifo),
-        1 => Just(LKind::CharDev),
-        1 => (0..8usize).prop_map(LKind::Hardlink),
-    ]
-}
-
+/// Random layers; files up to 5000 bytes.
 fn layer_strategy(max: usize) -> impl Strategy<Value = Vec<LEnt>> {
-    let n = layer_paths().len();
-    proptest::collection::vec(
-        (0..n, lkind_strategy(), meta_strategy()).prop_map(|(path, kind, meta)| LEnt { path, kind, meta }),
-        0..max,
-    )
+    ops::layer_strategy(max, 1000..5000)
 }
 
-fn layer_xattr(meta: &Meta, mode: Mode) -> Option<(&'static str, Vec<u8>)> {
-    let (i, v) = meta.xattr?;
-    let pool: Vec<&str> = match mode {
+/// [`ops::build_layer`] for a layer or an upper. Directories get xattrs only in strict
+/// mode: a lower directory's xattrs leak into the copy backend's view of a merged
+/// directory (`merged_dir_shows_only_the_top_layers_xattrs`).
+fn build_layer(root: &Path, ents: &[LEnt], mode: Mode) {
+    let pool: Vec<&'static str> = match mode {
         Mode::Lenient => LAYER_XATTRS.to_vec(),
         Mode::Strict => LAYER_XATTRS.iter().chain(&LAYER_XATTRS_STRICT).copied().collect(),
     };
-    Some((pool[i % pool.len()], vec![b'v', v]))
-}
-
-/// Writes a layer (or an upper) in overlay format: whiteouts as 0:0 devices, opaque
-/// dirs by xattr. Entries whose path is taken, or whose parent is not a directory in
-/// this layer, are skipped. Directories get xattrs only in strict mode: a lower
-/// directory's xattrs leak into the copy backend's view of a merged directory
-/// (`merged_dir_shows_only_the_top_layers_xattrs`).
-fn build_layer(root: &Path, ents: &[LEnt], mode: Mode) {
-    let paths = layer_paths();
-    let mut files: Vec<PathBuf> = Vec::new();
-    let mut dirs: Vec<(String, Option<&Meta>)> = Vec::new();
-    for e in ents {
-        let rel = &paths[e.path % paths.len()];
-        let p = root.join(rel);
-        let comps: Vec<&str> = rel.split('/').collect();
-        let mut ok = true;
-        for i in 1..comps.len() {
-            let anc = comps[..i].join("/");
-            match fs::symlink_metadata(root.join(&anc)) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => ok = false,
-                Err(_) => {
-                    fs::create_dir(root.join(&anc)).unwrap();
-                    dirs.push((anc, None));
-                }
-            }
-            if !ok {
-                break;
-            }
-        }
-        if !ok || fs::symlink_metadata(&p).is_ok() {
-            continue;
-        }
-        let m = &e.meta;
-        let (uid, gid) = OWNERS[m.owner];
-        let (secs, nsec) = MTIMES[m.mtime];
-        let xattr = layer_xattr(m, mode);
-        match &e.kind {
-            LKind::Dir { opaque: o } => {
-                fs::create_dir(&p).unwrap();
-                if *o {
-                    opaque(&p);
-                }
-                dirs.push((rel.clone(), Some(m)));
-                continue;
-            }
-            LKind::Hardlink(n) => {
-                if !files.is_empty() {
-                    fs::hard_link(&files[n % files.len()], &p).unwrap();
-                }
-                continue;
-            }
-            LKind::Whiteout => {
-                whiteout(&p);
-                continue;
-            }
-            LKind::File { seed, len } => {
-                write(&p, &support::pseudo_random(u64::from(*seed), usize::from(*len)));
-                files.push(p.clone());
-            }
-            LKind::Symlink(t) => std::os::unix::fs::symlink(SYMLINK_TARGETS[*t], &p).unwrap(),
-            LKind::Fifo => support::mknod(&p, libc::S_IFIFO, 0o644, 0, 0),
-            LKind::CharDev => support::mknod(&p, libc::S_IFCHR, 0o666, 1, 3),
-        }
-        let symlink = matches!(e.kind, LKind::Symlink(_));
-        if let Some((name, value)) = xattr {
-            // `user.*` only on regular files and directories.
-            if !name.starts_with("user.") || matches!(e.kind, LKind::File { .. }) {
-                support::lsetxattr(&p, name, &value);
-            }
-        }
-        support::lchown(&p, uid, gid);
-        if !symlink {
-            let perm = match e.kind {
-                LKind::File { .. } => FILE_MODES[m.mode % FILE_MODES.len()],
-                _ => [0o644, 0o600, 0o640][m.mode % 3],
-            };
-            support::chmod(&p, perm);
-        }
-        support::set_mtime(&p, secs, nsec);
-    }
-    // Directory metadata last (children change mtimes), deepest first.
-    dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.matches('/').count()));
-    for (rel, m) in dirs {
-        let p = root.join(&rel);
-        if mode == Mode::Strict {
-            if let Some((name, value)) = m.and_then(|m| layer_xattr(m, mode)) {
-                support::lsetxattr(&p, name, &value);
-            }
-        }
-        let (mode_bits, owner, mtime) = match m {
-            Some(m) => (DIR_MODES[m.mode % DIR_MODES.len()], OWNERS[m.owner], MTIMES[m.mtime]),
-            None => (0o755, (0, 0), (1_500_000_000, 0)),
-        };
-        support::lchown(&p, owner.0, owner.1);
-        support::chmod(&p, mode_bits);
-        support::set_mtime(&p, mtime.0, mtime.1);
-    }
-    // Layer roots all look alike: the view's root is the upper's.
-    support::set_mtime(root, 1_500_000_000, 0);
+    ops::build_layer(root, ents, &pool, mode == Mode::Strict);
 }
 
 #[derive(Clone, Debug)]
@@ -745,218 +449,24 @@ fn same_view_as_kernel_random_stacks() {
 // ---------------------------------------------------------------------------------------
 // 2. Fold-back: the target's view survives unmount
 
-/// Which path an operation works on.
-#[derive(Clone, Copy, Debug)]
-enum Sel {
-    /// The n-th (modulo) entry the target has right now, in sorted order.
-    Existing(usize),
-    /// The n-th (modulo) of [`op_paths`], which may or may not exist.
-    Any(usize),
-}
-
-#[derive(Clone, Debug)]
-enum Op {
-    /// Create or truncate, then write.
-    Write(Sel, u8, u16),
-    /// Write at an offset without truncating.
-    Overwrite(Sel, u8, u8),
-    Append(Sel, u8),
-    Truncate(Sel, u16),
-    Chmod(Sel, usize),
-    Chown(Sel, usize),
-    Touch(Sel, usize),
-    Rename(Sel, Sel),
-    Unlink(Sel),
-    Rmdir(Sel),
-    RmRf(Sel),
-    /// `rm -rf p && mkdir p`.
-    Recreate(Sel),
-    MkdirP(Sel),
-    Symlink(Sel, usize),
-    Hardlink(Sel, Sel),
-    SetXattr(Sel, usize, u8),
-    RemoveXattr(Sel, usize),
-    Mkfifo(Sel),
-}
-
+/// The operations of a fold-back session: no `Sel::Root`, no `Op::Mknod`.
 fn op_strategy() -> impl Strategy<Value = Op> {
-    let n = op_paths().len();
-    let p = move || prop_oneof![3 => any::<usize>().prop_map(Sel::Existing), 2 => (0..n).prop_map(Sel::Any)];
-    prop_oneof![
-        3 => (p(), any::<u8>(), prop_oneof![0..64u16, 4000..9000u16]).prop_map(|(a, s, l)| Op::Write(a, s, l)),
-        2 => (p(), any::<u8>(), any::<u8>()).prop_map(|(a, s, o)| Op::Overwrite(a, s, o)),
-        2 => (p(), any::<u8>()).prop_map(|(a, s)| Op::Append(a, s)),
-        1 => (p(), 0..5000u16).prop_map(|(a, l)| Op::Truncate(a, l)),
-        2 => (p(), 0..16usize).prop_map(|(a, m)| Op::Chmod(a, m)),
-        2 => (p(), 0..OWNERS.len()).prop_map(|(a, o)| Op::Chown(a, o)),
-        1 => (p(), 0..MTIMES.len()).prop_map(|(a, t)| Op::Touch(a, t)),
-        3 => (p(), p()).prop_map(|(a, b)| Op::Rename(a, b)),
-        2 => p().prop_map(Op::Unlink),
-        1 => p().prop_map(Op::Rmdir),
-        2 => p().prop_map(Op::RmRf),
-        2 => p().prop_map(Op::Recreate),
-        2 => p().prop_map(Op::MkdirP),
-        1 => (p(), 0..SYMLINK_TARGETS.len()).prop_map(|(a, t)| Op::Symlink(a, t)),
-        2 => (p(), p()).prop_map(|(a, b)| Op::Hardlink(a, b)),
-        2 => (p(), 0..8usize, any::<u8>()).prop_map(|(a, x, v)| Op::SetXattr(a, x, v)),
-        1 => (p(), 0..8usize).prop_map(|(a, x)| Op::RemoveXattr(a, x)),
-        1 => p().prop_map(Op::Mkfifo),
-    ]
+    ops::op_strategy(OpMix { root: false, mknod: false, big_write: 4000..9000 })
 }
 
-/// `root/rel` when no existing ancestor of it is anything but a real directory, so no
-/// operation ever follows a symlink (lower symlinks point anywhere).
-fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
-    let comps: Vec<&str> = rel.split('/').collect();
-    for i in 1..comps.len() {
-        match fs::symlink_metadata(root.join(comps[..i].join("/"))) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return None,
-            Err(_) => break,
-        }
-    }
-    Some(root.join(rel))
-}
-
-fn lstat(p: &Path) -> Option<fs::Metadata> {
-    fs::symlink_metadata(p).ok()
-}
-
-/// Opens a regular file (never a fifo, device or symlink) for writing.
-fn open_reg(p: &Path, create: bool, truncate: bool, append: bool) -> Option<fs::File> {
-    match lstat(p) {
-        Some(m) if m.is_file() => {}
-        None if create => {}
-        _ => return None,
-    }
-    let mut o = fs::OpenOptions::new();
-    o.write(true).create(create).truncate(truncate).append(append);
-    o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).mode(0o644);
-    o.open(p).ok()
-}
-
-/// Applies `op` to the tree at `t`, best effort: an operation that does not apply
-/// (missing path, wrong type) does nothing. Strict mode adds what earlier bugs broke.
+/// [`ops::apply`]; strict mode adds what earlier bugs broke.
 ///
 /// Lenient mode sets xattrs on directories only when `dir_xattrs` (the last session): a
 /// directory xattr already in the upper survives a later `rm -rf d && mkdir d` when
-/// the new directory reuses the inode number (`removed_dir_xattr_is_removed_by_the_fold`).
+/// the new directory reuses the inode number (`removed_dir_xattr_is_removed_by_the_fold`),
+/// and removes none from directories.
 fn apply(t: &Path, op: &Op, mode: Mode, dir_xattrs: bool) {
-    let paths = op_paths();
-    let at = |sel: &Sel| match *sel {
-        Sel::Any(i) => inside(t, &paths[i % paths.len()]),
-        Sel::Existing(i) => {
-            // Found by walking real directories only: never under a symlink.
-            let names: Vec<Vec<u8>> = view(t).into_keys().filter(|k| k != b".").collect();
-            (!names.is_empty()).then(|| support::at(t, &names[i % names.len()]))
-        }
-    };
-    let is_dir = |p: &Path| lstat(p).is_some_and(|m| m.is_dir());
-    match op {
-        Op::Write(i, seed, len) => {
-            if let Some(mut f) = at(i).and_then(|p| open_reg(&p, true, true, false)) {
-                let _ = f.write_all(&support::pseudo_random(u64::from(*seed) + 1000, usize::from(*len)));
-            }
-        }
-        Op::Overwrite(i, seed, off) => {
-            if let Some(mut f) = at(i).and_then(|p| open_reg(&p, false, false, false)) {
-                let _ = f.seek(SeekFrom::Start(u64::from(*off)));
-                let _ = f.write_all(&support::pseudo_random(u64::from(*seed) + 2000, 17));
-            }
-        }
-        Op::Append(i, seed) => {
-            if let Some(mut f) = at(i).and_then(|p| open_reg(&p, false, false, true)) {
-                let _ = f.write_all(&support::pseudo_random(u64::from(*seed) + 3000, 33));
-            }
-        }
-        Op::Truncate(i, len) => {
-            if let Some(f) = at(i).and_then(|p| open_reg(&p, false, false, false)) {
-                let _ = f.set_len(u64::from(*len));
-            }
-        }
-        Op::Chmod(i, m) => {
-            if let Some(p) = at(i) {
-                if let Some(md) = lstat(&p).filter(|md| !md.file_type().is_symlink()) {
-                    let bits =
-                        if md.is_dir() { DIR_MODES[m % DIR_MODES.len()] } else { FILE_MODES[m % FILE_MODES.len()] };
-                    let _ = fs::set_permissions(&p, fs::Permissions::from_mode(bits));
-                }
-            }
-        }
-        Op::Chown(i, o) => {
-            if let Some(p) = at(i) {
-                let _ = std::os::unix::fs::lchown(&p, Some(OWNERS[*o].0), Some(OWNERS[*o].1));
-            }
-        }
-        Op::Touch(i, m) => {
-            if let Some(p) = at(i) {
-                let _ = try_set_mtime(&p, MTIMES[*m].0, MTIMES[*m].1);
-            }
-        }
-        Op::Rename(a, b) => {
-            if let (Some(a), Some(b)) = (at(a), at(b)) {
-                let _ = fs::rename(a, b);
-            }
-        }
-        Op::Unlink(i) => {
-            if let Some(p) = at(i).filter(|p| !is_dir(p)) {
-                let _ = fs::remove_file(p);
-            }
-        }
-        Op::Rmdir(i) => {
-            if let Some(p) = at(i) {
-                let _ = fs::remove_dir(p);
-            }
-        }
-        Op::RmRf(i) | Op::Recreate(i) => {
-            if let Some(p) = at(i) {
-                let _ = if is_dir(&p) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-                if matches!(op, Op::Recreate(_)) {
-                    let _ = fs::create_dir(&p);
-                }
-            }
-        }
-        Op::MkdirP(i) => {
-            if let Some(p) = at(i) {
-                let _ = fs::create_dir_all(p);
-            }
-        }
-        Op::Symlink(i, tg) => {
-            if let Some(p) = at(i) {
-                let _ = std::os::unix::fs::symlink(SYMLINK_TARGETS[*tg], p);
-            }
-        }
-        Op::Hardlink(a, b) => {
-            if let (Some(a), Some(b)) = (at(a), at(b)) {
-                let _ = fs::hard_link(a, b);
-            }
-        }
-        Op::SetXattr(i, x, v) => {
-            let pool: Vec<&str> = match mode {
-                Mode::Lenient => OP_XATTRS.to_vec(),
-                Mode::Strict => OP_XATTRS.iter().chain(&OP_XATTRS_STRICT).copied().collect(),
-            };
-            if let Some(p) = at(i).filter(|p| mode == Mode::Strict || dir_xattrs || !is_dir(p)) {
-                let name = pool[x % pool.len()];
-                let value = if name == "trusted.overlay.opaque" { vec![b'y'] } else { vec![b'o', *v] };
-                let _ = try_lsetxattr(&p, name, &value);
-            }
-        }
-        Op::RemoveXattr(i, x) => {
-            if let Some(p) = at(i) {
-                // Lenient: not on directories (`removed_dir_xattr_is_removed_by_the_fold`).
-                if mode == Mode::Strict || !is_dir(&p) {
-                    let pool = ["user.x", "user.y", "user.d", "trusted.t", "trusted.overlay.foo", "user.new"];
-                    let _ = try_lremovexattr(&p, pool[x % pool.len()]);
-                }
-            }
-        }
-        Op::Mkfifo(i) => {
-            if let Some(p) = at(i) {
-                let _ = try_mknod(&p, libc::S_IFIFO, 0o640, 0, 0);
-            }
-        }
-    }
+    let strict = mode == Mode::Strict;
+    let set: Vec<&str> =
+        if strict { OP_XATTRS.iter().chain(&OP_XATTRS_STRICT).copied().collect() } else { OP_XATTRS.to_vec() };
+    let remove = ["user.x", "user.y", "user.d", "trusted.t", "trusted.overlay.foo", "user.new"];
+    let policy = XattrPolicy { set: &set, remove: &remove, set_on_dirs: strict || dir_xattrs, remove_on_dirs: strict };
+    ops::apply(t, op, &policy);
 }
 
 #[derive(Clone, Debug)]
