@@ -389,6 +389,25 @@ pub(crate) fn copy_data(src: &File, dst: &File, display: &Path) -> Result<()> {
     }
 }
 
+/// Opens the regular file `dir/name` for reading without ever opening anything else:
+/// the entry is pinned with `O_PATH|O_NOFOLLOW` and checked, then that same inode is
+/// reopened through `/proc/self/fd`. A sandbox swapping in a FIFO, a device or a
+/// symlink between a `stat` and the open gets an error, never a blocking read or a
+/// device's open side effects.
+pub(crate) fn open_regular_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<File> {
+    let pinned = openat(dir, name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("openat", display, e))?;
+    let st = fstat(pinned.as_fd()).map_err(|e| Error::io("fstat", display, e))?;
+    if kind(&st) != SFlag::S_IFREG {
+        return Err(Error::io("openat", display, Errno::EAGAIN));
+    }
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+    let fd = nix::fcntl::open(path.as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io("open", display, e))?;
+    Ok(File::from(fd))
+}
+
 /// Creates a copy of the non-directory `sdir/sname` (described by `st`) at
 /// `ddir/dname`, which must not exist.
 pub(crate) fn copy_leaf(
@@ -402,16 +421,9 @@ pub(crate) fn copy_leaf(
 ) -> Result<()> {
     match kind(st) {
         SFlag::S_IFREG => {
-            let src = openat(
-                sdir,
-                sname,
-                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("openat", display, e))?;
-            let src = File::from(src);
+            let src = open_regular_at(sdir, sname, display)?;
             let now = fstat(src.as_fd()).map_err(|e| Error::io("fstat", display, e))?;
-            if kind(&now) != SFlag::S_IFREG || now.st_ino != st.st_ino {
+            if now.st_ino != st.st_ino {
                 // Replaced between stat and open: the caller's ctime check will see it next time.
                 return Err(Error::io("openat", display, Errno::EAGAIN));
             }

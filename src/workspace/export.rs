@@ -1,13 +1,11 @@
 //! `Workspace::export_diff`: an upper as an OCI layer diff tar.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::{FileStat, Mode, SFlag, fstat, major, minor};
+use nix::sys::stat::{FileStat, SFlag, fstat, major, minor};
 
 use super::changes::check_no_redirects;
 use super::tar_writer::{EntryHeader, EntryKind, TarWriter};
@@ -231,10 +229,8 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
                 let x = xattrs_of(parent, name, userxattr, &display)?;
                 match kind(st) {
                     SFlag::S_IFREG => {
-                        let fd =
-                            openat(parent, name, OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-                                .map_err(|e| Error::io("openat", &display, e))?;
-                        let mut f = File::from(fd);
+                        // Never a FIFO or device swapped in by a live sandbox.
+                        let mut f = crate::mount::copy::open_regular_at(parent, name, &display)?;
                         // The size of the file as opened, not as listed.
                         let size = fstat(f.as_fd()).map_err(|e| Error::io("fstat", &display, e))?.st_size as u64;
                         let h = header(path, EntryKind::File { size }, st, x);
