@@ -164,7 +164,15 @@ fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let m = std::fs::metadata(top_lower).map_err(|e| Error::io("stat", top_lower, e))?;
     if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(upper, Some(m.uid()), Some(m.gid())).map_err(|e| Error::io("chown", upper, e))?;
+        match std::os::unix::fs::chown(upper, Some(m.uid()), Some(m.gid())) {
+            Ok(()) => {}
+            // In a user namespace the lower's owner may be unmapped (shown as the
+            // overflow id): the upper root stays ours, as rootless extraction leaves files.
+            Err(e)
+                if crate::mount::in_user_namespace()
+                    && matches!(e.raw_os_error(), Some(nix::libc::EINVAL | nix::libc::EPERM)) => {}
+            Err(e) => return Err(Error::io("chown", upper, e)),
+        }
     }
     std::fs::set_permissions(upper, std::fs::Permissions::from_mode(m.mode() & 0o7777))
         .map_err(|e| Error::io("chmod", upper, e))?;
