@@ -1262,3 +1262,52 @@ fn child_detect() {
     assert_eq!((d.kind, d.reason, d.userxattr), (BackendKind::Copy, DetectReason::NotPermitted, true));
     println!("CHILD-DONE");
 }
+
+/// A rootless workspace end to end: as nobody, in a new user + mount namespace, a
+/// `Workspace` over plain lowers is created, mounted (userxattr on automatically),
+/// written, exported, imported into a second workspace, detached and destroyed.
+#[test]
+fn rootless_workspace_in_a_user_namespace() {
+    let test = "rootless_workspace_in_a_user_namespace";
+    let Some(s) = setup(test) else { return };
+    if !require_userns(test) {
+        return;
+    }
+    let dir = mkdirs(&s.path().join("rootless-ws"));
+    let lowers = small_lowers(&dir);
+    let (wrapper, _dropped) = unprivileged(&[&dir]);
+    let before = support::snapshot(&lowers[0]);
+    let lines = run_child(&wrapper, &["-Urm", "--propagation", "private"], "child_rootless_workspace", &dir);
+    eprintln!("{lines:#?}");
+    assert!(lines.iter().any(|l| l == "CHILD-CHANGES /del-me:Deleted /new.txt:Added"), "{lines:#?}");
+    assert_same_tree("l0", &before, &support::snapshot(&lowers[0]));
+    assert!(!dir.join("a").exists() && !dir.join("b").exists(), "destroy left a workspace behind");
+}
+
+#[test]
+fn child_rootless_workspace() {
+    use rootfs_cache::{DiffOptions, Workspace, WorkspaceOptions};
+    let Some(dir) = std::env::var_os(CHILD_ENV).map(PathBuf::from) else { return };
+    assert!(in_user_namespace(), "the child must run in a user namespace");
+    let lowers = vec![dir.join("l0"), dir.join("l1")];
+    let mut a = Workspace::create(dir.join("a"), lowers.clone(), WorkspaceOptions::default()).expect("create");
+    let t = a.mount(KernelOverlay::new()).expect("rootless workspace mount").to_path_buf();
+    write(&t.join("new.txt"), "from the user namespace");
+    fs::remove_file(t.join("del-me")).unwrap();
+    let changes: Vec<String> =
+        a.changes().unwrap().changes.iter().map(|c| format!("{}:{:?}", c.path.display(), c.kind)).collect();
+    println!("CHILD-CHANGES {}", changes.join(" "));
+    let mut blob = Vec::new();
+    a.export_diff(&mut blob, &DiffOptions::default()).expect("export");
+    let mut b = Workspace::create(dir.join("b"), lowers, WorkspaceOptions::default()).expect("create b");
+    b.import_diff(&blob[..]).expect("rootless import");
+    let tb = b.mount(KernelOverlay::new()).expect("mount b").to_path_buf();
+    assert_eq!(read(&tb.join("new.txt")), "from the user namespace");
+    assert!(!tb.join("del-me").exists());
+    b.detach().expect("rootless detach");
+    assert_eq!(read(&tb.join("a.txt")), "top a");
+    assert!(!tb.join("del-me").exists());
+    a.destroy().expect("destroy a");
+    b.destroy().expect("destroy b");
+    println!("CHILD-DONE");
+}
