@@ -135,6 +135,12 @@ impl MountBackend for CopyBackend {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         };
+        // The runtime may have mounted volumes (or /proc) inside the materialised tree:
+        // folding would copy their files into the upper, and emptying the target would
+        // delete through them. Those must be unmounted first.
+        if let Some(m) = super::mountinfo::mount_below(display)? {
+            return Err(Error::AlreadyMounted { path: m });
+        }
         if exists_at(work.as_fd(), STATE, &spec.work)? {
             let state = read_state(work.as_fd(), &spec.work)?;
             let mut lowers = Vec::with_capacity(spec.lowers.len());
@@ -653,8 +659,8 @@ struct Fold<'a> {
     upper: OwnedFd,
     userxattr: bool,
     display: &'a Path,
-    /// Target inode → upper path of its first copy, to keep hardlinks.
-    links: HashMap<u64, Vec<u8>>,
+    /// Target (device, inode) → upper path of its first copy, to keep hardlinks.
+    links: HashMap<(u64, u64), Vec<u8>>,
 }
 
 struct Frame {
@@ -843,11 +849,11 @@ impl Fold<'_> {
             remove_at(u, name, &show)?;
         }
         if st.st_nlink > 1 {
-            if let Some(first) = self.links.get(&st.st_ino) {
+            if let Some(first) = self.links.get(&(st.st_dev, st.st_ino)) {
                 return linkat(self.upper.as_fd(), first.as_slice(), u, name, AtFlags::empty())
                     .map_err(|e| Error::io("linkat", &show, e));
             }
-            self.links.insert(st.st_ino, path.to_vec());
+            self.links.insert((st.st_dev, st.st_ino), path.to_vec());
         }
         copy_leaf(top.fd.as_fd(), name, st, u, name, Xattrs::Escape(Xattrs::prefix(self.userxattr)), &show)
     }

@@ -330,8 +330,10 @@ fn mount_new(c: &super::Checked, params: &[Param], how: Layers) -> Result<()> {
 
 fn mount_legacy(p: &Paths, params: &[Param]) -> Result<()> {
     let target = &p.target;
+    // Mount on the directory the checks looked at, not on whatever the path names now.
+    let on = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&p.target_fd));
     let sys_mount = |data: &[u8]| {
-        nix::mount::mount(Some("overlay"), target.as_path(), Some("overlay"), MsFlags::empty(), Some(data))
+        nix::mount::mount(Some("overlay"), on.as_str(), Some("overlay"), MsFlags::empty(), Some(data))
             .map_err(mount_err("mount", target, String::new()))
     };
     let lowers: Vec<&[u8]> = p.lowers.iter().map(|l| bytes(l)).collect();

@@ -55,6 +55,19 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
     Ok(mount_points(&text).contains(&canon))
 }
 
+/// The first mount point strictly inside `dir` (not `dir` itself), if any. Deleting or
+/// walking `dir` without this check would cross into that filesystem.
+pub(crate) fn mount_below(dir: &Path) -> Result<Option<PathBuf>> {
+    let canon = match std::fs::canonicalize(dir) {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("realpath", dir, e)),
+    };
+    let text = std::fs::read("/proc/thread-self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/thread-self/mountinfo", e))?;
+    Ok(mount_points(&text).into_iter().find(|m| m != &canon && m.starts_with(&canon)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,17 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
                     mkdirat(ld, name, Mode::from_bits_truncate(0o700))
                         .map_err(|e| Error::io("mkdirat", &display, e))?;
                     report.replaced_dirs += u64::from(opaque);
+                    if opaque {
+                        // The lower directory is replaced now; entries move into it one
+                        // by one. If apply stops halfway, a rerun must merge into it,
+                        // not replace it again (and lose what already moved).
+                        let x = crate::unpack::whiteout::opaque_xattr(userxattr);
+                        match crate::sys::removexattr_at_nofollow(parent, name, x) {
+                            Ok(()) => {}
+                            Err(e) if e.raw_os_error() == Some(nix::libc::ENODATA) => {}
+                            Err(e) => return Err(Error::io("lremovexattr", shown(upper, path), e)),
+                        }
+                    }
                 }
                 copy_meta(parent, name, st, ld, name, keep, &display)?;
                 report.dirs += 1;

@@ -386,7 +386,8 @@ impl Workspace {
         seed_upper_root(&self.upper, &self.lowers[0])
     }
 
-    /// Unmounts (verified), then deletes the workspace's directories and releases the
+    /// Unmounts (verified), then deletes the directories this crate made in the
+    /// workspace dir (and the dir itself if nothing else is left) and releases the
     /// lease. A `convert`ed workspace gets its lower back at the original path (with
     /// whatever was [`apply`](Workspace::apply)ed, without unapplied writes).
     ///
@@ -403,8 +404,23 @@ impl Workspace {
             std::fs::remove_dir(&self.target).map_err(|e| Error::io("rmdir", &self.target, e))?;
             std::fs::rename(&self.lowers[0], &self.target).map_err(|e| Error::io("rename", &self.target, e))?;
         } else {
-            empty_dir(&self.dir)?;
-            std::fs::remove_dir(&self.dir).map_err(|e| Error::io("rmdir", &self.dir, e))?;
+            // Only what this crate made: anything else the caller keeps in `dir` stays,
+            // and then `dir` itself does too.
+            let ours: Vec<PathBuf> = ["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
+                .iter()
+                .map(|n| self.dir.join(n))
+                .filter(|p| p.exists())
+                .collect();
+            let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
+            empty_dirs(&refs)?;
+            for d in &ours {
+                std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+            }
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {}
+                Err(e) => return Err(Error::io("rmdir", &self.dir, e)),
+            }
         }
         self.rootfs = None;
         Ok(())
@@ -450,9 +466,15 @@ impl Workspace {
     /// [`export_diff`]: Workspace::export_diff
     ///
     /// # Errors
-    /// Unmount, copy and mount errors. On a copy error the workspace is left unmounted
+    /// [`Error::Unsupported`] for a `convert`ed workspace (nothing to detach from);
+    /// unmount, copy and mount errors. On a copy error the workspace is left unmounted
     /// with its original upper and lowers.
     pub fn detach(&mut self) -> Result<()> {
+        if self.converted {
+            return Err(Error::Unsupported {
+                what: "detach of a converted workspace: its only lower is its own already".into(),
+            });
+        }
         let backend = self.backend.take();
         if let Some(b) = &backend {
             if let Err(e) = b.unmount(&self.spec()) {
@@ -489,7 +511,10 @@ impl Workspace {
             return Err(e);
         }
         let skeleton = self.dir.join("skeleton");
-        make_skeleton(&self.lowers, &skeleton)?;
+        // Detached before: the skeleton already holds the image's top-level names.
+        if self.lowers != [skeleton.clone()] {
+            make_skeleton(&self.lowers, &skeleton)?;
+        }
         std::fs::rename(&self.upper, &old).map_err(|e| Error::io("rename", &old, e))?;
         std::fs::rename(&fresh, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
         empty_dir(&old)?;
@@ -530,7 +555,9 @@ impl Workspace {
     ///
     /// # Errors
     /// [`Error::Unsupported`] when the lowers are shared (a cached image, or several) or
-    /// the upper holds redirect/metacopy xattrs; unmount, mount and I/O errors.
+    /// the upper holds redirect/metacopy xattrs; unmount, mount and I/O errors. After an
+    /// error past the unmount the workspace is left unmounted; `apply` can be run again
+    /// (it resumes: what already moved stays moved).
     pub fn apply(&mut self) -> Result<ApplyReport> {
         if self.rootfs.is_some() || self.lowers.len() != 1 {
             return Err(Error::Unsupported {
@@ -627,7 +654,11 @@ fn mark_opaque(root: &Path, userxattr: bool) -> Result<()> {
 impl Drop for Workspace {
     fn drop(&mut self) {
         if let Some(b) = self.backend.take() {
-            let _ = b.unmount(&self.spec());
+            if b.unmount(&self.spec()).is_err() {
+                // Still mounted: releasing the lease would let the cache evict live
+                // lowers. Keep the layers pinned for the rest of this process instead.
+                std::mem::forget(self.rootfs.take());
+            }
         }
     }
 }
