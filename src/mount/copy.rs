@@ -138,7 +138,7 @@ impl MountBackend for CopyBackend {
         // The runtime may have mounted volumes (or /proc) inside the materialised tree:
         // folding would copy their files into the upper, and emptying the target would
         // delete through them. Those must be unmounted first.
-        if let Some(m) = super::mountinfo::mount_below(display)? {
+        if let Some(m) = super::mountinfo::mount_under(&[display], false)? {
             return Err(Error::AlreadyMounted { path: m });
         }
         if exists_at(work.as_fd(), STATE, &spec.work)? {
@@ -172,11 +172,11 @@ pub(crate) fn open_dir_path(p: &Path) -> Result<OwnedFd> {
         .map_err(|e| Error::io("open", p, e))
 }
 
-fn open_dir_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<OwnedFd> {
+pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<OwnedFd> {
     openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", display, e))
 }
 
-fn stat_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<Option<FileStat>> {
+pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<Option<FileStat>> {
     match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(st) => Ok(Some(st)),
         Err(Errno::ENOENT) => Ok(None),
@@ -184,7 +184,7 @@ fn stat_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<Option<Fi
     }
 }
 
-fn kind(st: &FileStat) -> SFlag {
+pub(crate) fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
@@ -192,7 +192,7 @@ fn is_dir(st: &FileStat) -> bool {
     kind(st) == SFlag::S_IFDIR
 }
 
-fn is_whiteout(st: &FileStat) -> bool {
+pub(crate) fn is_whiteout(st: &FileStat) -> bool {
     kind(st) == SFlag::S_IFCHR && st.st_rdev == 0
 }
 
@@ -200,7 +200,7 @@ fn ctime(st: &FileStat) -> (i64, i64) {
     (st.st_ctime, st.st_ctime_nsec)
 }
 
-fn is_opaque(dir: BorrowedFd<'_>, userxattr: bool) -> bool {
+pub(crate) fn is_opaque(dir: BorrowedFd<'_>, userxattr: bool) -> bool {
     matches!(sys::fgetxattr(dir, opaque_xattr(userxattr)), Ok(Some(v)) if v == b"y")
 }
 
@@ -216,7 +216,7 @@ pub(crate) fn clear_dir(dir: BorrowedFd<'_>, display: &Path) -> Result<()> {
     Ok(())
 }
 
-fn child(path: &[u8], name: &[u8]) -> Vec<u8> {
+pub(crate) fn child(path: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = Vec::with_capacity(path.len() + 1 + name.len());
     if !path.is_empty() {
         p.extend_from_slice(path);
@@ -226,7 +226,7 @@ fn child(path: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-fn shown(root: &Path, rel: &[u8]) -> std::path::PathBuf {
+pub(crate) fn shown(root: &Path, rel: &[u8]) -> std::path::PathBuf {
     if rel.is_empty() { root.to_path_buf() } else { root.join(std::ffi::OsStr::from_bytes(rel)) }
 }
 

@@ -55,17 +55,24 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
     Ok(mount_points(&text).contains(&canon))
 }
 
-/// The first mount point strictly inside `dir` (not `dir` itself), if any. Deleting or
-/// walking `dir` without this check would cross into that filesystem.
-pub(crate) fn mount_below(dir: &Path) -> Result<Option<PathBuf>> {
-    let canon = match std::fs::canonicalize(dir) {
-        Ok(c) => c,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("realpath", dir, e)),
-    };
+/// The first mount point inside any of `dirs` (strictly inside unless `or_at`: also
+/// one of `dirs` itself), if any, from one read of the mount table. Deleting or walking
+/// such a directory without this check would cross into that filesystem (DESIGN rule 8).
+pub(crate) fn mount_under(dirs: &[&Path], or_at: bool) -> Result<Option<PathBuf>> {
+    let mut canon = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        match std::fs::canonicalize(dir) {
+            Ok(c) => canon.push(c),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("realpath", dir, e)),
+        }
+    }
+    if canon.is_empty() {
+        return Ok(None);
+    }
     let text = std::fs::read("/proc/thread-self/mountinfo")
         .map_err(|e| Error::io("read", "/proc/thread-self/mountinfo", e))?;
-    Ok(mount_points(&text).into_iter().find(|m| m != &canon && m.starts_with(&canon)))
+    Ok(mount_points(&text).into_iter().find(|m| canon.iter().any(|c| m.starts_with(c) && (or_at || m != c))))
 }
 
 #[cfg(test)]

@@ -138,21 +138,7 @@ fn empty_dirs(dirs: &[&Path]) -> Result<()> {
 
 /// Rule 8: never delete through a live mount.
 fn refuse_mounts_under(dirs: &[&Path]) -> Result<()> {
-    let mut canon = Vec::with_capacity(dirs.len());
-    for dir in dirs {
-        match std::fs::canonicalize(dir) {
-            Ok(c) => canon.push(c),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("realpath", dir, e)),
-        }
-    }
-    if canon.is_empty() {
-        return Ok(());
-    }
-    let text = std::fs::read("/proc/thread-self/mountinfo")
-        .map_err(|e| Error::io("read", "/proc/thread-self/mountinfo", e))?;
-    let points = crate::mount::mountinfo::mount_points(&text);
-    match points.into_iter().find(|m| canon.iter().any(|c| m.starts_with(c))) {
+    match crate::mount::mountinfo::mount_under(dirs, true)? {
         Some(m) => Err(Error::AlreadyMounted { path: m }),
         None => Ok(()),
     }

@@ -5,16 +5,11 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, openat};
-use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 
 use crate::error::{Error, Result};
-use crate::sys;
 use crate::unpack::list_dir;
-use crate::unpack::whiteout::opaque_xattr;
-
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 
 /// What the walk found.
 pub(crate) enum Event<'a> {
@@ -28,44 +23,8 @@ pub(crate) enum Event<'a> {
     Leaf { parent: BorrowedFd<'a>, name: &'a [u8], path: &'a [u8], st: &'a FileStat },
 }
 
-pub(crate) fn kind(st: &FileStat) -> SFlag {
-    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
-}
-
-pub(crate) fn is_whiteout(st: &FileStat) -> bool {
-    kind(st) == SFlag::S_IFCHR && st.st_rdev == 0
-}
-
-pub(crate) fn child(path: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(path.len() + 1 + name.len());
-    if !path.is_empty() {
-        p.extend_from_slice(path);
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
-
-pub(crate) fn shown(root: &Path, rel: &[u8]) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    if rel.is_empty() { root.to_path_buf() } else { root.join(std::ffi::OsStr::from_bytes(rel)) }
-}
-
-pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<OwnedFd> {
-    openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", display, e))
-}
-
-pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<Option<FileStat>> {
-    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some(st)),
-        Err(Errno::ENOENT) => Ok(None),
-        Err(e) => Err(Error::io("fstatat", display, e)),
-    }
-}
-
-pub(crate) fn is_opaque(dir: BorrowedFd<'_>, userxattr: bool) -> bool {
-    matches!(sys::fgetxattr(dir, opaque_xattr(userxattr)), Ok(Some(v)) if v == b"y")
-}
+// The same descriptor-based primitives as the copy backend's.
+pub(crate) use crate::mount::copy::{child, is_opaque, is_whiteout, kind, open_dir_at, shown, stat_at};
 
 /// Walks the layer at `root`. `visit` returning `false` on `Enter` skips the directory's
 /// entries (its `Leave` still comes).
