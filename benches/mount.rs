@@ -27,6 +27,8 @@
 //! recursively private), so nothing it mounts is ever visible outside it. Not root: the
 //! bench prints why it is skipped and exits 0 (under `CI` it fails instead).
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -39,19 +41,11 @@ const LAYER_COUNTS: [usize; 2] = [1, 10];
 /// The mount options the crate sets by default (`options::params` in src/mount/options.rs).
 const OPTIONS: &str = "index=off,redirect_dir=nofollow,metacopy=off,xino=off";
 
-/// Enters a private mount namespace (the process is still single-threaded here).
-fn private_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .expect("make / rprivate");
-}
-
 /// 10 small layers, a target dir and a scratch dir for uppers/works, on a tmpfs of the
 /// bench's own or, with `MOUNT_BENCH_DIR`, in a temp dir under that directory.
 struct Fixture {
-    /// The temp dir; with `own_tmpfs`, the mount point of the tmpfs.
-    dir: tempfile::TempDir,
-    own_tmpfs: bool,
+    /// Holds everything; its tmpfs is unmounted on drop.
+    _dir: common::Scratch,
     lowers: Vec<PathBuf>,
     target: PathBuf,
     scratch: PathBuf,
@@ -59,15 +53,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let base = std::env::var_os("MOUNT_BENCH_DIR");
-        let dir = match &base {
-            Some(b) => tempfile::tempdir_in(b).expect("tempdir in MOUNT_BENCH_DIR"),
-            None => tempfile::tempdir().expect("tempdir"),
-        };
-        if base.is_none() {
-            mount(Some("tmpfs"), dir.path(), Some("tmpfs"), MsFlags::empty(), Some("size=256m,mode=0755"))
-                .expect("mount tmpfs");
-        }
+        let dir = common::Scratch::new("MOUNT_BENCH_DIR", "size=256m,mode=0755");
         let root = dir.path();
         let lowers: Vec<PathBuf> = (0..LAYER_COUNTS[1]).map(|i| root.join(format!("l{i}"))).collect();
         for (i, l) in lowers.iter().enumerate() {
@@ -81,16 +67,7 @@ impl Fixture {
         let (target, scratch) = (root.join("t"), root.join("s"));
         std::fs::create_dir(&target).unwrap();
         std::fs::create_dir(&scratch).unwrap();
-        Fixture { dir, own_tmpfs: base.is_none(), lowers, target, scratch }
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // Unmount the tmpfs so that TempDir only removes the empty mount point.
-        if self.own_tmpfs {
-            let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
-        }
+        Fixture { _dir: dir, lowers, target, scratch }
     }
 }
 
@@ -212,12 +189,10 @@ fn interleaved(fx: &Fixture, rounds: u64) {
 }
 
 fn main() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var_os("CI").is_none(), "the mount bench needs root (CI is set, so not skipping)");
-        eprintln!("mount bench skipped: needs root (run `sudo cargo bench --bench mount`)");
+    if !common::require_root("mount") {
         return;
     }
-    private_namespace();
+    common::private_namespace();
     let fx = Fixture::new();
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c, &fx);

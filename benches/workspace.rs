@@ -46,13 +46,14 @@
 //! `WORKSPACE_BENCH_DIR=dir`, works in a temp dir under `dir`). Not root: the bench prints
 //! why it is skipped and exits 0 (under `CI` it fails instead).
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use rootfs_cache::{
     ApplyReport, DiffOptions, KernelOverlay, UnpackOptions, WhiteoutMode, Workspace, WorkspaceOptions, unpack,
 };
@@ -65,49 +66,6 @@ const TRACE_CHILD: &str = "WORKSPACE_BENCH_TRACE_CHILD";
 
 /// Prefix of the marker paths the traced child `statx`es between operations.
 const MARK: &str = "/WORKSPACE-BENCH-MARK/";
-
-/// Enters a private mount namespace (the process is still single-threaded here).
-fn private_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .expect("make / rprivate");
-}
-
-/// A scratch directory on a tmpfs of the bench's own or, with `WORKSPACE_BENCH_DIR`, a
-/// temp dir under that directory.
-struct Scratch {
-    dir: tempfile::TempDir,
-    own_tmpfs: bool,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        let base = std::env::var_os("WORKSPACE_BENCH_DIR");
-        let dir = match &base {
-            Some(b) => tempfile::tempdir_in(b).expect("tempdir in WORKSPACE_BENCH_DIR"),
-            None => tempfile::tempdir().expect("tempdir"),
-        };
-        if base.is_none() {
-            // Two Debian copies (~2 x 211 MB), the synthetic lowers and the uppers.
-            mount(Some("tmpfs"), dir.path(), Some("tmpfs"), MsFlags::empty(), Some("size=2g,mode=0755"))
-                .expect("mount tmpfs");
-        }
-        Scratch { dir, own_tmpfs: base.is_none() }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // Unmount the tmpfs so that TempDir only removes the empty mount point.
-        if self.own_tmpfs {
-            let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
-        }
-    }
-}
 
 /// A synthetic rootfs-like tree: `/etc` with a few files (`hostname` among them), then
 /// `dirs` directories under `usr/lib/gNN/` with `files` small files each.
@@ -555,13 +513,12 @@ fn main() {
         trace_child(spec.to_str().expect("utf-8 spec"));
         return;
     }
-    if !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var_os("CI").is_none(), "the workspace bench needs root (CI is set, so not skipping)");
-        eprintln!("workspace bench skipped: needs root (run `sudo cargo bench --bench workspace`)");
+    if !common::require_root("workspace") {
         return;
     }
-    private_namespace();
-    let scratch = Scratch::new();
+    common::private_namespace();
+    // Two Debian copies (~2 x 211 MB), the synthetic lowers and the uppers.
+    let scratch = common::Scratch::new("WORKSPACE_BENCH_DIR", "size=2g,mode=0755");
     let fx = Fixture::new(scratch.path());
     fx.describe();
     let mut c = Criterion::default().configure_from_args();
