@@ -114,6 +114,7 @@ mod digest;
 mod error;
 mod fetch;
 mod mount;
+mod reflink;
 mod root;
 mod sys;
 mod unpack;
@@ -131,7 +132,8 @@ pub use mount::{
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};
 pub use workspace::{
-    ApplyReport, Change, ChangeKind, ChangeSet, DiffOptions, DiffStats, Lowers, Workspace, WorkspaceOptions,
+    ApplyReport, Change, ChangeKind, ChangeSet, DiffOptions, DiffStats, Lowers, UpperStorage, Workspace,
+    WorkspaceOptions,
 };
 
 // The README's examples compile (`cargo test --doc`), so the API tour stays true.

@@ -92,6 +92,11 @@ fn exists_at(dir: BorrowedFd<'_>, name: &str, display: &Path) -> Result<bool> {
 }
 
 impl MountBackend for CopyBackend {
+    /// False: the sandbox writes into the target; they reach the upper at unmount.
+    fn writes_upper_live(&self) -> bool {
+        false
+    }
+
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
         let p = &c.paths;

@@ -65,6 +65,15 @@ pub trait MountBackend: Send + Sync {
     /// # Errors
     /// [`Error::Mount`] when the target is still a mount point afterwards.
     fn unmount(&self, spec: &OverlaySpec) -> Result<()>;
+
+    /// Whether writes to the mounted view reach `spec.upper` as they happen (a kernel
+    /// overlay), rather than only at [`unmount`](Self::unmount) ([`CopyBackend`]).
+    /// While a backend that answers `false` is mounted, a [`Workspace`](crate::Workspace)
+    /// refuses to read its upper (changes, export, checkpoint): what it would read is
+    /// stale. Default: true.
+    fn writes_upper_live(&self) -> bool {
+        true
+    }
 }
 
 impl<B: MountBackend + ?Sized> MountBackend for &B {
@@ -73,6 +82,9 @@ impl<B: MountBackend + ?Sized> MountBackend for &B {
     }
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
         (**self).unmount(spec)
+    }
+    fn writes_upper_live(&self) -> bool {
+        (**self).writes_upper_live()
     }
 }
 
@@ -83,6 +95,9 @@ impl<B: MountBackend + ?Sized> MountBackend for Box<B> {
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
         (**self).unmount(spec)
     }
+    fn writes_upper_live(&self) -> bool {
+        (**self).writes_upper_live()
+    }
 }
 
 impl<B: MountBackend + ?Sized> MountBackend for std::sync::Arc<B> {
@@ -91,6 +106,9 @@ impl<B: MountBackend + ?Sized> MountBackend for std::sync::Arc<B> {
     }
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
         (**self).unmount(spec)
+    }
+    fn writes_upper_live(&self) -> bool {
+        (**self).writes_upper_live()
     }
 }
 

@@ -347,6 +347,28 @@ impl Writer {
         Ok(())
     }
 
+    /// Data for the current (non-sparse) regular file, copied from `len` bytes at `off` in
+    /// the archive file `src` (shared extents where the filesystem can); ignored when
+    /// there is no current file, as for [`data`](Self::data).
+    pub(crate) fn clone_data(&mut self, src: &File, off: u64, len: u64) -> Result<()> {
+        let Some(cur) = &mut self.current else {
+            return Ok(());
+        };
+        debug_assert!(cur.hdr.sparse.is_none(), "sparse data is never cloned");
+        crate::reflink::copy_range(src, off, &cur.file, len).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::InvalidArchive {
+                    offset: cur.hdr.offset,
+                    reason: "truncated archive: entry data ends early".into(),
+                }
+            } else {
+                Error::io("copy_file_range", &cur.path, e)
+            }
+        })?;
+        cur.consumed += len;
+        Ok(())
+    }
+
     /// Finish the current file: size (sparse), owner, xattrs, mode, times; close.
     pub(crate) fn close(&mut self) -> Result<()> {
         let Some(cur) = self.current.take() else { return Ok(()) };

@@ -257,6 +257,50 @@ pub fn unpack_with_progress<R: Read + Send>(
     unpack_inner(input, dest, opts, Some(progress))
 }
 
+/// What [`unpack_file`] did.
+pub(crate) enum FileUnpacked {
+    /// The fast path: file data copied out of the archive by the kernel, nothing hashed.
+    Cloned {
+        /// Archive entries processed.
+        entries: u64,
+        /// Bytes of regular-file data.
+        file_bytes: u64,
+        /// Bytes of the archive.
+        bytes: u64,
+    },
+    /// An ordinary [`unpack`] (compressed, or not a regular file, or digests to check).
+    Streamed(UnpackStats),
+}
+
+/// [`unpack`] of the blob in `file` from its position to its end, with a fast path for
+/// an uncompressed tar in a regular file: file data is copied out of the archive with
+/// `copy_file_range` instead of being read and written, so on a filesystem with reflinks
+/// the data blocks of a block-aligned archive on the same filesystem are shared, not
+/// copied. The fast path hashes nothing, so it is taken only when no digest is expected.
+/// The file's position ends at its end, as after reading it.
+pub(crate) fn unpack_file(file: &std::fs::File, dest: &Path, opts: &UnpackOptions) -> Result<FileUnpacked> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let mut f = file;
+    let meta = file.metadata().map_err(|e| Error::io("fstat", "diff input", e))?;
+    let start = f.stream_position().map_err(|e| Error::io("lseek", "diff input", e))?;
+    let end = meta.len();
+    let plain_file = meta.file_type().is_file() && !meta.file_type().is_fifo();
+    if plain_file && end > start && opts.expected_digest.is_none() && opts.expected_diff_id.is_none() {
+        let mut magic = [0u8; 6];
+        let n = file.read_at(&mut magic, start).map_err(|e| Error::Read { what: "layer blob", source: e })?;
+        if pipeline::detect(&magic[..n])? == Compression::None {
+            let root = Root::open(dest)?;
+            let mut ex = extract::Extractor::new(&root, opts);
+            pipeline::run_file(file, start, end, opts, &mut ex)?;
+            let c = ex.finish()?;
+            f.seek(SeekFrom::Start(end)).map_err(|e| Error::io("lseek", "diff input", e))?;
+            return Ok(FileUnpacked::Cloned { entries: c.entries, file_bytes: c.file_bytes, bytes: end - start });
+        }
+    }
+    unpack(file, dest, opts).map(FileUnpacked::Streamed)
+}
+
 fn unpack_inner<R: Read + Send>(
     input: R,
     dest: &Path,

@@ -18,12 +18,14 @@
 //! caller's next send fails and it stops. Errors are reported in causal order: create,
 //! then write (the caller stops silently when the writer has gone), then read/parse.
 
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use super::extract::{Extractor, OpenFile, Writer};
-use super::tar::{self, Header, Limits, TarReader};
+use super::tar::{self, Header, Limits, Source, TarReader};
 use super::{Compression, UnpackOptions};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
@@ -46,6 +48,9 @@ enum Item {
     /// An entry the extractor handled completely.
     Done,
     Data(usize, usize),
+    /// The current file's data: `(offset, length)` in the archive file, copied by the
+    /// writer with `copy_file_range` ([`run_file`] only).
+    Clone(u64, u64),
 }
 
 const BATCH_BYTES: usize = 256 * 1024;
@@ -96,16 +101,19 @@ fn create(ex: &mut Extractor<'_>, b: &mut Batch) -> Result<()> {
     Ok(())
 }
 
-/// The write stage: fill the batch's files; the batch is left empty for reuse.
-fn write(w: &mut Writer, b: &mut Batch) -> Result<()> {
+/// The write stage: fill the batch's files; the batch is left empty for reuse. `archive`
+/// is the archive file that [`Item::Clone`] ranges are copied from.
+fn write(w: &mut Writer, b: &mut Batch, archive: Option<&File>) -> Result<()> {
     let Batch { items, data, used, files, meta } = b;
     *files = 0;
     *meta = 0;
     for item in items.drain(..) {
-        match item {
-            Item::File(f) => w.open(*f)?,
-            Item::Entry(_) | Item::Done => w.close()?,
-            Item::Data(s, e) => w.data(&data[s..e])?,
+        match (item, archive) {
+            (Item::File(f), _) => w.open(*f)?,
+            (Item::Entry(_) | Item::Done, _) => w.close()?,
+            (Item::Data(s, e), _) => w.data(&data[s..e])?,
+            (Item::Clone(off, len), Some(src)) => w.clone_data(src, off, len)?,
+            (Item::Clone(..), None) => unreachable!("clone ranges come only with an archive file"),
         }
     }
     *used = 0;
@@ -144,7 +152,7 @@ pub(super) fn run_inline<R: Read>(
         let mut source = BufReader::with_capacity(64 * 1024, tap);
         parse(&mut source, opts, &mut |mut b| {
             create(ex, &mut b)?;
-            write(&mut w, &mut b)?;
+            write(&mut w, &mut b, None)?;
             Ok(b)
         })?
     };
@@ -182,7 +190,7 @@ pub(super) fn run_pipelined<R: Read + Send>(
             .spawn_scoped(s, move || {
                 let mut r = Ok(());
                 for mut b in write_rx.iter() {
-                    r = write(&mut w, &mut b);
+                    r = write(&mut w, &mut b, None);
                     if r.is_err() {
                         break;
                     }
@@ -327,7 +335,7 @@ impl<R: Read> Read for Counted<'_, R> {
     }
 }
 
-fn detect(magic: &[u8]) -> Result<Compression> {
+pub(super) fn detect(magic: &[u8]) -> Result<Compression> {
     match magic {
         [0x1f, 0x8b, ..] => Ok(Compression::Gzip),
         [0x28, 0xb5, 0x2f, 0xfd, ..] => Ok(Compression::Zstd),
@@ -405,7 +413,7 @@ fn parse<S: BufRead + ?Sized>(
             max_sparse_size: opts.max_uncompressed_bytes,
         };
         let mut tar = TarReader::new(reader, limits);
-        run(&mut tar, sink)?;
+        run(&mut tar, None, sink)?;
         // Whatever follows the end-of-archive marker is part of the diff_id (tar writers
         // pad to 10 KiB records); reading it also makes the decoders check their trailers
         // (gzip CRC, zstd checksum).
@@ -418,8 +426,14 @@ fn parse<S: BufRead + ?Sized>(
     Ok((compression, st.count, st.hasher))
 }
 
-/// Move every entry and its data from the tar reader into batches.
-fn run<R: Read>(tar: &mut TarReader<R>, sink: &mut dyn FnMut(Batch) -> Result<Batch>) -> Result<()> {
+/// Move every entry and its data from the tar reader into batches. With `clone_base`
+/// (the archive's offset in its file), plain regular files' data is not read but passed
+/// on as an [`Item::Clone`] range; the reader skips it.
+fn run<R: Source>(
+    tar: &mut TarReader<R>,
+    clone_base: Option<u64>,
+    sink: &mut dyn FnMut(Batch) -> Result<Batch>,
+) -> Result<()> {
     let mut batch = Batch::new();
     while let Some(h) = tar.next_entry()? {
         let mut left = h.size;
@@ -427,7 +441,13 @@ fn run<R: Read>(tar: &mut TarReader<R>, sink: &mut dyn FnMut(Batch) -> Result<Ba
             batch.files += 1;
         }
         batch.meta += h.path.len() + h.link.len() + h.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let clone = clone_base.filter(|_| h.kind == tar::Kind::File && h.sparse.is_none() && h.size > 0);
         batch.items.push(Item::Entry(Box::new(h)));
+        if let Some(base) = clone {
+            batch.items.push(Item::Clone(base + tar.position(), left));
+            // Skipped (not read) by the next `next_entry`.
+            left = 0;
+        }
         loop {
             if batch.full() {
                 batch = sink(batch)?;
@@ -449,6 +469,85 @@ fn run<R: Read>(tar: &mut TarReader<R>, sink: &mut dyn FnMut(Batch) -> Result<Ba
     if !batch.items.is_empty() {
         sink(batch)?;
     }
+    Ok(())
+}
+
+/// Reads an archive held in a file with `pread`, buffering only headers' worth: entry data
+/// that is skipped is never read.
+pub(super) struct FileSource<'f> {
+    file: &'f File,
+    /// File offset of the byte after the buffered ones.
+    pos: u64,
+    /// End of the archive in the file.
+    end: u64,
+    buf: Vec<u8>,
+    lo: usize,
+    hi: usize,
+}
+
+/// Read-ahead of [`FileSource`]: a few headers, little of the data that follows them.
+const FILE_SOURCE_BUF: usize = 32 * 1024;
+
+impl<'f> FileSource<'f> {
+    pub(super) fn new(file: &'f File, start: u64, end: u64) -> Self {
+        FileSource { file, pos: start, end, buf: vec![0; FILE_SOURCE_BUF], lo: 0, hi: 0 }
+    }
+}
+
+impl Read for FileSource<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.lo == self.hi {
+            let want = (self.end.saturating_sub(self.pos)).min(self.buf.len() as u64) as usize;
+            let n = self.file.read_at(&mut self.buf[..want], self.pos)?;
+            self.pos += n as u64;
+            self.lo = 0;
+            self.hi = n;
+        }
+        let n = (self.hi - self.lo).min(out.len());
+        out[..n].copy_from_slice(&self.buf[self.lo..self.lo + n]);
+        self.lo += n;
+        Ok(n)
+    }
+}
+
+impl Source for FileSource<'_> {
+    fn skip_bytes(&mut self, n: u64) -> io::Result<u64> {
+        let buffered = (self.hi - self.lo) as u64;
+        if n <= buffered {
+            self.lo += n as usize;
+            return Ok(n);
+        }
+        self.lo = self.hi;
+        let beyond = (n - buffered).min(self.end.saturating_sub(self.pos));
+        self.pos += beyond;
+        Ok(buffered + beyond)
+    }
+}
+
+/// The fast path for an uncompressed archive in a regular file (bytes `start..end`):
+/// headers are read with `pread`, regular files' data is never read here but copied from
+/// the archive into each new file with `copy_file_range` (extents shared where the
+/// filesystem can). Nothing is hashed. Runs on the calling thread.
+pub(super) fn run_file(file: &File, start: u64, end: u64, opts: &UnpackOptions, ex: &mut Extractor<'_>) -> Result<()> {
+    if let Some(limit) = opts.max_uncompressed_bytes {
+        if end - start > limit {
+            return Err(Error::LimitExceeded { what: "uncompressed layer size", limit });
+        }
+    }
+    let limits = Limits {
+        max_header_bytes: opts.max_header_bytes,
+        max_entries: opts.max_entries,
+        max_sparse_size: opts.max_uncompressed_bytes,
+    };
+    let mut w = Writer::new(ex);
+    let mut tar = TarReader::new(FileSource::new(file, start, end), limits);
+    run(&mut tar, Some(start), &mut |mut b| {
+        create(ex, &mut b)?;
+        write(&mut w, &mut b, Some(file))?;
+        Ok(b)
+    })?;
+    w.close()?;
+    ex.counts.skipped_xattrs += w.skipped_xattrs;
     Ok(())
 }
 

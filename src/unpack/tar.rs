@@ -109,7 +109,28 @@ pub(crate) fn read_err(e: io::Error) -> Error {
     Error::Read { what: "layer blob", source: e }
 }
 
-impl<R: Read> TarReader<R> {
+/// What a [`TarReader`] reads: a byte stream that can skip entry data, by reading and
+/// discarding it or, where it can, by seeking past it.
+pub(crate) trait Source: Read {
+    /// Skips up to `n` bytes; returns how many were skipped (fewer only at end of stream).
+    fn skip_bytes(&mut self, n: u64) -> io::Result<u64>;
+}
+
+impl Source for Box<dyn Read + '_> {
+    fn skip_bytes(&mut self, n: u64) -> io::Result<u64> {
+        io::copy(&mut self.take(n), &mut io::sink())
+    }
+}
+
+impl Source for &[u8] {
+    fn skip_bytes(&mut self, n: u64) -> io::Result<u64> {
+        let k = n.min(self.len() as u64) as usize;
+        *self = &self[k..];
+        Ok(k as u64)
+    }
+}
+
+impl<R: Source> TarReader<R> {
     pub(crate) fn new(r: R, limits: Limits) -> Self {
         TarReader { r, offset: 0, remaining: 0, padding: 0, entries: 0, limits, done: false }
     }
@@ -134,17 +155,27 @@ impl<R: Read> TarReader<R> {
         Ok(n)
     }
 
-    fn skip(&mut self, mut n: u64) -> Result<()> {
-        let mut buf = [0u8; 8192];
-        while n > 0 {
-            let want = n.min(buf.len() as u64) as usize;
-            let got = self.fill(&mut buf[..want])?;
-            if got < want {
-                return Err(invalid(self.offset, "truncated archive: unexpected end of data"));
+    fn skip(&mut self, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let got = loop {
+            match self.r.skip_bytes(n) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r.map_err(read_err)?,
             }
-            n -= got as u64;
+        };
+        self.offset += got;
+        if got < n {
+            return Err(invalid(self.offset, "truncated archive: unexpected end of data"));
         }
         Ok(())
+    }
+
+    /// Offset in the stream of the next byte to read: after [`next_entry`](Self::next_entry),
+    /// where the entry's data starts.
+    pub(crate) fn position(&self) -> u64 {
+        self.offset
     }
 
     /// Read a metadata payload of `size` bytes (plus padding), bounded by the header limit.

@@ -1,7 +1,8 @@
 //! `Workspace::export_diff`: an upper as an OCI layer diff tar.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -16,7 +17,8 @@ use crate::mount::copy::Xattrs;
 use crate::sys;
 use crate::unpack::Compression;
 
-/// Options for [`Workspace::export_diff`](super::Workspace::export_diff).
+/// Options for [`Workspace::export_diff`](super::Workspace::export_diff) and
+/// [`Workspace::export_diff_file`](super::Workspace::export_diff_file).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct DiffOptions {
@@ -24,11 +26,28 @@ pub struct DiffOptions {
     pub compression: Compression,
     /// zstd or gzip level. Default: 3 (zstd) / 6 (gzip) when `None`.
     pub level: Option<i32>,
+    /// Block-aligned tar: every regular file's data starts at a multiple of the
+    /// destination's block size, so a filesystem with reflinks (XFS `reflink=1`, btrfs)
+    /// can share the data's extents instead of copying them, on export (with
+    /// [`export_diff_file`](super::Workspace::export_diff_file)) and on import (with
+    /// [`import_diff_file`](super::Workspace::import_diff_file)). The gaps are filled
+    /// with PAX `comment` records, which every tar reader ignores: the archive is a
+    /// standard tar that GNU tar, bsdtar and the `tar` crate read unchanged. Needs
+    /// [`Compression::None`]. Default: false.
+    pub aligned: bool,
 }
 
 impl Default for DiffOptions {
     fn default() -> Self {
-        DiffOptions { compression: Compression::None, level: None }
+        DiffOptions { compression: Compression::None, level: None, aligned: false }
+    }
+}
+
+impl DiffOptions {
+    /// An uncompressed, block-aligned diff: the checkpoint format (see
+    /// [`aligned`](Self::aligned)).
+    pub fn aligned() -> Self {
+        DiffOptions { aligned: true, ..Default::default() }
     }
 }
 
@@ -36,10 +55,14 @@ impl Default for DiffOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DiffStats {
-    /// Digest of the blob as written or read (compressed, if it is).
-    pub digest: Digest,
-    /// Digest of the uncompressed tar (the layer's `diff_id`).
-    pub diff_id: Digest,
+    /// Digest of the blob as written or read (compressed, if it is). `None` when file
+    /// data was copied inside the kernel without passing through this process (aligned
+    /// [`export_diff_file`](super::Workspace::export_diff_file), the
+    /// [`import_diff_file`](super::Workspace::import_diff_file) fast path): hashing would
+    /// read every byte, which is what those paths avoid.
+    pub digest: Option<Digest>,
+    /// Digest of the uncompressed tar (the layer's `diff_id`), `None` as for `digest`.
+    pub diff_id: Option<Digest>,
     /// Size of the blob in bytes (compressed, if it is).
     pub size: u64,
     /// Tar entries (whiteouts and opaque markers included).
@@ -168,7 +191,81 @@ fn with_prefix(path: &[u8], name: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Data offsets of an aligned export into a plain `Write` (the destination's block size
+/// is unknown): the usual filesystem block size.
+const STREAM_ALIGN: u64 = 4096;
+/// Largest alignment honoured from `st_blksize` (network filesystems report up to MiBs,
+/// which would pad every file by that much).
+const MAX_ALIGN: u64 = 64 * 1024;
+
+/// The alignment for data written to `file`: its `st_blksize` when that is a sane power
+/// of two, else [`STREAM_ALIGN`].
+fn file_align(file: &File) -> Result<u64> {
+    let st = fstat(file.as_fd()).map_err(|e| io_err("fstat")(e.into()))?;
+    let b = st.st_blksize as u64;
+    Ok(if b.is_power_of_two() && (512..=MAX_ALIGN).contains(&b) { b } else { STREAM_ALIGN })
+}
+
+/// Where the tar goes: what differs between the streaming and the file export.
+trait Emit {
+    /// Appends a non-file entry (or an empty marker file).
+    fn entry(&mut self, h: &EntryHeader, data: Option<&mut dyn io::Read>) -> Result<()>;
+    /// Appends a regular file entry with the data of `f` (`size` bytes).
+    fn file(&mut self, h: &EntryHeader, f: &File, size: u64, display: &Path) -> Result<()>;
+}
+
+/// Into any `Write`, hashed (digest and diff_id), optionally compressed.
+struct StreamEmit<W: Write> {
+    tar: TarWriter<HashingWriter<Sink<W>>>,
+    /// Data alignment inside the archive, if asked.
+    align: Option<u64>,
+}
+
+impl<W: Write> Emit for StreamEmit<W> {
+    fn entry(&mut self, h: &EntryHeader, data: Option<&mut dyn io::Read>) -> Result<()> {
+        self.tar.append(h, data).map_err(io_err("write"))
+    }
+
+    fn file(&mut self, h: &EntryHeader, mut f: &File, _size: u64, display: &Path) -> Result<()> {
+        match self.align {
+            Some(a) => {
+                self.tar.append_file_header_aligned(h, a).map_err(io_err("write"))?;
+                self.tar.write_pending_data(&mut f).map_err(|e| Error::io("read", display, e))
+            }
+            None => self.tar.append(h, Some(&mut f)).map_err(|e| Error::io("read", display, e)),
+        }
+    }
+}
+
+/// Into a `File`, aligned to its block size, file data by `copy_file_range`.
+struct FileEmit<'f> {
+    tar: TarWriter<BufWriter<&'f File>>,
+    file: &'f File,
+    align: u64,
+}
+
+impl Emit for FileEmit<'_> {
+    fn entry(&mut self, h: &EntryHeader, data: Option<&mut dyn io::Read>) -> Result<()> {
+        self.tar.append(h, data).map_err(io_err("write"))
+    }
+
+    fn file(&mut self, h: &EntryHeader, mut f: &File, size: u64, display: &Path) -> Result<()> {
+        self.tar.append_file_header_aligned(h, self.align).map_err(io_err("write"))?;
+        if size < self.align {
+            // Less than a block: nothing to share, and buffering beats a syscall pair.
+            return self.tar.write_pending_data(&mut f).map_err(|e| Error::io("read", display, e));
+        }
+        // The headers must reach the file before the kernel appends the data at its position.
+        self.tar.get_mut().flush().map_err(io_err("write"))?;
+        crate::reflink::copy_range(f, 0, self.file, size).map_err(|e| Error::io("copy_file_range", display, e))?;
+        self.tar.finish_data(size).map_err(io_err("write"))
+    }
+}
+
+/// Writes the upper as a diff tar to `out` (hashed, optionally compressed and aligned
+/// within the stream).
 pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &DiffOptions) -> Result<DiffStats> {
+    check_aligned(opts)?;
     let hashed = HashingWriter::new(out);
     let sink = match opts.compression {
         Compression::None => Sink::Plain(hashed),
@@ -180,7 +277,51 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
         Compression::Zstd => Sink::Zstd(zstd::Encoder::new(hashed, opts.level.unwrap_or(3)).map_err(io_err("zstd"))?),
     };
     // The diff_id is the digest of the uncompressed tar.
-    let mut tar = TarWriter::new(HashingWriter::new(sink));
+    let mut emit =
+        StreamEmit { tar: TarWriter::new(HashingWriter::new(sink)), align: opts.aligned.then_some(STREAM_ALIGN) };
+    let (entries, file_bytes) = walk_upper(upper, userxattr, &mut emit)?;
+    let hashed_tar = emit.tar.finish().map_err(io_err("write"))?;
+    let (diff_id, _, sink) = hashed_tar.finish();
+    let (digest, size) = sink.finish().map_err(io_err("write"))?;
+    Ok(DiffStats { digest: Some(digest), diff_id: Some(diff_id), size, entries, file_bytes })
+}
+
+/// Writes the upper as a diff tar into `file` at its position. Aligned: data at
+/// block-aligned file offsets, copied by `copy_file_range` (reflinked where the
+/// filesystem can), not hashed. Otherwise as [`export`].
+pub(crate) fn export_file(upper: &Path, userxattr: bool, file: &File, opts: &DiffOptions) -> Result<DiffStats> {
+    check_aligned(opts)?;
+    if !opts.aligned {
+        return export(upper, userxattr, BufWriter::with_capacity(256 * 1024, file), opts);
+    }
+    let start = {
+        let mut f = file;
+        io::Seek::stream_position(&mut f).map_err(io_err("lseek"))?
+    };
+    let align = file_align(file)?;
+    let mut emit =
+        FileEmit { tar: TarWriter::at_offset(BufWriter::with_capacity(256 * 1024, file), start), file, align };
+    let (entries, file_bytes) = walk_upper(upper, userxattr, &mut emit)?;
+    emit.tar.finish().map_err(io_err("write"))?.into_inner().map_err(|e| io_err("write")(e.into_error()))?;
+    let end = {
+        let mut f = file;
+        io::Seek::stream_position(&mut f).map_err(io_err("lseek"))?
+    };
+    let size = end - start;
+    Ok(DiffStats { digest: None, diff_id: None, size, entries, file_bytes })
+}
+
+fn check_aligned(opts: &DiffOptions) -> Result<()> {
+    if opts.aligned && opts.compression != Compression::None {
+        return Err(Error::Unsupported {
+            what: "an aligned diff must be uncompressed: compression moves file data off block boundaries".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Walks the upper, emitting its entries in path order; returns (entries, file bytes).
+fn walk_upper(upper: &Path, userxattr: bool, tar: &mut dyn Emit) -> Result<(u64, u64)> {
     let mut entries = 0u64;
     let mut file_bytes = 0u64;
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
@@ -190,7 +331,7 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
             // (as umoci does), so an import reproduces a chmod or chown of `/`.
             Event::Enter { parent, name, path: [], st, .. } => {
                 let x = xattrs_of(parent, name, userxattr, upper)?;
-                tar.append(&header(b".", EntryKind::Dir, st, x), None).map_err(io_err("write"))?;
+                tar.entry(&header(b".", EntryKind::Dir, st, x), None)?;
                 entries += 1;
             }
             Event::Enter { parent, name, path, st, opaque, .. } => {
@@ -198,11 +339,11 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
                 refuse_reserved(name, &display)?;
                 check_no_redirects(parent, name, userxattr, &display)?;
                 let x = xattrs_of(parent, name, userxattr, &display)?;
-                tar.append(&header(path, EntryKind::Dir, st, x), None).map_err(io_err("write"))?;
+                tar.entry(&header(path, EntryKind::Dir, st, x), None)?;
                 entries += 1;
                 if opaque {
                     let marker = [path, b"/.wh..wh..opq".as_slice()].concat();
-                    tar.append(&whiteout_entry(marker), Some(&mut io::empty())).map_err(io_err("write"))?;
+                    tar.entry(&whiteout_entry(marker), Some(&mut io::empty()))?;
                     entries += 1;
                 }
             }
@@ -210,7 +351,7 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
             Event::Whiteout { name, path, .. } => {
                 refuse_reserved(name, &shown(upper, path))?;
                 let wh = with_prefix(path, &[b".wh.".as_slice(), name].concat());
-                tar.append(&whiteout_entry(wh), Some(&mut io::empty())).map_err(io_err("write"))?;
+                tar.entry(&whiteout_entry(wh), Some(&mut io::empty()))?;
                 entries += 1;
             }
             Event::Leaf { parent, name, path, st } => {
@@ -220,7 +361,7 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
                 if st.st_nlink > 1 {
                     if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
                         let h = header(path, EntryKind::Hardlink { target: first.clone() }, st, Vec::new());
-                        tar.append(&h, None).map_err(io_err("write"))?;
+                        tar.entry(&h, None)?;
                         entries += 1;
                         return Ok(true);
                     }
@@ -230,11 +371,11 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
                 match kind(st) {
                     SFlag::S_IFREG => {
                         // Never a FIFO or device swapped in by a live sandbox.
-                        let mut f = crate::mount::copy::open_regular_at(parent, name, &display)?;
+                        let f = crate::mount::copy::open_regular_at(parent, name, &display)?;
                         // The size of the file as opened, not as listed.
                         let size = fstat(f.as_fd()).map_err(|e| Error::io("fstat", &display, e))?.st_size as u64;
                         let h = header(path, EntryKind::File { size }, st, x);
-                        tar.append(&h, Some(&mut f)).map_err(|e| Error::io("read", &display, e))?;
+                        tar.file(&h, &f, size, &display)?;
                         file_bytes += size;
                     }
                     SFlag::S_IFLNK => {
@@ -242,7 +383,7 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
                             nix::fcntl::readlinkat(parent, name).map_err(|e| Error::io("readlinkat", &display, e))?;
                         use std::os::unix::ffi::OsStrExt;
                         let h = header(path, EntryKind::Symlink { target: t.as_bytes().to_vec() }, st, x);
-                        tar.append(&h, None).map_err(io_err("write"))?;
+                        tar.entry(&h, None)?;
                     }
                     SFlag::S_IFCHR | SFlag::S_IFBLK => {
                         let (ma, mi) = (major(st.st_rdev) as u32, minor(st.st_rdev) as u32);
@@ -251,11 +392,9 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
                         } else {
                             EntryKind::Block { major: ma, minor: mi }
                         };
-                        tar.append(&header(path, k, st, x), None).map_err(io_err("write"))?;
+                        tar.entry(&header(path, k, st, x), None)?;
                     }
-                    SFlag::S_IFIFO => {
-                        tar.append(&header(path, EntryKind::Fifo, st, x), None).map_err(io_err("write"))?
-                    }
+                    SFlag::S_IFIFO => tar.entry(&header(path, EntryKind::Fifo, st, x), None)?,
                     // Sockets have no tar representation (GNU tar skips them too).
                     _ => return Ok(true),
                 }
@@ -264,8 +403,5 @@ pub(crate) fn export(upper: &Path, userxattr: bool, out: impl Write, opts: &Diff
         }
         Ok(true)
     })?;
-    let hashed_tar = tar.finish().map_err(io_err("write"))?;
-    let (diff_id, _, sink) = hashed_tar.finish();
-    let (digest, size) = sink.finish().map_err(io_err("write"))?;
-    Ok(DiffStats { digest, diff_id, size, entries, file_bytes })
+    Ok((entries, file_bytes))
 }

@@ -6,6 +6,29 @@
 //!   dir/work     overlay's scratch              path.upper   writes
 //!   dir/rootfs   the merged view (mount)        path.work    overlay's scratch
 //!   dir/skeleton (after detach) the only lower  path         the merged view (mount)
+//!   dir/mem      with UpperStorage::Tmpfs: a private tmpfs holding upper/ and work/
+//! ```
+//!
+//! # Checkpoint and restore
+//! [`checkpoint`] writes the upper to a file as a block-aligned tar (see
+//! [`DiffOptions::aligned`]) whose file data the filesystem can share with the upper
+//! (reflinks on XFS and btrfs) instead of copying it; [`restore`] makes a new workspace
+//! from such a file, sharing the data back the same way. With
+//! [`UpperStorage::Tmpfs`] the upper lives in memory while the sandbox runs and only
+//! checkpoints touch the disk.
+//!
+//! ```no_run
+//! # fn demo(lower: &std::path::Path, backend: rootfs_cache::KernelOverlay) -> rootfs_cache::Result<()> {
+//! use rootfs_cache::{Workspace, WorkspaceOptions};
+//! let mut ws = Workspace::create("/run/sbx/1", lower, WorkspaceOptions::default())?;
+//! ws.mount(backend.clone())?;
+//! // ... the sandbox runs; the runtime freezes it (`runsc checkpoint`, CRIU) ...
+//! ws.checkpoint("/var/lib/ckpt/1.rootfs.tar")?;
+//! ws.destroy()?;
+//! // Later, maybe on another node with the same image:
+//! let mut ws = Workspace::restore("/run/sbx/2", lower, WorkspaceOptions::default(), "/var/lib/ckpt/1.rootfs.tar")?;
+//! ws.mount(backend)?;
+//! # Ok(()) }
 //! ```
 //!
 //! The diff engine reads the upper directly, never the merged mount: [`changes`]
@@ -22,7 +45,10 @@
 //! [`apply`]: Workspace::apply
 //! [`export_diff`]: Workspace::export_diff
 //! [`detach`]: Workspace::detach
+//! [`checkpoint`]: Workspace::checkpoint
+//! [`restore`]: Workspace::restore
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -37,6 +63,7 @@ use crate::unpack::{UnpackOptions, WhiteoutMode, unpack};
 mod apply;
 mod changes;
 mod export;
+mod scratch;
 pub(crate) mod tar_writer;
 pub(crate) mod walk;
 
@@ -71,6 +98,33 @@ impl From<&Path> for Lowers {
     }
 }
 
+/// Where a workspace keeps its upper and work dirs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpperStorage {
+    /// `dir/upper` and `dir/work`, on the filesystem of the workspace dir. Default.
+    #[default]
+    Disk,
+    /// A private tmpfs mounted at `dir/mem` (at most `size` bytes, mode 0700) holding
+    /// `upper/` and `work/`: fast scratch space for the sandbox's writes, never written
+    /// to disk. It lives as long as the [`Workspace`] value: [`destroy`](Workspace::destroy)
+    /// and drop unmount it, and its contents are gone. Keep what matters with
+    /// [`checkpoint`](Workspace::checkpoint) (or [`export_diff`](Workspace::export_diff))
+    /// first; [`restore`](Workspace::restore) fills a new one.
+    ///
+    /// Needs the right to mount tmpfs: root, or a user namespace that owns its mount
+    /// namespace (`unshare -Urm`). As root the overlay keeps its metadata (whiteouts'
+    /// opaque dirs, ...) in `trusted.overlay.*` xattrs, which tmpfs always supports.
+    /// Rootless overlays use `userxattr`, and tmpfs supports `user.*` xattrs only from
+    /// Linux 6.6: on older kernels `create` fails with [`Error::Unsupported`], and a
+    /// rootless runtime uses [`UpperStorage::Disk`] (on a disk filesystem) instead.
+    Tmpfs {
+        /// Size limit in bytes (the tmpfs `size=`); writes beyond it fail with `ENOSPC`.
+        /// Must not be 0 (which tmpfs would read as "unlimited").
+        size: u64,
+    },
+}
+
 /// Options for [`Workspace::create`].
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
@@ -78,9 +132,20 @@ pub struct WorkspaceOptions {
     /// Overlay features for every mount of this workspace (`volatile`, `userxattr`, ...).
     /// `fresh` is ignored: the workspace knows when its upper must be empty.
     pub overlay: OverlayOptions,
-    /// Empty a leftover upper (a crashed sandbox's writes) instead of refusing with
-    /// [`Error::NotEmpty`]. Default: false.
+    /// Empty a leftover upper (a crashed sandbox's writes, or its leftover
+    /// [`UpperStorage::Tmpfs`] mount) instead of refusing with [`Error::NotEmpty`] /
+    /// [`Error::AlreadyMounted`]. Default: false.
     pub reset: bool,
+    /// Where the upper lives. Default: [`UpperStorage::Disk`].
+    pub upper: UpperStorage,
+}
+
+impl WorkspaceOptions {
+    /// Options with the upper in a private tmpfs of at most `size` bytes (see
+    /// [`UpperStorage::Tmpfs`]).
+    pub fn tmpfs(size: u64) -> Self {
+        WorkspaceOptions { upper: UpperStorage::Tmpfs { size }, ..Default::default() }
+    }
 }
 
 /// A sandbox's upper, work dir and merged mount point, bound to its lowers.
@@ -99,6 +164,8 @@ pub struct Workspace {
     backend: Option<Box<dyn MountBackend>>,
     /// `convert`ed: `path.lower` is this workspace's own, and `destroy` puts it back.
     converted: bool,
+    /// The tmpfs mount point holding upper and work ([`UpperStorage::Tmpfs`]).
+    scratch: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Workspace {
@@ -108,6 +175,7 @@ impl std::fmt::Debug for Workspace {
             .field("lowers", &self.lowers)
             .field("mounted", &self.backend.is_some())
             .field("leased", &self.rootfs.is_some())
+            .field("tmpfs", &self.scratch.is_some())
             .finish()
     }
 }
@@ -185,25 +253,62 @@ impl Workspace {
         if lowers.is_empty() {
             return Err(Error::InvalidSpec { reason: "a workspace needs at least one lower directory".into() });
         }
+        if opts.upper == (UpperStorage::Tmpfs { size: 0 }) {
+            return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
+        }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
-        let (upper, work, target) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        let mem = dir.join("mem");
+        if opts.reset {
+            scratch::release_leftover(&mem, &dir.join("rootfs"))?;
+        }
         refuse_mounts_under(&[&dir])?;
-        if upper.exists() && !crate::mount::is_empty_dir(&upper)? {
-            if !opts.reset {
-                return Err(Error::NotEmpty { path: upper });
-            }
-            empty_dir(&upper)?;
-        }
-        for d in [&upper, &work, &target] {
-            mkdir(d)?;
-        }
-        // Work holds only overlay scratch (and a crashed volatile mount's marker):
-        // never data, always thrown away.
-        empty_dir(&work)?;
-        seed_upper_root(&upper, &lowers[0])?;
         let mut options = opts.overlay;
         options.fresh = false;
-        Ok(Workspace { dir, upper, work, target, lowers, rootfs, options, backend: None, converted: false })
+        let target = dir.join("rootfs");
+        let mut ws = Workspace {
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            target,
+            dir,
+            lowers,
+            rootfs,
+            options,
+            backend: None,
+            converted: false,
+            scratch: None,
+        };
+        match opts.upper {
+            UpperStorage::Disk => {
+                if ws.upper.exists() && !crate::mount::is_empty_dir(&ws.upper)? {
+                    if !opts.reset {
+                        return Err(Error::NotEmpty { path: ws.upper.clone() });
+                    }
+                    empty_dir(&ws.upper)?;
+                }
+                for d in [&ws.upper, &ws.work, &ws.target] {
+                    mkdir(d)?;
+                }
+                // Work holds only overlay scratch (and a crashed volatile mount's marker):
+                // never data, always thrown away.
+                empty_dir(&ws.work)?;
+            }
+            UpperStorage::Tmpfs { size } => {
+                mkdir(&ws.target)?;
+                scratch::mount(&mem, size)?;
+                // From here on, dropping `ws` unmounts the tmpfs again.
+                ws.scratch = Some(mem.clone());
+                ws.upper = mem.join("upper");
+                ws.work = mem.join("work");
+                for d in [&ws.upper, &ws.work] {
+                    mkdir(d)?;
+                }
+                if ws.userxattr() {
+                    scratch::check_user_xattrs(&mem)?;
+                }
+            }
+        }
+        seed_upper_root(&ws.upper, &ws.lowers[0])?;
+        Ok(ws)
     }
 
     /// Turns the existing directory `path` into a workspace in place and mounts it:
@@ -262,6 +367,7 @@ impl Workspace {
                 options: OverlayOptions::default(),
                 backend: None,
                 converted: true,
+                scratch: None,
             };
             ws.mount(backend)?;
             Ok(ws)
@@ -294,6 +400,11 @@ impl Workspace {
     /// Whether the merged view is mounted.
     pub fn is_mounted(&self) -> bool {
         self.backend.is_some()
+    }
+
+    /// Whether the upper lives in a private tmpfs ([`UpperStorage::Tmpfs`]).
+    pub fn is_tmpfs(&self) -> bool {
+        self.scratch.is_some()
     }
 
     /// Whether the workspace still holds a cache lease (not detached).
@@ -382,6 +493,12 @@ impl Workspace {
     /// deleted then); unmount and I/O errors.
     pub fn destroy(mut self) -> Result<()> {
         self.unmount()?;
+        if let Some(mem) = &self.scratch {
+            // Never pull the tmpfs from under a merged view someone else mounted.
+            refuse_mounts_under(&[&self.target])?;
+            scratch::unmount(mem)?;
+            self.scratch = None;
+        }
         if self.converted {
             for d in [&self.upper, &self.work] {
                 empty_dir(d)?;
@@ -392,7 +509,7 @@ impl Workspace {
         } else {
             // Only what this crate made: anything else the caller keeps in `dir` stays,
             // and then `dir` itself does too.
-            let ours: Vec<PathBuf> = ["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
+            let ours: Vec<PathBuf> = ["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old", "mem"]
                 .iter()
                 .map(|n| self.dir.join(n))
                 .filter(|p| p.exists())
@@ -415,11 +532,56 @@ impl Workspace {
     /// Unpacks an OCI layer diff (as written by [`export_diff`](Workspace::export_diff),
     /// plain, gzip or zstd) into the empty upper of an unmounted workspace, with safe
     /// extraction and overlay whiteouts: mounting then shows the view it was taken from.
+    /// On error the upper is emptied again: a half-imported diff is never left to mount.
     ///
     /// # Errors
     /// [`Error::AlreadyMounted`] when mounted, [`Error::NotEmpty`] when the upper holds
     /// writes, and every [`unpack`](crate::unpack()) error (hostile entries, ...).
     pub fn import_diff(&mut self, input: impl Read + Send) -> Result<DiffStats> {
+        let opts = self.import_options()?;
+        let stats = unpack(input, &self.upper, &opts);
+        let stats = self.discard_on_error(stats)?;
+        Ok(DiffStats {
+            digest: Some(stats.digest),
+            diff_id: Some(stats.diff_id.unwrap_or(stats.digest)),
+            size: stats.compressed_bytes,
+            entries: stats.entries,
+            file_bytes: stats.file_bytes,
+        })
+    }
+
+    /// [`import_diff`](Workspace::import_diff) from a file, from its position to its end.
+    /// An uncompressed tar in a regular file takes the fast path: file data is never
+    /// read by this process but copied out of the archive with `copy_file_range`, which
+    /// XFS (`reflink=1`) and btrfs turn into shared extents for the block-aligned part
+    /// of each file when the archive is on the upper's filesystem (an
+    /// [aligned](DiffOptions::aligned) export, such as a [`checkpoint`](Workspace::checkpoint),
+    /// is entirely block-aligned); elsewhere the kernel copies, or this process does
+    /// where the kernel cannot (another filesystem type). The fast path does not hash,
+    /// so [`DiffStats::digest`] and [`DiffStats::diff_id`] are `None`; compressed blobs
+    /// and non-regular files go the ordinary way, with digests.
+    ///
+    /// # Errors
+    /// As [`import_diff`](Workspace::import_diff).
+    pub fn import_diff_file(&mut self, file: &File) -> Result<DiffStats> {
+        let opts = self.import_options()?;
+        let done = crate::unpack::unpack_file(file, &self.upper, &opts);
+        Ok(match self.discard_on_error(done)? {
+            crate::unpack::FileUnpacked::Cloned { entries, file_bytes, bytes } => {
+                DiffStats { digest: None, diff_id: None, size: bytes, entries, file_bytes }
+            }
+            crate::unpack::FileUnpacked::Streamed(stats) => DiffStats {
+                digest: Some(stats.digest),
+                diff_id: Some(stats.diff_id.unwrap_or(stats.digest)),
+                size: stats.compressed_bytes,
+                entries: stats.entries,
+                file_bytes: stats.file_bytes,
+            },
+        })
+    }
+
+    /// Checks that an import may start and gives its extraction options.
+    fn import_options(&self) -> Result<UnpackOptions> {
         if self.backend.is_some() {
             return Err(Error::AlreadyMounted { path: self.target.clone() });
         }
@@ -432,14 +594,110 @@ impl Workspace {
         opts.userxattr = self.userxattr();
         opts.parent_lowers = self.lowers.clone();
         opts.compute_diff_id = true;
-        let stats = unpack(input, &self.upper, &opts)?;
-        Ok(DiffStats {
-            digest: stats.digest,
-            diff_id: stats.diff_id.unwrap_or(stats.digest),
-            size: stats.compressed_bytes,
-            entries: stats.entries,
-            file_bytes: stats.file_bytes,
-        })
+        Ok(opts)
+    }
+
+    /// After a failed import, empties the upper again (best effort: the import's error is
+    /// what the caller needs to see).
+    fn discard_on_error<T>(&self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            let _ = empty_dir(&self.upper).and_then(|()| seed_upper_root(&self.upper, &self.lowers[0]));
+        }
+        r
+    }
+
+    /// Writes the sandbox's writes to `path` as a block-aligned, uncompressed diff tar
+    /// (an [aligned](DiffOptions::aligned) [`export_diff_file`](Workspace::export_diff_file)),
+    /// atomically and durably: the tar is written to a temporary file next to `path`
+    /// (mode 0600), synced, then renamed over `path`, and the directory is synced. On
+    /// XFS (`reflink=1`) and btrfs, with `path` on the upper's filesystem, file data is
+    /// shared with the upper rather than copied: a checkpoint of gigabytes takes
+    /// milliseconds and almost no space. Call it with the sandbox frozen (after `runsc
+    /// checkpoint`, CRIU's dump, a cgroup freeze): the upper is read as it is.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] while mounted with a backend that writes the upper only at
+    /// unmount ([`CopyBackend`](crate::CopyBackend): unmount first), or for uppers with
+    /// redirect/metacopy xattrs; I/O errors (`ENOSPC`, ...). After an error `path` is
+    /// as it was and no temporary file is left.
+    pub fn checkpoint(&self, path: impl AsRef<Path>) -> Result<DiffStats> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = path.as_ref();
+        self.check_upper_current("checkpoint")?;
+        let name = path.file_name().ok_or_else(|| {
+            Error::io("open", path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file"))
+        })?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tmp_name.push(format!(".partial-{}-{seq}", std::process::id()));
+        let tmp = parent.join(tmp_name);
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| Error::io("open", &tmp, e))?
+        };
+        let done = (|| {
+            let stats = self.export_diff_file(&file, &DiffOptions::aligned())?;
+            file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+            let dir = File::open(parent).map_err(|e| Error::io("open", parent, e))?;
+            dir.sync_all().map_err(|e| Error::io("fsync", parent, e))?;
+            Ok(stats)
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
+    }
+
+    /// A new workspace in `dir` over `lowers` (as [`create`](Workspace::create)) holding
+    /// the writes saved by [`checkpoint`](Workspace::checkpoint) in `checkpoint` (any
+    /// diff tar: plain, gzip or zstd), not mounted. The checkpoint's file data is shared
+    /// with it where the filesystem can (see [`import_diff_file`](Workspace::import_diff_file)).
+    /// The lowers must be the image the checkpoint was taken over.
+    ///
+    /// # Errors
+    /// I/O errors opening `checkpoint` (nothing is created then); [`create`](Workspace::create)
+    /// and [`import_diff`](Workspace::import_diff) errors, after which the new workspace's
+    /// directories are removed again.
+    pub fn restore(
+        dir: impl AsRef<Path>,
+        lowers: impl Into<Lowers>,
+        opts: WorkspaceOptions,
+        checkpoint: impl AsRef<Path>,
+    ) -> Result<Self> {
+        let checkpoint = checkpoint.as_ref();
+        let file = File::open(checkpoint).map_err(|e| Error::io("open", checkpoint, e))?;
+        let mut ws = Self::create(dir, lowers, opts)?;
+        match ws.import_diff_file(&file) {
+            Ok(_) => Ok(ws),
+            Err(e) => {
+                let _ = ws.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses to read the upper while a backend that fills it only at unmount is mounted.
+    fn check_upper_current(&self, what: &str) -> Result<()> {
+        match &self.backend {
+            Some(b) if !b.writes_upper_live() => Err(Error::Unsupported {
+                what: format!(
+                    "{what} while mounted with a backend that writes the upper only at unmount (CopyBackend): \
+                     unmount first"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Copies everything the lowers show into the upper (reflinked where the
@@ -469,8 +727,9 @@ impl Workspace {
             }
         }
         let userxattr = self.userxattr();
-        let fresh = self.dir.join("upper.detach");
-        let old = self.dir.join("upper.old");
+        // Next to the upper (inside a tmpfs upper's mount), so the swap is a rename.
+        let fresh = self.upper.with_file_name("upper.detach");
+        let old = self.upper.with_file_name("upper.old");
         for d in [&fresh, &old] {
             if d.exists() {
                 empty_dir(d)?;
@@ -515,12 +774,35 @@ impl Workspace {
         Ok(())
     }
 
-    /// Writes the upper as an OCI layer diff to `out`; see [`DiffOptions`].
+    /// Writes the upper as an OCI layer diff to `out`; see [`DiffOptions`]. Everything
+    /// passes through this process (hashed for [`DiffStats::digest`]); an
+    /// [aligned](DiffOptions::aligned) diff is aligned to 4096 bytes from the start of
+    /// `out`. To let the filesystem share file data, write into a `File` with
+    /// [`export_diff_file`](Workspace::export_diff_file).
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for uppers with redirect or metacopy xattrs; I/O errors.
+    /// [`Error::Unsupported`] for uppers with redirect or metacopy xattrs, for `aligned`
+    /// with compression, and while mounted with a backend that writes the upper only at
+    /// unmount ([`CopyBackend`](crate::CopyBackend)); I/O errors.
     pub fn export_diff(&self, out: impl Write, opts: &DiffOptions) -> Result<DiffStats> {
+        self.check_upper_current("export_diff")?;
         export::export(&self.upper, self.userxattr(), out, opts)
+    }
+
+    /// [`export_diff`](Workspace::export_diff) into `file` at its position (appending
+    /// where it is). With [`DiffOptions::aligned`] each regular file's data starts at a
+    /// multiple of `file`'s block size (`st_blksize`, capped at 64 KiB) and is copied
+    /// with `copy_file_range`, which XFS (`reflink=1`) and btrfs turn into shared
+    /// extents when `file` is on the upper's filesystem (elsewhere the kernel copies, or
+    /// this process does where the kernel cannot); such data is never read by this
+    /// process, so [`DiffStats::digest`] and [`DiffStats::diff_id`] are `None`. Without
+    /// `aligned` this is `export_diff` into a buffered `file`.
+    ///
+    /// # Errors
+    /// As [`export_diff`](Workspace::export_diff).
+    pub fn export_diff_file(&self, file: &File, opts: &DiffOptions) -> Result<DiffStats> {
+        self.check_upper_current("export_diff_file")?;
+        export::export_file(&self.upper, self.userxattr(), file, opts)
     }
 
     /// The changes in the upper relative to the lowers (scans the upper only: cost
@@ -529,6 +811,7 @@ impl Workspace {
     /// # Errors
     /// [`Error::Unsupported`] for redirect or metacopy xattrs; I/O errors.
     pub fn changes(&self) -> Result<ChangeSet> {
+        self.check_upper_current("changes")?;
         changes::scan(&self.upper, &self.lowers, self.userxattr())
     }
 
@@ -642,9 +925,14 @@ impl Drop for Workspace {
         if let Some(b) = self.backend.take() {
             if b.unmount(&self.spec()).is_err() {
                 // Still mounted: releasing the lease would let the cache evict live
-                // lowers. Keep the layers pinned for the rest of this process instead.
+                // lowers. Keep the layers pinned for the rest of this process instead,
+                // and the tmpfs upper the view still uses.
                 std::mem::forget(self.rootfs.take());
+                return;
             }
+        }
+        if let Some(mem) = self.scratch.take() {
+            let _ = scratch::unmount(&mem);
         }
     }
 }

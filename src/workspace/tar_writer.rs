@@ -90,6 +90,9 @@ pub(crate) struct TarWriter<W: Write> {
     out: W,
     /// Bytes written so far, including data written by the caller through `get_mut`.
     pos: u64,
+    /// Where the archive starts in the destination, modulo any alignment asked for: data
+    /// offsets are aligned in the destination, not just inside the archive.
+    base: u64,
     /// Size of the file whose data the caller still has to write (after a header-only append).
     pending: Option<u64>,
     /// Copy buffer, allocated on first use.
@@ -99,7 +102,16 @@ pub(crate) struct TarWriter<W: Write> {
 impl<W: Write> TarWriter<W> {
     /// A writer that starts a new archive at the current position of `out`.
     pub(crate) fn new(out: W) -> Self {
-        TarWriter { out, pos: 0, pending: None, buf: Vec::new() }
+        TarWriter { out, pos: 0, base: 0, pending: None, buf: Vec::new() }
+    }
+
+    /// A writer for an archive that starts at byte `offset` of its destination (a file
+    /// appended to), so [`append_file_header_aligned`](Self::append_file_header_aligned)
+    /// aligns data offsets in the destination. An `offset` that is not a multiple of 512
+    /// cannot be aligned against: alignment is then relative to the archive's start.
+    pub(crate) fn at_offset(out: W, offset: u64) -> Self {
+        let base = if offset % BLOCK == 0 { offset } else { 0 };
+        TarWriter { out, pos: 0, base, pending: None, buf: Vec::new() }
     }
 
     /// Appends one entry. For `File`, copies exactly `size` bytes from `data` (an error if it
@@ -124,8 +136,8 @@ impl<W: Write> TarWriter<W> {
         Ok(())
     }
 
-    /// Bytes written so far (headers, data, padding) — callers use it for alignment later.
-    #[allow(dead_code, reason = "for the aligned export and callers that copy data themselves")]
+    /// Bytes written so far (headers, data, padding).
+    #[cfg(test)]
     pub(crate) fn position(&self) -> u64 {
         self.pos
     }
@@ -139,7 +151,6 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Mutable access to the underlying writer (for callers that copy file data themselves).
-    #[allow(dead_code, reason = "for the aligned export and callers that copy data themselves")]
     pub(crate) fn get_mut(&mut self) -> &mut W {
         &mut self.out
     }
@@ -147,11 +158,10 @@ impl<W: Write> TarWriter<W> {
     /// Appends a file entry's header(s) only, such that the file's data starts at an offset
     /// that is a multiple of `align` (a power of two ≥ 512), by growing (or adding) the
     /// entry's PAX extended header with a `comment` record that readers ignore. Returns the
-    /// data offset. The caller then writes exactly `size` bytes of data itself via
+    /// data offset in the archive. The caller then writes exactly `size` bytes of data itself via
     /// [`get_mut`](Self::get_mut) and calls [`finish_data`](Self::finish_data).
     ///
     /// With `align == 512` this is a plain header-only append (no padding record).
-    #[allow(dead_code, reason = "for the aligned export and callers that copy data themselves")]
     pub(crate) fn append_file_header_aligned(&mut self, h: &EntryHeader, align: u64) -> io::Result<u64> {
         self.check_idle()?;
         let EntryKind::File { size } = h.kind else {
@@ -164,18 +174,19 @@ impl<W: Write> TarWriter<W> {
         let rec_len = encoded.records.len() as u64;
         // Data offset without padding: [x header + records, padded] + ustar header.
         let natural = if rec_len == 0 { 0 } else { BLOCK + padded(rec_len) };
-        let comment_len = if (self.pos + natural + BLOCK) % align == 0 {
+        let here = self.base + self.pos;
+        let comment_len = if (here + natural + BLOCK) % align == 0 {
             0
         } else {
             // Records padded to exactly `blocks` blocks by one `comment` record of the
             // remaining length (at least the minimal record), then enough further blocks.
             let min_blocks = (rec_len + MIN_COMMENT_RECORD).div_ceil(BLOCK);
-            let base = self.pos + BLOCK + min_blocks * BLOCK + BLOCK;
+            let base = here + BLOCK + min_blocks * BLOCK + BLOCK;
             let blocks = min_blocks + (align - base % align) % align / BLOCK;
             blocks * BLOCK - rec_len
         };
         self.write_entry_headers(h, encoded, comment_len)?;
-        debug_assert_eq!(self.pos % align, 0);
+        debug_assert_eq!((self.base + self.pos) % align, 0);
         self.pending = Some(size);
         Ok(self.pos)
     }
@@ -183,7 +194,6 @@ impl<W: Write> TarWriter<W> {
     /// Accounts for the `size` bytes of data the caller wrote through
     /// [`get_mut`](Self::get_mut) after [`append_file_header_aligned`](Self::append_file_header_aligned),
     /// and writes the padding to the next 512-byte boundary. `size` must be the entry's size.
-    #[allow(dead_code, reason = "for the aligned export and callers that copy data themselves")]
     pub(crate) fn finish_data(&mut self, size: u64) -> io::Result<()> {
         match self.pending {
             Some(s) if s == size => {}
@@ -192,6 +202,18 @@ impl<W: Write> TarWriter<W> {
         }
         self.pending = None;
         self.pos += size;
+        self.pad_data(size)
+    }
+
+    /// Copies the data of the file whose header
+    /// [`append_file_header_aligned`](Self::append_file_header_aligned) wrote from `data`
+    /// (exactly its size, as [`append`](Self::append) does) and pads it.
+    pub(crate) fn write_pending_data(&mut self, data: &mut dyn Read) -> io::Result<()> {
+        let Some(size) = self.pending else {
+            return Err(invalid_input("write_pending_data without a header-only file entry"));
+        };
+        self.copy_data(data, size)?;
+        self.pending = None;
         self.pad_data(size)
     }
 
@@ -1225,7 +1247,7 @@ mod tests {
                     let mut h = entry(b"f", EntryKind::File { size: 3 });
                     h.xattrs = vec![(b"user.p".to_vec(), vec![b'v'; n])];
                     let rec_len = encode(&h).unwrap().records.len() as u64;
-                    let mut w = TarWriter { out: Vec::new(), pos: start, pending: None, buf: vec![] };
+                    let mut w = TarWriter { out: Vec::new(), pos: start, base: 0, pending: None, buf: vec![] };
                     let off = w.append_file_header_aligned(&h, align).unwrap();
                     assert_eq!(off % align, 0);
                     assert_eq!(off - start, w.out.len() as u64);
