@@ -49,9 +49,11 @@
 //! A [`Workspace`] is one sandbox's view: a fresh upper over the lowers, mounted with
 //! any backend, holding the image's lease. Its writes move around as a diff read from
 //! the upper alone: [`Workspace::changes`], [`Workspace::export_diff`] /
-//! [`Workspace::import_diff`] (checkpoint/restore), [`Workspace::apply`] (flatten into a
-//! private lower; CI runners recycling a workspace) and [`Workspace::detach`] (copy
-//! everything up and let the cache evict the image).
+//! [`Workspace::import_diff`] (an OCI layer diff), [`Workspace::checkpoint`] /
+//! [`Workspace::restore`] (a block-aligned diff whose file data XFS and btrfs share
+//! instead of copying; uppers can live in a tmpfs, [`UpperStorage::Tmpfs`]),
+//! [`Workspace::apply`] (flatten into a private lower; CI runners recycling a workspace)
+//! and [`Workspace::detach`] (copy everything up and let the cache evict the image).
 //!
 //! ```no_run
 //! use rootfs_cache::{DiffOptions, KernelOverlay, Workspace, WorkspaceOptions};
@@ -61,16 +63,18 @@
 //! let mut ws = Workspace::create("/run/sb/42", cache.ensure(&images, "3.12")?, WorkspaceOptions::default())?;
 //! let rootfs = ws.mount(KernelOverlay::new())?.to_path_buf(); // /run/sb/42/rootfs
 //! # let _ = rootfs;
-//! // ... the sandbox runs; then checkpoint its writes:
-//! let blob = std::fs::File::create("/var/lib/rt/ckpt/42.tar.zst").expect("create");
+//! // ... the sandbox runs; then its writes as a compressed OCI layer (to push somewhere):
+//! let blob = std::fs::File::create("/var/lib/rt/layers/42.tar.zst").expect("create");
 //! let mut opts = DiffOptions::default();
 //! opts.compression = rootfs_cache::Compression::Zstd;
 //! let stats = ws.export_diff(blob, &opts)?; // stats.digest, stats.diff_id
+//! // ... or, frozen, as a checkpoint that reflinks instead of copying (same filesystem):
+//! ws.checkpoint("/var/lib/rt/ckpt/42.tar")?;
 //! ws.destroy()?; // unmounts, deletes, releases the lease
 //!
-//! // Restore elsewhere: a fresh workspace on the same image, the diff imported.
-//! let mut ws = Workspace::create("/run/sb/43", cache.ensure(&images, "3.12")?, WorkspaceOptions::default())?;
-//! ws.import_diff(std::fs::File::open("/var/lib/rt/ckpt/42.tar.zst").expect("open"))?;
+//! // Restore: a fresh workspace on the same image with the checkpoint's writes.
+//! let image = cache.ensure(&images, "3.12")?;
+//! let mut ws = Workspace::restore("/run/sb/43", image, WorkspaceOptions::default(), "/var/lib/rt/ckpt/42.tar")?;
 //! ws.mount(KernelOverlay::new())?;
 //! # let _ = stats;
 //! # Ok(()) }

@@ -1265,7 +1265,8 @@ fn child_detect() {
 
 /// A rootless workspace end to end: as nobody, in a new user + mount namespace, a
 /// `Workspace` over plain lowers is created, mounted (userxattr on automatically),
-/// written, exported, imported into a second workspace, detached and destroyed.
+/// written, exported, imported into a second workspace, detached and destroyed; then a
+/// tmpfs-backed one is checkpointed, destroyed and restored into a new tmpfs.
 #[test]
 fn rootless_workspace_in_a_user_namespace() {
     let test = "rootless_workspace_in_a_user_namespace";
@@ -1282,6 +1283,8 @@ fn rootless_workspace_in_a_user_namespace() {
     assert!(lines.iter().any(|l| l == "CHILD-CHANGES /del-me:Deleted /new.txt:Added"), "{lines:#?}");
     assert_same_tree("l0", &before, &support::snapshot(&lowers[0]));
     assert!(!dir.join("a").exists() && !dir.join("b").exists(), "destroy left a workspace behind");
+    assert!(!dir.join("c").exists() && !dir.join("d").exists(), "destroy left a tmpfs workspace behind");
+    assert!(dir.join("ckpt.tar").is_file(), "no rootless checkpoint");
 }
 
 #[test]
@@ -1299,7 +1302,7 @@ fn child_rootless_workspace() {
     println!("CHILD-CHANGES {}", changes.join(" "));
     let mut blob = Vec::new();
     a.export_diff(&mut blob, &DiffOptions::default()).expect("export");
-    let mut b = Workspace::create(dir.join("b"), lowers, WorkspaceOptions::default()).expect("create b");
+    let mut b = Workspace::create(dir.join("b"), lowers.clone(), WorkspaceOptions::default()).expect("create b");
     b.import_diff(&blob[..]).expect("rootless import");
     let tb = b.mount(KernelOverlay::new()).expect("mount b").to_path_buf();
     assert_eq!(read(&tb.join("new.txt")), "from the user namespace");
@@ -1309,5 +1312,25 @@ fn child_rootless_workspace() {
     assert!(!tb.join("del-me").exists());
     a.destroy().expect("destroy a");
     b.destroy().expect("destroy b");
+
+    // A memory-backed upper (tmpfs in the user namespace, user.* xattrs), checkpointed
+    // to disk, destroyed, restored into a new tmpfs upper.
+    let mut c = Workspace::create(dir.join("c"), lowers.clone(), WorkspaceOptions::tmpfs(16 << 20)).expect("tmpfs");
+    let tc = c.mount(KernelOverlay::new()).expect("mount c").to_path_buf();
+    write(&tc.join("new.txt"), "in memory");
+    fs::remove_file(tc.join("del-me")).unwrap();
+    fs::remove_dir_all(tc.join("opq")).unwrap();
+    fs::create_dir(tc.join("opq")).unwrap();
+    write(&tc.join("opq/only"), "replaced dir");
+    c.checkpoint(dir.join("ckpt.tar")).expect("rootless checkpoint");
+    c.destroy().expect("destroy c");
+    let mut d = Workspace::restore(dir.join("d"), lowers, WorkspaceOptions::tmpfs(16 << 20), dir.join("ckpt.tar"))
+        .expect("rootless restore");
+    let td = d.mount(KernelOverlay::new()).expect("mount d").to_path_buf();
+    assert_eq!(read(&td.join("new.txt")), "in memory");
+    assert!(!td.join("del-me").exists());
+    assert_eq!(names(&td.join("opq")), set(["only"]));
+    assert_eq!(support::lgetxattr(&d.upper().join("opq"), b"user.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    d.destroy().expect("destroy d");
     println!("CHILD-DONE");
 }

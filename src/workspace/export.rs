@@ -223,7 +223,14 @@ struct StreamEmit<W: Write> {
 
 impl<W: Write> Emit for StreamEmit<W> {
     fn entry(&mut self, h: &EntryHeader, data: Option<&mut dyn io::Read>) -> Result<()> {
-        self.tar.append(h, data).map_err(io_err("write"))
+        match (self.align, &h.kind, data) {
+            // Markers too: every regular-file entry of an aligned tar is aligned.
+            (Some(a), EntryKind::File { .. }, Some(d)) => {
+                self.tar.append_file_header_aligned(h, a).map_err(io_err("write"))?;
+                self.tar.write_pending_data(d).map_err(io_err("write"))
+            }
+            (_, _, data) => self.tar.append(h, data).map_err(io_err("write")),
+        }
     }
 
     fn file(&mut self, h: &EntryHeader, mut f: &File, _size: u64, display: &Path) -> Result<()> {
@@ -242,16 +249,25 @@ struct FileEmit<'f> {
     tar: TarWriter<BufWriter<&'f File>>,
     file: &'f File,
     align: u64,
+    /// `copy_file_range` can write to `file` (not `O_APPEND`: `EBADF` there).
+    kernel_copy: bool,
 }
 
 impl Emit for FileEmit<'_> {
     fn entry(&mut self, h: &EntryHeader, data: Option<&mut dyn io::Read>) -> Result<()> {
-        self.tar.append(h, data).map_err(io_err("write"))
+        match (&h.kind, data) {
+            // Markers too: every regular-file entry of an aligned tar is aligned.
+            (EntryKind::File { .. }, Some(d)) => {
+                self.tar.append_file_header_aligned(h, self.align).map_err(io_err("write"))?;
+                self.tar.write_pending_data(d).map_err(io_err("write"))
+            }
+            (_, data) => self.tar.append(h, data).map_err(io_err("write")),
+        }
     }
 
     fn file(&mut self, h: &EntryHeader, mut f: &File, size: u64, display: &Path) -> Result<()> {
         self.tar.append_file_header_aligned(h, self.align).map_err(io_err("write"))?;
-        if size < self.align {
+        if size < self.align || !self.kernel_copy {
             // Less than a block: nothing to share, and buffering beats a syscall pair.
             return self.tar.write_pending_data(&mut f).map_err(|e| Error::io("read", display, e));
         }
@@ -294,16 +310,29 @@ pub(crate) fn export_file(upper: &Path, userxattr: bool, file: &File, opts: &Dif
     if !opts.aligned {
         return export(upper, userxattr, BufWriter::with_capacity(256 * 1024, file), opts);
     }
-    let start = {
+    // Writes go to the position, or to the end of an `O_APPEND` file (where
+    // `copy_file_range` refuses to write: the data is then copied by this process).
+    let append = nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETFL)
+        .map(|fl| nix::fcntl::OFlag::from_bits_truncate(fl).contains(nix::fcntl::OFlag::O_APPEND))
+        .map_err(|e| io_err("fcntl")(e.into()))?;
+    let start = if append {
+        file.metadata().map_err(io_err("fstat"))?.len()
+    } else {
         let mut f = file;
         io::Seek::stream_position(&mut f).map_err(io_err("lseek"))?
     };
     let align = file_align(file)?;
-    let mut emit =
-        FileEmit { tar: TarWriter::at_offset(BufWriter::with_capacity(256 * 1024, file), start), file, align };
+    let mut emit = FileEmit {
+        tar: TarWriter::at_offset(BufWriter::with_capacity(256 * 1024, file), start),
+        file,
+        align,
+        kernel_copy: !append,
+    };
     let (entries, file_bytes) = walk_upper(upper, userxattr, &mut emit)?;
     emit.tar.finish().map_err(io_err("write"))?.into_inner().map_err(|e| io_err("write")(e.into_error()))?;
-    let end = {
+    let end = if append {
+        file.metadata().map_err(io_err("fstat"))?.len()
+    } else {
         let mut f = file;
         io::Seek::stream_position(&mut f).map_err(io_err("lseek"))?
     };

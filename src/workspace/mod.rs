@@ -302,9 +302,7 @@ impl Workspace {
                 for d in [&ws.upper, &ws.work] {
                     mkdir(d)?;
                 }
-                if ws.userxattr() {
-                    scratch::check_user_xattrs(&mem)?;
-                }
+                scratch::mark(&mem, ws.userxattr())?;
             }
         }
         seed_upper_root(&ws.upper, &ws.lowers[0])?;

@@ -16,10 +16,15 @@ use crate::mount::is_mount_point;
 pub(super) fn mount(at: &Path, size: u64) -> Result<()> {
     super::mkdir(at)?;
     // Mount on the directory as opened (never a symlink swapped in after a check).
-    let fd = open(at, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+    let fd = open(at, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| Error::io("open", at, e))?;
     if is_mount_point(at)? {
         return Err(Error::AlreadyMounted { path: at.to_path_buf() });
+    }
+    // `destroy` removes `at` and what is in it: never hide (and later delete) files of
+    // someone else's under the mount.
+    if !crate::sys::dir_is_empty(fd.as_fd()).map_err(|e| Error::io("getdents64", at, e))? {
+        return Err(Error::NotEmpty { path: at.to_path_buf() });
     }
     let on = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let data = format!("size={size},mode=0700");
@@ -54,9 +59,9 @@ pub(super) fn unmount(at: &Path) -> Result<()> {
 }
 
 /// `create` with `reset`: a tmpfs left mounted at `at` by a workspace that was never
-/// destroyed (its process died) is unmounted, unless the workspace's merged view
-/// (`target`) is still mounted over it. Anything else mounted at `at` is left alone
-/// (and `create` then refuses with [`Error::AlreadyMounted`]).
+/// destroyed (its process died; recognised by its [`MARKS`] xattr) is unmounted, unless
+/// the workspace's merged view (`target`) is still mounted. Anything else mounted at
+/// `at` is left alone (and `create` then refuses with [`Error::AlreadyMounted`]).
 pub(super) fn release_leftover(at: &Path, target: &Path) -> Result<()> {
     let fd = match open(at, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
     {
@@ -68,7 +73,7 @@ pub(super) fn release_leftover(at: &Path, target: &Path) -> Result<()> {
         return Ok(());
     }
     let fs = fstatfs(fd.as_fd()).map_err(|e| Error::io("fstatfs", at, e))?;
-    if fs.filesystem_type() != TMPFS_MAGIC {
+    if fs.filesystem_type() != TMPFS_MAGIC || !is_marked(fd.as_fd()) {
         return Ok(());
     }
     drop(fd);
@@ -76,21 +81,38 @@ pub(super) fn release_leftover(at: &Path, target: &Path) -> Result<()> {
     unmount(at)
 }
 
-/// Rootless overlays keep their metadata in `user.*` xattrs: tmpfs has them from Linux
-/// 6.6 on. Probes the tmpfs root `at` once (the xattr stays there, outside the upper),
-/// so an older kernel fails here with a clear error rather than at the first whiteout.
-pub(super) fn check_user_xattrs(at: &Path) -> Result<()> {
+/// The xattr (`trusted.*` as root, `user.*` in a user namespace) that marks a tmpfs
+/// root as a workspace's scratch: `reset` unmounts only tmpfs mounts carrying it.
+const MARKS: [&[u8]; 2] = [b"trusted.rootfs-cache.scratch", b"user.rootfs-cache.scratch"];
+
+/// Marks the tmpfs root `at` as a workspace's (see [`MARKS`]). With `userxattr` the
+/// rootless overlay keeps its metadata in `user.*` xattrs, which tmpfs has only from
+/// Linux 6.6 on: without them this fails here with a clear error rather than at the
+/// first whiteout.
+pub(super) fn mark(at: &Path, userxattr: bool) -> Result<()> {
     let fd = open(at, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| Error::io("open", at, e))?;
-    match crate::sys::fsetxattr(fd.as_fd(), b"user.rootfs-cache.probe", b"1") {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => Err(Error::Unsupported {
+    let mut last = None;
+    for name in MARKS {
+        match crate::sys::fsetxattr(fd.as_fd(), name, b"1") {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) if userxattr && e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => Err(Error::Unsupported {
             what: format!(
                 "{}: this tmpfs has no user.* xattrs (Linux < 6.6), which a rootless (userxattr) overlay needs; \
                  use UpperStorage::Disk",
                 at.display()
             ),
         }),
-        Err(e) => Err(Error::io("fsetxattr", at, e)),
+        Some(e) if userxattr => Err(Error::io("fsetxattr", at, e)),
+        // Unmarked: a leftover of this workspace is then refused, never unmounted, by `reset`.
+        _ => Ok(()),
     }
+}
+
+fn is_marked(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    MARKS.iter().any(|n| crate::sys::fgetxattr(fd, n).is_ok_and(|v| v.is_some()))
 }
