@@ -127,6 +127,11 @@ fn write_sandbox(t: &Path) {
     fs::hard_link(t.join("data/f9-1048593"), t.join("data/hardlink")).unwrap();
     std::os::unix::fs::symlink("../etc/config", t.join("data/link")).unwrap();
     support::mknod(&t.join("data/fifo"), libc::S_IFIFO, 0o600, 0, 0);
+    // A sparse file: stored as a PAX sparse entry (its data only).
+    let sparse = File::create(t.join("data/sparse")).unwrap();
+    sparse.set_len(10 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &support::pseudo_random(11, 70_000), 4 << 20).unwrap();
+    drop(sparse);
     fs::remove_file(t.join("delete-me")).unwrap();
     fs::remove_dir_all(t.join("gone-dir")).unwrap();
     fs::create_dir(t.join("gone-dir")).unwrap();
@@ -276,11 +281,15 @@ fn aligned_export_is_a_standard_tar_with_block_aligned_data() {
     let (a, b) = (gnu(&plain_tar, &base.join("gnu-plain")), gnu(&path, &base.join("gnu-aligned")));
     assert!(a.len() > 20);
     assert_eq!(support::diff_trees(&a, &b, &cmp), Vec::<String>::new(), "GNU tar");
+    let sparse_sha = m[&b"data/sparse"[..]].sha.clone();
+    assert_eq!(b[&b"data/sparse"[..]].sha, sparse_sha, "GNU tar's sparse file");
+    assert!(plain.len() < 4 << 20, "the sparse file was stored dense");
     let bsdx = |t: &Path, dest: &Path| {
         extract("bsdtar", Command::new("bsdtar").args(["--xattrs", "--numeric-owner", "-xpf"]).arg(t), dest)
     };
     let (a, b) = (bsdx(&plain_tar, &base.join("bsd-plain")), bsdx(&path, &base.join("bsd-aligned")));
     assert_eq!(support::diff_trees(&a, &b, &cmp), Vec::<String>::new(), "bsdtar");
+    assert_eq!(b[&b"data/sparse"[..]].sha, sparse_sha, "bsdtar's sparse file");
     let tar_rs = |bytes: &[u8], dest: &Path| {
         fs::create_dir_all(dest).unwrap();
         let mut a = tar::Archive::new(bytes);

@@ -151,6 +151,8 @@ const IMPLICIT_DIR_MODE: u32 = 0o755;
 /// named by any tool reading the tree (and containerd or Docker could not have written
 /// them); refusing them also bounds the metadata retained per directory.
 const PATH_MAX: usize = 4095;
+/// The xattr holding a directory's default POSIX ACL.
+const DEFAULT_ACL: &[u8] = b"system.posix_acl_default";
 /// Bound on cached directory descriptors. With the pipeline's bound on open files, an
 /// extraction holds under 200 descriptors, well within the common 1024 limit.
 const DIR_CACHE: usize = 64;
@@ -721,10 +723,17 @@ impl<'a> Extractor<'a> {
         // Open it now: its children usually follow, and xattrs (including an opaque
         // marker from this same layer) need a descriptor.
         let fd = openat(&dir.fd, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", &path, e))?;
-        self.meta.set_xattrs(fd.as_fd(), &h.xattrs, &path, &mut self.counts.skipped_xattrs)?;
+        // A default ACL would be inherited by every entry created in the directory from
+        // now on, which the archive did not ask for: it is set in the deferred pass.
+        let (now, later): (Xattrs, Xattrs) = h.xattrs.iter().cloned().partition(|(k, _)| k != DEFAULT_ACL);
+        self.meta.set_xattrs(fd.as_fd(), &now, &path, &mut self.counts.skipped_xattrs)?;
         self.cache(Self::describe(fd, full.to_vec()));
         self.note_added(full.to_vec());
-        self.defer(full.to_vec(), DirMeta::new(&h, created, false));
+        let mut meta = DirMeta::new(&h, created, false);
+        if !later.is_empty() {
+            meta.xattrs = Some(Box::new(later));
+        }
+        self.defer(full.to_vec(), meta);
         Ok(())
     }
 

@@ -126,6 +126,11 @@ pub struct UnpackOptions {
     /// Decompress and parse on a helper thread while this thread writes files.
     /// Default: true when more than one CPU is available.
     pub pipelined: bool,
+    /// Treat a stream that ends without the end-of-archive marker (the zero blocks every
+    /// tar writer ends with) as truncated: [`Error::InvalidArchive`]. Without a digest to
+    /// verify, this is what tells a cut-off archive from a complete one. Default: false
+    /// (accepted, as GNU tar and the tar libraries do); workspace diff imports set it.
+    pub require_end_of_archive: bool,
 }
 
 impl Default for UnpackOptions {
@@ -145,6 +150,7 @@ impl Default for UnpackOptions {
             max_entries: None,
             max_header_bytes: 1 << 20,
             pipelined: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            require_end_of_archive: false,
         }
     }
 }
@@ -283,10 +289,13 @@ pub(crate) fn unpack_file(file: &std::fs::File, dest: &Path, opts: &UnpackOption
     use std::os::unix::fs::{FileExt, FileTypeExt};
     let mut f = file;
     let meta = file.metadata().map_err(|e| Error::io("fstat", "diff input", e))?;
+    // Pipes, sockets and devices have no position to clone from: read them.
+    if !meta.file_type().is_file() || meta.file_type().is_fifo() {
+        return unpack(file, dest, opts).map(FileUnpacked::Streamed);
+    }
     let start = f.stream_position().map_err(|e| Error::io("lseek", "diff input", e))?;
     let end = meta.len();
-    let plain_file = meta.file_type().is_file() && !meta.file_type().is_fifo();
-    if plain_file && end > start && opts.expected_digest.is_none() && opts.expected_diff_id.is_none() {
+    if end > start && opts.expected_digest.is_none() && opts.expected_diff_id.is_none() {
         let mut magic = [0u8; 6];
         let n = file.read_at(&mut magic, start).map_err(|e| Error::Read { what: "layer blob", source: e })?;
         if pipeline::detect(&magic[..n])? == Compression::None {

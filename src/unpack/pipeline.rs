@@ -411,6 +411,7 @@ fn parse<S: BufRead + ?Sized>(
             max_header_bytes: opts.max_header_bytes,
             max_entries: opts.max_entries,
             max_sparse_size: opts.max_uncompressed_bytes,
+            require_end: opts.require_end_of_archive,
         };
         let mut tar = TarReader::new(reader, limits);
         run(&mut tar, None, sink)?;
@@ -538,6 +539,7 @@ pub(super) fn run_file(file: &File, start: u64, end: u64, opts: &UnpackOptions, 
         max_header_bytes: opts.max_header_bytes,
         max_entries: opts.max_entries,
         max_sparse_size: opts.max_uncompressed_bytes,
+        require_end: opts.require_end_of_archive,
     };
     let mut w = Writer::new(ex);
     let mut tar = TarReader::new(FileSource::new(file, start, end), limits);

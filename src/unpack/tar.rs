@@ -57,6 +57,8 @@ pub(crate) struct Limits {
     pub max_entries: Option<u64>,
     /// Bound on a sparse file's apparent size (its holes cost no input).
     pub max_sparse_size: Option<u64>,
+    /// A stream that ends without the end-of-archive marker is truncated (an error).
+    pub require_end: bool,
 }
 
 #[derive(Default)]
@@ -212,6 +214,9 @@ impl<R: Source> TarReader<R> {
             let mut block = [0u8; BLOCK];
             let n = self.fill(&mut block)?;
             if n == 0 && start.is_none() {
+                if self.limits.require_end {
+                    return Err(invalid(hdr_offset, "truncated archive: no end-of-archive marker"));
+                }
                 // End of stream without the two zero blocks: accepted, as GNU tar and
                 // every tar library do; the blob digest still covers the whole stream.
                 self.done = true;

@@ -44,6 +44,8 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
     let root = open_dir_path(lower)?;
     let mut report = ApplyReport::default();
     let mut stack: Vec<OwnedFd> = Vec::new();
+    // Across filesystems: the lower path each multiply-linked upper file was copied to.
+    let mut copies: std::collections::HashMap<(u64, u64), Vec<u8>> = std::collections::HashMap::new();
     walk(upper, userxattr, |ev| {
         match ev {
             Event::Enter { fd, path: [], st, .. } => {
@@ -109,7 +111,25 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
                         if stat_at(ld, tmp, &display)?.is_some() {
                             remove_tree(ld, tmp, tmp, None, &display)?;
                         }
-                        copy_leaf(parent, name, st, ld, tmp, keep, &display)?;
+                        // Names of one upper file stay one file: the first is copied,
+                        // the others are linked to that copy.
+                        let first = (st.st_nlink > 1).then(|| copies.get(&(st.st_dev, st.st_ino))).flatten();
+                        match first {
+                            Some(first) => nix::unistd::linkat(
+                                root.as_fd(),
+                                first.as_slice(),
+                                ld,
+                                tmp,
+                                nix::fcntl::AtFlags::empty(),
+                            )
+                            .map_err(|e| Error::io("linkat", &display, e))?,
+                            None => {
+                                copy_leaf(parent, name, st, ld, tmp, keep, &display)?;
+                                if st.st_nlink > 1 {
+                                    copies.insert((st.st_dev, st.st_ino), path.to_vec());
+                                }
+                            }
+                        }
                         nix::fcntl::renameat(ld, tmp, ld, name).map_err(|e| Error::io("renameat", &display, e))?;
                         report.copied += 1;
                     }

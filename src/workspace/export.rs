@@ -9,7 +9,7 @@ use std::path::Path;
 use nix::sys::stat::{FileStat, SFlag, fstat, major, minor};
 
 use super::changes::check_no_redirects;
-use super::tar_writer::{EntryHeader, EntryKind, TarWriter};
+use super::tar_writer::{EntryHeader, EntryKind, TarWriter, sparse_map};
 use super::walk::{Event, kind, shown, walk};
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
@@ -164,6 +164,7 @@ fn xattrs_of(
     };
     let unescape = Xattrs::Unescape(Xattrs::prefix(userxattr));
     let mut out = Vec::new();
+    let mut total = 0usize;
     for n in names {
         let Some(to) = unescape.translate(&n) else { continue };
         if to.contains(&b'=') {
@@ -177,12 +178,44 @@ fn xattrs_of(
             });
         }
         if let Some(v) = sys::getxattr_at_nofollow(dir, name, &n).map_err(|e| Error::io("lgetxattr", display, e))? {
+            total += to.len() + v.len() + 32;
+            if total > MAX_XATTR_BYTES {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{}: more than {} KiB of xattrs, which an import would refuse (1 MiB of headers per entry)",
+                        display.display(),
+                        MAX_XATTR_BYTES / 1024
+                    ),
+                });
+            }
             out.push((to, v));
         }
     }
     out.sort();
     Ok(out)
 }
+
+/// Longest path an import accepts (`PATH_MAX` less the NUL): a diff with a longer one
+/// could be written but never restored, so the export refuses it.
+const MAX_PATH: usize = 4095;
+
+fn refuse_long(path: &[u8], display: &Path) -> Result<()> {
+    if path.len() > MAX_PATH {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{}: a path of {} bytes, longer than PATH_MAX ({MAX_PATH}): an import could not recreate it",
+                display.display(),
+                path.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Most bytes of xattrs (names, values and record overhead) one entry may carry: an
+/// import bounds each entry's extended headers at 1 MiB, which must also hold the path
+/// and link records and the alignment padding (up to 64 KiB).
+const MAX_XATTR_BYTES: usize = 1024 * 1024 - 96 * 1024;
 
 fn with_prefix(path: &[u8], name: &[u8]) -> Vec<u8> {
     match path.iter().rposition(|&b| b == b'/') {
@@ -212,6 +245,36 @@ trait Emit {
     fn entry(&mut self, h: &EntryHeader, data: Option<&mut dyn io::Read>) -> Result<()>;
     /// Appends a regular file entry with the data of `f` (`size` bytes).
     fn file(&mut self, h: &EntryHeader, f: &File, size: u64, display: &Path) -> Result<()>;
+    /// Appends a sparse file entry (`h.kind` is `Sparse`): `map` (from [`sparse_map`]),
+    /// then the data of `f`'s `segments`.
+    fn sparse(&mut self, h: &EntryHeader, f: &File, map: &[u8], segments: &[(u64, u64)], display: &Path) -> Result<()>;
+}
+
+/// Reads the data segments of a sparse file one after the other, by `pread`.
+struct Segments<'a> {
+    f: &'a File,
+    segments: &'a [(u64, u64)],
+    /// Bytes of `segments[0]` already read.
+    done: u64,
+}
+
+impl io::Read for Segments<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        while let Some(&(off, len)) = self.segments.first() {
+            if self.done == len {
+                self.segments = &self.segments[1..];
+                self.done = 0;
+                continue;
+            }
+            let want = (len - self.done).min(buf.len() as u64) as usize;
+            // 0 (the file shrank) ends the stream: the tar writer reports it as short.
+            let n = self.f.read_at(&mut buf[..want], off + self.done)?;
+            self.done += n as u64;
+            return Ok(n);
+        }
+        Ok(0)
+    }
 }
 
 /// Into any `Write`, hashed (digest and diff_id), optionally compressed.
@@ -240,6 +303,17 @@ impl<W: Write> Emit for StreamEmit<W> {
                 self.tar.write_pending_data(&mut f).map_err(|e| Error::io("read", display, e))
             }
             None => self.tar.append(h, Some(&mut f)).map_err(|e| Error::io("read", display, e)),
+        }
+    }
+
+    fn sparse(&mut self, h: &EntryHeader, f: &File, map: &[u8], segments: &[(u64, u64)], display: &Path) -> Result<()> {
+        let mut data = io::Read::chain(map, Segments { f, segments, done: 0 });
+        match self.align {
+            Some(a) => {
+                self.tar.append_file_header_aligned(h, a).map_err(io_err("write"))?;
+                self.tar.write_pending_data(&mut data).map_err(|e| Error::io("read", display, e))
+            }
+            None => self.tar.append(h, Some(&mut data)).map_err(|e| Error::io("read", display, e)),
         }
     }
 }
@@ -276,6 +350,80 @@ impl Emit for FileEmit<'_> {
         crate::reflink::copy_range(f, 0, self.file, size).map_err(|e| Error::io("copy_file_range", display, e))?;
         self.tar.finish_data(size).map_err(io_err("write"))
     }
+
+    fn sparse(&mut self, h: &EntryHeader, f: &File, map: &[u8], segments: &[(u64, u64)], display: &Path) -> Result<()> {
+        self.tar.append_file_header_aligned(h, self.align).map_err(io_err("write"))?;
+        if !self.kernel_copy {
+            let mut data = io::Read::chain(map, Segments { f, segments, done: 0 });
+            return self.tar.write_pending_data(&mut data).map_err(|e| Error::io("read", display, e));
+        }
+        let out = self.tar.get_mut();
+        out.write_all(map).map_err(io_err("write"))?;
+        out.flush().map_err(io_err("write"))?;
+        let mut stored = map.len() as u64;
+        for &(off, len) in segments {
+            crate::reflink::copy_range(f, off, self.file, len).map_err(|e| Error::io("copy_file_range", display, e))?;
+            stored += len;
+        }
+        self.tar.finish_data(stored).map_err(io_err("write"))
+    }
+}
+
+/// Most segments a sparse entry gets: more are merged (their holes stored as zeros), so
+/// the map stays far below the importer's 1 MiB bound on per-entry metadata.
+const MAX_SEGMENTS: usize = 4096;
+
+/// The data segments of `f` (`size` bytes) when it has holes, from `SEEK_DATA` /
+/// `SEEK_HOLE`; `None` for a file without holes (or a filesystem that cannot tell).
+/// A file that ends in a hole gets a last, empty segment at its end, as GNU tar writes.
+fn sparse_segments(f: &File, st: &FileStat, display: &Path) -> Result<Option<Vec<(u64, u64)>>> {
+    use nix::unistd::{Whence, lseek};
+    let size = st.st_size as u64;
+    // Allocated at least its size: no holes worth recording (cheap test first).
+    if size == 0 || (st.st_blocks as u64).saturating_mul(512) >= size {
+        return Ok(None);
+    }
+    let mut segs = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let data = match lseek(f, off as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL) => return Ok(None),
+            Err(e) => return Err(Error::io("lseek SEEK_DATA", display, e)),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = lseek(f, data as i64, Whence::SeekHole).map_err(|e| Error::io("lseek SEEK_HOLE", display, e))?;
+        let end = (hole as u64).min(size);
+        segs.push((data, end - data));
+        off = end;
+    }
+    if segs == [(0, size)] {
+        return Ok(None);
+    }
+    let mut gap = 4096u64;
+    while segs.len() > MAX_SEGMENTS {
+        segs = merge_close(&segs, gap);
+        gap = gap.saturating_mul(2);
+    }
+    if segs.last().is_none_or(|&(o, l)| o + l < size) {
+        segs.push((size, 0));
+    }
+    Ok(Some(segs))
+}
+
+/// `segs` with neighbours at most `gap` bytes apart merged into one segment.
+fn merge_close(segs: &[(u64, u64)], gap: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(segs.len());
+    for &(o, l) in segs {
+        match out.last_mut() {
+            Some((po, pl)) if o - (*po + *pl) <= gap => *pl = o + l - *po,
+            _ => out.push((o, l)),
+        }
+    }
+    out
 }
 
 /// Writes the upper as a diff tar to `out` (hashed, optionally compressed and aligned
@@ -366,6 +514,7 @@ fn walk_upper(upper: &Path, userxattr: bool, tar: &mut dyn Emit) -> Result<(u64,
             Event::Enter { parent, name, path, st, opaque, .. } => {
                 let display = shown(upper, path);
                 refuse_reserved(name, &display)?;
+                refuse_long(path, &display)?;
                 check_no_redirects(parent, name, userxattr, &display)?;
                 let x = xattrs_of(parent, name, userxattr, &display)?;
                 tar.entry(&header(path, EntryKind::Dir, st, x), None)?;
@@ -379,6 +528,7 @@ fn walk_upper(upper: &Path, userxattr: bool, tar: &mut dyn Emit) -> Result<(u64,
             Event::Leave { .. } => {}
             Event::Whiteout { name, path, .. } => {
                 refuse_reserved(name, &shown(upper, path))?;
+                refuse_long(path, &shown(upper, path))?;
                 let wh = with_prefix(path, &[b".wh.".as_slice(), name].concat());
                 tar.entry(&whiteout_entry(wh), Some(&mut io::empty()))?;
                 entries += 1;
@@ -386,6 +536,7 @@ fn walk_upper(upper: &Path, userxattr: bool, tar: &mut dyn Emit) -> Result<(u64,
             Event::Leaf { parent, name, path, st } => {
                 let display = shown(upper, path);
                 refuse_reserved(name, &display)?;
+                refuse_long(path, &display)?;
                 check_no_redirects(parent, name, userxattr, &display)?;
                 if st.st_nlink > 1 {
                     if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
@@ -402,10 +553,25 @@ fn walk_upper(upper: &Path, userxattr: bool, tar: &mut dyn Emit) -> Result<(u64,
                         // Never a FIFO or device swapped in by a live sandbox.
                         let f = crate::mount::copy::open_regular_at(parent, name, &display)?;
                         // The size of the file as opened, not as listed.
-                        let size = fstat(f.as_fd()).map_err(|e| Error::io("fstat", &display, e))?.st_size as u64;
-                        let h = header(path, EntryKind::File { size }, st, x);
-                        tar.file(&h, &f, size, &display)?;
-                        file_bytes += size;
+                        let now = fstat(f.as_fd()).map_err(|e| Error::io("fstat", &display, e))?;
+                        let size = now.st_size as u64;
+                        // Holes stay holes: a sandbox's sparse file (up to exabytes of
+                        // apparent size) is stored as its data only.
+                        match sparse_segments(&f, &now, &display)? {
+                            None => {
+                                let h = header(path, EntryKind::File { size }, st, x);
+                                tar.file(&h, &f, size, &display)?;
+                                file_bytes += size;
+                            }
+                            Some(segments) => {
+                                let map = sparse_map(&segments);
+                                let data: u64 = segments.iter().map(|s| s.1).sum();
+                                let stored = map.len() as u64 + data;
+                                let h = header(path, EntryKind::Sparse { size: stored, real_size: size }, st, x);
+                                tar.sparse(&h, &f, &map, &segments, &display)?;
+                                file_bytes += data;
+                            }
+                        }
                     }
                     SFlag::S_IFLNK => {
                         let t =
@@ -424,8 +590,12 @@ fn walk_upper(upper: &Path, userxattr: bool, tar: &mut dyn Emit) -> Result<(u64,
                         tar.entry(&header(path, k, st, x), None)?;
                     }
                     SFlag::S_IFIFO => tar.entry(&header(path, EntryKind::Fifo, st, x), None)?,
-                    // Sockets have no tar representation (GNU tar skips them too).
-                    _ => return Ok(true),
+                    // Sockets have no tar representation (GNU tar skips them too); a
+                    // whiteout keeps a lower entry the socket replaced from coming back.
+                    _ => {
+                        let wh = with_prefix(path, &[b".wh.".as_slice(), name].concat());
+                        tar.entry(&whiteout_entry(wh), Some(&mut io::empty()))?;
+                    }
                 }
                 entries += 1;
             }

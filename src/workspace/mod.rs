@@ -491,6 +491,7 @@ impl Workspace {
     /// deleted then); unmount and I/O errors.
     pub fn destroy(mut self) -> Result<()> {
         self.unmount()?;
+        let tmpfs = self.scratch.is_some();
         if let Some(mem) = &self.scratch {
             // Never pull the tmpfs from under a merged view someone else mounted.
             refuse_mounts_under(&[&self.target])?;
@@ -507,11 +508,14 @@ impl Workspace {
         } else {
             // Only what this crate made: anything else the caller keeps in `dir` stays,
             // and then `dir` itself does too.
-            let ours: Vec<PathBuf> = ["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old", "mem"]
-                .iter()
-                .map(|n| self.dir.join(n))
-                .filter(|p| p.exists())
-                .collect();
+            // A tmpfs workspace's upper and work were inside `mem`: a `dir/upper` next to it
+            // is a disk workspace's leftover, not this one's.
+            let names: &[&str] = if tmpfs {
+                &["mem", "rootfs", "skeleton"]
+            } else {
+                &["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
+            };
+            let ours: Vec<PathBuf> = names.iter().map(|n| self.dir.join(n)).filter(|p| p.exists()).collect();
             let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
             empty_dirs(&refs)?;
             for d in &ours {
@@ -531,6 +535,9 @@ impl Workspace {
     /// plain, gzip or zstd) into the empty upper of an unmounted workspace, with safe
     /// extraction and overlay whiteouts: mounting then shows the view it was taken from.
     /// On error the upper is emptied again: a half-imported diff is never left to mount.
+    /// Everything is read through this process (and hashed for [`DiffStats::digest`]);
+    /// to let the filesystem share file data with an archive in a file, use
+    /// [`import_diff_file`](Workspace::import_diff_file).
     ///
     /// # Errors
     /// [`Error::AlreadyMounted`] when mounted, [`Error::NotEmpty`] when the upper holds
@@ -592,6 +599,8 @@ impl Workspace {
         opts.userxattr = self.userxattr();
         opts.parent_lowers = self.lowers.clone();
         opts.compute_diff_id = true;
+        // No digest to check a diff against: a missing end marker means it was cut off.
+        opts.require_end_of_archive = true;
         Ok(opts)
     }
 
@@ -613,27 +622,34 @@ impl Workspace {
     /// milliseconds and almost no space. Call it with the sandbox frozen (after `runsc
     /// checkpoint`, CRIU's dump, a cgroup freeze): the upper is read as it is.
     ///
+    /// Holes in sparse files stay holes (PAX sparse entries), so a sandbox's huge sparse
+    /// file costs its data, not its apparent size. The temporary file is
+    /// `.rootfs-cache-checkpoint-<pid>-<n>.partial` in `path`'s directory; one left by a
+    /// crash can be deleted.
+    ///
     /// # Errors
     /// [`Error::Unsupported`] while mounted with a backend that writes the upper only at
-    /// unmount ([`CopyBackend`](crate::CopyBackend): unmount first), or for uppers with
-    /// redirect/metacopy xattrs; I/O errors (`ENOSPC`, ...). After an error `path` is
-    /// as it was and no temporary file is left.
+    /// unmount ([`CopyBackend`](crate::CopyBackend): unmount first), for a `path` inside
+    /// the upper or the mounted view, and for uppers a restore could not recreate
+    /// (redirect/metacopy xattrs, paths longer than `PATH_MAX`, more than 928 KiB of
+    /// xattrs on one entry, names starting with `.wh.`); I/O errors (`ENOSPC`, ...).
+    /// After an error `path` is as it was and no temporary file is left.
     pub fn checkpoint(&self, path: impl AsRef<Path>) -> Result<DiffStats> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = path.as_ref();
         self.check_upper_current("checkpoint")?;
-        let name = path.file_name().ok_or_else(|| {
-            Error::io("open", path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file"))
-        })?;
+        if path.file_name().is_none() {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file");
+            return Err(Error::io("open", path, e));
+        }
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
+        self.refuse_inside(parent)?;
+        // Short, whatever the target's length (NAME_MAX is 255).
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tmp_name.push(format!(".partial-{}-{seq}", std::process::id()));
-        let tmp = parent.join(tmp_name);
+        let tmp = parent.join(format!(".rootfs-cache-checkpoint-{}-{seq}.partial", std::process::id()));
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
             File::options()
@@ -664,7 +680,9 @@ impl Workspace {
     /// The lowers must be the image the checkpoint was taken over.
     ///
     /// # Errors
-    /// I/O errors opening `checkpoint` (nothing is created then); [`create`](Workspace::create)
+    /// I/O errors opening `checkpoint`, or when it is not a regular file (nothing is
+    /// created then); [`Error::InvalidArchive`] for a truncated one (no end-of-archive
+    /// marker); [`create`](Workspace::create)
     /// and [`import_diff`](Workspace::import_diff) errors, after which the new workspace's
     /// directories are removed again.
     pub fn restore(
@@ -674,7 +692,15 @@ impl Workspace {
         checkpoint: impl AsRef<Path>,
     ) -> Result<Self> {
         let checkpoint = checkpoint.as_ref();
-        let file = File::open(checkpoint).map_err(|e| Error::io("open", checkpoint, e))?;
+        // Non-blocking: a FIFO put in its place must not hang the restore in open.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            File::options().read(true).custom_flags(nix::libc::O_NONBLOCK).open(checkpoint)
+        }
+        .map_err(|e| Error::io("open", checkpoint, e))?;
+        if !file.metadata().map_err(|e| Error::io("fstat", checkpoint, e))?.is_file() {
+            return Err(Error::io("open", checkpoint, std::io::Error::other("not a regular file")));
+        }
         let mut ws = Self::create(dir, lowers, opts)?;
         match ws.import_diff_file(&file) {
             Ok(_) => Ok(ws),
@@ -683,6 +709,23 @@ impl Workspace {
                 Err(e)
             }
         }
+    }
+
+    /// Refuses a checkpoint into the upper or the mounted view: it would become part of
+    /// the sandbox's files (and hold its own temporary copy).
+    fn refuse_inside(&self, parent: &Path) -> Result<()> {
+        let Ok(real) = std::fs::canonicalize(parent) else { return Ok(()) }; // open reports it
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut inside = vec![canon(&self.upper), canon(&self.work)];
+        if self.backend.is_some() {
+            inside.push(canon(&self.target));
+        }
+        if inside.iter().any(|d| real.starts_with(d)) {
+            return Err(Error::Unsupported {
+                what: format!("a checkpoint in {}, inside the workspace it saves", parent.display()),
+            });
+        }
+        Ok(())
     }
 
     /// Refuses to read the upper while a backend that fills it only at unmount is mounted.

@@ -59,6 +59,37 @@ pub(crate) enum EntryKind {
     },
     /// A named pipe.
     Fifo,
+    /// A sparse regular file, as PAX sparse 1.0 (GNU tar's `--posix --sparse`): exactly
+    /// `size` bytes follow the header, the map (see [`sparse_map`]) then the data
+    /// segments; the file is `real_size` bytes long, holes included.
+    Sparse {
+        /// Bytes stored in the archive: the padded map plus the segments' data.
+        size: u64,
+        /// The file's length.
+        real_size: u64,
+    },
+}
+
+impl EntryKind {
+    /// Bytes of data that follow the header: files only.
+    fn data_size(&self) -> Option<u64> {
+        match *self {
+            EntryKind::File { size } | EntryKind::Sparse { size, .. } => Some(size),
+            _ => None,
+        }
+    }
+}
+
+/// The data prefix of a PAX sparse 1.0 entry: the number of segments, then each
+/// segment's offset and length, one decimal number per line, zero-padded to a block.
+pub(crate) fn sparse_map(segments: &[(u64, u64)]) -> Vec<u8> {
+    let mut text = format!("{}\n", segments.len());
+    for (off, len) in segments {
+        text.push_str(&format!("{off}\n{len}\n"));
+    }
+    let mut v = text.into_bytes();
+    v.resize(padded(v.len() as u64) as usize, 0);
+    v
 }
 
 /// One entry's header.
@@ -123,10 +154,10 @@ impl<W: Write> TarWriter<W> {
     pub(crate) fn append(&mut self, h: &EntryHeader, data: Option<&mut dyn Read>) -> io::Result<()> {
         self.check_idle()?;
         let encoded = encode(h)?;
-        let data = match (&h.kind, data) {
-            (&EntryKind::File { size }, Some(d)) => Some((d, size)),
-            (EntryKind::File { .. }, None) => return Err(invalid_input("a file entry needs a data reader")),
-            _ => None,
+        let data = match (h.kind.data_size(), data) {
+            (Some(size), Some(d)) => Some((d, size)),
+            (Some(_), None) => return Err(invalid_input("a file entry needs a data reader")),
+            (None, _) => None,
         };
         self.write_entry_headers(h, encoded, 0)?;
         if let Some((data, size)) = data {
@@ -164,7 +195,7 @@ impl<W: Write> TarWriter<W> {
     /// With `align == 512` this is a plain header-only append (no padding record).
     pub(crate) fn append_file_header_aligned(&mut self, h: &EntryHeader, align: u64) -> io::Result<u64> {
         self.check_idle()?;
-        let EntryKind::File { size } = h.kind else {
+        let Some(size) = h.kind.data_size() else {
             return Err(invalid_input("aligned headers are only for file entries"));
         };
         if !align.is_power_of_two() || align < BLOCK {
@@ -338,6 +369,7 @@ fn encode(h: &EntryHeader) -> io::Result<Encoded> {
         EntryKind::Block { major, minor } => (b'4', 0, b"", *major, *minor),
         EntryKind::Dir => (b'5', 0, b"", 0, 0),
         EntryKind::Fifo => (b'6', 0, b"", 0, 0),
+        EntryKind::Sparse { size, .. } => (b'0', *size, b"", 0, 0),
     };
     if matches!(h.kind, EntryKind::Symlink { .. } | EntryKind::Hardlink { .. })
         && (link.is_empty() || link.contains(&0))
@@ -346,6 +378,19 @@ fn encode(h: &EntryHeader) -> io::Result<Encoded> {
     }
 
     let mut records = Vec::new();
+    if let EntryKind::Sparse { real_size, .. } = h.kind {
+        // Readers take the name from GNU.sparse.name; the header names a stand-in
+        // (`dir/GNUSparseFile.0/name`, as GNU tar does), which readers that do not know
+        // the format extract as a file holding the map and the data.
+        pax_record(&mut records, b"GNU.sparse.major", b"1");
+        pax_record(&mut records, b"GNU.sparse.minor", b"0");
+        pax_record(&mut records, b"GNU.sparse.name", &path);
+        pax_record(&mut records, b"GNU.sparse.realsize", real_size.to_string().as_bytes());
+        path = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => [&path[..=i], b"GNUSparseFile.0/", &path[i + 1..]].concat(),
+            None => [b"GNUSparseFile.0/".as_slice(), &path].concat(),
+        };
+    }
     let (prefix, name) = match split_ustar_path(&path) {
         Some(split) => split,
         None => {
@@ -587,7 +632,7 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { max_header_bytes: 1 << 20, max_entries: None, max_sparse_size: None }
+        Limits { max_header_bytes: 1 << 20, max_entries: None, max_sparse_size: None, require_end: true }
     }
 
     fn from_ours(h: &Header, data: Vec<u8>) -> Parsed {
