@@ -20,12 +20,14 @@
 
 #[path = "common/ops.rs"]
 mod ops;
+#[path = "common/scratch_ns.rs"]
+mod scratch_ns;
 mod support;
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use nix::mount::{MntFlags, MsFlags};
@@ -34,30 +36,10 @@ use rootfs_cache::{
 };
 
 use ops::{Snap, strict_cmp, view};
+use scratch_ns::{Mounted, private_ns, tmpfs};
 
 // ---------------------------------------------------------------------------------------
 // Scratch: a private mount namespace, tmpfs, loop filesystems
-
-/// This thread's own mount namespace, with nothing propagating back to the host.
-fn private_ns() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
-}
-
-/// A mount detached on drop (with everything below it; a loop device goes with it).
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, MntFlags::MNT_DETACH);
-    }
-}
-
-fn tmpfs(dir: &Path, opts: &str) -> Mounted {
-    fs::create_dir_all(dir).unwrap();
-    nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::empty(), Some(opts)).unwrap();
-    Mounted(dir.to_path_buf())
-}
 
 /// A sparse image of `size` bytes at `img`, formatted with `mkfs` and loop-mounted at `dir`.
 fn loop_fs(img: &Path, dir: &Path, size: u64, mkfs: &[&str]) -> Mounted {

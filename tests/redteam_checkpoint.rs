@@ -23,6 +23,8 @@
 
 #[path = "common/ops.rs"]
 mod ops;
+#[path = "common/scratch_ns.rs"]
+mod scratch_ns;
 mod support;
 
 use std::collections::BTreeSet;
@@ -34,23 +36,10 @@ use nix::mount::{MntFlags, MsFlags};
 use rootfs_cache::{DiffOptions, Error, KernelOverlay, Workspace, WorkspaceOptions};
 
 use ops::{Snap, strict_cmp, view};
+use scratch_ns::{Mounted, private_ns, tmpfs};
 
 // ---------------------------------------------------------------------------------------
 // Harness
-
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, MntFlags::MNT_DETACH);
-    }
-}
-
-fn tmpfs(dir: &Path, opts: &str) -> Mounted {
-    fs::create_dir_all(dir).unwrap();
-    nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::empty(), Some(opts)).unwrap();
-    Mounted(dir.to_path_buf())
-}
 
 /// Mount points of this thread's namespace.
 fn mount_points() -> BTreeSet<String> {
@@ -89,8 +78,7 @@ fn setup(test: &str) -> Option<Env> {
     if !support::require_root(test) {
         return None;
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+    private_ns();
     let tmp = support::tempdir();
     let m = tmpfs(tmp.path(), "size=2g,mode=0755");
     Some(Env { _m: m, tmp, mounts: mount_points() })
@@ -1777,22 +1765,7 @@ fn import_diff_file_from_a_pipe() {
     assert!(st.digest.is_some(), "a pipe goes the stream way");
     {
         let (a, b) = (upper_snapshot(w.upper()), upper_snapshot(ws.upper()));
-        assert_eq!(
-            support::diff_trees(
-                &b,
-                &a,
-                &support::Cmp {
-                    mode: true,
-                    owner: true,
-                    xattrs: true,
-                    mtime: true,
-                    dir_mtime: true,
-                    mtime_nsec: true,
-                    ..Default::default()
-                }
-            ),
-            Vec::<String>::new()
-        );
+        assert_eq!(support::diff_trees(&b, &a, &strict_cmp()), Vec::<String>::new());
     }
     w.destroy().unwrap();
     ws.destroy().unwrap();
