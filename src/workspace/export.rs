@@ -32,8 +32,10 @@ pub struct DiffOptions {
     /// [`export_diff_file`](super::Workspace::export_diff_file)) and on import (with
     /// [`import_diff_file`](super::Workspace::import_diff_file)). The gaps are filled
     /// with PAX `comment` records, which every tar reader ignores: the archive is a
-    /// standard tar that GNU tar, bsdtar and the `tar` crate read unchanged. Needs
-    /// [`Compression::None`]. Default: false.
+    /// standard tar that GNU tar, bsdtar and the `tar` crate read unchanged. (Sparse
+    /// files, aligned or not, are PAX sparse 1.0 entries: GNU tar and bsdtar restore
+    /// them; the `tar` crate shows them as `GNUSparseFile.0/<name>` holding the map and
+    /// the data.) Needs [`Compression::None`]. Default: false.
     pub aligned: bool,
 }
 
@@ -67,7 +69,7 @@ pub struct DiffStats {
     pub size: u64,
     /// Tar entries (whiteouts and opaque markers included).
     pub entries: u64,
-    /// Bytes of regular file data.
+    /// Bytes of regular file data stored (holes of sparse files excluded).
     pub file_bytes: u64,
 }
 

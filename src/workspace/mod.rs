@@ -545,14 +545,7 @@ impl Workspace {
     pub fn import_diff(&mut self, input: impl Read + Send) -> Result<DiffStats> {
         let opts = self.import_options()?;
         let stats = unpack(input, &self.upper, &opts);
-        let stats = self.discard_on_error(stats)?;
-        Ok(DiffStats {
-            digest: Some(stats.digest),
-            diff_id: Some(stats.diff_id.unwrap_or(stats.digest)),
-            size: stats.compressed_bytes,
-            entries: stats.entries,
-            file_bytes: stats.file_bytes,
-        })
+        self.discard_on_error(stats).map(streamed_stats)
     }
 
     /// [`import_diff`](Workspace::import_diff) from a file, from its position to its end.
@@ -575,13 +568,7 @@ impl Workspace {
             crate::unpack::FileUnpacked::Cloned { entries, file_bytes, bytes } => {
                 DiffStats { digest: None, diff_id: None, size: bytes, entries, file_bytes }
             }
-            crate::unpack::FileUnpacked::Streamed(stats) => DiffStats {
-                digest: Some(stats.digest),
-                diff_id: Some(stats.diff_id.unwrap_or(stats.digest)),
-                size: stats.compressed_bytes,
-                entries: stats.entries,
-                file_bytes: stats.file_bytes,
-            },
+            crate::unpack::FileUnpacked::Streamed(stats) => streamed_stats(stats),
         })
     }
 
@@ -633,7 +620,8 @@ impl Workspace {
     /// the upper or the mounted view, and for uppers a restore could not recreate
     /// (redirect/metacopy xattrs, paths longer than `PATH_MAX`, more than 928 KiB of
     /// xattrs on one entry, names starting with `.wh.`); I/O errors (`ENOSPC`, ...).
-    /// After an error `path` is as it was and no temporary file is left.
+    /// After an error `path` is as it was (unless only the final sync of its directory
+    /// failed) and no temporary file is left.
     pub fn checkpoint(&self, path: impl AsRef<Path>) -> Result<DiffStats> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = path.as_ref();
@@ -660,7 +648,7 @@ impl Workspace {
                 .map_err(|e| Error::io("open", &tmp, e))?
         };
         let done = (|| {
-            let stats = self.export_diff_file(&file, &DiffOptions::aligned())?;
+            let stats = export::export_file(&self.upper, self.userxattr(), &file, &DiffOptions::aligned())?;
             file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
             std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
             let dir = File::open(parent).map_err(|e| Error::io("open", parent, e))?;
@@ -889,6 +877,17 @@ impl Workspace {
             self.backend = Some(b);
         }
         Ok(report)
+    }
+}
+
+/// What an import that read (and hashed) everything did.
+fn streamed_stats(s: crate::unpack::UnpackStats) -> DiffStats {
+    DiffStats {
+        digest: Some(s.digest),
+        diff_id: Some(s.diff_id.unwrap_or(s.digest)),
+        size: s.compressed_bytes,
+        entries: s.entries,
+        file_bytes: s.file_bytes,
     }
 }
 
