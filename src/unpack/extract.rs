@@ -963,17 +963,7 @@ fn child_path(parent: &[u8], child: &[u8]) -> Vec<u8> {
 
 /// The names in directory `fd`, without `.` and `..`.
 pub(crate) fn list_dir(fd: BorrowedFd<'_>, display: &std::path::Path) -> Result<Vec<Vec<u8>>> {
-    let dup = fd.try_clone_to_owned().map_err(|e| Error::io("dup", display, e))?;
-    let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| Error::io("fdopendir", display, e))?;
-    let mut names = Vec::new();
-    for ent in d.iter() {
-        let ent = ent.map_err(|e| Error::io("getdents64", display, e))?;
-        let n = ent.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            names.push(n.to_vec());
-        }
-    }
-    Ok(names)
+    crate::sys::dir_names(fd).map_err(|e| Error::io("getdents64", display, e))
 }
 
 /// Decides which paths [`remove_tree`] keeps.

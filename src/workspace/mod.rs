@@ -180,10 +180,11 @@ impl std::fmt::Debug for Workspace {
     }
 }
 
-fn mkdir(p: &Path) -> Result<()> {
+/// Creates `p` unless it exists; whether it was created.
+fn mkdir(p: &Path) -> Result<bool> {
     match std::fs::create_dir(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(Error::io("mkdir", p, e)),
     }
 }
@@ -193,9 +194,12 @@ fn empty_dir(dir: &Path) -> Result<()> {
     empty_dirs(&[dir])
 }
 
-/// Empties each of `dirs` (one mount table read for all of them), refusing before
-/// deleting anything if anything is mounted inside one.
+/// Empties each of `dirs`, refusing before deleting anything if anything is mounted
+/// inside one: small trees by one checked walk, others after one read of the mount table.
 fn empty_dirs(dirs: &[&Path]) -> Result<()> {
+    if crate::mount::mountinfo::clear_small(dirs)? {
+        return Ok(());
+    }
     refuse_mounts_under(dirs)?;
     for dir in dirs {
         let fd = open_dir_path(dir)?;
@@ -256,12 +260,22 @@ impl Workspace {
         if opts.upper == (UpperStorage::Tmpfs { size: 0 }) {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+        // A directory made here holds nothing: no leftovers to check or clear.
+        let fresh = match std::fs::create_dir(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(_) => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+                true
+            }
+        };
         let mem = dir.join("mem");
-        if opts.reset {
-            scratch::release_leftover(&mem, &dir.join("rootfs"))?;
+        if !fresh {
+            if opts.reset {
+                scratch::release_leftover(&mem, &dir.join("rootfs"))?;
+            }
+            refuse_mounts_under(&[&dir])?;
         }
-        refuse_mounts_under(&[&dir])?;
         let mut options = opts.overlay;
         options.fresh = false;
         let target = dir.join("rootfs");
@@ -279,18 +293,20 @@ impl Workspace {
         };
         match opts.upper {
             UpperStorage::Disk => {
-                if ws.upper.exists() && !crate::mount::is_empty_dir(&ws.upper)? {
+                if !fresh && ws.upper.exists() && !crate::mount::is_empty_dir(&ws.upper)? {
                     if !opts.reset {
                         return Err(Error::NotEmpty { path: ws.upper.clone() });
                     }
                     empty_dir(&ws.upper)?;
                 }
-                for d in [&ws.upper, &ws.work, &ws.target] {
-                    mkdir(d)?;
-                }
+                mkdir(&ws.upper)?;
+                let new_work = mkdir(&ws.work)?;
+                mkdir(&ws.target)?;
                 // Work holds only overlay scratch (and a crashed volatile mount's marker):
                 // never data, always thrown away.
-                empty_dir(&ws.work)?;
+                if !new_work {
+                    empty_dir(&ws.work)?;
+                }
             }
             UpperStorage::Tmpfs { size } => {
                 mkdir(&ws.target)?;
