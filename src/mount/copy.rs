@@ -285,7 +285,7 @@ impl Xattrs {
 }
 
 fn not_root() -> bool {
-    !nix::unistd::geteuid().is_root() || super::in_user_namespace()
+    super::unprivileged()
 }
 
 /// Copies ownership, xattrs, mode and (unless a directory, done after its children)

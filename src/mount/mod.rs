@@ -126,7 +126,9 @@ pub struct OverlayOptions {
     pub volatile: bool,
     /// `userxattr`: overlay metadata in `user.overlay.*` instead of `trusted.overlay.*`,
     /// needed to mount inside a user namespace. `None` (default): on exactly when this
-    /// process is in a non-initial user namespace.
+    /// process is unprivileged (not root, or in a non-initial user namespace), which is
+    /// also when [`UnpackOptions::default`](crate::UnpackOptions) writes `user.overlay.*`
+    /// metadata into the layers (the copy backend, which any user can run, follows it).
     pub userxattr: Option<bool>,
     /// `index=on`. Default: off.
     pub index: bool,
@@ -174,10 +176,17 @@ impl OverlaySpec {
     }
 
     /// Whether `userxattr` applies: the explicit option, else whether this process is
-    /// in a user namespace.
+    /// unprivileged (not root, or in a user namespace), as extraction decides.
     pub fn userxattr(&self) -> bool {
-        self.options.userxattr.unwrap_or_else(in_user_namespace)
+        self.options.userxattr.unwrap_or_else(unprivileged)
     }
+}
+
+/// Not root in the initial user namespace: overlay metadata then lives in `user.*`
+/// xattrs (the only ones an unprivileged process can write), for extraction, the copy
+/// backend and `userxattr` mounts alike.
+pub(crate) fn unprivileged() -> bool {
+    !nix::unistd::geteuid().is_root() || in_user_namespace()
 }
 
 /// Whether this process runs in a user namespace other than the initial one (its uid

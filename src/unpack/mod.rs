@@ -90,7 +90,8 @@ pub struct UnpackOptions {
     /// How whiteouts are materialised. Default: [`WhiteoutMode::Overlay`].
     pub whiteouts: WhiteoutMode,
     /// Write overlay metadata as `user.overlay.*` (overlay mounted with `userxattr`,
-    /// rootless) instead of `trusted.overlay.*`. Default: false.
+    /// rootless) instead of `trusted.overlay.*`. Default: false as root, true when
+    /// unprivileged (not root, or in a user namespace).
     pub userxattr: bool,
     /// Lower layer directories of the image, top first (Overlay mode). When the layer
     /// creates a file under a parent directory it does not list (umoci and others omit
@@ -106,10 +107,12 @@ pub struct UnpackOptions {
     /// Compute the `diff_id` even when none is expected (costs one more sha256 pass
     /// over the uncompressed stream). Default: false.
     pub compute_diff_id: bool,
-    /// Apply the archive's numeric uid/gid. Default: true when running as root.
+    /// Apply the archive's numeric uid/gid. Default: true when running as root (in the
+    /// initial user namespace).
     /// Without it, everything is owned by the extracting user.
     pub chown: bool,
-    /// Device node policy. Default: [`DeviceNodes::CreateOrSkip`].
+    /// Device node policy. Default: [`DeviceNodes::CreateOrSkip`] as root,
+    /// [`DeviceNodes::Skip`] when unprivileged.
     pub devices: DeviceNodes,
     /// Skip (and count) xattrs the file system or our privileges refuse (`EPERM`,
     /// `EOPNOTSUPP`), e.g. `trusted.*` when unprivileged. Default: false as root,
@@ -133,18 +136,22 @@ pub struct UnpackOptions {
     pub require_end_of_archive: bool,
 }
 
+/// Defaults follow the process's privileges: as root in the initial user namespace,
+/// `trusted.overlay.*` metadata, owners applied, refused xattrs are errors; otherwise
+/// (not root, or in a user namespace, where `trusted.*` cannot be written and most ids
+/// are unmapped) the [`UnpackOptions::rootless`] settings.
 impl Default for UnpackOptions {
     fn default() -> Self {
-        let root = nix::unistd::geteuid().is_root();
+        let root = !crate::mount::unprivileged();
         UnpackOptions {
             whiteouts: WhiteoutMode::Overlay,
-            userxattr: false,
+            userxattr: !root,
             parent_lowers: Vec::new(),
             expected_digest: None,
             expected_diff_id: None,
             compute_diff_id: false,
             chown: root,
-            devices: DeviceNodes::CreateOrSkip,
+            devices: if root { DeviceNodes::CreateOrSkip } else { DeviceNodes::Skip },
             ignore_xattr_errors: !root,
             max_uncompressed_bytes: None,
             max_entries: None,

@@ -596,15 +596,15 @@ impl Workspace {
         if !crate::mount::is_empty_dir(&self.upper)? {
             return Err(Error::NotEmpty { path: self.upper.clone() });
         }
-        let root = nix::unistd::geteuid().is_root() && !crate::mount::in_user_namespace();
-        let mut opts = if root { UnpackOptions::default() } else { UnpackOptions::rootless() };
-        opts.whiteouts = WhiteoutMode::Overlay;
-        opts.userxattr = self.userxattr();
-        opts.parent_lowers = self.lowers.clone();
-        opts.compute_diff_id = true;
-        // No digest to check a diff against: a missing end marker means it was cut off.
-        opts.require_end_of_archive = true;
-        Ok(opts)
+        Ok(UnpackOptions {
+            whiteouts: WhiteoutMode::Overlay,
+            userxattr: self.userxattr(),
+            parent_lowers: self.lowers.clone(),
+            compute_diff_id: true,
+            // No digest to check a diff against: a missing end marker means it was cut off.
+            require_end_of_archive: true,
+            ..Default::default()
+        })
     }
 
     /// After a failed import, empties the upper again (best effort: the import's error is
