@@ -6,67 +6,386 @@
 //! rootfsctl --cache DIR ls                           # layers: digest, bytes, leased
 //! rootfsctl --cache DIR stats                        # key=value counters
 //! rootfsctl --cache DIR gc [--max-bytes N]           # evicted=… bytes_in_use=…
+//! rootfsctl --cache DIR create [--tmpfs BYTES] REF WS_DIR   # a workspace, not mounted
+//! rootfsctl mount WS_DIR                             # prints the merged dir
+//! rootfsctl unmount WS_DIR
+//! rootfsctl --cache DIR destroy WS_DIR               # (--cache: release its lease)
+//! rootfsctl convert DIR                              # DIR becomes an overlay over DIR.lower
+//! rootfsctl apply DIR|WS_DIR                         # flatten the writes into the lower
+//! rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
+//! rootfsctl diff import WS_DIR IN_TAR
+//! rootfsctl --cache DIR detach WS_DIR                # copy everything up, release the lease
 //! ```
 //!
 //! `REF` is `OCI_LAYOUT_DIR[:TAG]` or `OCI_LAYOUT_DIR@sha256:...` (TAG defaults to
 //! `latest`). Success prints only what is listed, exit 0; failure prints one line on
-//! stderr and exits non-zero. The mount and workspace subcommands arrive with those
-//! parts of the library.
+//! stderr and exits 1 (2 for a usage error). `COMMAND --help` explains each command.
+//!
+//! A workspace made by `create` outlives the command: its description is in
+//! `WS_DIR/workspace.json` (`Workspace::open` reads it), and the cache keeps its image
+//! with a persisted lease named after `WS_DIR` until `destroy` or `detach` releases it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use rootfs_cache::{CacheOptions, OciLayout, RootfsCache, UnpackOptions, WhiteoutMode, unpack};
+use rootfs_cache::{
+    CacheOptions, Compression, DiffOptions, MountBackend, OciLayout, RootfsCache, UnpackOptions, WhiteoutMode,
+    Workspace, WorkspaceOptions, unpack,
+};
 
 const USAGE: &str = "usage:
   rootfsctl unpack [--apply] [--rootless] [--single-thread] [--digest DIGEST] [--diff-id DIGEST] LAYER_BLOB DEST_DIR
   rootfsctl --cache DIR [--max-bytes N] ensure REF
   rootfsctl --cache DIR ls | stats | gc [--max-bytes N]
+  rootfsctl --cache DIR create [--tmpfs BYTES] REF WS_DIR
+  rootfsctl mount WS_DIR | unmount WS_DIR
+  rootfsctl [--cache DIR] destroy WS_DIR
+  rootfsctl convert DIR | apply DIR
+  rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
+  rootfsctl diff import WS_DIR IN_TAR
+  rootfsctl [--cache DIR] detach WS_DIR
 
-unpack: extract one layer blob (tar, tar.gz or tar.zst, detected) into DEST_DIR (created
-if missing). Whiteouts become overlay whiteouts unless --apply, which deletes the
-whited-out paths from DEST_DIR instead (flattening, like `umoci unpack`).
-ensure: make REF (OCI_LAYOUT_DIR[:TAG] or OCI_LAYOUT_DIR@sha256:...) ready in the cache
-and print its lower directories, top layer first.
-ls: the cached layers (digest, bytes, leased). stats: counters. gc: evict to the budget.";
+REF is OCI_LAYOUT_DIR[:TAG] (TAG defaults to latest) or OCI_LAYOUT_DIR@sha256:...
+Run `rootfsctl COMMAND --help` for one command.";
+
+/// Per-command help, printed by `COMMAND --help`.
+fn help(cmd: &str) -> &'static str {
+    match cmd {
+        "unpack" => "rootfsctl unpack [--apply] [--rootless] [--single-thread] [--digest DIGEST] [--diff-id DIGEST] LAYER_BLOB DEST_DIR
+extract one layer blob (tar, tar.gz or tar.zst, detected) into DEST_DIR (created if
+missing), digests verified when given. Whiteouts become overlay whiteouts unless --apply,
+which deletes the whited-out paths from DEST_DIR instead (flattening, like `umoci unpack`).
+Prints entries=… files=… … digest=… diff_id=…",
+        "ensure" => "rootfsctl --cache DIR ensure REF
+make REF ready in the cache (extracting missing layers once) and print its lower
+directories, top layer first.",
+        "ls" => "rootfsctl --cache DIR ls
+the cached layers: digest, bytes, leased or -.",
+        "stats" => "rootfsctl --cache DIR stats
+the cache's counters as key=value.",
+        "gc" => "rootfsctl --cache DIR gc [--max-bytes N]
+evict unleased layers, least recently used first, down to the budget.",
+        "create" => "rootfsctl --cache DIR create [--tmpfs BYTES] REF WS_DIR
+make REF ready and a workspace over it in WS_DIR (fresh upper, not mounted); the cache
+keeps the image with a persisted lease named after WS_DIR. --tmpfs: the upper lives in
+a private tmpfs of that many bytes (gone when the workspace is destroyed).",
+        "mount" => "rootfsctl mount WS_DIR
+mount the workspace's merged view (kernel overlay when possible, else the copy backend) and print its path.",
+        "unmount" => "rootfsctl unmount WS_DIR
+unmount the merged view (verified); the writes stay in the upper.",
+        "destroy" => "rootfsctl [--cache DIR] destroy WS_DIR
+unmount and delete the workspace; with --cache, release the image's persisted lease.",
+        "convert" => "rootfsctl convert DIR
+turn DIR into a workspace in place: DIR.lower holds the original, an overlay is mounted at DIR.",
+        "apply" => "rootfsctl apply DIR
+flatten the writes of a converted workspace (or one over a single private lower) into its lower.",
+        "diff" => "rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
+rootfsctl diff import WS_DIR IN_TAR
+export: the workspace's writes as an OCI layer tar (prints digest=… diff_id=… size=…
+entries=…); --aligned: block-aligned file data, shared with the upper on XFS/btrfs.
+import: a diff into the empty upper of an unmounted workspace.",
+        "detach" => "rootfsctl [--cache DIR] detach WS_DIR
+copy everything the image shows into the upper, so the workspace no longer needs the
+image; with --cache, release the image's persisted lease.",
+        _ => USAGE,
+    }
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
+        Err(Fail(msg, is_usage)) => {
             eprintln!("rootfsctl: {msg}");
-            ExitCode::from(1)
+            ExitCode::from(if is_usage { 2 } else { 1 })
         }
     }
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    match args.first().map(String::as_str) {
-        Some("--cache") => {
-            let dir = args.get(1).ok_or("--cache needs a directory")?;
-            cmd_cache(PathBuf::from(dir), &args[2..])
+/// A failure: a message, and whether it is a usage error (exit 2) or not (exit 1).
+struct Fail(String, bool);
+
+impl From<String> for Fail {
+    fn from(s: String) -> Self {
+        Fail(s, false)
+    }
+}
+
+impl From<&str> for Fail {
+    fn from(s: &str) -> Self {
+        Fail(s.to_string(), false)
+    }
+}
+
+impl From<rootfs_cache::Error> for Fail {
+    fn from(e: rootfs_cache::Error) -> Self {
+        Fail(e.to_string(), false)
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Fail {
+    Fail(msg.into(), true)
+}
+
+fn run(args: &[String]) -> Result<(), Fail> {
+    // Global options first: --cache DIR, --max-bytes N.
+    let mut cache_dir: Option<PathBuf> = None;
+    let mut max_bytes: Option<u64> = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--cache" => {
+                cache_dir = Some(PathBuf::from(args.get(i + 1).ok_or_else(|| usage("--cache needs a directory"))?));
+                i += 2;
+            }
+            "--max-bytes" => {
+                let v = args.get(i + 1).ok_or_else(|| usage("--max-bytes needs a value"))?;
+                max_bytes = Some(v.parse().map_err(|_| usage(format!("--max-bytes: not a number: {v:?}")))?);
+                i += 2;
+            }
+            _ => break,
         }
-        Some("unpack") => cmd_unpack(&args[1..]),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
+    }
+    let Some(cmd) = args.get(i).map(String::as_str) else {
+        return Err(usage(format!("missing command\n{USAGE}")));
+    };
+    let mut rest: Vec<&str> = args[i + 1..].iter().map(String::as_str).collect();
+    if matches!(cmd, "-h" | "--help" | "help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    if rest.iter().any(|a| matches!(*a, "-h" | "--help")) {
+        println!("{}", help(cmd));
+        return Ok(());
+    }
+    // `gc --max-bytes N` also takes the budget after the command.
+    if let Some(p) = rest.iter().position(|a| *a == "--max-bytes") {
+        let v = rest.get(p + 1).ok_or_else(|| usage("--max-bytes needs a value"))?;
+        max_bytes = Some(v.parse().map_err(|_| usage(format!("--max-bytes: not a number: {v:?}")))?);
+        rest.drain(p..p + 2);
+    }
+    let open_cache = || -> Result<RootfsCache, Fail> {
+        let dir = cache_dir.as_ref().ok_or_else(|| usage(format!("{cmd} needs --cache DIR")))?;
+        let mut opts = CacheOptions::default();
+        if let Some(m) = max_bytes {
+            opts.max_bytes = m;
+        }
+        Ok(RootfsCache::open(dir, opts)?)
+    };
+    match (cmd, rest.as_slice()) {
+        ("unpack", _) => cmd_unpack(&args[i + 1..]),
+        ("ensure", [r]) => {
+            let cache = open_cache()?;
+            let (layout, reference) = split_ref(r);
+            let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
+            for l in rootfs.lowers() {
+                println!("{}", l.display());
+            }
             Ok(())
         }
-        Some(other) => Err(format!("unknown command {other:?} (try --help)")),
-        None => Err(format!("missing command\n{USAGE}")),
+        ("ls", []) => {
+            for (d, bytes, leased) in open_cache()?.layers() {
+                println!("{d} {bytes} {}", if leased { "leased" } else { "-" });
+            }
+            Ok(())
+        }
+        ("stats", []) => {
+            let s = open_cache()?.stats();
+            println!(
+                "entries={} bytes_in_use={} leased_entries={} over_budget_bytes={} hits={} misses={} extractions={} bytes_extracted={} evictions={} dedup_waits={}",
+                s.entries,
+                s.bytes_in_use,
+                s.leased_entries,
+                s.over_budget_bytes,
+                s.hits,
+                s.misses,
+                s.extractions,
+                s.bytes_extracted,
+                s.evictions,
+                s.dedup_waits
+            );
+            Ok(())
+        }
+        ("gc", []) => {
+            let r = open_cache()?.gc()?;
+            println!(
+                "evicted={} evicted_bytes={} removed_images={} bytes_in_use={} over_budget_bytes={}",
+                r.evicted.len(),
+                r.evicted_bytes,
+                r.removed_images.len(),
+                r.bytes_in_use,
+                r.over_budget_bytes
+            );
+            Ok(())
+        }
+        ("create", args) => {
+            let (tmpfs, pos) = take_value(args, "--tmpfs")?;
+            let [r, ws_dir] = pos.as_slice() else {
+                return Err(usage(format!("create needs REF WS_DIR\n{}", help("create"))));
+            };
+            let cache = open_cache()?;
+            let (layout, reference) = split_ref(r);
+            let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
+            rootfs.persist(&lease_id(Path::new(ws_dir))?)?;
+            let mut opts = WorkspaceOptions::default();
+            if let Some(t) = tmpfs {
+                opts = WorkspaceOptions::tmpfs(t.parse().map_err(|_| usage(format!("--tmpfs: not a number: {t:?}")))?);
+            }
+            let ws = Workspace::create(ws_dir, rootfs, opts)?;
+            println!("{}", ws.target().display());
+            ws.keep();
+            Ok(())
+        }
+        ("mount", [ws_dir]) => {
+            let mut ws = Workspace::open(ws_dir)?;
+            let t = ws.mount(backend()?)?.to_path_buf();
+            println!("{}", t.display());
+            ws.keep();
+            Ok(())
+        }
+        ("unmount", [ws_dir]) => {
+            let mut ws = Workspace::open(ws_dir)?;
+            ws.unmount()?;
+            ws.keep();
+            Ok(())
+        }
+        ("destroy", [ws_dir]) => {
+            let id = lease_id(Path::new(ws_dir))?;
+            Workspace::open(ws_dir)?.destroy()?;
+            if cache_dir.is_some() {
+                release(&open_cache()?, &id)?;
+            }
+            Ok(())
+        }
+        ("convert", [dir]) => {
+            let ws = Workspace::convert(dir, backend()?)?;
+            println!("{}", ws.target().display());
+            ws.keep();
+            Ok(())
+        }
+        ("apply", [dir]) => {
+            // apply unmounts around the flatten and remounts what was mounted.
+            let mut ws = Workspace::open(dir)?;
+            let r = ws.apply()?;
+            println!(
+                "moved={} copied={} dirs={} replaced_dirs={} deleted={}",
+                r.moved, r.copied, r.dirs, r.replaced_dirs, r.deleted
+            );
+            ws.keep();
+            Ok(())
+        }
+        ("diff", ["export", args @ ..]) => {
+            let aligned = args.contains(&"--aligned");
+            let compression = if args.contains(&"--zstd") {
+                Compression::Zstd
+            } else if args.contains(&"--gzip") {
+                Compression::Gzip
+            } else {
+                Compression::None
+            };
+            let pos: Vec<&str> = args.iter().copied().filter(|a| !a.starts_with("--")).collect();
+            if let Some(bad) =
+                args.iter().find(|a| a.starts_with("--") && !matches!(**a, "--aligned" | "--zstd" | "--gzip"))
+            {
+                return Err(usage(format!("diff export: unknown option {bad:?}")));
+            }
+            let [ws_dir, out] = pos.as_slice() else {
+                return Err(usage(format!("diff export needs WS_DIR OUT_TAR\n{}", help("diff"))));
+            };
+            let ws = Workspace::open(ws_dir)?;
+            let mut opts = DiffOptions::default();
+            opts.aligned = aligned;
+            opts.compression = compression;
+            let file = std::fs::File::create(out).map_err(|e| format!("create {out}: {e}"))?;
+            let st = if aligned {
+                ws.export_diff_file(&file, &opts)?
+            } else {
+                ws.export_diff(std::io::BufWriter::new(file), &opts)?
+            };
+            let show = |d: Option<rootfs_cache::Digest>| d.map_or_else(|| "-".to_string(), |d| d.to_string());
+            println!(
+                "digest={} diff_id={} size={} entries={} file_bytes={}",
+                show(st.digest),
+                show(st.diff_id),
+                st.size,
+                st.entries,
+                st.file_bytes
+            );
+            ws.keep();
+            Ok(())
+        }
+        ("diff", ["import", ws_dir, input]) => {
+            let mut ws = Workspace::open(ws_dir)?;
+            let file = std::fs::File::open(input).map_err(|e| format!("open {input}: {e}"))?;
+            let st = ws.import_diff_file(&file)?;
+            println!("entries={} file_bytes={} size={}", st.entries, st.file_bytes, st.size);
+            ws.keep();
+            Ok(())
+        }
+        ("detach", [ws_dir]) => {
+            let id = lease_id(Path::new(ws_dir))?;
+            let mut ws = Workspace::open(ws_dir)?;
+            ws.detach()?;
+            ws.keep();
+            if cache_dir.is_some() {
+                release(&open_cache()?, &id)?;
+            }
+            Ok(())
+        }
+        (
+            "ensure" | "ls" | "stats" | "gc" | "mount" | "unmount" | "destroy" | "convert" | "apply" | "diff"
+            | "detach",
+            _,
+        ) => Err(usage(format!("wrong arguments\n{}", help(cmd)))),
+        (other, _) => Err(usage(format!("unknown command {other:?} (try --help)"))),
     }
 }
 
-fn cmd_unpack(args: &[String]) -> Result<(), String> {
+/// `--flag VALUE` taken out of `args`; the rest.
+fn take_value<'a>(args: &[&'a str], flag: &str) -> Result<(Option<&'a str>, Vec<&'a str>), Fail> {
+    let mut value = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if *a == flag {
+            value = Some(*it.next().ok_or_else(|| usage(format!("{flag} needs a value")))?);
+        } else if a.starts_with("--") {
+            return Err(usage(format!("unknown option {a:?}")));
+        } else {
+            rest.push(*a);
+        }
+    }
+    Ok((value, rest))
+}
+
+/// The backend for a mount: the kernel overlay where it can be mounted, else the copy
+/// backend (`detect` probes with a real mount next to the working directory).
+fn backend() -> Result<Box<dyn MountBackend>, Fail> {
+    let probe = std::env::temp_dir();
+    Ok(rootfs_cache::detect(&probe)?.backend())
+}
+
+/// The persisted lease of the workspace in `ws_dir`: named after its absolute path.
+fn lease_id(ws_dir: &Path) -> Result<String, Fail> {
+    let abs = std::path::absolute(ws_dir).map_err(|e| format!("{}: {e}", ws_dir.display()))?;
+    let d = rootfs_cache::Digest::of(abs.as_os_str().as_encoded_bytes());
+    Ok(format!("rootfsctl-ws-{}", &d.hex()[..16]))
+}
+
+/// Releases a persisted lease (a workspace made without --cache has none).
+fn release(cache: &RootfsCache, id: &str) -> Result<(), Fail> {
+    if cache.leases().iter().any(|l| l == id) {
+        cache.release(id)?;
+    }
+    Ok(())
+}
+
+fn cmd_unpack(args: &[String]) -> Result<(), Fail> {
     let mut opts = UnpackOptions::default();
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
-            }
             "--apply" => opts.whiteouts = WhiteoutMode::Apply,
             "--rootless" => {
                 let w = opts.whiteouts;
@@ -82,12 +401,12 @@ fn cmd_unpack(args: &[String]) -> Result<(), String> {
                 let v = it.next().ok_or("--diff-id needs a value")?;
                 opts.expected_diff_id = Some(v.parse().map_err(|e| format!("{e}"))?);
             }
-            s if s.starts_with('-') => return Err(format!("unknown option {s:?} (try --help)")),
+            s if s.starts_with('-') => return Err(usage(format!("unknown option {s:?} (try --help)"))),
             _ => positional.push(PathBuf::from(a)),
         }
     }
     let [blob, dest] = positional.as_slice() else {
-        return Err(format!("unpack needs LAYER_BLOB and DEST_DIR\n{USAGE}"));
+        return Err(usage(format!("unpack needs LAYER_BLOB and DEST_DIR\n{}", help("unpack"))));
     };
     let file = std::fs::File::open(blob).map_err(|e| format!("open {}: {e}", blob.display()))?;
     std::fs::create_dir_all(dest).map_err(|e| format!("mkdir {}: {e}", dest.display()))?;
@@ -120,69 +439,4 @@ fn split_ref(r: &str) -> (&str, String) {
         Some((dir, tag)) if !tag.contains('/') && !dir.is_empty() => (dir, tag.to_string()),
         _ => (r, "latest".to_string()),
     }
-}
-
-fn cmd_cache(dir: PathBuf, args: &[String]) -> Result<(), String> {
-    let mut opts = CacheOptions::default();
-    let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
-            }
-            "--max-bytes" => {
-                let v = it.next().ok_or("--max-bytes needs a value")?;
-                opts.max_bytes = v.parse().map_err(|_| format!("--max-bytes: not a number: {v:?}"))?;
-            }
-            _ => rest.push(a.as_str()),
-        }
-    }
-    let cache = RootfsCache::open(&dir, opts).map_err(|e| e.to_string())?;
-    match rest.as_slice() {
-        ["ensure", r] => {
-            let (layout, reference) = split_ref(r);
-            let fetcher = OciLayout::open(layout).map_err(|e| e.to_string())?;
-            let rootfs = cache.ensure(&fetcher, &reference).map_err(|e| e.to_string())?;
-            for l in rootfs.lowers() {
-                println!("{}", l.display());
-            }
-        }
-        ["ls"] => {
-            for (d, bytes, leased) in cache.layers() {
-                println!("{d} {bytes} {}", if leased { "leased" } else { "-" });
-            }
-        }
-        ["stats"] => {
-            let s = cache.stats();
-            println!(
-                "entries={} bytes_in_use={} leased_entries={} over_budget_bytes={} hits={} misses={} extractions={} bytes_extracted={} evictions={} dedup_waits={}",
-                s.entries,
-                s.bytes_in_use,
-                s.leased_entries,
-                s.over_budget_bytes,
-                s.hits,
-                s.misses,
-                s.extractions,
-                s.bytes_extracted,
-                s.evictions,
-                s.dedup_waits
-            );
-        }
-        ["gc"] => {
-            let r = cache.gc().map_err(|e| e.to_string())?;
-            println!(
-                "evicted={} evicted_bytes={} removed_images={} bytes_in_use={} over_budget_bytes={}",
-                r.evicted.len(),
-                r.evicted_bytes,
-                r.removed_images.len(),
-                r.bytes_in_use,
-                r.over_budget_bytes
-            );
-        }
-        [] => return Err(format!("--cache {}: missing command (ensure, ls, stats, gc)", dir.display())),
-        other => return Err(format!("unknown cache command {:?} (try --help)", other.join(" "))),
-    }
-    Ok(())
 }

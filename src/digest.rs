@@ -72,7 +72,8 @@ impl Digest {
         Ok(Digest(out))
     }
 
-    /// Check `data`'s digest against `self`.
+    /// Check `found` (the digest of the bytes actually read) against `self` (the
+    /// expected one).
     ///
     /// # Errors
     /// [`Error::DigestMismatch`] when they differ.

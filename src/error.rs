@@ -44,7 +44,7 @@ pub enum Error {
     /// target lies outside the root. Nothing is written for the offending entry.
     #[error("archive entry {entry:?} escapes the destination: {reason}")]
     PathEscape {
-        /// The entry's path as written in the archive (lossy UTF-8).
+        /// The entry's path as written in the archive (lossy UTF-8, cut at 256 bytes).
         entry: String,
         /// Why it was rejected.
         reason: &'static str,
@@ -62,7 +62,7 @@ pub enum Error {
     /// A string is not a valid digest.
     #[error("invalid digest {input:?}: {reason}")]
     InvalidDigest {
-        /// The rejected input (truncated to 100 bytes).
+        /// The rejected input (truncated to 100 characters).
         input: String,
         /// What is wrong with it.
         reason: &'static str,
@@ -77,16 +77,19 @@ pub enum Error {
         reason: String,
     },
 
-    /// A configured limit (uncompressed size, entry count, header size) was exceeded.
+    /// A limit was exceeded: a configured one (uncompressed size, entry count, header
+    /// size) or the kernel's (overlay lower directories, `mount(2)` option data).
     #[error("limit exceeded: {what} is larger than {limit}")]
     LimitExceeded {
         /// Which limit.
         what: &'static str,
-        /// The configured limit.
+        /// The limit.
         limit: u64,
     },
 
-    /// The input uses a feature this crate does not support (a compression format, an entry type).
+    /// Something asked for is not supported: a feature of the input (a compression
+    /// format, an entry type, a media type), a name or id that cannot be used (a lease id),
+    /// or an operation the current state does not allow.
     #[error("unsupported: {what}")]
     Unsupported {
         /// What is not supported.
@@ -104,14 +107,17 @@ pub enum Error {
         source: std::sync::Arc<Error>,
     },
 
-    /// Something asked for does not exist: a tag, a blob, a cache entry.
+    /// Something asked for does not exist: a tag, a blob, a manifest for the
+    /// platform, a layout, a lease.
     #[error("not found: {what}")]
     NotFound {
         /// What was looked for, and where.
         what: String,
     },
 
-    /// An image description (index, manifest, cache record) is malformed.
+    /// An image description (`oci-layout`, `index.json`, an index, a manifest) is
+    /// malformed, a blob does not match its descriptor, or a state file of this crate (the
+    /// [`CopyBackend`](crate::CopyBackend)'s) is corrupt.
     #[error("invalid image data in {}: {reason}", path.display())]
     InvalidImage {
         /// The file holding it.
@@ -155,10 +161,12 @@ pub enum Error {
         detail: String,
     },
 
-    /// The path is already a mount point; refusing to stack another mount on it.
+    /// The path is already mounted (a mount point, or a target a backend still holds
+    /// mounted), or is a mount point inside a tree about to be folded or deleted; refusing
+    /// to stack another mount on it or to cross into it.
     #[error("{} is already a mount point", path.display())]
     AlreadyMounted {
-        /// The mount point.
+        /// The mount point, or the target still mounted.
         path: PathBuf,
     },
 
@@ -169,8 +177,9 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// A mount description is unusable as given (no lowers, duplicate lowers, relative
-    /// paths, ...). The kernel is not asked.
+    /// A mount or workspace description is unusable as given (no lowers, a lower listed
+    /// twice, upper and work on different filesystems, ...), as found by this crate's own
+    /// checks rather than reported by the kernel.
     #[error("invalid overlay spec: {reason}")]
     InvalidSpec {
         /// What is wrong.

@@ -322,7 +322,8 @@ impl RootfsCache {
     ///
     /// # Errors
     /// [`Error::Busy`] if another process (or another `RootfsCache` in this one) owns the
-    /// directory; [`Error::Io`] if it cannot be created or read.
+    /// directory; [`Error::Io`] if it cannot be created or read, or if leftovers in `tmp/`
+    /// and `trash/`, invalid layer entries or stale records cannot be removed.
     pub fn open(dir: impl AsRef<Path>, opts: CacheOptions) -> Result<RootfsCache> {
         let root = dir.as_ref().to_path_buf();
         for sub in ["", layout::LAYERS, layout::IMAGES, layout::LEASES, layout::TMP, layout::TRASH] {
@@ -427,9 +428,12 @@ impl RootfsCache {
     /// (its failure is counted in [`CacheStats::failed_gc_passes`], not returned).
     ///
     /// # Errors
-    /// The fetcher's errors from `resolve`; [`Error::Layer`] naming the layer when a
-    /// blob cannot be fetched or extracted (digest mismatch, hostile entry, full disk...),
-    /// the same error for every caller waiting on that extraction.
+    /// - the fetcher's errors from [`ImageFetcher::resolve`], unchanged;
+    /// - [`Error::Layer`] naming the layer when its blob cannot be fetched
+    ///   ([`ImageFetcher::open_blob`]) or extracted ([`Error::DigestMismatch`],
+    ///   [`Error::PathEscape`], a full disk...; see [`unpack`](crate::unpack())), the same
+    ///   error for every caller waiting on that extraction ([`Error::root`] gives the cause);
+    /// - [`Error::Io`] if the image record cannot be written.
     pub fn ensure(&self, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs> {
         let inner = &self.inner;
         if let Some(d) = layout::digest_ref(reference) {
@@ -601,7 +605,8 @@ impl RootfsCache {
     /// persist last-use times.
     ///
     /// # Errors
-    /// [`Error::Io`] if a layer cannot be moved to `trash/` or deleted.
+    /// [`Error::Io`] if a layer cannot be moved to `trash/` or deleted, an image record
+    /// cannot be removed, or a last-use time cannot be written.
     pub fn gc(&self) -> Result<GcReport> {
         let inner = &self.inner;
         let mut report = GcReport::default();

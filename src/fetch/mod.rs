@@ -49,14 +49,17 @@ pub trait ImageFetcher: Send + Sync {
     ///
     /// # Errors
     /// Whatever the source reports; [`crate::Error::NotFound`] for an unknown reference is
-    /// the convention.
+    /// the convention. [`RootfsCache::ensure`](crate::RootfsCache::ensure) returns these
+    /// errors unchanged.
     fn resolve(&self, reference: &str) -> Result<ImageManifest>;
 
     /// The blob of `layer`, as stored (compressed). Called only on a cache miss; the
     /// cache verifies the digest while extracting, so a fetcher need not.
     ///
     /// # Errors
-    /// Whatever the source reports.
+    /// Whatever the source reports; [`crate::Error::NotFound`] for a missing blob is the
+    /// convention ([`OciLayout`] follows it). [`RootfsCache::ensure`](crate::RootfsCache::ensure)
+    /// returns these errors wrapped in [`crate::Error::Layer`], naming the layer.
     fn open_blob(&self, layer: &Descriptor) -> Result<Box<dyn Read + Send>>;
 }
 

@@ -217,7 +217,8 @@ impl OciLayout {
     ///
     /// # Errors
     /// - [`Error::NotFound`] if `dir` or `dir/oci-layout` does not exist (not a layout);
-    /// - [`Error::InvalidImage`] if `oci-layout` is not the expected JSON;
+    /// - [`Error::InvalidImage`] if `oci-layout` is not the expected JSON, not a regular
+    ///   file or larger than 4 MiB;
     /// - [`Error::Unsupported`] for an `imageLayoutVersion` other than 1.x;
     /// - [`Error::Io`] when it cannot be read.
     pub fn open(dir: impl AsRef<Path>) -> Result<OciLayout> {
@@ -268,7 +269,8 @@ impl OciLayout {
     ///
     /// # Errors
     /// - [`Error::NotFound`] if `index.json` does not exist;
-    /// - [`Error::InvalidImage`] if it is malformed or larger than 4 MiB;
+    /// - [`Error::InvalidImage`] if it is malformed (or its `schemaVersion` is not 2), not
+    ///   a regular file or larger than 4 MiB;
     /// - [`Error::Io`] when it cannot be read.
     pub fn tags(&self) -> Result<Vec<String>> {
         let index = self.read_index_json()?;
@@ -464,12 +466,15 @@ impl ImageFetcher for OciLayout {
     /// without one, but with exactly one entry lacking a platform, resolves to that entry.
     ///
     /// # Errors
-    /// - [`Error::NotFound`]: unknown tag, a missing manifest or index blob, or no entry
-    ///   for the platform (each message names the layout, and what is available);
+    /// - [`Error::NotFound`]: unknown tag, a missing `index.json`, manifest or index blob,
+    ///   or no entry for the platform (each message names the layout, and what is
+    ///   available);
     /// - [`Error::InvalidDigest`]: a malformed digest reference (and any algorithm but sha256);
     /// - [`Error::InvalidImage`]: malformed JSON, a wrong `schemaVersion`, a blob whose
     ///   sha256 or size differs from its descriptor, a document over 4 MiB, a `mediaType`
-    ///   contradicting the descriptor's, a malformed digest in a document;
+    ///   contradicting the descriptor's (or none, with fields that do not tell), a
+    ///   malformed digest in a document, a blob that is not a regular file, indexes
+    ///   nested more than 8 deep;
     /// - [`Error::Unsupported`]: a layer media type outside [`LAYER_MEDIA_TYPES`] (foreign /
     ///   non-distributable layers included; the message names the type and the layer), a
     ///   manifest type that is not an image manifest or index, a digest algorithm other

@@ -58,7 +58,7 @@ use crate::sys;
 use crate::unpack::whiteout::opaque_xattr;
 use crate::unpack::{list_dir, remove_tree};
 
-const STATE: &str = "rootfs-cache-copy";
+pub(crate) const STATE: &str = "rootfs-cache-copy";
 const CLEARING: &str = "rootfs-cache-copy.clearing";
 const HEADER: &str = "rootfs-cache copy state 1";
 
@@ -97,6 +97,20 @@ impl MountBackend for CopyBackend {
         false
     }
 
+    /// Copies the lowers, bottom first, then the upper into the empty `spec.target`, and
+    /// records the backend's state in `spec.work`. If copying fails, the target is emptied
+    /// again.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidSpec`]: no lowers, a lower listed twice (by path or through
+    ///   different paths), or upper and work on different filesystems;
+    /// - [`Error::LimitExceeded`]: more than [`MAX_LOWERS`](super::MAX_LOWERS) lowers;
+    /// - [`Error::AlreadyMounted`]: the target is a mount point, or `spec.work` holds a
+    ///   copy backend state (mounted already, or an unmount did not finish);
+    /// - [`Error::NotEmpty`]: the target is not empty, or
+    ///   [`fresh`](super::OverlayOptions::fresh) was asked for and the upper or work dir is
+    ///   not;
+    /// - [`Error::Io`]: a directory of the spec cannot be opened, or copying fails.
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
         let p = &c.paths;
@@ -133,6 +147,15 @@ impl MountBackend for CopyBackend {
         Ok(())
     }
 
+    /// Folds the writes made in `spec.target` since mount into `spec.upper` (overlayfs
+    /// format), then empties the target. Not mounted (no state in `spec.work`, or no
+    /// `spec.work` at all) is fine. Repeating an interrupted unmount is safe.
+    ///
+    /// # Errors
+    /// - [`Error::AlreadyMounted`] (naming it) when something is mounted inside the
+    ///   target: unmount it first; nothing is folded or deleted;
+    /// - [`Error::InvalidImage`] when the state file in `spec.work` is corrupt;
+    /// - [`Error::Io`] when a directory cannot be opened, or folding or emptying fails.
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
         let display = spec.target.as_path();
         let work = match open_dir_path(&spec.work) {

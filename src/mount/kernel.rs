@@ -52,7 +52,8 @@ pub enum MountApi {
 ///
 /// Mounts with `index=off`, `redirect_dir=nofollow`, `metacopy=off` and `xino=off` unless the
 /// spec's [`OverlayOptions`](super::OverlayOptions) ask otherwise, and with `userxattr`
-/// inside a user namespace. Unmounting is `umount2(MNT_DETACH)` followed by a check that
+/// when [`OverlaySpec::userxattr`] says so (by default: when this process is not root,
+/// or is in a user namespace). Unmounting is `umount2(MNT_DETACH)` followed by a check that
 /// the target is no longer a mount point; nothing is ever deleted.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelOverlay {
@@ -192,6 +193,22 @@ fn plain_string(path: &Path) -> bool {
 }
 
 impl MountBackend for KernelOverlay {
+    /// Mounts an overlay of `spec` at `spec.target` with the API of
+    /// [`KernelOverlay::api`].
+    ///
+    /// # Errors
+    /// - [`Error::InvalidSpec`]: no lowers, or a lower listed twice by path; after the
+    ///   kernel refuses (`ELOOP`, `EINVAL`, `ENOENT`, `ENOTDIR`), also a lower reached
+    ///   twice through different paths, or upper and work on different filesystems;
+    /// - [`Error::LimitExceeded`]: more than [`MAX_LOWERS`](super::MAX_LOWERS) lowers, or
+    ///   ([`MountApi::Legacy`]) option data longer than a page even after path compaction;
+    /// - [`Error::AlreadyMounted`]: the target is already a mount point;
+    /// - [`Error::NotEmpty`]: [`fresh`](super::OverlayOptions::fresh) was asked for and the
+    ///   upper or work dir is not empty;
+    /// - [`Error::Io`]: the upper, work or target dir cannot be opened (or, after the
+    ///   kernel refuses, a lower), or the mount table cannot be read;
+    /// - [`Error::Mount`]: the kernel refused a step (`fsopen`, `fsconfig`, `fsmount`,
+    ///   `move_mount`, `mount`), with its message in `detail` when it gave one.
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let c = checked_spec(spec)?;
         let params = options::params(&spec.options, c.userxattr);
@@ -211,6 +228,14 @@ impl MountBackend for KernelOverlay {
         }
     }
 
+    /// Detaches the overlay at `spec.target` (`umount2(MNT_DETACH)`) and checks that the
+    /// target is no longer a mount point. A target that is not mounted, or does not
+    /// exist, is fine.
+    ///
+    /// # Errors
+    /// [`Error::Mount`] (`umount2`) when the kernel refuses the unmount, or when the target
+    /// is still a mount point afterwards (`EBUSY`: another mount stacked there, or a
+    /// locked mount); [`Error::Io`] when the mount table cannot be read.
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
         unmount_target(&spec.target)
     }

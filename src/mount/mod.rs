@@ -53,17 +53,24 @@ pub trait MountBackend: Send + Sync {
     /// Makes the merged view of `spec` appear at `spec.target`.
     ///
     /// # Errors
+    /// What the backend reports. The built-in backends check the spec first and return
     /// [`Error::InvalidSpec`] (no or duplicate lowers), [`Error::LimitExceeded`] (more
     /// than [`MAX_LOWERS`]), [`Error::AlreadyMounted`] (target is a mount point),
-    /// [`Error::NotEmpty`] (a fresh upper was asked for and is not empty),
-    /// [`Error::Mount`] with the kernel's message when the mount itself fails.
+    /// [`Error::NotEmpty`] (a fresh upper was asked for and is not empty) or
+    /// [`Error::Io`] (a directory of the spec cannot be opened); then
+    /// [`KernelOverlay`] returns [`Error::Mount`] with the kernel's message when the mount
+    /// itself fails. Each backend's `mount` lists the details.
     fn mount(&self, spec: &OverlaySpec) -> Result<()>;
 
     /// Removes the merged view at `spec.target`. Unmounting something not mounted is not
     /// an error. Never deletes the upper or the lowers.
     ///
     /// # Errors
-    /// [`Error::Mount`] when the target is still a mount point afterwards.
+    /// What the backend reports: for [`KernelOverlay`], [`Error::Mount`] when the target
+    /// is still a mount point afterwards; for [`CopyBackend`], [`Error::AlreadyMounted`]
+    /// when something is mounted inside the target, [`Error::InvalidImage`] for a corrupt
+    /// state file and [`Error::Io`] when the writes cannot be folded into the upper. Each
+    /// backend's `unmount` lists the details.
     fn unmount(&self, spec: &OverlaySpec) -> Result<()>;
 
     /// Whether writes to the mounted view reach `spec.upper` as they happen (a kernel
@@ -113,7 +120,7 @@ impl<B: MountBackend + ?Sized> MountBackend for std::sync::Arc<B> {
 }
 
 /// Overlay features. The defaults are what the diff engine needs; change them only if
-/// you do not use [`Workspace`](crate) diffs on this upper.
+/// you do not use [`Workspace`](crate::Workspace) diffs on this upper.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct OverlayOptions {
@@ -396,7 +403,7 @@ pub enum DetectReason {
     /// the scratch filesystem cannot hold an upper (it is itself an overlay, lacks
     /// xattrs or `O_TMPFILE`), or the stack is nested too deep. `errno` is the error.
     OverlayRefused {
-        /// The errno the probe mount failed with.
+        /// The errno the probe mount failed with (0 if its error carried none).
         errno: i32,
     },
 }
@@ -408,7 +415,8 @@ pub struct Detection {
     pub kind: BackendKind,
     /// Why.
     pub reason: DetectReason,
-    /// Whether the probe mount used `userxattr` (in a user namespace).
+    /// Whether the probe mount used `userxattr` (as it does when this process is
+    /// unprivileged: not root, or in a user namespace).
     pub userxattr: bool,
 }
 
@@ -427,8 +435,10 @@ impl Detection {
 /// filesystem). The probe is unmounted and removed before returning.
 ///
 /// # Errors
-/// Only when the probe directories cannot be created or removed in `scratch`; a failing
-/// probe mount is an answer ([`BackendKind::Copy`]), not an error.
+/// [`Error::Io`] when the probe directories cannot be created in or removed from
+/// `scratch`; [`Error::Mount`] (or [`Error::Io`], reading the mount table) when the probe
+/// mounted but cannot be unmounted (it is then left in place: nothing is deleted through
+/// a mount). A failing probe mount is an answer ([`BackendKind::Copy`]), not an error.
 pub fn detect(scratch: &Path) -> Result<Detection> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

@@ -38,6 +38,10 @@ pub fn mount_points(text: &[u8]) -> Vec<PathBuf> {
 
 /// Whether `path` (a final symlink followed) is currently a mount point in this mount
 /// namespace. A missing path is not.
+///
+/// # Errors
+/// [`Error::Io`] when `statx` fails (other than `ENOENT`), or, on kernels before 5.8,
+/// when `realpath` or reading `/proc/thread-self/mountinfo` does.
 pub fn is_mount_point(path: &Path) -> Result<bool> {
     match sys::is_mount_root(bytes(path)) {
         Ok(Some(v)) => return Ok(v),

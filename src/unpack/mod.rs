@@ -121,7 +121,8 @@ pub struct UnpackOptions {
     /// Abort with [`Error::LimitExceeded`] once the uncompressed stream passes this many
     /// bytes (decompression bombs). Default: `None` (unbounded).
     pub max_uncompressed_bytes: Option<u64>,
-    /// Abort once the archive has more entries than this. Default: `None`.
+    /// Abort with [`Error::LimitExceeded`] once the archive has more entries than this.
+    /// Default: `None`.
     pub max_entries: Option<u64>,
     /// Bound on buffered metadata per entry: PAX records, GNU long names, sparse maps.
     /// Default: 1 MiB.
@@ -234,9 +235,13 @@ pub struct UnpackStats {
 ///   [`UnpackOptions::expected_digest`] / [`UnpackOptions::expected_diff_id`];
 /// - [`Error::InvalidArchive`] for malformed or truncated archives;
 /// - [`Error::LimitExceeded`] when a configured bound is passed;
-/// - [`Error::Unsupported`] for xz/bzip2 blobs and unknown entry types;
+/// - [`Error::Unsupported`] for xz/bzip2 blobs, unknown entry types, PAX sparse
+///   versions other than 1.0, and paths or hardlink targets longer than `PATH_MAX`;
 /// - [`Error::Read`] when `input` fails or the compressed stream is corrupt;
-/// - [`Error::Io`] / [`Error::NotPermitted`] when the file system refuses an operation.
+/// - [`Error::NotPermitted`] for a device node with [`DeviceNodes::Create`] without
+///   `CAP_MKNOD`, or an overlay whiteout the kernel does not let this process create;
+/// - [`Error::Io`] when `dest` cannot be opened, the file system refuses any other
+///   operation, or a helper thread cannot be spawned.
 ///
 /// `dest` may hold partial output after an error; discard it.
 ///
@@ -260,7 +265,12 @@ pub fn unpack<R: Read + Send>(input: R, dest: &Path, opts: &UnpackOptions) -> Re
 /// Like [`unpack`], calling `progress` with the number of blob bytes read so far.
 ///
 /// # Errors
-/// As [`unpack`].
+/// As [`unpack`]: the same variants, for the same reasons.
+///
+/// # Security
+/// As [`unpack`](unpack#security): the same guarantees, and the same advice to set
+/// [`UnpackOptions::max_uncompressed_bytes`] and [`UnpackOptions::max_entries`] for
+/// untrusted input. `progress` only observes byte counts.
 pub fn unpack_with_progress<R: Read + Send>(
     input: R,
     dest: &Path,

@@ -64,6 +64,7 @@ mod apply;
 mod changes;
 mod export;
 mod scratch;
+mod state;
 pub(crate) mod tar_writer;
 pub(crate) mod walk;
 
@@ -166,6 +167,8 @@ pub struct Workspace {
     converted: bool,
     /// The tmpfs mount point holding upper and work ([`UpperStorage::Tmpfs`]).
     scratch: Option<PathBuf>,
+    /// Where the upper lives (recorded for [`Workspace::open`]).
+    storage: UpperStorage,
 }
 
 impl std::fmt::Debug for Workspace {
@@ -254,6 +257,11 @@ impl Workspace {
             Lowers::Rootfs(r) => (r.lowers().to_vec(), Some(r)),
             Lowers::Dirs(d) => (d, None),
         };
+        // Absolute: the workspace is mounted (and maybe reopened) from anywhere.
+        let lowers = lowers
+            .iter()
+            .map(|l| std::path::absolute(l).map_err(|e| Error::io("getcwd", l, e)))
+            .collect::<Result<Vec<_>>>()?;
         if lowers.is_empty() {
             return Err(Error::InvalidSpec { reason: "a workspace needs at least one lower directory".into() });
         }
@@ -290,6 +298,7 @@ impl Workspace {
             backend: None,
             converted: false,
             scratch: None,
+            storage: opts.upper,
         };
         match opts.upper {
             UpperStorage::Disk => {
@@ -322,7 +331,105 @@ impl Workspace {
             }
         }
         seed_upper_root(&ws.upper, &ws.lowers[0])?;
+        ws.save_state()?;
         Ok(ws)
+    }
+
+    /// Records what [`open`](Workspace::open) needs in `dir/workspace.json`.
+    fn save_state(&self) -> Result<()> {
+        if self.converted {
+            return Ok(());
+        }
+        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir)
+    }
+
+    /// Picks up a workspace made earlier, maybe by another process: one made by
+    /// [`create`](Workspace::create) in `dir` (from `dir/workspace.json`), or one made by
+    /// [`convert`](Workspace::convert) of `dir` (`dir.lower`, `dir.upper`, `dir.work`
+    /// next to it). A merged view still mounted is recognised (a kernel overlay on the
+    /// mount point, or the copy backend's state in the work dir), so
+    /// [`unmount`](Workspace::unmount) works from here; a tmpfs upper is picked up where
+    /// it is mounted.
+    ///
+    /// The handle holds no cache lease: a process that hands a workspace over to another
+    /// keeps its image with a persisted lease ([`Rootfs::persist`](crate::Rootfs::persist)).
+    /// End with [`keep`](Workspace::keep) to leave the workspace as it is (dropping the
+    /// handle unmounts, and gives up a tmpfs upper).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when `dir` holds no workspace; [`Error::InvalidSpec`] for a
+    /// damaged `workspace.json`; [`Error::Unsupported`] when a tmpfs upper is no longer
+    /// mounted (its contents are gone); I/O errors.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = std::path::absolute(dir.as_ref()).map_err(|e| Error::io("getcwd", dir.as_ref(), e))?;
+        let dir: PathBuf = dir.components().collect();
+        let mut ws = match state::State::load(&dir)? {
+            Some(st) => {
+                let mem = dir.join("mem");
+                let (upper, work, scratch, storage) = match st.tmpfs_size {
+                    None => (dir.join("upper"), dir.join("work"), None, UpperStorage::Disk),
+                    Some(size) => {
+                        if !is_mount_point(&mem)? {
+                            return Err(Error::Unsupported {
+                                what: format!("{}: the tmpfs upper is not mounted any more", mem.display()),
+                            });
+                        }
+                        (mem.join("upper"), mem.join("work"), Some(mem.clone()), UpperStorage::Tmpfs { size })
+                    }
+                };
+                Workspace {
+                    target: dir.join("rootfs"),
+                    dir,
+                    upper,
+                    work,
+                    options: st.options(),
+                    lowers: st.lowers,
+                    rootfs: None,
+                    backend: None,
+                    converted: false,
+                    scratch,
+                    storage,
+                }
+            }
+            None => {
+                let sibling = |ext: &str| {
+                    let mut s = dir.clone().into_os_string();
+                    s.push(ext);
+                    PathBuf::from(s)
+                };
+                let (lower, upper, work) = (sibling(".lower"), sibling(".upper"), sibling(".work"));
+                if !(lower.is_dir() && upper.is_dir() && work.is_dir()) {
+                    return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
+                }
+                Workspace {
+                    target: dir.clone(),
+                    dir,
+                    upper,
+                    work,
+                    options: OverlayOptions::default(),
+                    lowers: vec![lower],
+                    rootfs: None,
+                    backend: None,
+                    converted: true,
+                    scratch: None,
+                    storage: UpperStorage::Disk,
+                }
+            }
+        };
+        if is_mount_point(&ws.target)? {
+            ws.backend = Some(Box::new(crate::mount::KernelOverlay::new()));
+        } else if ws.work.join(crate::mount::copy::STATE).exists() {
+            ws.backend = Some(Box::new(crate::mount::CopyBackend::new()));
+        }
+        Ok(ws)
+    }
+
+    /// Drops the handle and leaves the workspace as it is: mounted or not, its tmpfs
+    /// upper in place, its lease (if any) released. [`open`](Workspace::open) picks it
+    /// up again.
+    pub fn keep(mut self) {
+        self.backend = None;
+        self.scratch = None;
     }
 
     /// Turns the existing directory `path` into a workspace in place and mounts it:
@@ -382,6 +489,7 @@ impl Workspace {
                 backend: None,
                 converted: true,
                 scratch: None,
+                storage: UpperStorage::Disk,
             };
             ws.mount(backend)?;
             Ok(ws)
@@ -536,6 +644,12 @@ impl Workspace {
             empty_dirs(&refs)?;
             for d in &ours {
                 std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+            }
+            let st = self.dir.join(state::FILE);
+            match std::fs::remove_file(&st) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("unlink", &st, e)),
             }
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => {}
@@ -812,6 +926,7 @@ impl Workspace {
         empty_dir(&self.work)?;
         self.lowers = vec![skeleton];
         self.rootfs = None;
+        self.save_state()?;
         if let Some(b) = backend {
             b.mount(&self.spec())?;
             self.backend = Some(b);
