@@ -999,3 +999,32 @@ fn eviction_is_least_recently_used_first_also_across_reopen() {
     );
     assert_eq!(rep.evicted_bytes, 3 * size);
 }
+
+/// An image that lists a layer twice (common for identical empty layers), persisted,
+/// whose layer is lost and extracted again: every occurrence stays counted, so dropping
+/// the handle and releasing the lease leave the layer unleased exactly once (before:
+/// a lease count underflow, a debug assertion in debug builds).
+#[test]
+fn repeated_layer_with_a_persisted_lease_survives_re_extraction() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let a = layer(450, 2, 4096, Comp::None);
+    let mut f = TestFetcher::new();
+    f.image("twice", &[&a, &a]);
+    {
+        let cache = RootfsCache::open(root, CacheOptions::default()).unwrap();
+        cache.ensure(&f, "twice").unwrap().persist("p").unwrap();
+    }
+    // The layer is lost (an operator's cleanup): the next ensure extracts it again.
+    std::fs::remove_dir_all(root.join("layers").join(a.desc.digest.hex())).unwrap();
+    let cache = RootfsCache::open(root, CacheOptions::default()).unwrap();
+    let r = cache.ensure(&f, "twice").unwrap();
+    assert_eq!(cache.stats().leased_entries, 1);
+    drop(r);
+    assert_eq!(cache.stats().leased_entries, 1, "the persisted lease still pins it");
+    assert!(cache.layers().iter().all(|l| l.2));
+    cache.release("p").unwrap();
+    assert_eq!(cache.stats().leased_entries, 0);
+    assert!(cache.layers().iter().all(|l| !l.2));
+    assert_eq!(cache.gc().unwrap().evicted.len(), 0, "within budget");
+}

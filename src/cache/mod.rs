@@ -157,9 +157,11 @@ impl State {
     fn unlease(&mut self, d: &Digest) {
         if let Some(layer) = self.layers.get_mut(d) {
             debug_assert!(layer.leases > 0, "lease count underflow on {d}");
-            layer.leases = layer.leases.saturating_sub(1);
-            if layer.leases == 0 {
-                self.leased -= 1;
+            if layer.leases > 0 {
+                layer.leases -= 1;
+                if layer.leases == 0 {
+                    self.leased -= 1;
+                }
             }
         }
     }
@@ -549,7 +551,8 @@ impl RootfsCache {
                     let now = now_nanos();
                     // Our lease, plus persisted leases naming this layer (it may have been
                     // lost and extracted again since they were made).
-                    let pins = st.pins.values().filter(|p| p.contains(&digest)).count() as u32;
+                    // (`persist` leases every occurrence: an image may list a layer twice.)
+                    let pins = st.pins.values().flatten().filter(|d| **d == digest).count() as u32;
                     st.layers.insert(digest, Layer { meta, last_use: now, persisted_use: now, leases: 1 + pins });
                     st.leased += 1;
                     inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
@@ -714,9 +717,13 @@ impl RootfsCache {
     /// [`Error::NotFound`] for an unknown id; [`Error::Io`] if its file cannot be removed.
     pub fn release(&self, id: &str) -> Result<()> {
         let mut st = self.inner.state.lock();
-        let pins = st.pins.remove(id).ok_or_else(|| Error::NotFound { what: format!("lease {id:?}") })?;
+        if !st.pins.contains_key(id) {
+            return Err(Error::NotFound { what: format!("lease {id:?}") });
+        }
+        // The record first: if it cannot be removed, the lease stays (listed, retryable).
         let f = self.inner.root.join(layout::LEASES).join(id);
         fs::remove_file(&f).map_err(io("unlink", &f))?;
+        let pins = st.pins.remove(id).unwrap_or_default();
         for l in pins {
             st.unlease(&l);
         }
