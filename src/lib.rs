@@ -113,6 +113,8 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+#[macro_use]
+mod trace;
 mod cache;
 mod digest;
 mod error;

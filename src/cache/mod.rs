@@ -437,6 +437,7 @@ impl RootfsCache {
     ///   error for every caller waiting on that extraction ([`Error::root`] gives the cause);
     /// - [`Error::Io`] if the image record cannot be written.
     pub fn ensure(&self, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs> {
+        let _span = span!("ensure", reference);
         let inner = &self.inner;
         if let Some(d) = layout::digest_ref(reference) {
             let mut st = inner.state.lock();
@@ -573,6 +574,7 @@ impl RootfsCache {
     fn extract(&self, fetcher: &dyn ImageFetcher, manifest: &ImageManifest, i: usize) -> Result<(LayerMeta, u64)> {
         let inner = &self.inner;
         let desc = &manifest.layers[i];
+        let _span = span!("extract", digest = %desc.digest, size = desc.size);
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = inner.root.join(layout::TMP).join(format!("{}.{seq}", desc.digest.hex()));
         let result = (|| {

@@ -112,6 +112,7 @@ impl MountBackend for CopyBackend {
     ///   not;
     /// - [`Error::Io`]: a directory of the spec cannot be opened, or copying fails.
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        let _span = span!("mount", backend = "copy", target = %spec.target.display(), lowers = spec.lowers.len());
         let c = checked_spec(spec)?;
         let p = &c.paths;
         if let Some(problem) = spec_problem(p)? {
@@ -157,6 +158,7 @@ impl MountBackend for CopyBackend {
     /// - [`Error::InvalidImage`] when the state file in `spec.work` is corrupt;
     /// - [`Error::Io`] when a directory cannot be opened, or folding or emptying fails.
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        let _span = span!("unmount", backend = "copy", target = %spec.target.display());
         let display = spec.target.as_path();
         let work = match open_dir_path(&spec.work) {
             Ok(w) => w,

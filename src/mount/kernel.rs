@@ -210,6 +210,7 @@ impl MountBackend for KernelOverlay {
     /// - [`Error::Mount`]: the kernel refused a step (`fsopen`, `fsconfig`, `fsmount`,
     ///   `move_mount`, `mount`), with its message in `detail` when it gave one.
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+        let _span = span!("mount", backend = "kernel", target = %spec.target.display(), lowers = spec.lowers.len());
         let c = checked_spec(spec)?;
         let params = options::params(&spec.options, c.userxattr);
         let r = match (self.api, self.api()) {
@@ -237,6 +238,7 @@ impl MountBackend for KernelOverlay {
     /// is still a mount point afterwards (`EBUSY`: another mount stacked there, or a
     /// locked mount); [`Error::Io`] when the mount table cannot be read.
     fn unmount(&self, spec: &OverlaySpec) -> Result<()> {
+        let _span = span!("unmount", backend = "kernel", target = %spec.target.display());
         unmount_target(&spec.target)
     }
 }

@@ -316,6 +316,7 @@ pub(crate) fn unpack_file(file: &std::fs::File, dest: &Path, opts: &UnpackOption
         let mut magic = [0u8; 6];
         let n = file.read_at(&mut magic, start).map_err(|e| Error::Read { what: "layer blob", source: e })?;
         if pipeline::detect(&magic[..n])? == Compression::None {
+            let _span = span!("unpack_file", dest = %dest.display(), bytes = end - start);
             let root = Root::open(dest)?;
             let mut ex = extract::Extractor::new(&root, opts);
             pipeline::run_file(file, start, end, opts, &mut ex)?;
@@ -333,6 +334,7 @@ fn unpack_inner<R: Read + Send>(
     opts: &UnpackOptions,
     progress: Option<&mut (dyn FnMut(u64) + Send)>,
 ) -> Result<UnpackStats> {
+    let _span = span!("unpack", dest = %dest.display());
     let root = Root::open(dest)?;
     let mut ex = extract::Extractor::new(&root, opts);
     let parsed = if opts.pipelined {
@@ -341,6 +343,7 @@ fn unpack_inner<R: Read + Send>(
         pipeline::run_inline(input, opts, progress, &mut ex)?
     };
     let c = ex.finish()?;
+    event!(entries = c.entries, file_bytes = c.file_bytes, compressed_bytes = parsed.compressed_bytes, digest = %parsed.digest, "unpacked");
     Ok(UnpackStats {
         entries: c.entries,
         files: c.files,

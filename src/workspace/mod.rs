@@ -673,6 +673,7 @@ impl Workspace {
     /// [`Error::AlreadyMounted`] when mounted, [`Error::NotEmpty`] when the upper holds
     /// writes, and every [`unpack`](crate::unpack()) error (hostile entries, ...).
     pub fn import_diff(&mut self, input: impl Read + Send) -> Result<DiffStats> {
+        let _span = span!("import_diff", dir = %self.dir.display());
         let opts = self.import_options()?;
         let stats = unpack(input, &self.upper, &opts);
         self.discard_on_error(stats).map(streamed_stats)
@@ -692,6 +693,7 @@ impl Workspace {
     /// # Errors
     /// As [`import_diff`](Workspace::import_diff).
     pub fn import_diff_file(&mut self, file: &File) -> Result<DiffStats> {
+        let _span = span!("import_diff_file", dir = %self.dir.display());
         let opts = self.import_options()?;
         let done = crate::unpack::unpack_file(file, &self.upper, &opts);
         Ok(match self.discard_on_error(done)? {
@@ -755,6 +757,7 @@ impl Workspace {
     pub fn checkpoint(&self, path: impl AsRef<Path>) -> Result<DiffStats> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = path.as_ref();
+        let _span = span!("checkpoint", dir = %self.dir.display(), path = %path.display());
         self.check_upper_current("checkpoint")?;
         if path.file_name().is_none() {
             let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file");
@@ -810,6 +813,7 @@ impl Workspace {
         checkpoint: impl AsRef<Path>,
     ) -> Result<Self> {
         let checkpoint = checkpoint.as_ref();
+        let _span = span!("restore", checkpoint = %checkpoint.display());
         // Non-blocking: a FIFO put in its place must not hang the restore in open.
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -873,6 +877,7 @@ impl Workspace {
     /// unmount, copy and mount errors. On a copy error the workspace is left unmounted
     /// with its original upper and lowers.
     pub fn detach(&mut self) -> Result<()> {
+        let _span = span!("detach", dir = %self.dir.display());
         if self.converted {
             return Err(Error::Unsupported {
                 what: "detach of a converted workspace: its only lower is its own already".into(),
@@ -945,8 +950,11 @@ impl Workspace {
     /// with compression, and while mounted with a backend that writes the upper only at
     /// unmount ([`CopyBackend`](crate::CopyBackend)); I/O errors.
     pub fn export_diff(&self, out: impl Write, opts: &DiffOptions) -> Result<DiffStats> {
+        let _span = span!("export_diff", dir = %self.dir.display(), aligned = opts.aligned);
         self.check_upper_current("export_diff")?;
-        export::export(&self.upper, self.userxattr(), out, opts)
+        let st = export::export(&self.upper, self.userxattr(), out, opts)?;
+        event!(entries = st.entries, file_bytes = st.file_bytes, size = st.size, "exported");
+        Ok(st)
     }
 
     /// [`export_diff`](Workspace::export_diff) into `file` at its position (appending
@@ -961,8 +969,11 @@ impl Workspace {
     /// # Errors
     /// As [`export_diff`](Workspace::export_diff).
     pub fn export_diff_file(&self, file: &File, opts: &DiffOptions) -> Result<DiffStats> {
+        let _span = span!("export_diff_file", dir = %self.dir.display(), aligned = opts.aligned);
         self.check_upper_current("export_diff_file")?;
-        export::export_file(&self.upper, self.userxattr(), file, opts)
+        let st = export::export_file(&self.upper, self.userxattr(), file, opts)?;
+        event!(entries = st.entries, file_bytes = st.file_bytes, size = st.size, "exported");
+        Ok(st)
     }
 
     /// The changes in the upper relative to the lowers (scans the upper only: cost
@@ -988,6 +999,7 @@ impl Workspace {
     /// error past the unmount the workspace is left unmounted; `apply` can be run again
     /// (it resumes: what already moved stays moved).
     pub fn apply(&mut self) -> Result<ApplyReport> {
+        let _span = span!("apply", dir = %self.dir.display());
         if self.rootfs.is_some() || self.lowers.len() != 1 {
             return Err(Error::Unsupported {
                 what: "apply into shared lowers: apply needs a workspace with exactly one private lower".into(),
@@ -1001,6 +1013,7 @@ impl Workspace {
             }
         }
         let report = apply::apply(&self.upper, &self.lowers[0], self.userxattr())?;
+        event!(moved = report.moved, copied = report.copied, deleted = report.deleted, dirs = report.dirs, "applied");
         empty_dirs(&[&self.upper, &self.work])?;
         seed_upper_root(&self.upper, &self.lowers[0])?;
         if let Some(b) = backend {
