@@ -58,7 +58,7 @@ fn spans_and_events_carry_paths_digests_and_sizes() {
     std::fs::create_dir(&lower).unwrap();
     tracing::subscriber::with_default(Recorder(AtomicU64::new(0)), || {
         unpack(&layer[..], &lower, &UnpackOptions::default()).unwrap();
-        let mut a = Workspace::create(dir.path().join("a"), lower.as_path(), WorkspaceOptions::default()).unwrap();
+        let a = Workspace::create(dir.path().join("a"), lower.as_path(), WorkspaceOptions::default()).unwrap();
         // A write straight into the upper (no mount needed): the diff has one file.
         std::fs::write(a.upper().join("new"), b"x").unwrap();
         let mut blob = Vec::new();
