@@ -120,7 +120,6 @@ pub fn getxattr_at_nofollow(dirfd: BorrowedFd<'_>, name: &[u8], xname: &[u8]) ->
     }
 }
 
-#[cfg(test)]
 /// `flistxattr(2)`: the xattr names on `fd`.
 pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     let raw = read_sized(|buf| {

@@ -153,3 +153,22 @@ fn damaged_descriptions_are_refused() {
         assert!(matches!(e, Error::InvalidSpec { .. }), "{}: {e:?}", String::from_utf8_lossy(bad));
     }
 }
+
+/// The upper root carries the top lower root's image xattrs (the merged `/` shows the
+/// upper root's), and `reset` takes away what a sandbox set on `/`.
+#[test]
+fn upper_root_xattrs_follow_the_image_across_reset() {
+    let Some((tmp, _m)) = setup("upper_root_xattrs_follow_the_image_across_reset") else { return };
+    let base = tmp.path();
+    let l = lower(base);
+    support::lsetxattr(&l, "user.image", b"from the image");
+    let mut ws = Workspace::create(base.join("ws"), l.as_path(), WorkspaceOptions::default()).unwrap();
+    let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
+    assert_eq!(support::lgetxattr(&t, b"user.image").as_deref(), Some(&b"from the image"[..]));
+    support::lsetxattr(&t, "user.sandbox", b"set on /");
+    ws.reset().unwrap();
+    let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
+    assert_eq!(support::lgetxattr(&t, b"user.sandbox"), None, "reset kept the sandbox's xattr on /");
+    assert_eq!(support::lgetxattr(&t, b"user.image").as_deref(), Some(&b"from the image"[..]));
+    ws.destroy().unwrap();
+}

@@ -398,7 +398,7 @@ fn comps_of(path: &[u8]) -> Vec<&[u8]> {
 
 impl<'a> Extractor<'a> {
     pub(crate) fn new(root: &'a Root, opts: &'a UnpackOptions) -> Self {
-        Extractor {
+        let mut ex = Extractor {
             root,
             opts,
             dirs: HashMap::new(),
@@ -410,7 +410,11 @@ impl<'a> Extractor<'a> {
             lowers: None,
             counts: Counts::default(),
             meta: MetaPolicy::new(opts),
-        }
+        };
+        // A layer without a `./` entry leaves the root as the layers below have it
+        // (a `./` entry, deferred later, replaces this).
+        ex.implicit_parent(&[]);
+        ex
     }
 
     /// Wrap a directory descriptor, learning what it passes on to new entries.
@@ -461,14 +465,14 @@ impl<'a> Extractor<'a> {
         for lower in lowers.iter() {
             match lower.open_dir(comps, None, b"", &mut Vec::new()) {
                 Ok(Some(fd)) => {
-                    found = nix::sys::stat::fstat(&fd).ok();
+                    found = nix::sys::stat::fstat(&fd).ok().map(|st| (st, image_xattrs(fd.as_fd())));
                     break;
                 }
                 Ok(None) => continue, // not in this layer: look further down
                 Err(_) => break,      // a whiteout, file or symlink hides lower ones
             }
         }
-        let Some(st) = found else { return };
+        let Some((st, xattrs)) = found else { return };
         let path = join(comps);
         let meta = DirMeta {
             mode: st.st_mode & 0o7777,
@@ -477,7 +481,7 @@ impl<'a> Extractor<'a> {
             mtime: st.st_mtime,
             mtime_nsec: st.st_mtime_nsec as u32,
             created: None,
-            xattrs: None,
+            xattrs: (!xattrs.is_empty()).then(|| Box::new(xattrs)),
         };
         self.defer(path, meta);
     }
@@ -944,6 +948,21 @@ impl<'a> Extractor<'a> {
             }
         }
     }
+}
+
+/// The image xattrs of a directory in an extracted layer (overlay's own metadata left
+/// out, escaped image xattrs under their own names), for a directory this layer creates
+/// implicitly in its place. Best effort: what cannot be read is left out.
+fn image_xattrs(fd: BorrowedFd<'_>) -> Xattrs {
+    let Ok(names) = sys::flistxattr(fd) else { return Vec::new() };
+    let mut out = Vec::new();
+    for n in names {
+        let Some(name) = whiteout::unescape_xattr(&n) else { continue };
+        if let Ok(Some(v)) = sys::fgetxattr(fd, &n) {
+            out.push((name.into_owned(), v));
+        }
+    }
+    out
 }
 
 fn is_dir(st: &FileStat) -> bool {

@@ -68,9 +68,9 @@ pub(crate) fn escape_xattr(name: &[u8]) -> Cow<'_, [u8]> {
     Cow::Borrowed(name)
 }
 
-/// The inverse of [`escape_xattr`], for readers of an upper/lower dir (diff export).
-/// Returns `None` for unescaped overlay xattrs: those are overlay's own metadata.
-#[allow(dead_code)] // used by the diff engine
+/// The inverse of [`escape_xattr`], for readers of an extracted layer (implicit parent
+/// directories take their lower's image xattrs). Returns `None` for unescaped overlay
+/// xattrs: those are overlay's own metadata.
 pub(crate) fn unescape_xattr(name: &[u8]) -> Option<Cow<'_, [u8]>> {
     for p in OVERLAY_PREFIXES {
         if let Some(rest) = name.strip_prefix(p) {

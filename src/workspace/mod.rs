@@ -237,10 +237,47 @@ fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
     }
     std::fs::set_permissions(upper, std::fs::Permissions::from_mode(m.mode() & 0o7777))
         .map_err(|e| Error::io("chmod", upper, e))?;
+    sync_root_xattrs(upper, top_lower)?;
     let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
     let a = nix::sys::time::TimeSpec::new(m.atime(), m.atime_nsec());
     nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, upper, &a, &t, nix::sys::stat::UtimensatFlags::FollowSymlink)
         .map_err(|e| Error::io("utimensat", upper, e))
+}
+
+/// Gives the upper root the top lower root's image xattrs (kept escaped, as both are
+/// layers in overlay format) and removes any other image xattr a previous sandbox set
+/// on `/`; overlay's own metadata on the upper root is left alone.
+fn sync_root_xattrs(upper: &Path, top_lower: &Path) -> Result<()> {
+    use crate::unpack::whiteout::unescape_xattr;
+    let list = |fd: std::os::fd::BorrowedFd<'_>, p: &Path| match crate::sys::flistxattr(fd) {
+        Ok(names) => Ok(names.into_iter().filter(|n| unescape_xattr(n).is_some()).collect::<Vec<_>>()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => Ok(Vec::new()),
+        Err(e) => Err(Error::io("flistxattr", p, e)),
+    };
+    let (lfd, ufd) = (open_dir_path(top_lower)?, open_dir_path(upper)?);
+    let want = list(lfd.as_fd(), top_lower)?;
+    // Unprivileged, `trusted.*` cannot be written (or read): skipped, as extraction does.
+    let tolerable = |e: &std::io::Error| {
+        crate::mount::unprivileged() && matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EOPNOTSUPP))
+    };
+    for n in list(ufd.as_fd(), upper)?.into_iter().filter(|n| !want.contains(n)) {
+        match crate::sys::removexattr_at_nofollow(ufd.as_fd(), b".", &n) {
+            Err(e) if !tolerable(&e) && e.raw_os_error() != Some(nix::libc::ENODATA) => {
+                return Err(Error::io("lremovexattr", upper, e));
+            }
+            _ => {}
+        }
+    }
+    for n in want {
+        let Some(v) = crate::sys::fgetxattr(lfd.as_fd(), &n).map_err(|e| Error::io("fgetxattr", top_lower, e))? else {
+            continue;
+        };
+        match crate::sys::fsetxattr(ufd.as_fd(), &n, &v) {
+            Err(e) if !tolerable(&e) => return Err(Error::io("fsetxattr", upper, e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Workspace {
