@@ -222,6 +222,11 @@ fn refuse_mounts_under(dirs: &[&Path]) -> Result<()> {
 /// Gives the upper root the metadata of the top lower's root: overlayfs shows the
 /// upper root's mode, owner and times as the merged root's.
 fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
+    seed_root(upper, top_lower, false)
+}
+
+/// [`seed_upper_root`]; `new`: the upper was just made (no xattrs of its own to clear).
+fn seed_root(upper: &Path, top_lower: &Path, new: bool) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let m = std::fs::metadata(top_lower).map_err(|e| Error::io("stat", top_lower, e))?;
     if nix::unistd::geteuid().is_root() {
@@ -237,7 +242,7 @@ fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
     }
     std::fs::set_permissions(upper, std::fs::Permissions::from_mode(m.mode() & 0o7777))
         .map_err(|e| Error::io("chmod", upper, e))?;
-    sync_root_xattrs(upper, top_lower)?;
+    sync_root_xattrs(upper, top_lower, new)?;
     let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
     let a = nix::sys::time::TimeSpec::new(m.atime(), m.atime_nsec());
     nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, upper, &a, &t, nix::sys::stat::UtimensatFlags::FollowSymlink)
@@ -247,20 +252,25 @@ fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
 /// Gives the upper root the top lower root's image xattrs (kept escaped, as both are
 /// layers in overlay format) and removes any other image xattr a previous sandbox set
 /// on `/`; overlay's own metadata on the upper root is left alone.
-fn sync_root_xattrs(upper: &Path, top_lower: &Path) -> Result<()> {
+fn sync_root_xattrs(upper: &Path, top_lower: &Path, new: bool) -> Result<()> {
     use crate::unpack::whiteout::unescape_xattr;
     let list = |fd: std::os::fd::BorrowedFd<'_>, p: &Path| match crate::sys::flistxattr(fd) {
         Ok(names) => Ok(names.into_iter().filter(|n| unescape_xattr(n).is_some()).collect::<Vec<_>>()),
         Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => Ok(Vec::new()),
         Err(e) => Err(Error::io("flistxattr", p, e)),
     };
-    let (lfd, ufd) = (open_dir_path(top_lower)?, open_dir_path(upper)?);
+    let lfd = open_dir_path(top_lower)?;
     let want = list(lfd.as_fd(), top_lower)?;
+    if new && want.is_empty() {
+        return Ok(());
+    }
+    let ufd = open_dir_path(upper)?;
     // Unprivileged, `trusted.*` cannot be written (or read): skipped, as extraction does.
     let tolerable = |e: &std::io::Error| {
         crate::mount::unprivileged() && matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EOPNOTSUPP))
     };
-    for n in list(ufd.as_fd(), upper)?.into_iter().filter(|n| !want.contains(n)) {
+    let have = if new { Vec::new() } else { list(ufd.as_fd(), upper)? };
+    for n in have.into_iter().filter(|n| !want.contains(n)) {
         match crate::sys::removexattr_at_nofollow(ufd.as_fd(), b".", &n) {
             Err(e) if !tolerable(&e) && e.raw_os_error() != Some(nix::libc::ENODATA) => {
                 return Err(Error::io("lremovexattr", upper, e));
@@ -337,6 +347,8 @@ impl Workspace {
             scratch: None,
             storage: opts.upper,
         };
+        // A new upper has no xattrs to clear from its root.
+        let mut new_upper = true;
         match opts.upper {
             UpperStorage::Disk => {
                 if !fresh && ws.upper.exists() && !crate::mount::is_empty_dir(&ws.upper)? {
@@ -345,7 +357,7 @@ impl Workspace {
                     }
                     empty_dir(&ws.upper)?;
                 }
-                mkdir(&ws.upper)?;
+                new_upper = mkdir(&ws.upper)?;
                 let new_work = mkdir(&ws.work)?;
                 mkdir(&ws.target)?;
                 // Work holds only overlay scratch (and a crashed volatile mount's marker):
@@ -367,17 +379,18 @@ impl Workspace {
                 scratch::mark(&mem, ws.userxattr())?;
             }
         }
-        seed_upper_root(&ws.upper, &ws.lowers[0])?;
-        ws.save_state()?;
+        seed_root(&ws.upper, &ws.lowers[0], new_upper)?;
+        ws.save_state(!fresh)?;
         Ok(ws)
     }
 
-    /// Records what [`open`](Workspace::open) needs in `dir/workspace.json`.
-    fn save_state(&self) -> Result<()> {
+    /// Records what [`open`](Workspace::open) needs in `dir/workspace.json` (`replace`:
+    /// atomically over an existing description).
+    fn save_state(&self, replace: bool) -> Result<()> {
         if self.converted {
             return Ok(());
         }
-        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir)
+        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir, replace)
     }
 
     /// Picks up a workspace made earlier, maybe by another process: one made by
@@ -968,7 +981,7 @@ impl Workspace {
         empty_dir(&self.work)?;
         self.lowers = vec![skeleton];
         self.rootfs = None;
-        self.save_state()?;
+        self.save_state(true)?;
         if let Some(b) = backend {
             b.mount(&self.spec())?;
             self.backend = Some(b);
