@@ -17,8 +17,12 @@
 //! 4. re-extracting the image (what "untar on every restore" costs), 3 times.
 //!
 //! As root, or in a user namespace (`unshare -Urm`), it mounts with the kernel overlay
-//! (`detect` probes it); otherwise it says why and uses the copy backend. The last line is the summary for scripts:
+//! (`detect` probes it); otherwise it says why and uses the copy backend. The last line
+//! is the summary for scripts:
 //! `cold_ms=… warm_p50_ms=… warm_p99_ms=… speedup=…x backend=kernel|copy`.
+
+#[path = "common/oci_ref.rs"]
+mod oci_ref;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -113,17 +117,6 @@ fn write_demo_layout(layout: &Path) {
     std::fs::write(layout.join("index.json"), format!(r#"{{"schemaVersion":2,"manifests":[{tagged}]}}"#)).unwrap();
 }
 
-/// `OCI_DIR[:TAG]` / `OCI_DIR@sha256:...` → (layout dir, reference).
-fn split_ref(r: &str) -> (&str, String) {
-    if let Some(i) = r.rfind("@sha256:") {
-        return (&r[..i], r[i..].to_string());
-    }
-    match r.rsplit_once(':') {
-        Some((dir, tag)) if !tag.contains('/') && !dir.is_empty() => (dir, tag.to_string()),
-        _ => (r, "latest".to_string()),
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -186,7 +179,7 @@ fn main() {
     let work = tempfile::tempdir().expect("temp dir");
     let (layout, reference) = match &arg {
         Some(r) => {
-            let (l, t) = split_ref(r);
+            let (l, t) = oci_ref::split_ref(r);
             (PathBuf::from(l), t)
         }
         None => {

@@ -25,6 +25,9 @@
 //! `WS_DIR/workspace.json` (`Workspace::open` reads it), and the cache keeps its image
 //! with a persisted lease named after `WS_DIR` until `destroy` or `detach` releases it.
 
+#[path = "common/oci_ref.rs"]
+mod oci_ref;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -176,7 +179,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
         ("unpack", _) => cmd_unpack(&args[i + 1..]),
         ("ensure", [r]) => {
             let cache = open_cache()?;
-            let (layout, reference) = split_ref(r);
+            let (layout, reference) = oci_ref::split_ref(r);
             let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
             for l in rootfs.lowers() {
                 println!("{}", l.display());
@@ -224,7 +227,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 return Err(usage(format!("create needs REF WS_DIR\n{}", help("create"))));
             };
             let cache = open_cache()?;
-            let (layout, reference) = split_ref(r);
+            let (layout, reference) = oci_ref::split_ref(r);
             let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
             rootfs.persist(&lease_id(Path::new(ws_dir))?)?;
             let mut opts = WorkspaceOptions::default();
@@ -426,17 +429,4 @@ fn cmd_unpack(args: &[String]) -> Result<(), Fail> {
         diff_id
     );
     Ok(())
-}
-
-/// Split `OCI_LAYOUT_DIR[:TAG]` / `OCI_LAYOUT_DIR@sha256:...` into the layout and the
-/// reference the fetcher understands.
-fn split_ref(r: &str) -> (&str, String) {
-    if let Some(i) = r.rfind("@sha256:") {
-        return (&r[..i], r[i..].to_string());
-    }
-    match r.rsplit_once(':') {
-        // A colon inside the last path component is a tag separator.
-        Some((dir, tag)) if !tag.contains('/') && !dir.is_empty() => (dir, tag.to_string()),
-        _ => (r, "latest".to_string()),
-    }
 }
