@@ -236,20 +236,20 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             let ws = Workspace::create(ws_dir, rootfs, opts)?;
             println!("{}", ws.target().display());
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("mount", [ws_dir]) => {
             let mut ws = Workspace::open(ws_dir)?;
             let t = ws.mount(backend()?)?.to_path_buf();
             println!("{}", t.display());
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("unmount", [ws_dir]) => {
             let mut ws = Workspace::open(ws_dir)?;
             ws.unmount()?;
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("destroy", [ws_dir]) => {
@@ -263,7 +263,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
         ("convert", [dir]) => {
             let ws = Workspace::convert(dir, backend()?)?;
             println!("{}", ws.target().display());
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("apply", [dir]) => {
@@ -274,7 +274,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 "moved={} copied={} dirs={} replaced_dirs={} deleted={}",
                 r.moved, r.copied, r.dirs, r.replaced_dirs, r.deleted
             );
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("diff", ["export", args @ ..]) => {
@@ -314,7 +314,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 st.entries,
                 st.file_bytes
             );
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("diff", ["import", ws_dir, input]) => {
@@ -322,14 +322,14 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let file = std::fs::File::open(input).map_err(|e| format!("open {input}: {e}"))?;
             let st = ws.import_diff_file(&file)?;
             println!("entries={} file_bytes={} size={}", st.entries, st.file_bytes, st.size);
-            ws.keep();
+            ws.keep()?;
             Ok(())
         }
         ("detach", [ws_dir]) => {
             let id = lease_id(Path::new(ws_dir))?;
             let mut ws = Workspace::open(ws_dir)?;
             ws.detach()?;
-            ws.keep();
+            ws.keep()?;
             if cache_dir.is_some() {
                 release(&open_cache()?, &id)?;
             }

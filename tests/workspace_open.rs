@@ -41,7 +41,8 @@ fn disk_workspace_survives_its_handle() {
     let dir = base.join("ws");
     let ws = Workspace::create(&dir, l.as_path(), WorkspaceOptions::default()).unwrap();
     assert_eq!(ws.lowers(), std::slice::from_ref(&l));
-    ws.keep();
+    assert!(!dir.join("workspace.json").exists(), "a handle used in one process writes no description");
+    ws.keep().unwrap();
     assert!(dir.join("workspace.json").is_file());
 
     let mut ws = Workspace::open(&dir).unwrap();
@@ -50,7 +51,7 @@ fn disk_workspace_survives_its_handle() {
     let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
     ops::write(&t.join("new"), b"from the first handle\n");
     fs::remove_file(t.join("gone")).unwrap();
-    ws.keep();
+    ws.keep().unwrap();
     assert!(is_mount_point(&t).unwrap(), "keep unmounted the view");
 
     // A new handle sees the mount and can unmount it.
@@ -59,7 +60,7 @@ fn disk_workspace_survives_its_handle() {
     assert_eq!(ws.changes().unwrap().changes.len(), 2);
     ws.unmount().unwrap();
     assert!(!is_mount_point(&t).unwrap());
-    ws.keep();
+    ws.keep().unwrap();
     let ws = Workspace::open(&dir).unwrap();
     assert!(!ws.is_mounted());
     assert_eq!(fs::read(ws.upper().join("new")).unwrap(), b"from the first handle\n");
@@ -78,7 +79,7 @@ fn tmpfs_workspace_is_picked_up_where_it_is_mounted() {
     let mut ws = Workspace::create(&dir, l.as_path(), WorkspaceOptions::tmpfs(8 << 20)).unwrap();
     let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
     ops::write(&t.join("in-memory"), b"kept across handles\n");
-    ws.keep();
+    ws.keep().unwrap();
     assert!(is_mount_point(&dir.join("mem")).unwrap(), "keep dropped the tmpfs");
 
     let mut ws = Workspace::open(&dir).unwrap();
@@ -90,7 +91,7 @@ fn tmpfs_workspace_is_picked_up_where_it_is_mounted() {
     ws.destroy().unwrap();
     assert!(!dir.exists());
     let r = Workspace::restore(base.join("r"), l.as_path(), WorkspaceOptions::tmpfs(8 << 20), &ckpt).unwrap();
-    r.keep();
+    r.keep().unwrap();
     let mut r = Workspace::open(base.join("r")).unwrap();
     let t = r.mount(KernelOverlay::new()).unwrap().to_path_buf();
     assert_eq!(fs::read(t.join("in-memory")).unwrap(), b"kept across handles\n");
@@ -98,7 +99,7 @@ fn tmpfs_workspace_is_picked_up_where_it_is_mounted() {
 
     // A tmpfs upper that is gone (its namespace ended, a reboot): refused, not recreated empty.
     let ws = Workspace::create(base.join("lost"), l.as_path(), WorkspaceOptions::tmpfs(8 << 20)).unwrap();
-    ws.keep();
+    ws.keep().unwrap();
     nix::mount::umount2(&base.join("lost/mem"), nix::mount::MntFlags::MNT_DETACH).unwrap();
     let e = Workspace::open(base.join("lost")).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e:?}");
@@ -114,7 +115,7 @@ fn copy_mount_and_converted_dirs_are_recognised() {
     let mut ws = Workspace::create(&dir, l.as_path(), WorkspaceOptions::default()).unwrap();
     let t = ws.mount(CopyBackend::new()).unwrap().to_path_buf();
     ops::write(&t.join("copied"), b"written into the copy\n");
-    ws.keep();
+    ws.keep().unwrap();
     let mut ws = Workspace::open(&dir).unwrap();
     assert!(ws.is_mounted());
     assert!(matches!(ws.changes(), Err(Error::Unsupported { .. })), "the copy backend was not recognised");
@@ -128,11 +129,11 @@ fn copy_mount_and_converted_dirs_are_recognised() {
     ops::write(&app.join("file"), b"v1\n");
     let ws = Workspace::convert(&app, KernelOverlay::new()).unwrap();
     ops::write(&app.join("file"), b"v2\n");
-    ws.keep();
+    ws.keep().unwrap();
     let mut ws = Workspace::open(&app).unwrap();
     assert!(ws.is_mounted());
     ws.apply().unwrap();
-    ws.keep();
+    ws.keep().unwrap();
     let ws = Workspace::open(&app).unwrap();
     ws.destroy().unwrap();
     assert_eq!(fs::read(app.join("file")).unwrap(), b"v2\n");

@@ -380,21 +380,20 @@ impl Workspace {
             }
         }
         seed_root(&ws.upper, &ws.lowers[0], new_upper)?;
-        ws.save_state(!fresh)?;
         Ok(ws)
     }
 
-    /// Records what [`open`](Workspace::open) needs in `dir/workspace.json` (`replace`:
-    /// atomically over an existing description).
-    fn save_state(&self, replace: bool) -> Result<()> {
+    /// Records what [`open`](Workspace::open) needs in `dir/workspace.json`.
+    fn save_state(&self) -> Result<()> {
         if self.converted {
             return Ok(());
         }
-        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir, replace)
+        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir)
     }
 
     /// Picks up a workspace made earlier, maybe by another process: one made by
-    /// [`create`](Workspace::create) in `dir` (from `dir/workspace.json`), or one made by
+    /// [`create`](Workspace::create) in `dir` and left with [`keep`](Workspace::keep)
+    /// (from `dir/workspace.json`), or one made by
     /// [`convert`](Workspace::convert) of `dir` (`dir.lower`, `dir.upper`, `dir.work`
     /// next to it). A merged view still mounted is recognised (a kernel overlay on the
     /// mount point, or the copy backend's state in the work dir), so
@@ -474,12 +473,19 @@ impl Workspace {
         Ok(ws)
     }
 
-    /// Drops the handle and leaves the workspace as it is: mounted or not, its tmpfs
-    /// upper in place, its lease (if any) released. [`open`](Workspace::open) picks it
-    /// up again.
-    pub fn keep(mut self) {
+    /// Writes the workspace's description (`dir/workspace.json`, atomically), then drops
+    /// the handle and leaves the workspace as it is: mounted or not, its tmpfs upper in
+    /// place, its lease (if any) released. [`open`](Workspace::open) picks it up again,
+    /// in this process or another. (A workspace used by one handle from `create` to
+    /// `destroy` never writes a description.)
+    ///
+    /// # Errors
+    /// I/O errors writing the description; the workspace is left as it is all the same.
+    pub fn keep(mut self) -> Result<()> {
+        let saved = self.save_state();
         self.backend = None;
         self.scratch = None;
+        saved
     }
 
     /// Turns the existing directory `path` into a workspace in place and mounts it:
@@ -981,7 +987,11 @@ impl Workspace {
         empty_dir(&self.work)?;
         self.lowers = vec![skeleton];
         self.rootfs = None;
-        self.save_state(true)?;
+        // A kept workspace's description follows (a handle only used in this process
+        // has none: `keep` writes it).
+        if self.dir.join(state::FILE).exists() {
+            self.save_state()?;
+        }
         if let Some(b) = backend {
             b.mount(&self.spec())?;
             self.backend = Some(b);

@@ -59,16 +59,12 @@ impl State {
         }
     }
 
-    /// Writes the state into `dir`: atomically (temp file + rename) when it replaces
-    /// one, directly when there is none yet (`create`, a hot path).
-    pub(super) fn save(&self, dir: &Path, replace: bool) -> Result<()> {
+    /// Writes the state into `dir` atomically (temp file + rename).
+    pub(super) fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(FILE);
+        let tmp = dir.join(format!("{FILE}.tmp"));
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
-        if !replace {
-            return std::fs::write(&path, text).map_err(|e| Error::io("write", &path, e));
-        }
-        let tmp = dir.join(format!("{FILE}.tmp"));
         std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
     }
