@@ -61,16 +61,7 @@ pub fn view(root: &Path) -> Snap {
 /// Everything the kernel shows: content, type, mode, owner, xattrs, all mtimes to the
 /// ns, directory mtimes included (the copy backend promises the same).
 pub fn strict_cmp() -> Cmp {
-    Cmp {
-        mode: true,
-        owner: true,
-        xattrs: true,
-        mtime: true,
-        dir_mtime: true,
-        mtime_nsec: true,
-        hardlinks: false,
-        ignore_xattrs: Vec::new(),
-    }
+    Cmp::strict()
 }
 
 fn cpath(p: &Path) -> CString {

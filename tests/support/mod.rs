@@ -593,6 +593,23 @@ pub struct Cmp {
     pub ignore_xattrs: Vec<Vec<u8>>,
 }
 
+impl Cmp {
+    /// Everything: mode, owner, xattrs, file and directory mtimes to the nanosecond
+    /// (hardlink groups not compared).
+    pub fn strict() -> Cmp {
+        Cmp {
+            mode: true,
+            owner: true,
+            xattrs: true,
+            mtime: true,
+            dir_mtime: true,
+            mtime_nsec: true,
+            hardlinks: false,
+            ignore_xattrs: Vec::new(),
+        }
+    }
+}
+
 pub fn show(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
