@@ -309,10 +309,6 @@ impl Xattrs {
     }
 }
 
-fn not_root() -> bool {
-    super::unprivileged()
-}
-
 /// Copies ownership, xattrs, mode and (unless a directory, done after its children)
 /// times of `sdir/sname` onto `ddir/dname`, never following symlinks.
 pub(crate) fn copy_meta(
@@ -334,7 +330,7 @@ pub(crate) fn copy_meta(
     ) {
         Ok(()) => {}
         // Unprivileged: files stay owned by us, as rootless extraction leaves them.
-        Err(Errno::EPERM | Errno::EINVAL) if not_root() => {}
+        Err(Errno::EPERM | Errno::EINVAL) if super::unprivileged() => {}
         Err(e) => return Err(Error::io("fchownat", display, e)),
     }
     let names = match sys::listxattr_at_nofollow(sdir, sname) {

@@ -192,6 +192,16 @@ fn mkdir(p: &Path) -> Result<bool> {
     }
 }
 
+/// `path.lower`, `path.upper`, `path.work`: the directories of a `convert`ed `path`.
+fn converted_dirs(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let sibling = |ext: &str| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(ext);
+        PathBuf::from(s)
+    };
+    (sibling(".lower"), sibling(".upper"), sibling(".work"))
+}
+
 /// Empties `dir`, refusing if anything is mounted inside it.
 fn empty_dir(dir: &Path) -> Result<()> {
     empty_dirs(&[dir])
@@ -441,12 +451,7 @@ impl Workspace {
                 }
             }
             None => {
-                let sibling = |ext: &str| {
-                    let mut s = dir.clone().into_os_string();
-                    s.push(ext);
-                    PathBuf::from(s)
-                };
-                let (lower, upper, work) = (sibling(".lower"), sibling(".upper"), sibling(".work"));
+                let (lower, upper, work) = converted_dirs(&dir);
                 if !(lower.is_dir() && upper.is_dir() && work.is_dir()) {
                     return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
                 }
@@ -503,12 +508,7 @@ impl Workspace {
         if is_mount_point(&path)? {
             return Err(Error::AlreadyMounted { path });
         }
-        let sibling = |ext: &str| {
-            let mut s = path.clone().into_os_string();
-            s.push(ext);
-            PathBuf::from(s)
-        };
-        let (lower, upper, work) = (sibling(".lower"), sibling(".upper"), sibling(".work"));
+        let (lower, upper, work) = converted_dirs(&path);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io("lstat", &path, e))?;
         if !meta.is_dir() {
             return Err(Error::InvalidSpec { reason: format!("{} is not a directory", path.display()) });
