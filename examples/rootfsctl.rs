@@ -6,7 +6,7 @@
 //! rootfsctl --cache DIR ls                           # layers: digest, bytes, leased
 //! rootfsctl --cache DIR stats                        # key=value counters
 //! rootfsctl --cache DIR gc [--max-bytes N]           # evicted=… bytes_in_use=…
-//! rootfsctl --cache DIR create [--tmpfs BYTES] REF WS_DIR   # a workspace, not mounted
+//! rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR   # a workspace, not mounted
 //! rootfsctl mount WS_DIR                             # prints the merged dir
 //! rootfsctl unmount WS_DIR
 //! rootfsctl --cache DIR destroy WS_DIR               # (--cache: release its lease)
@@ -40,10 +40,10 @@ const USAGE: &str = "usage:
   rootfsctl unpack [--apply] [--rootless] [--single-thread] [--digest DIGEST] [--diff-id DIGEST] LAYER_BLOB DEST_DIR
   rootfsctl --cache DIR [--max-bytes N] ensure REF
   rootfsctl --cache DIR ls | stats | gc [--max-bytes N]
-  rootfsctl --cache DIR create [--tmpfs BYTES] REF WS_DIR
-  rootfsctl mount WS_DIR | unmount WS_DIR
+  rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR
+  rootfsctl mount [--backend kernel|copy|auto] WS_DIR | unmount WS_DIR
   rootfsctl [--cache DIR] destroy WS_DIR
-  rootfsctl convert DIR | apply DIR
+  rootfsctl convert [--backend kernel|copy|auto] DIR | apply DIR
   rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
   rootfsctl diff import WS_DIR IN_TAR
   rootfsctl [--cache DIR] detach WS_DIR
@@ -68,17 +68,19 @@ the cached layers: digest, bytes, leased or -.",
 the cache's counters as key=value.",
         "gc" => "rootfsctl --cache DIR gc [--max-bytes N]
 evict unleased layers, least recently used first, down to the budget.",
-        "create" => "rootfsctl --cache DIR create [--tmpfs BYTES] REF WS_DIR
+        "create" => "rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR
 make REF ready and a workspace over it in WS_DIR (fresh upper, not mounted); the cache
 keeps the image with a persisted lease named after WS_DIR. --tmpfs: the upper lives in
-a private tmpfs of that many bytes (gone when the workspace is destroyed).",
-        "mount" => "rootfsctl mount WS_DIR
-mount the workspace's merged view (kernel overlay when possible, else the copy backend) and print its path.",
+a private tmpfs of SIZE bytes (suffixes K, M, G, T: 512M, 4G; gone when the workspace is
+destroyed). A failed create leaves no lease, directory or tmpfs behind.",
+        "mount" => "rootfsctl mount [--backend kernel|copy|auto] WS_DIR
+mount the workspace's merged view and print its path. --backend: the kernel overlay, the
+copy backend, or (auto, the default) the kernel overlay when it can be mounted here.",
         "unmount" => "rootfsctl unmount WS_DIR
 unmount the merged view (verified); the writes stay in the upper.",
         "destroy" => "rootfsctl [--cache DIR] destroy WS_DIR
 unmount and delete the workspace; with --cache, release the image's persisted lease.",
-        "convert" => "rootfsctl convert DIR
+        "convert" => "rootfsctl convert [--backend kernel|copy|auto] DIR
 turn DIR into a workspace in place: DIR.lower holds the original, an overlay is mounted at DIR.",
         "apply" => "rootfsctl apply DIR
 flatten the writes of a converted workspace (or one over a single private lower) into its lower.",
@@ -143,7 +145,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             "--max-bytes" => {
                 let v = args.get(i + 1).ok_or_else(|| usage("--max-bytes needs a value"))?;
-                max_bytes = Some(v.parse().map_err(|_| usage(format!("--max-bytes: not a number: {v:?}")))?);
+                max_bytes = Some(parse_size("--max-bytes", v)?);
                 i += 2;
             }
             _ => break,
@@ -164,7 +166,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
     // `gc --max-bytes N` also takes the budget after the command.
     if let Some(p) = rest.iter().position(|a| *a == "--max-bytes") {
         let v = rest.get(p + 1).ok_or_else(|| usage("--max-bytes needs a value"))?;
-        max_bytes = Some(v.parse().map_err(|_| usage(format!("--max-bytes: not a number: {v:?}")))?);
+        max_bytes = Some(parse_size("--max-bytes", v)?);
         rest.drain(p..p + 2);
     }
     let open_cache = || -> Result<RootfsCache, Fail> {
@@ -222,26 +224,57 @@ fn run(args: &[String]) -> Result<(), Fail> {
             Ok(())
         }
         ("create", args) => {
+            // Everything is checked before anything changes: the size, the arguments,
+            // the workspace dir (not already a workspace), the image (ensured, but not
+            // leased for the workspace yet).
             let (tmpfs, pos) = take_value(args, "--tmpfs")?;
             let [r, ws_dir] = pos.as_slice() else {
                 return Err(usage(format!("create needs REF WS_DIR\n{}", help("create"))));
             };
-            let cache = open_cache()?;
-            let (layout, reference) = oci_ref::split_ref(r);
-            let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
-            rootfs.persist(&lease_id(Path::new(ws_dir))?)?;
             let mut opts = WorkspaceOptions::default();
             if let Some(t) = tmpfs {
-                opts = WorkspaceOptions::tmpfs(t.parse().map_err(|_| usage(format!("--tmpfs: not a number: {t:?}")))?);
+                let size = parse_size("--tmpfs", t)?;
+                if size == 0 {
+                    return Err(usage("--tmpfs: the size must be above 0"));
+                }
+                opts = WorkspaceOptions::tmpfs(size);
             }
-            let ws = Workspace::create(ws_dir, rootfs, opts)?;
-            println!("{}", ws.target().display());
-            ws.keep()?;
-            Ok(())
+            let id = lease_id(Path::new(ws_dir))?;
+            let cache = open_cache()?;
+            if cache.leases().contains(&id) {
+                return Err(format!(
+                    "{ws_dir}: a workspace made there still holds its image (lease {id}); destroy it first"
+                )
+                .into());
+            }
+            let (layout, reference) = oci_ref::split_ref(r);
+            let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
+            rootfs.persist(&id)?;
+            // From here on a failure gives the lease back: `create` undoes its own
+            // directories and tmpfs, this undoes the lease.
+            let made = Workspace::create(ws_dir, rootfs, opts).and_then(|ws| {
+                let target = ws.target().to_path_buf();
+                ws.keep().map(|()| target)
+            });
+            match made {
+                Ok(target) => {
+                    println!("{}", target.display());
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = cache.release(&id);
+                    Err(e.into())
+                }
+            }
         }
-        ("mount", [ws_dir]) => {
+        ("mount", args) => {
+            let (kind, pos) = take_value(args, "--backend")?;
+            let [ws_dir] = pos.as_slice() else {
+                return Err(usage(format!("mount needs WS_DIR\n{}", help("mount"))));
+            };
+            let backend = backend(kind)?;
             let mut ws = Workspace::open(ws_dir)?;
-            let t = ws.mount(backend()?)?.to_path_buf();
+            let t = ws.mount(backend)?.to_path_buf();
             println!("{}", t.display());
             ws.keep()?;
             Ok(())
@@ -260,8 +293,12 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             Ok(())
         }
-        ("convert", [dir]) => {
-            let ws = Workspace::convert(dir, backend()?)?;
+        ("convert", args) => {
+            let (kind, pos) = take_value(args, "--backend")?;
+            let [dir] = pos.as_slice() else {
+                return Err(usage(format!("convert needs DIR\n{}", help("convert"))));
+            };
+            let ws = Workspace::convert(dir, backend(kind)?)?;
             println!("{}", ws.target().display());
             ws.keep()?;
             Ok(())
@@ -335,13 +372,30 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             Ok(())
         }
-        (
-            "ensure" | "ls" | "stats" | "gc" | "mount" | "unmount" | "destroy" | "convert" | "apply" | "diff"
-            | "detach",
-            _,
-        ) => Err(usage(format!("wrong arguments\n{}", help(cmd)))),
+        ("ensure" | "ls" | "stats" | "gc" | "unmount" | "destroy" | "apply" | "diff" | "detach", _) => {
+            Err(usage(format!("wrong arguments\n{}", help(cmd))))
+        }
         (other, _) => Err(usage(format!("unknown command {other:?} (try --help)"))),
     }
+}
+
+/// A size in bytes: a number with an optional binary suffix (`K`, `M`, `G`, `T`,
+/// optionally followed by `i`/`iB`/`B`: `512M`, `4GiB`, `1024`).
+fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
+    let bad = || usage(format!("{flag}: not a size: {v:?} (a number of bytes, or with a suffix: 512M, 4G)"));
+    let t = v.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match suffix.trim_end_matches("iB").trim_end_matches('i').trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 /// `--flag VALUE` taken out of `args`; the rest.
@@ -361,11 +415,16 @@ fn take_value<'a>(args: &[&'a str], flag: &str) -> Result<(Option<&'a str>, Vec<
     Ok((value, rest))
 }
 
-/// The backend for a mount: the kernel overlay where it can be mounted, else the copy
-/// backend (`detect` probes with a real mount next to the working directory).
-fn backend() -> Result<Box<dyn MountBackend>, Fail> {
-    let probe = std::env::temp_dir();
-    Ok(rootfs_cache::detect(&probe)?.backend())
+/// The backend for a mount: `--backend kernel|copy`, or (`auto`, the default) the
+/// kernel overlay where it can be mounted, else the copy backend (`detect` probes with a
+/// real mount in the temp dir).
+fn backend(kind: Option<&str>) -> Result<Box<dyn MountBackend>, Fail> {
+    match kind.unwrap_or("auto") {
+        "kernel" => Ok(Box::new(rootfs_cache::KernelOverlay::new())),
+        "copy" => Ok(Box::new(rootfs_cache::CopyBackend::new())),
+        "auto" => Ok(rootfs_cache::detect(&std::env::temp_dir())?.backend()),
+        other => Err(usage(format!("--backend: {other:?} is not kernel, copy or auto"))),
+    }
 }
 
 /// The persisted lease of the workspace in `ws_dir`: named after its absolute path.

@@ -177,6 +177,20 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The operation would write into a layer of a [`RootfsCache`](crate::RootfsCache)
+    /// (`<cache>/layers/<hex>/fs`, also while it is being extracted or evicted): ready
+    /// layers are shared by every sandbox of their images and never modified, whichever
+    /// way the path was reached (a workspace's lowers, a `convert`, a path through a
+    /// symlink). Flatten writes into a private copy instead (`detach`, or a workspace
+    /// over a directory of its own).
+    #[error("{} is a cache layer, shared and immutable: refusing to {op}", path.display())]
+    ImmutableLayer {
+        /// What was refused (`apply into it`, `convert it`, ...).
+        op: &'static str,
+        /// The cache layer's `fs` directory.
+        path: PathBuf,
+    },
+
     /// A mount or workspace description is unusable as given (no lowers, a lower listed
     /// twice, upper and work on different filesystems, ...), as found by this crate's own
     /// checks rather than reported by the kernel.

@@ -221,6 +221,15 @@ fn empty_dirs(dirs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Rule 4: a cache layer (or anything inside one) is never written, whichever path
+/// names it; see [`crate::cache::cache_layer_containing`].
+fn refuse_cache_layer(path: &Path, op: &'static str) -> Result<()> {
+    match crate::cache::cache_layer_containing(path) {
+        Some(layer) => Err(Error::ImmutableLayer { op, path: layer }),
+        None => Ok(()),
+    }
+}
+
 /// Rule 8: never delete through a live mount.
 fn refuse_mounts_under(dirs: &[&Path]) -> Result<()> {
     match crate::mount::mountinfo::mount_under(dirs, true)? {
@@ -322,6 +331,7 @@ impl Workspace {
         if lowers.is_empty() {
             return Err(Error::InvalidSpec { reason: "a workspace needs at least one lower directory".into() });
         }
+        refuse_cache_layer(&dir, "create a workspace inside it")?;
         if opts.upper == (UpperStorage::Tmpfs { size: 0 }) {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
@@ -505,6 +515,7 @@ impl Workspace {
         let path = std::path::absolute(path.as_ref()).map_err(|e| Error::io("getcwd", path.as_ref(), e))?;
         // `dir/` names `dir`: drop a trailing separator before deriving `dir.lower`.
         let path: PathBuf = path.components().collect();
+        refuse_cache_layer(&path, "convert it into a workspace")?;
         if is_mount_point(&path)? {
             return Err(Error::AlreadyMounted { path });
         }
@@ -1065,6 +1076,9 @@ impl Workspace {
                 what: "apply into shared lowers: apply needs a workspace with exactly one private lower".into(),
             });
         }
+        // Rule 4, however the workspace was obtained (`open` knows its lowers only as
+        // paths, and a caller may name a cache layer as a plain lower directory).
+        refuse_cache_layer(&self.lowers[0], "apply a sandbox's writes into it")?;
         let backend = self.backend.take();
         if let Some(b) = &backend {
             if let Err(e) = b.unmount(&self.spec()) {
