@@ -28,6 +28,7 @@
 #[path = "common/oci_ref.rs"]
 mod oci_ref;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -332,16 +333,24 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let [ws_dir, out] = pos.as_slice() else {
                 return Err(usage(format!("diff export needs WS_DIR OUT_TAR\n{}", help("diff"))));
             };
-            let ws = Workspace::open(ws_dir)?;
+            if aligned && compression != Compression::None {
+                return Err(usage("diff export: --aligned is for uncompressed diffs only"));
+            }
             let mut opts = DiffOptions::default();
             opts.aligned = aligned;
             opts.compression = compression;
-            let file = std::fs::File::create(out).map_err(|e| format!("create {out}: {e}"))?;
-            let st = if aligned {
-                ws.export_diff_file(&file, &opts)?
-            } else {
-                ws.export_diff(std::io::BufWriter::new(file), &opts)?
-            };
+            // An adopted handle: whatever fails below, the sandbox stays as it is.
+            let ws = Workspace::open(ws_dir)?;
+            let st = write_atomically(Path::new(out), |file| {
+                if aligned {
+                    Ok(ws.export_diff_file(file, &opts)?)
+                } else {
+                    let mut w = std::io::BufWriter::new(file);
+                    let st = ws.export_diff(&mut w, &opts)?;
+                    w.flush().map_err(|e| format!("write {out}: {e}"))?;
+                    Ok(st)
+                }
+            })?;
             let show = |d: Option<rootfs_cache::Digest>| d.map_or_else(|| "-".to_string(), |d| d.to_string());
             println!(
                 "digest={} diff_id={} size={} entries={} file_bytes={}",
@@ -355,8 +364,8 @@ fn run(args: &[String]) -> Result<(), Fail> {
             Ok(())
         }
         ("diff", ["import", ws_dir, input]) => {
-            let mut ws = Workspace::open(ws_dir)?;
             let file = std::fs::File::open(input).map_err(|e| format!("open {input}: {e}"))?;
+            let mut ws = Workspace::open(ws_dir)?;
             let st = ws.import_diff_file(&file)?;
             println!("entries={} file_bytes={} size={}", st.entries, st.file_bytes, st.size);
             ws.keep()?;
@@ -377,6 +386,40 @@ fn run(args: &[String]) -> Result<(), Fail> {
         }
         (other, _) => Err(usage(format!("unknown command {other:?} (try --help)"))),
     }
+}
+
+/// Writes `path` through `write` all or nothing: into a new temporary file next to it
+/// (mode 0666 less the umask, as `File::create`), synced, then renamed over `path`. On any failure the temporary file is
+/// removed and `path` is as it was (absent, or with its old contents).
+fn write_atomically<T>(path: &Path, write: impl FnOnce(&std::fs::File) -> Result<T, Fail>) -> Result<T, Fail> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().ok_or_else(|| usage(format!("{}: names no file", path.display())))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(format!("{}: is a directory", path.display()).into());
+    }
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".rootfsctl-{}.partial", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(&tmp)
+        .map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let done = write(&file)
+        .and_then(|v| file.sync_all().map(|()| v).map_err(|e| format!("fsync {}: {e}", tmp.display()).into()))
+        .and_then(|v| {
+            std::fs::rename(&tmp, path).map(|()| v).map_err(|e| format!("rename {}: {e}", path.display()).into())
+        });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 /// A size in bytes: a number with an optional binary suffix (`K`, `M`, `G`, `T`,
@@ -427,10 +470,16 @@ fn backend(kind: Option<&str>) -> Result<Box<dyn MountBackend>, Fail> {
     }
 }
 
-/// The persisted lease of the workspace in `ws_dir`: named after its absolute path.
+/// The persisted lease of the workspace in `ws_dir`: named after its canonical path
+/// (`WS`, `WS/`, `./WS` and a path through a symlinked parent name the same lease).
 fn lease_id(ws_dir: &Path) -> Result<String, Fail> {
     let abs = std::path::absolute(ws_dir).map_err(|e| format!("{}: {e}", ws_dir.display()))?;
-    let d = rootfs_cache::Digest::of(abs.as_os_str().as_encoded_bytes());
+    let abs: PathBuf = abs.components().collect();
+    let canon = match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).map(|p| p.join(name)).unwrap_or(abs.clone()),
+        _ => abs.clone(),
+    };
+    let d = rootfs_cache::Digest::of(canon.as_os_str().as_encoded_bytes());
     Ok(format!("rootfsctl-ws-{}", &d.hex()[..16]))
 }
 

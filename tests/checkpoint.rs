@@ -680,15 +680,18 @@ fn tmpfs_upper_lifecycle() {
     let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
     assert!(!t.join("stale").exists(), "reset kept the dead process's writes");
     // destroy refuses (deleting nothing) while something else is mounted on the view;
-    // the refused handle is dropped, and its tmpfs with it.
+    // the refused handle gives everything up: the workspace stays as it is (its tmpfs
+    // too), described for `open`.
     ws.unmount().unwrap();
     let t = ws.target().to_path_buf();
     nix::mount::mount(Some("tmpfs"), &t, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
     let e = ws.destroy().unwrap_err();
     assert!(matches!(e, Error::AlreadyMounted { .. }), "{e:?}");
     assert!(is_mp(&t) && crashed.join("mem").exists(), "a refused destroy deleted or unmounted the view");
-    assert!(!is_mp(&crashed.join("mem")), "the dropped handle kept its tmpfs");
+    assert!(is_mp(&crashed.join("mem")), "a refused destroy threw the tmpfs upper away");
     nix::mount::umount2(&t, MntFlags::MNT_DETACH).unwrap();
+    Workspace::open(&crashed).unwrap().destroy().unwrap();
+    assert!(!crashed.exists() && !is_mp(&crashed.join("mem")));
     let opts = reset_tmpfs(8 << 20);
     Workspace::create(&crashed, lower.as_path(), opts).unwrap().destroy().unwrap();
     assert!(!crashed.exists());

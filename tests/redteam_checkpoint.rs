@@ -1238,7 +1238,11 @@ fn tmpfs_detach_apply_reset_and_checkpoint() {
     let e = ws.detach().unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e:?}");
     assert!(!ws.upper().with_file_name("upper.detach").exists());
-    assert_same("after a failed detach", &want, &mounted_view(&mut ws));
+    // Mounted again, as before the call.
+    assert!(ws.is_mounted() && rootfs_cache::is_mount_point(&t).unwrap(), "a failed detach left the view unmounted");
+    assert_same("after a failed detach", &want, &view(&t));
+    ws.unmount().unwrap();
+    assert_same("after a failed detach, remounted", &want, &mounted_view(&mut ws));
     ws.destroy().unwrap();
 
     // detach with room, then checkpoint, restore over the original image.

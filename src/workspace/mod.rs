@@ -108,8 +108,9 @@ pub enum UpperStorage {
     Disk,
     /// A private tmpfs mounted at `dir/mem` (at most `size` bytes, mode 0700) holding
     /// `upper/` and `work/`: fast scratch space for the sandbox's writes, never written
-    /// to disk. It lives as long as the [`Workspace`] value: [`destroy`](Workspace::destroy)
-    /// and drop unmount it, and its contents are gone. Keep what matters with
+    /// to disk. It lives until [`destroy`](Workspace::destroy), or until the handle that
+    /// created it is dropped (a handle that [`keep`](Workspace::keep)s it, or adopted it
+    /// through [`open`](Workspace::open), leaves it mounted); then its contents are gone. Keep what matters with
     /// [`checkpoint`](Workspace::checkpoint) (or [`export_diff`](Workspace::export_diff))
     /// first; [`restore`](Workspace::restore) fills a new one.
     ///
@@ -151,9 +152,42 @@ impl WorkspaceOptions {
 
 /// A sandbox's upper, work dir and merged mount point, bound to its lowers.
 ///
-/// Dropping a mounted workspace unmounts it (errors ignored; call
-/// [`unmount`](Workspace::unmount) to see them) and releases its lease; the
-/// directories stay until [`destroy`](Workspace::destroy).
+/// # Ownership
+/// A handle tears down only what it set up itself, and everything else only when asked:
+///
+/// | resource | set up by | torn down by |
+/// |---|---|---|
+/// | merged view (mount) | [`mount`], [`convert`] | [`unmount`], [`reset`], [`destroy`]; dropping **the handle that mounted it** |
+/// | tmpfs upper ([`UpperStorage::Tmpfs`]) | [`create`], [`restore`] | [`destroy`]; dropping **the handle that created it** |
+/// | upper, work, directories | [`create`], [`convert`] | [`reset`] (upper and work emptied), [`destroy`] |
+/// | cache lease ([`Lowers::Rootfs`]) | [`create`] | [`detach`], [`destroy`], dropping the handle |
+///
+/// - A handle from [`open`] **adopts** a workspace: a view mounted and a tmpfs mounted
+///   by an earlier handle or another process stay when it is dropped, whatever happened
+///   in between (an error on any path included). Only what it mounted itself (a
+///   [`mount`] after `open`) is unmounted on drop.
+/// - [`keep`] gives up ownership of everything: the handle is dropped and the
+///   workspace stays as it is, described for the next [`open`].
+/// - Every method that fails leaves the mounts, the upper (on disk or in its tmpfs),
+///   the lease and the cache as they were before the call ([`apply`], [`detach`] and
+///   [`reset`] remount what they unmounted; a failed [`create`] removes what it made).
+///   A failed [`destroy`] leaves the workspace as it is and describes it for [`open`].
+/// - Dropping a handle whose own unmount fails keeps its cache lease pinned for the
+///   rest of the process (the view still uses the layers) and its tmpfs mounted.
+/// - Nothing here writes into a cache layer: [`apply`] and [`convert`] refuse one with
+///   [`Error::ImmutableLayer`], however it is named.
+///
+/// [`mount`]: Workspace::mount
+/// [`unmount`]: Workspace::unmount
+/// [`convert`]: Workspace::convert
+/// [`reset`]: Workspace::reset
+/// [`destroy`]: Workspace::destroy
+/// [`create`]: Workspace::create
+/// [`restore`]: Workspace::restore
+/// [`detach`]: Workspace::detach
+/// [`open`]: Workspace::open
+/// [`keep`]: Workspace::keep
+/// [`apply`]: Workspace::apply
 pub struct Workspace {
     dir: PathBuf,
     upper: PathBuf,
@@ -169,6 +203,20 @@ pub struct Workspace {
     scratch: Option<PathBuf>,
     /// Where the upper lives (recorded for [`Workspace::open`]).
     storage: UpperStorage,
+    /// What this handle set up itself, and so tears down when dropped (see
+    /// `# Ownership` on [`Workspace`]).
+    owns: Owns,
+}
+
+/// The resources a [`Workspace`] handle set up itself (as opposed to adopted from an
+/// earlier handle or process through [`Workspace::open`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Owns {
+    /// This handle mounted the merged view: dropping it unmounts.
+    mount: bool,
+    /// This handle mounted the tmpfs holding the upper: dropping it unmounts (and its
+    /// contents are gone).
+    scratch: bool,
 }
 
 impl std::fmt::Debug for Workspace {
@@ -314,9 +362,13 @@ impl Workspace {
     /// and work dir, not mounted.
     ///
     /// # Errors
-    /// [`Error::NotEmpty`] when `dir/upper` holds writes (unless `opts.reset`),
-    /// [`Error::AlreadyMounted`] when something is still mounted in `dir`,
-    /// [`Error::InvalidSpec`] without lowers, or I/O errors.
+    /// [`Error::NotEmpty`] when `dir/upper` holds writes or `dir` holds a kept
+    /// workspace (`workspace.json`) (unless `opts.reset`), [`Error::AlreadyMounted`] when
+    /// something is still mounted in `dir`, [`Error::ImmutableLayer`] for a `dir` inside a
+    /// cache layer, [`Error::InvalidSpec`] without lowers, or I/O errors. A failed
+    /// `create` removes the directories and the tmpfs it made (and drops the lease it
+    /// was given); what was there before stays (except what `opts.reset` was asked to
+    /// empty).
     pub fn create(dir: impl AsRef<Path>, lowers: impl Into<Lowers>, opts: WorkspaceOptions) -> Result<Self> {
         let dir = std::path::absolute(dir.as_ref()).map_err(|e| Error::io("getcwd", dir.as_ref(), e))?;
         let (lowers, rootfs) = match lowers.into() {
@@ -335,29 +387,39 @@ impl Workspace {
         if opts.upper == (UpperStorage::Tmpfs { size: 0 }) {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
+        let state_file = dir.join(state::FILE);
+        if !opts.reset && state_file.exists() {
+            // A kept workspace (maybe mounted by another process): never adopt its
+            // directories as a new one's.
+            return Err(Error::NotEmpty { path: state_file });
+        }
+        // What this call made, so that a failure removes exactly that (deepest last).
+        let mut made: Vec<PathBuf> = Vec::new();
         // A directory made here holds nothing: no leftovers to check or clear.
         let fresh = match std::fs::create_dir(&dir) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
             Err(_) => {
+                // Remember each missing ancestor, so a failure takes them away again.
+                let missing: Vec<PathBuf> = dir
+                    .ancestors()
+                    .take_while(|a| std::fs::symlink_metadata(a).is_err())
+                    .map(Path::to_path_buf)
+                    .collect();
                 std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+                made.extend(missing.into_iter().rev());
                 true
             }
         };
-        let mem = dir.join("mem");
-        if !fresh {
-            if opts.reset {
-                scratch::release_leftover(&mem, &dir.join("rootfs"))?;
-            }
-            refuse_mounts_under(&[&dir])?;
+        if fresh && made.is_empty() {
+            made.push(dir.clone());
         }
         let mut options = opts.overlay;
         options.fresh = false;
-        let target = dir.join("rootfs");
         let mut ws = Workspace {
             upper: dir.join("upper"),
             work: dir.join("work"),
-            target,
+            target: dir.join("rootfs"),
             dir,
             lowers,
             rootfs,
@@ -366,41 +428,86 @@ impl Workspace {
             converted: false,
             scratch: None,
             storage: opts.upper,
+            owns: Owns::default(),
         };
+        match ws.populate(fresh, opts.reset, &mut made) {
+            Ok(()) => {
+                if ws.dir.join(state::FILE).exists() {
+                    // `reset` over a kept workspace: describe the new one instead.
+                    ws.save_state()?;
+                }
+                Ok(ws)
+            }
+            Err(e) => {
+                // Undo: the tmpfs this call mounted, then the directories it made.
+                if let Some(mem) = ws.scratch.take() {
+                    if scratch::unmount(&mem).is_err() {
+                        ws.owns = Owns::default();
+                        return Err(e);
+                    }
+                }
+                for d in made.iter().rev() {
+                    let _ = empty_dir(d).and_then(|()| std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e)));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of [`create`](Workspace::create) that makes (or resets) the upper, work
+    /// and mount point dirs in `self.dir`, recording each directory it makes in `made`.
+    fn populate(&mut self, fresh: bool, reset: bool, made: &mut Vec<PathBuf>) -> Result<()> {
+        let mk = |p: &Path, made: &mut Vec<PathBuf>| -> Result<bool> {
+            let new = mkdir(p)?;
+            if new {
+                made.push(p.to_path_buf());
+            }
+            Ok(new)
+        };
+        let mem = self.dir.join("mem");
+        if !fresh {
+            if reset {
+                scratch::release_leftover(&mem, &self.target)?;
+            }
+            refuse_mounts_under(&[&self.dir])?;
+        }
         // A new upper has no xattrs to clear from its root.
         let mut new_upper = true;
-        match opts.upper {
+        match self.storage {
             UpperStorage::Disk => {
-                if !fresh && ws.upper.exists() && !crate::mount::is_empty_dir(&ws.upper)? {
-                    if !opts.reset {
-                        return Err(Error::NotEmpty { path: ws.upper.clone() });
+                if !fresh && self.upper.exists() && !crate::mount::is_empty_dir(&self.upper)? {
+                    if !reset {
+                        return Err(Error::NotEmpty { path: self.upper.clone() });
                     }
-                    empty_dir(&ws.upper)?;
+                    empty_dir(&self.upper)?;
                 }
-                new_upper = mkdir(&ws.upper)?;
-                let new_work = mkdir(&ws.work)?;
-                mkdir(&ws.target)?;
+                new_upper = mk(&self.upper, made)?;
+                let new_work = mk(&self.work, made)?;
+                mk(&self.target, made)?;
                 // Work holds only overlay scratch (and a crashed volatile mount's marker):
                 // never data, always thrown away.
                 if !new_work {
-                    empty_dir(&ws.work)?;
+                    empty_dir(&self.work)?;
                 }
             }
             UpperStorage::Tmpfs { size } => {
-                mkdir(&ws.target)?;
+                mk(&self.target, made)?;
+                if std::fs::symlink_metadata(&mem).is_err() {
+                    made.push(mem.clone());
+                }
                 scratch::mount(&mem, size)?;
-                // From here on, dropping `ws` unmounts the tmpfs again.
-                ws.scratch = Some(mem.clone());
-                ws.upper = mem.join("upper");
-                ws.work = mem.join("work");
-                for d in [&ws.upper, &ws.work] {
+                // From here on, this handle owns the tmpfs: dropping it unmounts it.
+                self.scratch = Some(mem.clone());
+                self.owns.scratch = true;
+                self.upper = mem.join("upper");
+                self.work = mem.join("work");
+                for d in [&self.upper, &self.work] {
                     mkdir(d)?;
                 }
-                scratch::mark(&mem, ws.userxattr())?;
+                scratch::mark(&mem, self.userxattr())?;
             }
         }
-        seed_root(&ws.upper, &ws.lowers[0], new_upper)?;
-        Ok(ws)
+        seed_root(&self.upper, &self.lowers[0], new_upper)
     }
 
     /// Records what [`open`](Workspace::open) needs in `dir/workspace.json`.
@@ -422,8 +529,11 @@ impl Workspace {
     ///
     /// The handle holds no cache lease: a process that hands a workspace over to another
     /// keeps its image with a persisted lease ([`Rootfs::persist`](crate::Rootfs::persist)).
-    /// End with [`keep`](Workspace::keep) to leave the workspace as it is (dropping the
-    /// handle unmounts, and gives up a tmpfs upper).
+    /// The handle **adopts** what it finds: dropping it (after an error, too) leaves a
+    /// mounted view and a tmpfs upper as they are; only what it sets up itself (a
+    /// [`mount`](Workspace::mount)) is torn down on drop, and [`unmount`](Workspace::unmount)
+    /// and [`destroy`](Workspace::destroy) tear down on request (see `# Ownership` on
+    /// [`Workspace`]). End with [`keep`](Workspace::keep) to record what changed.
     ///
     /// # Errors
     /// [`Error::NotFound`] when `dir` holds no workspace; [`Error::InvalidSpec`] for a
@@ -458,6 +568,8 @@ impl Workspace {
                     converted: false,
                     scratch,
                     storage,
+                    // Adopted: whatever is mounted stays mounted when this handle goes.
+                    owns: Owns::default(),
                 }
             }
             None => {
@@ -477,6 +589,7 @@ impl Workspace {
                     converted: true,
                     scratch: None,
                     storage: UpperStorage::Disk,
+                    owns: Owns::default(),
                 }
             }
         };
@@ -498,8 +611,7 @@ impl Workspace {
     /// I/O errors writing the description; the workspace is left as it is all the same.
     pub fn keep(mut self) -> Result<()> {
         let saved = self.save_state();
-        self.backend = None;
-        self.scratch = None;
+        self.owns = Owns::default();
         saved
     }
 
@@ -557,6 +669,7 @@ impl Workspace {
                 converted: true,
                 scratch: None,
                 storage: UpperStorage::Disk,
+                owns: Owns::default(),
             };
             ws.mount(backend)?;
             Ok(ws)
@@ -625,22 +738,48 @@ impl Workspace {
         }
         backend.mount(&self.spec())?;
         self.backend = Some(Box::new(backend));
+        // Mounted by this handle: dropping it unmounts (see `# Ownership`).
+        self.owns.mount = true;
         Ok(&self.target)
     }
 
-    /// Unmounts the merged view (verified). Not mounted is fine.
+    /// Unmounts the merged view (verified). Not mounted is fine. This unmounts a view
+    /// this handle adopted from [`open`](Workspace::open) too: the caller asked.
     ///
     /// # Errors
     /// The backend's unmount error; the workspace then still counts as mounted.
     pub fn unmount(&mut self) -> Result<()> {
-        if let Some(b) = self.backend.take() {
-            if let Err(e) = b.unmount(&self.spec()) {
-                self.backend = Some(b);
+        self.suspend().map(drop)
+    }
+
+    /// Unmounts the merged view for a change that must not happen under a live overlay,
+    /// and returns what [`resume`](Self::resume) needs to mount it again as it was (same
+    /// backend, same ownership). Not mounted: `None`. On error nothing changed.
+    fn suspend(&mut self) -> Result<Option<(Box<dyn MountBackend>, bool)>> {
+        let Some(b) = self.backend.take() else { return Ok(None) };
+        if let Err(e) = b.unmount(&self.spec()) {
+            self.backend = Some(b);
+            return Err(e);
+        }
+        let owned = std::mem::take(&mut self.owns.mount);
+        let was = Some((b, owned));
+        if self.options.volatile {
+            if let Err(e) = self.settle_volatile() {
+                // Put the view back: the caller's operation does not happen.
+                let _ = self.resume(was);
                 return Err(e);
             }
-            if self.options.volatile {
-                self.settle_volatile()?;
-            }
+        }
+        Ok(was)
+    }
+
+    /// Mounts again what [`suspend`](Self::suspend) unmounted, with the workspace's
+    /// current lowers and upper.
+    fn resume(&mut self, was: Option<(Box<dyn MountBackend>, bool)>) -> Result<()> {
+        if let Some((b, owned)) = was {
+            b.mount(&self.spec())?;
+            self.backend = Some(b);
+            self.owns.mount = owned;
         }
         Ok(())
     }
@@ -662,32 +801,58 @@ impl Workspace {
     }
 
     /// Unmounts, then empties the upper and work dirs: the next mount starts clean
-    /// (runner recycling).
+    /// (runner recycling). The workspace is left unmounted.
     ///
     /// # Errors
-    /// Unmount and I/O errors.
+    /// Unmount and I/O errors; [`Error::AlreadyMounted`] when something else is mounted
+    /// inside the upper or work dir (nothing is deleted then). After an error the view
+    /// is mounted again if it was (an I/O error midway may have deleted part of the
+    /// writes: they were asked to go).
     pub fn reset(&mut self) -> Result<()> {
-        self.unmount()?;
-        empty_dirs(&[&self.upper, &self.work])?;
-        seed_upper_root(&self.upper, &self.lowers[0])
+        let was = self.suspend()?;
+        let done = empty_dirs(&[&self.upper, &self.work]).and_then(|()| seed_upper_root(&self.upper, &self.lowers[0]));
+        if done.is_err() {
+            let _ = self.resume(was);
+        }
+        done
     }
 
     /// Unmounts (verified), then deletes the directories this crate made in the
     /// workspace dir (and the dir itself if nothing else is left) and releases the
     /// lease. A `convert`ed workspace gets its lower back at the original path (with
-    /// whatever was [`apply`](Workspace::apply)ed, without unapplied writes).
+    /// whatever was [`apply`](Workspace::apply)ed, without unapplied writes). This tears
+    /// down an adopted workspace ([`open`](Workspace::open)) too: the caller asked.
     ///
     /// # Errors
-    /// [`Error::AlreadyMounted`] when anything is still mounted inside (nothing is
-    /// deleted then); unmount and I/O errors.
+    /// [`Error::AlreadyMounted`] when anything else is still mounted inside (nothing is
+    /// deleted then); unmount and I/O errors. After an error the workspace is left as it
+    /// is (its view mounted again if it was and can be), described in
+    /// `dir/workspace.json` for [`open`](Workspace::open), its lease kept for the rest of
+    /// the process: the handle gives everything up rather than tear down more.
     pub fn destroy(mut self) -> Result<()> {
-        self.unmount()?;
+        let done = self.teardown();
+        if done.is_err() {
+            if !self.converted && self.dir.is_dir() {
+                let _ = self.save_state();
+            }
+            self.owns = Owns::default();
+            std::mem::forget(self.rootfs.take());
+        }
+        done
+    }
+
+    /// [`destroy`](Workspace::destroy) but for the handle.
+    fn teardown(&mut self) -> Result<()> {
+        let was = self.suspend()?;
         let tmpfs = self.scratch.is_some();
-        if let Some(mem) = &self.scratch {
+        if let Some(mem) = self.scratch.clone() {
             // Never pull the tmpfs from under a merged view someone else mounted.
-            refuse_mounts_under(&[&self.target])?;
-            scratch::unmount(mem)?;
+            if let Err(e) = refuse_mounts_under(&[&self.target]).and_then(|()| scratch::unmount(&mem)) {
+                let _ = self.resume(was);
+                return Err(e);
+            }
             self.scratch = None;
+            self.owns.scratch = false;
         }
         if self.converted {
             for d in [&self.upper, &self.work] {
@@ -708,7 +873,12 @@ impl Workspace {
             };
             let ours: Vec<PathBuf> = names.iter().map(|n| self.dir.join(n)).filter(|p| p.exists()).collect();
             let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
-            empty_dirs(&refs)?;
+            if let Err(e) = empty_dirs(&refs) {
+                // Refused before anything was deleted (something mounted inside), or an
+                // I/O error midway: put the view back where it can be.
+                let _ = self.resume(was);
+                return Err(e);
+            }
             for d in &ours {
                 std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
             }
@@ -941,8 +1111,9 @@ impl Workspace {
     ///
     /// # Errors
     /// [`Error::Unsupported`] for a `convert`ed workspace (nothing to detach from);
-    /// unmount, copy and mount errors. On a copy error the workspace is left unmounted
-    /// with its original upper and lowers.
+    /// unmount, copy and mount errors. After an error the workspace has its original
+    /// upper and lowers (or, past the swap, the detached ones) and is mounted again if it
+    /// was.
     pub fn detach(&mut self) -> Result<()> {
         let _span = span!("detach", dir = %self.dir.display());
         if self.converted {
@@ -950,17 +1121,25 @@ impl Workspace {
                 what: "detach of a converted workspace: its only lower is its own already".into(),
             });
         }
-        let backend = self.backend.take();
-        if let Some(b) = &backend {
-            if let Err(e) = b.unmount(&self.spec()) {
-                self.backend = backend;
-                return Err(e);
-            }
+        let was = self.suspend()?;
+        if let Err(e) = self.detach_unmounted() {
+            let _ = self.resume(was);
+            return Err(e);
         }
+        self.resume(was)
+    }
+
+    /// [`detach`](Workspace::detach) with the view unmounted.
+    fn detach_unmounted(&mut self) -> Result<()> {
         let userxattr = self.userxattr();
         // Next to the upper (inside a tmpfs upper's mount), so the swap is a rename.
         let fresh = self.upper.with_file_name("upper.detach");
         let old = self.upper.with_file_name("upper.old");
+        if !self.upper.exists() && old.is_dir() {
+            // An earlier detach died between its two renames: the sandbox's upper is
+            // `upper.old`. Roll back to it before anything is deleted.
+            std::fs::rename(&old, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
+        }
         for d in [&fresh, &old] {
             if d.exists() {
                 empty_dir(d)?;
@@ -981,31 +1160,32 @@ impl Workspace {
             // the image (export, import elsewhere) does not bring them back.
             whiteout_missing_roots(&self.lowers, &fresh)
         })();
-        if let Err(e) = built {
+        let discard = |e: Error| {
             let _ =
                 empty_dir(&fresh).and_then(|()| std::fs::remove_dir(&fresh).map_err(|e| Error::io("rmdir", &fresh, e)));
-            return Err(e);
-        }
+            e
+        };
+        built.map_err(discard)?;
         let skeleton = self.dir.join("skeleton");
         // Detached before: the skeleton already holds the image's top-level names.
         if self.lowers != [skeleton.clone()] {
-            make_skeleton(&self.lowers, &skeleton)?;
+            make_skeleton(&self.lowers, &skeleton).map_err(discard)?;
         }
-        std::fs::rename(&self.upper, &old).map_err(|e| Error::io("rename", &old, e))?;
-        std::fs::rename(&fresh, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
+        std::fs::rename(&self.upper, &old).map_err(|e| discard(Error::io("rename", &old, e)))?;
+        if let Err(e) = std::fs::rename(&fresh, &self.upper) {
+            // Put the sandbox's upper back before anything else.
+            let _ = std::fs::rename(&old, &self.upper);
+            return Err(discard(Error::io("rename", &self.upper, e)));
+        }
+        self.lowers = vec![skeleton];
+        self.rootfs = None;
         empty_dir(&old)?;
         std::fs::remove_dir(&old).map_err(|e| Error::io("rmdir", &old, e))?;
         empty_dir(&self.work)?;
-        self.lowers = vec![skeleton];
-        self.rootfs = None;
         // A kept workspace's description follows (a handle only used in this process
         // has none: `keep` writes it).
         if self.dir.join(state::FILE).exists() {
             self.save_state()?;
-        }
-        if let Some(b) = backend {
-            b.mount(&self.spec())?;
-            self.backend = Some(b);
         }
         Ok(())
     }
@@ -1065,10 +1245,12 @@ impl Workspace {
     /// afterwards if it was mounted (changing a lower under a live overlay is undefined).
     ///
     /// # Errors
-    /// [`Error::Unsupported`] when the lowers are shared (a cached image, or several) or
-    /// the upper holds redirect/metacopy xattrs; unmount, mount and I/O errors. After an
-    /// error past the unmount the workspace is left unmounted; `apply` can be run again
-    /// (it resumes: what already moved stays moved).
+    /// [`Error::ImmutableLayer`] when the lower is (or lies in) a cache layer, however it
+    /// is named; [`Error::Unsupported`] when the lowers are shared (a cached image, or
+    /// several) or the upper holds redirect/metacopy xattrs; unmount, mount and I/O
+    /// errors. After an error past the unmount the view is mounted again (if it was) and
+    /// shows what was applied and what was not; `apply` can be run again (it resumes:
+    /// what already moved stays moved).
     pub fn apply(&mut self) -> Result<ApplyReport> {
         let _span = span!("apply", dir = %self.dir.display());
         if self.rootfs.is_some() || self.lowers.len() != 1 {
@@ -1079,21 +1261,18 @@ impl Workspace {
         // Rule 4, however the workspace was obtained (`open` knows its lowers only as
         // paths, and a caller may name a cache layer as a plain lower directory).
         refuse_cache_layer(&self.lowers[0], "apply a sandbox's writes into it")?;
-        let backend = self.backend.take();
-        if let Some(b) = &backend {
-            if let Err(e) = b.unmount(&self.spec()) {
-                self.backend = backend;
-                return Err(e);
-            }
-        }
-        let report = apply::apply(&self.upper, &self.lowers[0], self.userxattr())?;
+        let was = self.suspend()?;
+        let done = apply::apply(&self.upper, &self.lowers[0], self.userxattr()).and_then(|report| {
+            empty_dirs(&[&self.upper, &self.work])?;
+            seed_upper_root(&self.upper, &self.lowers[0])?;
+            Ok(report)
+        });
+        // Mounted again whatever happened: the writes not applied yet are still in the
+        // upper, the applied ones in the lower, and the view shows both.
+        let resumed = self.resume(was);
+        let report = done?;
+        resumed?;
         event!(moved = report.moved, copied = report.copied, deleted = report.deleted, dirs = report.dirs, "applied");
-        empty_dirs(&[&self.upper, &self.work])?;
-        seed_upper_root(&self.upper, &self.lowers[0])?;
-        if let Some(b) = backend {
-            b.mount(&self.spec())?;
-            self.backend = Some(b);
-        }
         Ok(report)
     }
 }
@@ -1179,18 +1358,21 @@ fn mark_opaque(root: &Path, userxattr: bool) -> Result<()> {
 }
 
 impl Drop for Workspace {
+    /// Tears down what this handle set up itself, nothing else (see `# Ownership`).
     fn drop(&mut self) {
         if let Some(b) = self.backend.take() {
-            if b.unmount(&self.spec()).is_err() {
-                // Still mounted: releasing the lease would let the cache evict live
-                // lowers. Keep the layers pinned for the rest of this process instead,
-                // and the tmpfs upper the view still uses.
+            if !self.owns.mount || b.unmount(&self.spec()).is_err() {
+                // Still mounted (adopted, or the unmount failed): releasing the lease would
+                // let the cache evict live lowers. Keep the layers pinned for the rest of
+                // this process instead, and the tmpfs upper the view still uses.
                 std::mem::forget(self.rootfs.take());
                 return;
             }
         }
         if let Some(mem) = self.scratch.take() {
-            let _ = scratch::unmount(&mem);
+            if self.owns.scratch {
+                let _ = scratch::unmount(&mem);
+            }
         }
     }
 }
