@@ -102,6 +102,7 @@
 //! - `error`: [`Error`], one `#[non_exhaustive]` enum; OS errors name the operation and path;
 //! - `sys`: the only `unsafe` code (xattrs, the new mount API and other calls `nix` lacks);
 //! - `root`: fd-based path resolution inside a root directory ([`Root`]);
+//! - `immutable`: recognises cache layers by path, so nothing writes into one (rule 4);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
 //! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
@@ -119,6 +120,7 @@ mod cache;
 mod digest;
 mod error;
 mod fetch;
+mod immutable;
 mod mount;
 mod reflink;
 mod root;

@@ -129,21 +129,6 @@ pub(crate) fn valid_lease_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The cache layer a path lies in, by its spelling: the innermost ancestor of `path`
-/// (or `path` itself) that reads `<root>/{layers,tmp,trash}/<entry>/fs`, with the
-/// `<root>` it belongs to. `path` should be canonical (symlinks resolved) for the
-/// answer to mean anything; [`super::cache_layer_containing`] checks the root on disk.
-pub(crate) fn layer_fs_in_path(path: &Path) -> Option<(&Path, &Path)> {
-    path.ancestors().find_map(|a| {
-        let entry = a.parent()?;
-        let area = entry.parent()?;
-        let root = area.parent()?;
-        let named = |p: &Path, n: &str| p.file_name().is_some_and(|x| x == n);
-        let in_area = named(area, LAYERS) || named(area, TMP) || named(area, TRASH);
-        (named(a, FS) && in_area && entry.file_name().is_some()).then_some((a, root))
-    })
-}
-
 /// A reference that names a digest (`@sha256:…` or `sha256:…`), if it is one.
 pub(crate) fn digest_ref(reference: &str) -> Option<Digest> {
     reference.strip_prefix('@').unwrap_or(reference).parse().ok()
@@ -188,22 +173,18 @@ mod tests {
     }
 
     #[test]
-    fn layer_paths() {
-        let p = |s: &str| Path::new(s).to_path_buf();
-        let hit = |s: &str| layer_fs_in_path(Path::new(s)).map(|(a, r)| (a.to_path_buf(), r.to_path_buf()));
-        assert_eq!(hit("/c/layers/abc/fs"), Some((p("/c/layers/abc/fs"), p("/c"))));
-        assert_eq!(hit("/c/layers/abc/fs/etc/x"), Some((p("/c/layers/abc/fs"), p("/c"))));
-        assert_eq!(hit("/c/tmp/abc.1/fs/usr"), Some((p("/c/tmp/abc.1/fs"), p("/c"))));
-        assert_eq!(hit("/c/trash/abc.2/fs"), Some((p("/c/trash/abc.2/fs"), p("/c"))));
-        // A layer that holds a cache-like tree of its own: the innermost match counts.
+    fn immutable_knows_the_layout() {
+        // `crate::immutable` recognises layers by these names without depending on the cache.
         assert_eq!(
-            hit("/c/layers/a/fs/x/layers/b/fs"),
-            Some((p("/c/layers/a/fs/x/layers/b/fs"), p("/c/layers/a/fs/x")))
+            [LOCK, LAYERS, TMP, TRASH, FS],
+            [
+                crate::immutable::LOCK,
+                crate::immutable::LAYERS,
+                crate::immutable::TMP,
+                crate::immutable::TRASH,
+                crate::immutable::FS
+            ]
         );
-        for miss in ["/", "/fs", "/layers/fs", "/c/layers/abc", "/c/layers/abc/meta", "/c/images/abc/fs", "/srv/rootfs"]
-        {
-            assert_eq!(hit(miss), None, "{miss}");
-        }
     }
 
     #[test]

@@ -44,7 +44,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{ImageFetcher, ImageManifest};
-use crate::unpack::{UnpackOptions, WhiteoutMode, list_dir, remove_tree, unpack};
+use crate::unpack::{UnpackOptions, WhiteoutMode, list_dir, remove_tree, unpack_cache_entry};
 use layout::{ImageRecord, LayerMeta};
 
 /// Options for [`RootfsCache::open`].
@@ -587,7 +587,7 @@ impl RootfsCache {
             // The layers below, top first: parents this layer omits take their metadata.
             opts.parent_lowers =
                 manifest.layers[..i].iter().rev().map(|l| layout::layer_fs(&inner.root, &l.digest)).collect();
-            let stats = unpack(blob, &fs_dir, &opts)?;
+            let stats = unpack_cache_entry(blob, &fs_dir, &opts)?;
             let meta =
                 LayerMeta { size: disk_usage(&fs_dir)?, diff_id: stats.diff_id, created: now_nanos() / 1_000_000_000 };
             write_atomic(&tmp.join(layout::META), meta.encode().as_bytes())?;
@@ -739,34 +739,6 @@ impl RootfsCache {
         v.sort();
         v
     }
-}
-
-/// The `fs` directory of the cache layer that `path` is, or lies in, if any: a path of
-/// the form `<root>/{layers,tmp,trash}/<entry>/fs[/...]` once symlinks are resolved,
-/// where `<root>` holds a cache `LOCK` file. Ready layers are never modified (and layers
-/// being extracted or evicted are the cache's alone), so every operation that writes
-/// into a directory it did not make asks this first, whatever path led it there: it
-/// needs no open cache and works across processes. A path that does not exist (yet) is
-/// judged by its nearest existing ancestor.
-///
-/// A bind mount of a layer elsewhere is not recognised (the path no longer spells the
-/// layout); the cache never makes one.
-pub(crate) fn cache_layer_containing(path: &Path) -> Option<PathBuf> {
-    let abs = std::path::absolute(path).ok()?;
-    // Canonicalise the longest existing prefix; keep the rest as spelt (`..` in a missing
-    // part cannot climb out of what exists: the kernel would fail such a path anyway).
-    let mut real = None;
-    for a in abs.ancestors() {
-        if let Ok(c) = fs::canonicalize(a) {
-            let rest = abs.strip_prefix(a).unwrap_or(Path::new(""));
-            real = Some(if rest.as_os_str().is_empty() { c } else { c.join(rest) });
-            break;
-        }
-    }
-    let real = real?;
-    let (layer, root) = layout::layer_fs_in_path(&real)?;
-    fs::symlink_metadata(root.join(layout::LOCK)).ok().filter(|m| m.is_file())?;
-    Some(layer.to_path_buf())
 }
 
 fn libc_enoent() -> i32 {

@@ -230,6 +230,8 @@ pub struct UnpackStats {
 /// absent (an existing directory is never altered by an entry below it).
 ///
 /// # Errors
+/// - [`Error::ImmutableLayer`] when `dest` is (or lies in) a cache layer (nothing is
+///   written);
 /// - [`Error::PathEscape`] for an entry that would resolve outside `dest`;
 /// - [`Error::DigestMismatch`] if the blob or the uncompressed stream does not match
 ///   [`UnpackOptions::expected_digest`] / [`UnpackOptions::expected_diff_id`];
@@ -259,7 +261,23 @@ pub struct UnpackStats {
 /// untrusted sources (decompression bombs); buffered per-entry metadata is bounded by
 /// [`UnpackOptions::max_header_bytes`].
 pub fn unpack<R: Read + Send>(input: R, dest: &Path, opts: &UnpackOptions) -> Result<UnpackStats> {
+    refuse_cache_layer(dest)?;
     unpack_inner(input, dest, opts, None)
+}
+
+/// [`unpack`] by the cache itself, into its own `tmp/<entry>/fs` (which callers
+/// outside the cache may not write: see [`refuse_cache_layer`]).
+pub(crate) fn unpack_cache_entry<R: Read + Send>(input: R, dest: &Path, opts: &UnpackOptions) -> Result<UnpackStats> {
+    unpack_inner(input, dest, opts, None)
+}
+
+/// Rule 4: nothing is extracted into a cache layer (a ready one, or one the cache is
+/// extracting or evicting), whichever path names it.
+fn refuse_cache_layer(dest: &Path) -> Result<()> {
+    match crate::immutable::cache_layer_containing(dest) {
+        Some(path) => Err(Error::ImmutableLayer { op: "extract a layer into it", path }),
+        None => Ok(()),
+    }
 }
 
 /// Like [`unpack`], calling `progress` with the number of blob bytes read so far.
@@ -277,6 +295,7 @@ pub fn unpack_with_progress<R: Read + Send>(
     opts: &UnpackOptions,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<UnpackStats> {
+    refuse_cache_layer(dest)?;
     unpack_inner(input, dest, opts, Some(progress))
 }
 
@@ -302,6 +321,7 @@ pub(crate) enum FileUnpacked {
 /// copied. The fast path hashes nothing, so it is taken only when no digest is expected.
 /// The file's position ends at its end, as after reading it.
 pub(crate) fn unpack_file(file: &std::fs::File, dest: &Path, opts: &UnpackOptions) -> Result<FileUnpacked> {
+    refuse_cache_layer(dest)?;
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::{FileExt, FileTypeExt};
     let mut f = file;

@@ -270,9 +270,9 @@ fn empty_dirs(dirs: &[&Path]) -> Result<()> {
 }
 
 /// Rule 4: a cache layer (or anything inside one) is never written, whichever path
-/// names it; see [`crate::cache::cache_layer_containing`].
+/// names it; see [`crate::immutable::cache_layer_containing`].
 fn refuse_cache_layer(path: &Path, op: &'static str) -> Result<()> {
-    match crate::cache::cache_layer_containing(path) {
+    match crate::immutable::cache_layer_containing(path) {
         Some(layer) => Err(Error::ImmutableLayer { op, path: layer }),
         None => Ok(()),
     }
