@@ -288,9 +288,12 @@ fn run(args: &[String]) -> Result<(), Fail> {
         }
         ("destroy", [ws_dir]) => {
             let id = lease_id(Path::new(ws_dir))?;
+            // The cache first: a busy cache fails the command before anything is deleted
+            // (never a destroyed workspace whose lease can no longer be released).
+            let cache = if cache_dir.is_some() { Some(open_cache()?) } else { None };
             Workspace::open(ws_dir)?.destroy()?;
-            if cache_dir.is_some() {
-                release(&open_cache()?, &id)?;
+            if let Some(cache) = &cache {
+                release(cache, &id)?;
             }
             Ok(())
         }
@@ -373,11 +376,12 @@ fn run(args: &[String]) -> Result<(), Fail> {
         }
         ("detach", [ws_dir]) => {
             let id = lease_id(Path::new(ws_dir))?;
+            let cache = if cache_dir.is_some() { Some(open_cache()?) } else { None };
             let mut ws = Workspace::open(ws_dir)?;
             ws.detach()?;
             ws.keep()?;
-            if cache_dir.is_some() {
-                release(&open_cache()?, &id)?;
+            if let Some(cache) = &cache {
+                release(cache, &id)?;
             }
             Ok(())
         }
