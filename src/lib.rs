@@ -102,6 +102,10 @@
 //! - `error`: [`Error`], one `#[non_exhaustive]` enum; OS errors name the operation and path;
 //! - `sys`: the only `unsafe` code (xattrs, the new mount API and other calls `nix` lacks);
 //! - `root`: fd-based path resolution inside a root directory ([`Root`]);
+//! - `fsutil`: descriptor-based file-system helpers shared by the modules below (list,
+//!   open, `lstat`, remove a tree), nothing overlay-specific;
+//! - `privilege`: whether this process is unprivileged ([`in_user_namespace`]), which
+//!   decides the overlay xattr namespace for extraction, mounts and workspaces alike;
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
 //! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
@@ -119,7 +123,9 @@ mod cache;
 mod digest;
 mod error;
 mod fetch;
+mod fsutil;
 mod mount;
+mod privilege;
 mod reflink;
 mod root;
 mod sys;
@@ -133,8 +139,9 @@ pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
 pub use fetch::{OciLayout, Platform};
 pub use mount::{
     BackendKind, CopyBackend, DetectReason, Detection, KernelOverlay, MAX_LOWERS, MountApi, MountBackend, OverlayMount,
-    OverlayOptions, OverlaySpec, detect, in_user_namespace, is_mount_point,
+    OverlayOptions, OverlaySpec, detect, is_mount_point,
 };
+pub use privilege::in_user_namespace;
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};
 pub use workspace::{
