@@ -102,6 +102,10 @@
 //! - `error`: [`Error`], one `#[non_exhaustive]` enum; OS errors name the operation and path;
 //! - `sys`: the only `unsafe` code (xattrs, the new mount API and other calls `nix` lacks);
 //! - `root`: fd-based path resolution inside a root directory ([`Root`]);
+//! - `fsutil`: descriptor-based file-system helpers shared by the modules below (list,
+//!   open, `lstat`, remove a tree), nothing overlay-specific;
+//! - `privilege`: whether this process is unprivileged ([`in_user_namespace`]), which
+//!   decides the overlay xattr namespace for extraction, mounts and workspaces alike;
 //! - `immutable`: recognises cache layers by path, so nothing writes into one (rule 4);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
@@ -120,8 +124,10 @@ mod cache;
 mod digest;
 mod error;
 mod fetch;
+mod fsutil;
 mod immutable;
 mod mount;
+mod privilege;
 mod reflink;
 mod root;
 mod sys;
@@ -135,8 +141,9 @@ pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
 pub use fetch::{OciLayout, Platform};
 pub use mount::{
     BackendKind, CopyBackend, DetectReason, Detection, KernelOverlay, MAX_LOWERS, MountApi, MountBackend, OverlayMount,
-    OverlayOptions, OverlaySpec, detect, in_user_namespace, is_mount_point,
+    OverlayOptions, OverlaySpec, detect, is_mount_point,
 };
+pub use privilege::in_user_namespace;
 pub use root::Root;
 pub use unpack::{Compression, DeviceNodes, UnpackOptions, UnpackStats, WhiteoutMode, unpack, unpack_with_progress};
 pub use workspace::{

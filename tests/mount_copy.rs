@@ -1209,10 +1209,10 @@ fn rootless_copy_backend() {
     fs::create_dir(&base).unwrap();
     let sb = rootless_layout(&base);
     support::run(Command::new("chown").arg("-R").arg("65534:65534").arg(&base));
-    let exe = std::env::current_exe().unwrap();
+    let exe = support::shared_current_exe(); // nobody may not reach target/ (a 0700 checkout)
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "-Urm", "--"])
-        .arg(&exe)
+        .arg(exe.path())
         .args(["rootless_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(ROOTLESS_ENV, &base)
         .output()

@@ -1131,14 +1131,14 @@ fn chown_tree(p: &Path, id: u32) {
 
 /// Runs `child_test` under `wrapper` + `unshare unshare_args`; returns its `CHILD-` lines.
 fn run_child(wrapper: &[String], unshare_args: &[&str], child_test: &str, arg: &Path) -> Vec<String> {
-    let exe = std::env::current_exe().unwrap();
+    let exe = support::shared_current_exe(); // nobody may not reach target/ (a 0700 checkout)
     let mut cmd = Command::new(wrapper.first().map_or("unshare", String::as_str));
     if !wrapper.is_empty() {
         cmd.args(&wrapper[1..]).arg("unshare");
     }
     cmd.args(unshare_args)
         .arg("--")
-        .arg(&exe)
+        .arg(exe.path())
         .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, arg);
     let out = support::run(&mut cmd);

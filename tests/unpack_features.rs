@@ -1139,7 +1139,7 @@ fn child_unpack_helper() {
 
 /// Run `child_unpack_helper` under `wrapper`; returns the `CHILD-*` lines.
 fn run_child(wrapper: &[&str], dest: &Path, mode: &str, layers: &[PathBuf]) -> Vec<String> {
-    let exe = std::env::current_exe().unwrap();
+    let exe = support::shared_current_exe(); // nobody may not reach target/ (a 0700 checkout)
     let mut spec = format!("{}\n{mode}", dest.display());
     for l in layers {
         spec.push('\n');
@@ -1148,7 +1148,7 @@ fn run_child(wrapper: &[&str], dest: &Path, mode: &str, layers: &[PathBuf]) -> V
     let out = support::run(
         Command::new(wrapper[0])
             .args(&wrapper[1..])
-            .arg(&exe)
+            .arg(exe.path())
             .args(["--exact", "child_unpack_helper", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, spec),
     );

@@ -44,7 +44,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{ImageFetcher, ImageManifest};
-use crate::unpack::{UnpackOptions, WhiteoutMode, list_dir, remove_tree, unpack_cache_entry};
+use crate::fsutil::{list_dir, remove_tree};
+use crate::unpack::{UnpackOptions, WhiteoutMode, unpack_cache_entry};
 use layout::{ImageRecord, LayerMeta};
 
 /// Options for [`RootfsCache::open`].

@@ -39,7 +39,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -52,17 +51,17 @@ use nix::sys::stat::{
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat, linkat, symlinkat};
 
-use super::{MountBackend, OverlaySpec, checked_spec, is_empty_dir, spec_problem};
+use super::{MountBackend, OverlaySpec, checked_spec, spec_problem};
 use crate::error::{Error, Result};
+use crate::fsutil::{
+    child, clear_dir, is_empty_dir, kind, list_dir, open_dir_at, open_dir_path, remove_at, shown, stat_at,
+};
 use crate::sys;
 use crate::unpack::whiteout::opaque_xattr;
-use crate::unpack::{list_dir, remove_tree};
 
 pub(crate) const STATE: &str = "rootfs-cache-copy";
 const CLEARING: &str = "rootfs-cache-copy.clearing";
 const HEADER: &str = "rootfs-cache copy state 1";
-
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 
 /// Copies the layers into the target instead of mounting an overlay (see the module
 /// docs). Use it where [`KernelOverlay`](super::KernelOverlay) cannot mount: no
@@ -197,27 +196,6 @@ impl MountBackend for CopyBackend {
     }
 }
 
-pub(crate) fn open_dir_path(p: &Path) -> Result<OwnedFd> {
-    nix::fcntl::open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("open", p, e))
-}
-
-pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<OwnedFd> {
-    openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| Error::io("openat", display, e))
-}
-
-pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<Option<FileStat>> {
-    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some(st)),
-        Err(Errno::ENOENT) => Ok(None),
-        Err(e) => Err(Error::io("fstatat", display, e)),
-    }
-}
-
-pub(crate) fn kind(st: &FileStat) -> SFlag {
-    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
-}
-
 fn is_dir(st: &FileStat) -> bool {
     kind(st) == SFlag::S_IFDIR
 }
@@ -232,32 +210,6 @@ fn ctime(st: &FileStat) -> (i64, i64) {
 
 pub(crate) fn is_opaque(dir: BorrowedFd<'_>, userxattr: bool) -> bool {
     matches!(sys::fgetxattr(dir, opaque_xattr(userxattr)), Ok(Some(v)) if v == b"y")
-}
-
-fn remove_at(dir: BorrowedFd<'_>, name: &[u8], display: &Path) -> Result<()> {
-    remove_tree(dir, name, name, None, display).map(drop)
-}
-
-/// Removes every entry of `dir`, keeping `dir` itself.
-pub(crate) fn clear_dir(dir: BorrowedFd<'_>, display: &Path) -> Result<()> {
-    for name in list_dir(dir, display)? {
-        remove_at(dir, &name, display)?;
-    }
-    Ok(())
-}
-
-pub(crate) fn child(path: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(path.len() + 1 + name.len());
-    if !path.is_empty() {
-        p.extend_from_slice(path);
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
-
-pub(crate) fn shown(root: &Path, rel: &[u8]) -> std::path::PathBuf {
-    if rel.is_empty() { root.to_path_buf() } else { root.join(std::ffi::OsStr::from_bytes(rel)) }
 }
 
 /// How xattr names change on the way. Layers store image xattrs in overlay's own
@@ -330,7 +282,7 @@ pub(crate) fn copy_meta(
     ) {
         Ok(()) => {}
         // Unprivileged: files stay owned by us, as rootless extraction leaves them.
-        Err(Errno::EPERM | Errno::EINVAL) if super::unprivileged() => {}
+        Err(Errno::EPERM | Errno::EINVAL) if crate::privilege::unprivileged() => {}
         Err(e) => return Err(Error::io("fchownat", display, e)),
     }
     let names = match sys::listxattr_at_nofollow(sdir, sname) {

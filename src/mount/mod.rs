@@ -185,25 +185,8 @@ impl OverlaySpec {
     /// Whether `userxattr` applies: the explicit option, else whether this process is
     /// unprivileged (not root, or in a user namespace), as extraction decides.
     pub fn userxattr(&self) -> bool {
-        self.options.userxattr.unwrap_or_else(unprivileged)
+        self.options.userxattr.unwrap_or_else(crate::privilege::unprivileged)
     }
-}
-
-/// Not root in the initial user namespace: overlay metadata then lives in `user.*`
-/// xattrs (the only ones an unprivileged process can write), for extraction, the copy
-/// backend and `userxattr` mounts alike.
-pub(crate) fn unprivileged() -> bool {
-    !nix::unistd::geteuid().is_root() || in_user_namespace()
-}
-
-/// Whether this process runs in a user namespace other than the initial one (its uid
-/// map is not the identity over the whole range).
-pub fn in_user_namespace() -> bool {
-    static IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IN.get_or_init(|| match std::fs::read_to_string("/proc/self/uid_map") {
-        Ok(map) => map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"],
-        Err(_) => false,
-    })
 }
 
 /// A spec that passed the checks every backend makes before touching anything.
@@ -219,12 +202,6 @@ fn open_dir(path: &Path) -> Result<OwnedFd> {
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io("getcwd", p, e))
-}
-
-pub(crate) fn is_empty_dir(path: &Path) -> Result<bool> {
-    let fd = open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io("open", path, e))?;
-    crate::sys::dir_is_empty(fd.as_fd()).map_err(|e| Error::io("getdents64", path, e))
 }
 
 /// Validates `spec` and opens its directories: at least one and at most [`MAX_LOWERS`]
@@ -469,7 +446,7 @@ pub fn detect(scratch: &Path) -> Result<Detection> {
     let parent = open(scratch, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| Error::io("open", scratch, e))?;
     let name = dir.file_name().expect("a probe name").as_encoded_bytes();
-    crate::unpack::remove_tree(parent.as_fd(), name, name, None, &dir)?;
+    crate::fsutil::remove_tree(parent.as_fd(), name, name, None, &dir)?;
     let (kind, reason) = match outcome {
         Ok(()) => (BackendKind::Kernel, DetectReason::OverlayMounted),
         Err(e) => {

@@ -134,7 +134,7 @@ fn small_tree(dirs: &[&Path], or_at: bool) -> Result<Option<SmallTree>> {
     }
     let mut next = 0;
     while next < t.fds.len() {
-        let Ok(names) = crate::unpack::list_dir(t.fds[next].as_fd(), &paths[next]) else { return Ok(None) };
+        let Ok(names) = crate::fsutil::list_dir(t.fds[next].as_fd(), &paths[next]) else { return Ok(None) };
         for name in names {
             if t.entries.len() == SMALL_TREE {
                 return Ok(None);

@@ -29,6 +29,7 @@ use super::tar::{Header, Kind, Xattrs};
 use super::whiteout::{self, Name};
 use super::{DeviceNodes, UnpackOptions, WhiteoutMode};
 use crate::error::{Error, Result};
+use crate::fsutil::{list_dir, remove_tree};
 use crate::root::{Root, entry_name, escape, join, split_path};
 use crate::sys;
 
@@ -902,7 +903,7 @@ impl<'a> Extractor<'a> {
                 }
                 let Some(dir) = self.whiteout_dir(parent, false, &h.path)? else { return Ok(()) };
                 for child in list_dir(dir.fd.as_fd(), &display)? {
-                    let cpath = child_path(&dir.path, &child);
+                    let cpath = crate::fsutil::child(&dir.path, &child);
                     self.invalidate(&cpath);
                     self.remove(&dir, &child, &cpath, true, &display)?;
                 }
@@ -967,120 +968,4 @@ fn image_xattrs(fd: BorrowedFd<'_>) -> Xattrs {
 
 fn is_dir(st: &FileStat) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits()
-}
-
-fn child_path(parent: &[u8], child: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        return child.to_vec();
-    }
-    let mut p = Vec::with_capacity(parent.len() + 1 + child.len());
-    p.extend_from_slice(parent);
-    p.push(b'/');
-    p.extend_from_slice(child);
-    p
-}
-
-/// The names in directory `fd`, without `.` and `..`.
-pub(crate) fn list_dir(fd: BorrowedFd<'_>, display: &std::path::Path) -> Result<Vec<Vec<u8>>> {
-    crate::sys::dir_names(fd).map_err(|e| Error::io("getdents64", display, e))
-}
-
-/// Decides which paths [`remove_tree`] keeps.
-pub(crate) type KeepFn<'a> = dyn Fn(&[u8]) -> bool + 'a;
-
-/// Remove `dir/name` and everything under it, by descriptor, never following symlinks.
-/// Paths in `keep` (and their ancestors) survive. Returns whether anything was kept.
-///
-/// Iterative, with one descriptor per level being removed: a hostile archive can build
-/// a chain of directories deeper than any thread's stack would survive in a recursive
-/// walk; here the depth is bounded by the descriptor limit, and exceeding it is an
-/// `EMFILE` error, not a crash. An unwritable directory (unprivileged, read-only mode)
-/// gets owner rwx once so its entries can be removed.
-pub(crate) fn remove_tree(
-    dir: BorrowedFd<'_>,
-    name: &[u8],
-    path: &[u8],
-    keep: Option<&KeepFn<'_>>,
-    display: &std::path::Path,
-) -> Result<bool> {
-    struct Frame {
-        fd: OwnedFd,
-        name: Vec<u8>,
-        path: Vec<u8>,
-        children: Vec<Vec<u8>>,
-        kept: bool,
-        unlocked: bool,
-    }
-    let kept_path = |p: &[u8]| keep.is_some_and(|k| k(p));
-    let open = |parent: BorrowedFd<'_>, name: &[u8]| -> Result<Option<(OwnedFd, Vec<Vec<u8>>)>> {
-        match openat(parent, name, DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => {
-                let children = list_dir(fd.as_fd(), display)?;
-                Ok(Some((fd, children)))
-            }
-            Err(Errno::ENOENT) => Ok(None),
-            Err(e) => Err(Error::io("openat", display, e)),
-        }
-    };
-    if kept_path(path) {
-        return Ok(true);
-    }
-    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(false),
-        Err(Errno::EISDIR) => {}
-        Err(e) => return Err(Error::io("unlinkat", display, e)),
-    }
-    let Some((fd, children)) = open(dir, name)? else { return Ok(false) };
-    let mut stack =
-        vec![Frame { fd, name: name.to_vec(), path: path.to_vec(), children, kept: false, unlocked: false }];
-    while let Some(top) = stack.last_mut() {
-        if let Some(child) = top.children.pop() {
-            let cpath = child_path(&top.path, &child);
-            if kept_path(&cpath) {
-                top.kept = true;
-                continue;
-            }
-            match unlinkat(&top.fd, child.as_slice(), UnlinkatFlags::NoRemoveDir) {
-                Ok(()) | Err(Errno::ENOENT) => {}
-                Err(Errno::EISDIR) => {
-                    if let Some((fd, children)) = open(top.fd.as_fd(), &child)? {
-                        stack.push(Frame { fd, name: child, path: cpath, children, kept: false, unlocked: false });
-                    }
-                }
-                Err(Errno::EACCES) if !top.unlocked => {
-                    top.unlocked = true;
-                    fchmod(&top.fd, Mode::from_bits_truncate(0o700)).map_err(|e| Error::io("fchmod", display, e))?;
-                    top.children.push(child); // retry it
-                }
-                Err(e) => return Err(Error::io("unlinkat", display, e)),
-            }
-            continue;
-        }
-        // All children handled: remove this directory from its parent, unless it holds
-        // something kept.
-        let done = stack.pop().expect("non-empty");
-        let Some(parent) = stack.last_mut() else {
-            if !done.kept {
-                unlinkat(dir, done.name.as_slice(), UnlinkatFlags::RemoveDir)
-                    .map_err(|e| Error::io("unlinkat", display, e))?;
-            }
-            return Ok(done.kept);
-        };
-        if done.kept {
-            parent.kept = true;
-            continue;
-        }
-        drop(done.fd);
-        let mut r = unlinkat(&parent.fd, done.name.as_slice(), UnlinkatFlags::RemoveDir);
-        if r == Err(Errno::EACCES) && !parent.unlocked {
-            parent.unlocked = true;
-            fchmod(&parent.fd, Mode::from_bits_truncate(0o700)).map_err(|e| Error::io("fchmod", display, e))?;
-            r = unlinkat(&parent.fd, done.name.as_slice(), UnlinkatFlags::RemoveDir);
-        }
-        match r {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(Error::io("unlinkat", display, e)),
-        }
-    }
-    unreachable!("the loop returns when the first frame is done")
 }

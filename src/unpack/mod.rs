@@ -43,8 +43,6 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::root::Root;
 
-pub(crate) use extract::{list_dir, remove_tree};
-
 /// How OCI whiteout entries (`.wh.NAME`, `.wh..wh..opq`) are materialised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum WhiteoutMode {
@@ -143,7 +141,7 @@ pub struct UnpackOptions {
 /// are unmapped) the [`UnpackOptions::rootless`] settings.
 impl Default for UnpackOptions {
     fn default() -> Self {
-        let root = !crate::mount::unprivileged();
+        let root = !crate::privilege::unprivileged();
         UnpackOptions {
             whiteouts: WhiteoutMode::Overlay,
             userxattr: !root,

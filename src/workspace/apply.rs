@@ -7,10 +7,10 @@ use nix::errno::Errno;
 use nix::sys::stat::{Mode, SFlag, mkdirat};
 
 use super::changes::check_no_redirects;
-use super::walk::{Event, kind, open_dir_at, shown, stat_at, walk};
+use super::walk::{Event, walk};
 use crate::error::{Error, Result};
-use crate::mount::copy::{Xattrs, copy_leaf, copy_meta, open_dir_path, set_dir_times};
-use crate::unpack::remove_tree;
+use crate::fsutil::{kind, open_dir_at, open_dir_path, remove_tree, shown, stat_at};
+use crate::mount::copy::{Xattrs, copy_leaf, copy_meta, set_dir_times};
 
 /// What [`Workspace::apply`](super::Workspace::apply) did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{FileStat, SFlag};
 
-use super::walk::{Event, LowerView, kind};
+use super::walk::{Event, LowerView};
 use crate::error::{Error, Result};
+use crate::fsutil::{kind, shown};
 use crate::sys;
 
 /// How a path changed.
@@ -131,7 +132,7 @@ pub(crate) fn scan(upper: &Path, lowers: &[PathBuf], userxattr: bool) -> Result<
     // `None`: copied up for a child's sake only (a directory whose own metadata is the
     // lower's), not a change of its own.
     let classify = |parent: BorrowedFd<'_>, name: &[u8], path: &[u8], st: &FileStat| -> Result<Option<ChangeKind>> {
-        let display = super::walk::shown(upper, path);
+        let display = shown(upper, path);
         check_no_redirects(parent, name, userxattr, &display)?;
         let Some((ldir, lst)) = view.lookup(path)? else { return Ok(Some(ChangeKind::Added)) };
         if kind(&lst) != kind(st) {
@@ -170,7 +171,7 @@ pub(crate) fn scan(upper: &Path, lowers: &[PathBuf], userxattr: bool) -> Result<
             Event::Enter { parent, name, path, st, opaque, .. } => {
                 let under = *fresh.last().expect("root entered");
                 let k = if under {
-                    check_no_redirects(parent, name, userxattr, &super::walk::shown(upper, path))?;
+                    check_no_redirects(parent, name, userxattr, &shown(upper, path))?;
                     Some(ChangeKind::Added)
                 } else if opaque {
                     Some(ChangeKind::Opaque)
@@ -188,7 +189,7 @@ pub(crate) fn scan(upper: &Path, lowers: &[PathBuf], userxattr: bool) -> Result<
             Event::Whiteout { path, .. } => out.changes.push(Change { path: rooted(path), kind: ChangeKind::Deleted }),
             Event::Leaf { parent, name, path, st } => {
                 let k = if *fresh.last().expect("root entered") {
-                    check_no_redirects(parent, name, userxattr, &super::walk::shown(upper, path))?;
+                    check_no_redirects(parent, name, userxattr, &shown(upper, path))?;
                     Some(ChangeKind::Added)
                 } else {
                     classify(parent, name, path, st)?

@@ -10,9 +10,10 @@ use nix::sys::stat::{FileStat, SFlag, fstat, major, minor};
 
 use super::changes::check_no_redirects;
 use super::tar_writer::{EntryHeader, EntryKind, TarWriter, sparse_map};
-use super::walk::{Event, kind, shown, walk};
+use super::walk::{Event, walk};
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, Result};
+use crate::fsutil::{kind, shown};
 use crate::mount::copy::Xattrs;
 use crate::sys;
 use crate::unpack::Compression;

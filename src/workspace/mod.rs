@@ -56,7 +56,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::Rootfs;
 use crate::error::{Error, Result};
-use crate::mount::copy::{Xattrs, clear_dir, copy_layer, open_dir_path};
+use crate::fsutil::{clear_dir, open_dir_path};
+use crate::mount::copy::{Xattrs, copy_layer};
 use crate::mount::{MountBackend, OverlayOptions, OverlaySpec, is_mount_point};
 use crate::unpack::{UnpackOptions, WhiteoutMode, unpack};
 
@@ -302,7 +303,7 @@ fn seed_root(upper: &Path, top_lower: &Path, new: bool) -> Result<()> {
             // In a user namespace the lower's owner may be unmapped (shown as the
             // overflow id): the upper root stays ours, as rootless extraction leaves files.
             Err(e)
-                if crate::mount::in_user_namespace()
+                if crate::privilege::in_user_namespace()
                     && matches!(e.raw_os_error(), Some(nix::libc::EINVAL | nix::libc::EPERM)) => {}
             Err(e) => return Err(Error::io("chown", upper, e)),
         }
@@ -334,7 +335,7 @@ fn sync_root_xattrs(upper: &Path, top_lower: &Path, new: bool) -> Result<()> {
     let ufd = open_dir_path(upper)?;
     // Unprivileged, `trusted.*` cannot be written (or read): skipped, as extraction does.
     let tolerable = |e: &std::io::Error| {
-        crate::mount::unprivileged() && matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EOPNOTSUPP))
+        crate::privilege::unprivileged() && matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EOPNOTSUPP))
     };
     let have = if new { Vec::new() } else { list(ufd.as_fd(), upper)? };
     for n in have.into_iter().filter(|n| !want.contains(n)) {
@@ -475,7 +476,7 @@ impl Workspace {
         let mut new_upper = true;
         match self.storage {
             UpperStorage::Disk => {
-                if !fresh && self.upper.exists() && !crate::mount::is_empty_dir(&self.upper)? {
+                if !fresh && self.upper.exists() && !crate::fsutil::is_empty_dir(&self.upper)? {
                     if !reset {
                         return Err(Error::NotEmpty { path: self.upper.clone() });
                     }
@@ -794,7 +795,7 @@ impl Workspace {
         nix::unistd::syncfs(up.as_fd()).map_err(|e| Error::io("syncfs", &self.upper, e))?;
         let incompat = self.work.join("work").join("incompat");
         match open_dir_path(&incompat) {
-            Ok(fd) => crate::unpack::remove_tree(fd.as_fd(), b"volatile", b"volatile", None, &incompat).map(drop),
+            Ok(fd) => crate::fsutil::remove_tree(fd.as_fd(), b"volatile", b"volatile", None, &incompat).map(drop),
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
             Err(e) => Err(e),
         }
@@ -946,7 +947,7 @@ impl Workspace {
         if self.backend.is_some() {
             return Err(Error::AlreadyMounted { path: self.target.clone() });
         }
-        if !crate::mount::is_empty_dir(&self.upper)? {
+        if !crate::fsutil::is_empty_dir(&self.upper)? {
             return Err(Error::NotEmpty { path: self.upper.clone() });
         }
         Ok(UnpackOptions {
@@ -1300,8 +1301,8 @@ fn make_skeleton(lowers: &[PathBuf], skeleton: &Path) -> Result<()> {
     let sfd = open_dir_path(skeleton)?;
     for l in lowers {
         let lfd = open_dir_path(l)?;
-        for name in crate::unpack::list_dir(lfd.as_fd(), l)? {
-            let shown = walk::shown(skeleton, &name);
+        for name in crate::fsutil::list_dir(lfd.as_fd(), l)? {
+            let shown = crate::fsutil::shown(skeleton, &name);
             match nix::fcntl::openat(
                 sfd.as_fd(),
                 name.as_slice(),
@@ -1325,9 +1326,9 @@ fn whiteout_missing_roots(lowers: &[PathBuf], upper: &Path) -> Result<()> {
     let times = nix::sys::stat::fstat(ufd.as_fd()).map_err(|e| Error::io("fstat", upper, e))?;
     for l in lowers {
         let lfd = open_dir_path(l)?;
-        for name in crate::unpack::list_dir(lfd.as_fd(), l)? {
-            let shown = walk::shown(upper, &name);
-            if walk::stat_at(ufd.as_fd(), &name, &shown)?.is_none() {
+        for name in crate::fsutil::list_dir(lfd.as_fd(), l)? {
+            let shown = crate::fsutil::shown(upper, &name);
+            if crate::fsutil::stat_at(ufd.as_fd(), &name, &shown)?.is_none() {
                 nix::sys::stat::mknodat(
                     ufd.as_fd(),
                     name.as_slice(),
@@ -1350,7 +1351,7 @@ fn mark_opaque(root: &Path, userxattr: bool) -> Result<()> {
         if let walk::Event::Enter { fd, path, .. } = ev {
             if !path.is_empty() {
                 crate::sys::fsetxattr(fd, name, b"y")
-                    .map_err(|e| Error::io("fsetxattr", walk::shown(root, path), e))?;
+                    .map_err(|e| Error::io("fsetxattr", crate::fsutil::shown(root, path), e))?;
             }
         }
         Ok(true)

@@ -9,7 +9,7 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 
 use crate::error::{Error, Result};
-use crate::unpack::list_dir;
+use crate::fsutil::{child, kind, list_dir, open_dir_at, shown, stat_at};
 
 /// What the walk found.
 pub(crate) enum Event<'a> {
@@ -23,8 +23,8 @@ pub(crate) enum Event<'a> {
     Leaf { parent: BorrowedFd<'a>, name: &'a [u8], path: &'a [u8], st: &'a FileStat },
 }
 
-// The same descriptor-based primitives as the copy backend's.
-pub(crate) use crate::mount::copy::{child, is_opaque, is_whiteout, kind, open_dir_at, shown, stat_at};
+// The same overlay-format rules as the copy backend's.
+use crate::mount::copy::{is_opaque, is_whiteout};
 
 /// Walks the layer at `root`. `visit` returning `false` on `Enter` skips the directory's
 /// entries (its `Leave` still comes).

@@ -1,7 +1,8 @@
-//! Helpers shared by `unpack_roundtrip`, `unpack_features` and `interop_umoci`:
-//! a small tar writer over the `tar` crate with full control of the encoding (GNU or
-//! ustar+PAX), compression, tree snapshots (lstat + xattrs) and the skip policy for
-//! tests that need root or an external tool.
+//! Helpers shared by the integration tests (`mod support;`): a small tar writer over the
+//! `tar` crate with full control of the encoding (GNU or ustar+PAX), compression, tree
+//! snapshots (lstat + xattrs), the skip policy for tests that need root or an external
+//! tool, and temp dirs and executable copies another uid can reach ([`tempdir`],
+//! [`shared_current_exe`]).
 #![allow(dead_code)] // each test crate uses a different subset
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,10 +73,69 @@ pub fn run(cmd: &mut Command) -> Vec<u8> {
 
 /// A temporary directory whose root is traversable by everyone (tempfile makes it 0700),
 /// for tests that hand paths to another uid.
+///
+/// It is made under `std::env::temp_dir()` (`$TMPDIR`, else `/tmp`), never inside the
+/// checkout: a checkout (and its `target/`) may sit under a 0700 directory such as
+/// `/root`, which another uid cannot traverse. Tests that run a child as another user
+/// check the location with [`assert_reachable_by_others`] (through [`shared_exe`]).
 pub fn tempdir() -> tempfile::TempDir {
     let d = tempfile::Builder::new().prefix("rootfs-cache-test").tempdir().expect("tempdir");
     chmod(d.path(), 0o755);
     d
+}
+
+/// Panics unless other users can search every directory from `/` down to `dir` (mode
+/// `o+x`): a child running as nobody must reach it. ACLs and group bits are not
+/// consulted; nobody is in no group of ours.
+pub fn assert_reachable_by_others(dir: &Path) {
+    for a in dir.ancestors() {
+        let mode = std::fs::metadata(a).unwrap_or_else(|e| panic!("stat {}: {e}", a.display())).mode();
+        assert!(
+            mode & 0o001 != 0,
+            "{} (mode {:o}) cannot be searched by other users, so a child running as another uid \
+             cannot reach {}; set TMPDIR to a world-traversable directory such as /tmp",
+            a.display(),
+            mode & 0o7777,
+            dir.display()
+        );
+    }
+}
+
+/// A copy of an executable that any user can run: a 0755 file in a fresh 0755 temp
+/// directory, removed (with the directory) on drop.
+///
+/// Tests re-execute their own binary as an unprivileged user (`setpriv --reuid=65534
+/// ... unshare -Urm -- EXE`). A checkout under a 0700 directory (root's clones under
+/// `/root`) keeps `target/` out of that user's reach, and the exec fails with
+/// "Permission denied"; the copy does not depend on where the checkout is. Keep the
+/// guard alive until the child has exited.
+pub struct SharedExe {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SharedExe {
+    /// The copy.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A [`SharedExe`] copy of `exe`.
+pub fn shared_exe(exe: &Path) -> SharedExe {
+    let dir = tempdir();
+    assert_reachable_by_others(dir.path());
+    let path = dir.path().join(exe.file_name().expect("an executable's file name"));
+    // Copied by another process: a write descriptor of ours, inherited by a child that
+    // another test thread forks meanwhile, would make the exec fail with ETXTBSY.
+    run(Command::new("cp").arg("--").arg(exe).arg(&path));
+    chmod(&path, 0o755);
+    SharedExe { path, _dir: dir }
+}
+
+/// A [`SharedExe`] copy of this test binary, for a child run as another user.
+pub fn shared_current_exe() -> SharedExe {
+    shared_exe(&std::env::current_exe().expect("current_exe"))
 }
 
 // ---------------------------------------------------------------------------------------
