@@ -246,13 +246,16 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     let target_fd = open_dir(&target)?;
     // Rule 4: the upper and work dirs are written, and so is the copy backend's target;
     // none of them may be (inside) a cache layer, whichever path names it.
-    for (fd, op) in [
-        (&upper_fd, "use it as an overlay upper dir"),
-        (&work_fd, "use it as an overlay work dir"),
-        (&target_fd, "mount over it"),
-    ] {
-        if let Some(layer) = crate::immutable::cache_layer_of_fd(fd.as_fd()) {
-            return Err(Error::ImmutableLayer { op, path: layer });
+    // (A workspace checked its own dirs when it made or opened them.)
+    if !crate::immutable::dirs_checked() {
+        for (fd, op) in [
+            (&upper_fd, "use it as an overlay upper dir"),
+            (&work_fd, "use it as an overlay work dir"),
+            (&target_fd, "mount over it"),
+        ] {
+            if let Some(layer) = crate::immutable::cache_layer_of_fd(fd.as_fd()) {
+                return Err(Error::ImmutableLayer { op, path: layer });
+            }
         }
     }
     let mounted = match crate::sys::is_mount_root_fd(target_fd.as_fd()) {

@@ -384,16 +384,12 @@ impl Workspace {
         if lowers.is_empty() {
             return Err(Error::InvalidSpec { reason: "a workspace needs at least one lower directory".into() });
         }
-        refuse_cache_layer(&dir, "create a workspace inside it")?;
         if opts.upper == (UpperStorage::Tmpfs { size: 0 }) {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
-        let state_file = dir.join(state::FILE);
-        if !opts.reset && state_file.exists() {
-            // A kept workspace (maybe mounted by another process): never adopt its
-            // directories as a new one's.
-            return Err(Error::NotEmpty { path: state_file });
-        }
+        // Rule 4, before anything is made: where `dir` would be made (it is checked
+        // itself below if it exists: it may be a symlink).
+        refuse_cache_layer(dir.parent().unwrap_or(Path::new("/")), "create a workspace inside it")?;
         // What this call made, so that a failure removes exactly that (deepest last).
         let mut made: Vec<PathBuf> = Vec::new();
         // A directory made here holds nothing: no leftovers to check or clear.
@@ -415,6 +411,15 @@ impl Workspace {
         if fresh && made.is_empty() {
             made.push(dir.clone());
         }
+        if !fresh {
+            refuse_cache_layer(&dir, "create a workspace inside it")?;
+            let state_file = dir.join(state::FILE);
+            if !opts.reset && state_file.exists() {
+                // A kept workspace (maybe mounted by another process): never adopt its
+                // directories as a new one's.
+                return Err(Error::NotEmpty { path: state_file });
+            }
+        }
         let mut options = opts.overlay;
         options.fresh = false;
         let mut ws = Workspace {
@@ -433,7 +438,7 @@ impl Workspace {
         };
         match ws.populate(fresh, opts.reset, &mut made) {
             Ok(()) => {
-                if ws.dir.join(state::FILE).exists() {
+                if !fresh && ws.dir.join(state::FILE).exists() {
                     // `reset` over a kept workspace: describe the new one instead.
                     ws.save_state()?;
                 }
@@ -467,6 +472,10 @@ impl Workspace {
         };
         let mem = self.dir.join("mem");
         if !fresh {
+            // Leftovers may be symlinks (a fresh dir has none): rule 4 for each.
+            for d in [&self.upper, &self.work, &self.target, &mem] {
+                refuse_cache_layer(d, "use it in a workspace")?;
+            }
             if reset {
                 scratch::release_leftover(&mem, &self.target)?;
             }
@@ -594,6 +603,11 @@ impl Workspace {
                 }
             }
         };
+        // Rule 4: this handle may mount, reset, import into and apply to these dirs,
+        // whatever `workspace.json` or a symlink in `dir` says they are.
+        for d in [&ws.dir, &ws.upper, &ws.work, &ws.target] {
+            refuse_cache_layer(d, "use it in a workspace")?;
+        }
         if is_mount_point(&ws.target)? {
             ws.backend = Some(Box::new(crate::mount::KernelOverlay::new()));
         } else if ws.work.join(crate::mount::copy::STATE).exists() {
@@ -737,7 +751,8 @@ impl Workspace {
         if self.backend.is_some() {
             return Err(Error::AlreadyMounted { path: self.target.clone() });
         }
-        backend.mount(&self.spec())?;
+        // Upper, work and target were checked for cache layers by `create`/`open`.
+        crate::immutable::with_dirs_checked(|| backend.mount(&self.spec()))?;
         self.backend = Some(Box::new(backend));
         // Mounted by this handle: dropping it unmounts (see `# Ownership`).
         self.owns.mount = true;
@@ -778,7 +793,7 @@ impl Workspace {
     /// current lowers and upper.
     fn resume(&mut self, was: Option<(Box<dyn MountBackend>, bool)>) -> Result<()> {
         if let Some((b, owned)) = was {
-            b.mount(&self.spec())?;
+            crate::immutable::with_dirs_checked(|| b.mount(&self.spec()))?;
             self.backend = Some(b);
             self.owns.mount = owned;
         }
