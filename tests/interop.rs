@@ -42,6 +42,8 @@
 //! The `rootfsctl` example is built with the test's profile when the test starts (a no-op
 //! when it is up to date): `cargo test --test interop` does not build examples.
 
+#[path = "common/rootfsctl.rs"]
+mod rootfsctl;
 #[path = "common/scratch_ns.rs"]
 mod scratch_ns;
 mod support;
@@ -51,87 +53,11 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
+use rootfsctl::{Ctl, kv, rootfsctl_bin, s};
 use support::{Cmp, Ent, Fmt, Node};
 
 type Snap = BTreeMap<Vec<u8>, Node>;
-
-// ---------------------------------------------------------------------------------------
-// The rootfsctl binary
-
-/// `target/[<triple>/]<profile>/examples/rootfsctl`, built (or brought up to date) with
-/// the profile this test was built with.
-fn rootfsctl_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        // Tests run from target/[<triple>/]<profile>/deps/.
-        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary outside target/<profile>/deps");
-        let bin = profile_dir.join("examples").join("rootfsctl");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev",
-            Some(other) => other,
-            None => panic!("odd test binary path {}", exe.display()),
-        };
-        let up = profile_dir.parent().unwrap();
-        let (target_dir, triple) =
-            if up.join("CACHEDIR.TAG").exists() { (up, None) } else { (up.parent().unwrap(), up.file_name()) };
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "--example", "rootfsctl", "--profile", profile])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(target_dir);
-        if let Some(t) = triple {
-            cmd.arg("--target").arg(t);
-        }
-        support::run(&mut cmd);
-        assert!(bin.is_file(), "cargo built no {}", bin.display());
-        bin
-    })
-}
-
-/// `rootfsctl` with a cache dir, and `TMPDIR` (where `mount` probes overlayfs) on the
-/// scratch tmpfs.
-struct Ctl {
-    cache: PathBuf,
-    tmp: PathBuf,
-}
-
-impl Ctl {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(rootfsctl_bin());
-        c.args(args).env("TMPDIR", &self.tmp);
-        c
-    }
-
-    /// `rootfsctl ARGS` (no cache), its stdout.
-    fn run(&self, args: &[&str]) -> String {
-        String::from_utf8(support::run(&mut self.cmd(args))).unwrap()
-    }
-
-    /// `rootfsctl --cache C ARGS`, its stdout.
-    fn cached(&self, args: &[&str]) -> String {
-        let mut all = vec!["--cache", s(&self.cache)];
-        all.extend_from_slice(args);
-        self.run(&all)
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("non-UTF-8 scratch path")
-}
-
-/// `key=value` tokens of one output line.
-fn kv(line: &str) -> BTreeMap<String, String> {
-    line.split_whitespace()
-        .map(|t| {
-            let (k, v) = t.split_once('=').unwrap_or_else(|| panic!("not key=value: {t:?} in {line:?}"));
-            (k.to_string(), v.to_string())
-        })
-        .collect()
-}
 
 // ---------------------------------------------------------------------------------------
 // Building the image with umoci
