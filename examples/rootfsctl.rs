@@ -102,7 +102,14 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(msg, is_usage)) => {
-            eprintln!("rootfsctl: {msg}");
+            // One line on stderr, whatever happened (scripts read it); usage errors point
+            // at the help instead of printing it.
+            let line = msg.lines().next().unwrap_or("failed");
+            if is_usage && !line.contains("--help") {
+                eprintln!("rootfsctl: {line} (try `rootfsctl --help` or `rootfsctl COMMAND --help`)");
+            } else {
+                eprintln!("rootfsctl: {line}");
+            }
             ExitCode::from(if is_usage { 2 } else { 1 })
         }
     }
@@ -320,6 +327,9 @@ fn run(args: &[String]) -> Result<(), Fail> {
         }
         ("diff", ["export", args @ ..]) => {
             let aligned = args.contains(&"--aligned");
+            if args.contains(&"--zstd") && args.contains(&"--gzip") {
+                return Err(usage("diff export: --zstd and --gzip exclude each other"));
+            }
             let compression = if args.contains(&"--zstd") {
                 Compression::Zstd
             } else if args.contains(&"--gzip") {
@@ -344,12 +354,21 @@ fn run(args: &[String]) -> Result<(), Fail> {
             opts.compression = compression;
             // An adopted handle: whatever fails below, the sandbox stays as it is.
             let ws = Workspace::open(ws_dir)?;
+            // The library names the output "diff output": this is it.
+            let named = |e: rootfs_cache::Error| -> Fail {
+                match &e {
+                    rootfs_cache::Error::Io { op, path, source } if path.as_os_str() == "diff output" => {
+                        format!("{op} {out}: {source}").into()
+                    }
+                    _ => e.into(),
+                }
+            };
             let st = write_atomically(Path::new(out), |file| {
                 if aligned {
-                    Ok(ws.export_diff_file(file, &opts)?)
+                    ws.export_diff_file(file, &opts).map_err(named)
                 } else {
                     let mut w = std::io::BufWriter::new(file);
-                    let st = ws.export_diff(&mut w, &opts)?;
+                    let st = ws.export_diff(&mut w, &opts).map_err(named)?;
                     w.flush().map_err(|e| format!("write {out}: {e}"))?;
                     Ok(st)
                 }
@@ -397,7 +416,9 @@ fn run(args: &[String]) -> Result<(), Fail> {
 /// removed and `path` is as it was (absent, or with its old contents).
 fn write_atomically<T>(path: &Path, write: impl FnOnce(&std::fs::File) -> Result<T, Fail>) -> Result<T, Fail> {
     use std::os::unix::fs::OpenOptionsExt;
-    let name = path.file_name().ok_or_else(|| usage(format!("{}: names no file", path.display())))?;
+    if path.file_name().is_none() {
+        return Err(usage(format!("{}: names no file", path.display())));
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -405,10 +426,8 @@ fn write_atomically<T>(path: &Path, write: impl FnOnce(&std::fs::File) -> Result
     if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
         return Err(format!("{}: is a directory", path.display()).into());
     }
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".rootfsctl-{}.partial", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    // Short whatever the output's name (NAME_MAX); one per process; a crash may leave it.
+    let tmp = dir.join(format!(".rootfs-cache-export-{}.partial", std::process::id()));
     let file = std::fs::File::options()
         .write(true)
         .create_new(true)

@@ -78,6 +78,41 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> Error {
     move |e| Error::io(what, "diff output", e)
 }
 
+/// A reader of a sandbox's file that remembers whether it failed, so that an error in a
+/// copy from it into the output names the side that failed: the upper's file (`read`)
+/// or the output (`write`, e.g. `ENOSPC`).
+struct Tagged<R> {
+    inner: R,
+    failed: bool,
+}
+
+impl<R: io::Read> io::Read for Tagged<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.inner.read(buf);
+        self.failed |= r.as_ref().is_err_and(|e| e.kind() != io::ErrorKind::Interrupted);
+        r
+    }
+}
+
+/// Copies `data` (a sandbox file's bytes, shown as `display`) into the output with
+/// `copy`, naming the failing side in the error.
+fn copy_tagged<R: io::Read>(
+    data: R,
+    display: &Path,
+    copy: impl FnOnce(&mut dyn io::Read) -> io::Result<()>,
+) -> Result<()> {
+    let mut t = Tagged { inner: data, failed: false };
+    copy(&mut t).map_err(|e| if t.failed { Error::io("read", display, e) } else { io_err("write")(e) })
+}
+
+/// A `copy_file_range` error: the output's when it ran out of room, else the source's.
+fn range_err(display: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |e| match e.raw_os_error() {
+        Some(nix::libc::ENOSPC | nix::libc::EDQUOT | nix::libc::EFBIG) => io_err("copy_file_range")(e),
+        _ => Error::io("copy_file_range", display, e),
+    }
+}
+
 /// The compressed stream, hashing what it writes to `out`.
 enum Sink<W: Write> {
     Plain(HashingWriter<W>),
@@ -299,24 +334,24 @@ impl<W: Write> Emit for StreamEmit<W> {
         }
     }
 
-    fn file(&mut self, h: &EntryHeader, mut f: &File, _size: u64, display: &Path) -> Result<()> {
+    fn file(&mut self, h: &EntryHeader, f: &File, _size: u64, display: &Path) -> Result<()> {
         match self.align {
             Some(a) => {
                 self.tar.append_file_header_aligned(h, a).map_err(io_err("write"))?;
-                self.tar.write_pending_data(&mut f).map_err(|e| Error::io("read", display, e))
+                copy_tagged(f, display, |d| self.tar.write_pending_data(d))
             }
-            None => self.tar.append(h, Some(&mut f)).map_err(|e| Error::io("read", display, e)),
+            None => copy_tagged(f, display, |d| self.tar.append(h, Some(d))),
         }
     }
 
     fn sparse(&mut self, h: &EntryHeader, f: &File, map: &[u8], segments: &[(u64, u64)], display: &Path) -> Result<()> {
-        let mut data = io::Read::chain(map, Segments { f, segments, done: 0 });
+        let data = io::Read::chain(map, Segments { f, segments, done: 0 });
         match self.align {
             Some(a) => {
                 self.tar.append_file_header_aligned(h, a).map_err(io_err("write"))?;
-                self.tar.write_pending_data(&mut data).map_err(|e| Error::io("read", display, e))
+                copy_tagged(data, display, |d| self.tar.write_pending_data(d))
             }
-            None => self.tar.append(h, Some(&mut data)).map_err(|e| Error::io("read", display, e)),
+            None => copy_tagged(data, display, |d| self.tar.append(h, Some(d))),
         }
     }
 }
@@ -342,30 +377,30 @@ impl Emit for FileEmit<'_> {
         }
     }
 
-    fn file(&mut self, h: &EntryHeader, mut f: &File, size: u64, display: &Path) -> Result<()> {
+    fn file(&mut self, h: &EntryHeader, f: &File, size: u64, display: &Path) -> Result<()> {
         self.tar.append_file_header_aligned(h, self.align).map_err(io_err("write"))?;
         if size < self.align || !self.kernel_copy {
             // Less than a block: nothing to share, and buffering beats a syscall pair.
-            return self.tar.write_pending_data(&mut f).map_err(|e| Error::io("read", display, e));
+            return copy_tagged(f, display, |d| self.tar.write_pending_data(d));
         }
         // The headers must reach the file before the kernel appends the data at its position.
         self.tar.get_mut().flush().map_err(io_err("write"))?;
-        crate::reflink::copy_range(f, 0, self.file, size).map_err(|e| Error::io("copy_file_range", display, e))?;
+        crate::reflink::copy_range(f, 0, self.file, size).map_err(range_err(display))?;
         self.tar.finish_data(size).map_err(io_err("write"))
     }
 
     fn sparse(&mut self, h: &EntryHeader, f: &File, map: &[u8], segments: &[(u64, u64)], display: &Path) -> Result<()> {
         self.tar.append_file_header_aligned(h, self.align).map_err(io_err("write"))?;
         if !self.kernel_copy {
-            let mut data = io::Read::chain(map, Segments { f, segments, done: 0 });
-            return self.tar.write_pending_data(&mut data).map_err(|e| Error::io("read", display, e));
+            let data = io::Read::chain(map, Segments { f, segments, done: 0 });
+            return copy_tagged(data, display, |d| self.tar.write_pending_data(d));
         }
         let out = self.tar.get_mut();
         out.write_all(map).map_err(io_err("write"))?;
         out.flush().map_err(io_err("write"))?;
         let mut stored = map.len() as u64;
         for &(off, len) in segments {
-            crate::reflink::copy_range(f, off, self.file, len).map_err(|e| Error::io("copy_file_range", display, e))?;
+            crate::reflink::copy_range(f, off, self.file, len).map_err(range_err(display))?;
             stored += len;
         }
         self.tar.finish_data(stored).map_err(io_err("write"))

@@ -476,6 +476,14 @@ impl Workspace {
             for d in [&self.upper, &self.work, &self.target, &mem] {
                 refuse_cache_layer(d, "use it in a workspace")?;
             }
+            // A view mounted with the copy backend is no mount: its state in the work dir
+            // says it is live (or its process died with the writes still in the view).
+            // Never empty that work dir or pull its tmpfs, `reset` or not.
+            for work in [&self.work, &mem.join("work")] {
+                if work.join(crate::mount::copy::STATE).exists() {
+                    return Err(Error::AlreadyMounted { path: self.target.clone() });
+                }
+            }
             if reset {
                 scratch::release_leftover(&mem, &self.target)?;
             }
@@ -501,6 +509,8 @@ impl Workspace {
                 }
             }
             UpperStorage::Tmpfs { size } => {
+                // What `scratch::mount` refuses, refused before anything is made.
+                scratch::check(&mem)?;
                 mk(&self.target, made)?;
                 if std::fs::symlink_metadata(&mem).is_err() {
                     made.push(mem.clone());
@@ -1269,14 +1279,16 @@ impl Workspace {
     /// what already moved stays moved).
     pub fn apply(&mut self) -> Result<ApplyReport> {
         let _span = span!("apply", dir = %self.dir.display());
+        // Rule 4 first, and for every lower: the reason to give for a cache-backed
+        // workspace is that its layers are the cache's, however many there are.
+        for l in &self.lowers {
+            refuse_cache_layer(l, "apply a sandbox's writes into it")?;
+        }
         if self.rootfs.is_some() || self.lowers.len() != 1 {
             return Err(Error::Unsupported {
                 what: "apply into shared lowers: apply needs a workspace with exactly one private lower".into(),
             });
         }
-        // Rule 4, however the workspace was obtained (`open` knows its lowers only as
-        // paths, and a caller may name a cache layer as a plain lower directory).
-        refuse_cache_layer(&self.lowers[0], "apply a sandbox's writes into it")?;
         let was = self.suspend()?;
         let done = apply::apply(&self.upper, &self.lowers[0], self.userxattr()).and_then(|report| {
             empty_dirs(&[&self.upper, &self.work])?;

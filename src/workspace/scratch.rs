@@ -11,6 +11,25 @@ use nix::sys::statfs::{TMPFS_MAGIC, fstatfs};
 use crate::error::{Error, Result};
 use crate::mount::is_mount_point;
 
+/// What [`mount`] would refuse about `at`, checked without changing anything: a mount
+/// point ([`Error::AlreadyMounted`]) or a non-empty directory ([`Error::NotEmpty`]).
+/// Missing is fine.
+pub(super) fn check(at: &Path) -> Result<()> {
+    let fd = match open(at, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+    {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(Error::io("open", at, e)),
+    };
+    if is_mount_point(at)? {
+        return Err(Error::AlreadyMounted { path: at.to_path_buf() });
+    }
+    if !crate::sys::dir_is_empty(fd.as_fd()).map_err(|e| Error::io("getdents64", at, e))? {
+        return Err(Error::NotEmpty { path: at.to_path_buf() });
+    }
+    Ok(())
+}
+
 /// Mounts a new tmpfs of at most `size` bytes (mode 0700) on the directory `at`
 /// (created if missing), which must not be a mount point already.
 pub(super) fn mount(at: &Path, size: u64) -> Result<()> {
