@@ -495,7 +495,12 @@ fn run_case(c: &Case, backend: Backend) -> Result<(), TestCaseError> {
     check_changes(&v0, &m, &upper_read(&mut wa, backend, "changes", |w| w.changes())?, &dirs)
         .map_err(TestCaseError::fail)?;
     if c.cache {
-        prop_assert!(matches!(wa.apply(), Err(Error::Unsupported { .. })), "apply into cache layers was not refused");
+        let r = wa.apply();
+        prop_assert!(
+            matches!(r, Err(Error::ImmutableLayer { .. })),
+            "apply into cache layers was not refused: {:?}",
+            r
+        );
     }
 
     // (b) export, import into a new workspace on the same lowers.
@@ -1018,7 +1023,8 @@ fn apply_is_refused_for_shared_lowers() {
     write(&ws.target().join("etc/f"), b"changed");
     let before = view(&layer);
     let r = ws.apply();
-    assert!(matches!(r, Err(Error::Unsupported { .. })), "apply into a cached layer: {r:?}");
+    assert!(matches!(r, Err(Error::ImmutableLayer { .. })), "apply into a cached layer: {r:?}");
+    assert!(ws.is_mounted(), "a refused apply unmounted the workspace");
     assert!(view(&layer) == before, "a refused apply changed the cached layer");
     assert_eq!(fs::read(ws.target().join("etc/f")).unwrap(), b"changed");
     ws.destroy().unwrap();
