@@ -15,7 +15,12 @@
 //! rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
 //! rootfsctl diff import WS_DIR IN_TAR
 //! rootfsctl --cache DIR detach WS_DIR                # copy everything up, release the lease
+//! rootfsctl reset WS_DIR                             # unmount, empty the upper
+//! rootfsctl --cache DIR leases | release ID          # persisted leases
 //! ```
+//!
+//! Every command on a workspace holds its lock while it runs: a second command on the
+//! same workspace from another process fails with "in use by another process (pid N)".
 //!
 //! `REF` is `OCI_LAYOUT_DIR[:TAG]` or `OCI_LAYOUT_DIR@sha256:...` (TAG defaults to
 //! `latest`). Success prints only what is listed, exit 0; failure prints one line on
@@ -48,6 +53,8 @@ const USAGE: &str = "usage:
   rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
   rootfsctl diff import WS_DIR IN_TAR
   rootfsctl [--cache DIR] detach WS_DIR
+  rootfsctl reset WS_DIR
+  rootfsctl --cache DIR leases | release ID
 
 REF is OCI_LAYOUT_DIR[:TAG] (TAG defaults to latest) or OCI_LAYOUT_DIR@sha256:...
 Run `rootfsctl COMMAND --help` for one command.";
@@ -80,7 +87,9 @@ copy backend, or (auto, the default) the kernel overlay when it can be mounted h
         "unmount" => "rootfsctl unmount WS_DIR
 unmount the merged view (verified); the writes stay in the upper.",
         "destroy" => "rootfsctl [--cache DIR] destroy WS_DIR
-unmount and delete the workspace; with --cache, release the image's persisted lease.",
+unmount and delete the workspace and release the image's persisted lease (the cache is
+recorded in WS_DIR by create; --cache, if given, must name the same one). Works on a
+workspace whose tmpfs upper is gone, and finishes a destroy that was killed midway.",
         "convert" => "rootfsctl convert [--backend kernel|copy|auto] DIR
 turn DIR into a workspace in place: DIR.lower holds the original, an overlay is mounted at DIR.",
         "apply" => "rootfsctl apply DIR
@@ -90,9 +99,15 @@ rootfsctl diff import WS_DIR IN_TAR
 export: the workspace's writes as an OCI layer tar (prints digest=… diff_id=… size=…
 entries=…); --aligned: block-aligned file data, shared with the upper on XFS/btrfs.
 import: a diff into the empty upper of an unmounted workspace.",
+        "reset" => "rootfsctl reset WS_DIR
+unmount the workspace and empty its upper: the next mount starts from the image again.",
+        "leases" => "rootfsctl --cache DIR leases
+the persisted leases, one id per line (rootfsctl names a workspace's lease rootfsctl-ws-…).",
+        "release" => "rootfsctl --cache DIR release ID
+release a persisted lease, e.g. one whose workspace is gone; its layers may then be evicted.",
         "detach" => "rootfsctl [--cache DIR] detach WS_DIR
 copy everything the image shows into the upper, so the workspace no longer needs the
-image; with --cache, release the image's persisted lease.",
+image, and release the image's persisted lease (as destroy finds it).",
         _ => USAGE,
     }
 }
@@ -260,9 +275,17 @@ fn run(args: &[String]) -> Result<(), Fail> {
             rootfs.persist(&id)?;
             // From here on a failure gives the lease back: `create` undoes its own
             // directories and tmpfs, this undoes the lease.
-            let made = Workspace::create(ws_dir, rootfs, opts).and_then(|ws| {
+            let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|ws| {
                 let target = ws.target().to_path_buf();
-                ws.keep().map(|()| target)
+                // Where the lease is, so that `destroy`/`detach` release it with or
+                // without --cache, however WS_DIR is spelt then.
+                match LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id) {
+                    Ok(()) => ws.keep().map(|()| target).map_err(Fail::from),
+                    Err(e) => {
+                        let _ = ws.destroy();
+                        Err(e)
+                    }
+                }
             });
             match made {
                 Ok(target) => {
@@ -271,7 +294,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 }
                 Err(e) => {
                     let _ = cache.release(&id);
-                    Err(e.into())
+                    Err(e)
                 }
             }
         }
@@ -294,15 +317,33 @@ fn run(args: &[String]) -> Result<(), Fail> {
             Ok(())
         }
         ("destroy", [ws_dir]) => {
-            let id = lease_id(Path::new(ws_dir))?;
             // The cache first: a busy cache fails the command before anything is deleted
             // (never a destroyed workspace whose lease can no longer be released).
-            let cache = if cache_dir.is_some() { Some(open_cache()?) } else { None };
+            let lease = lease_of(Path::new(ws_dir), cache_dir.as_deref(), &open_cache)?;
             Workspace::open(ws_dir)?.destroy()?;
-            if let Some(cache) = &cache {
-                release(cache, &id)?;
+            if let Some((cache, id)) = &lease {
+                release(cache, id)?;
+            }
+            LeaseRecord::remove(Path::new(ws_dir))
+        }
+        ("reset", [ws_dir]) => {
+            let mut ws = Workspace::open(ws_dir)?;
+            ws.reset()?;
+            ws.keep()?;
+            Ok(())
+        }
+        ("leases", []) => {
+            for id in open_cache()?.leases() {
+                println!("{id}");
             }
             Ok(())
+        }
+        ("release", [id]) => {
+            let cache = open_cache()?;
+            if !cache.leases().iter().any(|l| l == id) {
+                return Err(format!("no lease {id:?} in the cache").into());
+            }
+            Ok(cache.release(id)?)
         }
         ("convert", args) => {
             let (kind, pos) = take_value(args, "--backend")?;
@@ -394,19 +435,20 @@ fn run(args: &[String]) -> Result<(), Fail> {
             Ok(())
         }
         ("detach", [ws_dir]) => {
-            let id = lease_id(Path::new(ws_dir))?;
-            let cache = if cache_dir.is_some() { Some(open_cache()?) } else { None };
+            let lease = lease_of(Path::new(ws_dir), cache_dir.as_deref(), &open_cache)?;
             let mut ws = Workspace::open(ws_dir)?;
             ws.detach()?;
             ws.keep()?;
-            if let Some(cache) = &cache {
-                release(cache, &id)?;
+            if let Some((cache, id)) = &lease {
+                release(cache, id)?;
             }
             Ok(())
         }
-        ("ensure" | "ls" | "stats" | "gc" | "unmount" | "destroy" | "apply" | "diff" | "detach", _) => {
-            Err(usage(format!("wrong arguments\n{}", help(cmd))))
-        }
+        (
+            "ensure" | "ls" | "stats" | "gc" | "unmount" | "destroy" | "apply" | "diff" | "detach" | "reset" | "leases"
+            | "release",
+            _,
+        ) => Err(usage(format!("wrong arguments\n{}", help(cmd)))),
         (other, _) => Err(usage(format!("unknown command {other:?} (try --help)"))),
     }
 }
@@ -504,6 +546,79 @@ fn lease_id(ws_dir: &Path) -> Result<String, Fail> {
     };
     let d = rootfs_cache::Digest::of(canon.as_os_str().as_encoded_bytes());
     Ok(format!("rootfsctl-ws-{}", &d.hex()[..16]))
+}
+
+/// `WS_DIR/rootfsctl.lease`: the cache and the persisted lease of a workspace made by
+/// `create`, so that `destroy` and `detach` find them whatever `--cache` and the spelling
+/// of `WS_DIR` are then.
+struct LeaseRecord;
+
+impl LeaseRecord {
+    const FILE: &'static str = "rootfsctl.lease";
+
+    fn write(ws_dir: &Path, cache: &Path, id: &str) -> Result<(), Fail> {
+        let cache = std::fs::canonicalize(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+        let path = ws_dir.join(Self::FILE);
+        let text = format!("cache {}\nlease {id}\n", cache.display());
+        std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()).into())
+    }
+
+    /// The recorded cache dir and lease id, if any.
+    fn read(ws_dir: &Path) -> Result<Option<(PathBuf, String)>, Fail> {
+        let path = ws_dir.join(Self::FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("read {}: {e}", path.display()).into()),
+        };
+        let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).map(str::to_string));
+        match (field("cache "), field("lease ")) {
+            (Some(c), Some(id)) => Ok(Some((PathBuf::from(c), id))),
+            _ => Err(format!("{}: not a lease record", path.display()).into()),
+        }
+    }
+
+    /// Removes the record (after `destroy`), and `ws_dir` if that leaves it empty.
+    fn remove(ws_dir: &Path) -> Result<(), Fail> {
+        let path = ws_dir.join(Self::FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(ws_dir);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("unlink {}: {e}", path.display()).into()),
+        }
+    }
+}
+
+/// The cache (opened: a busy one fails before anything changes) and lease id a
+/// workspace holds: from its record, else from `--cache` and its path. `--cache` naming
+/// another cache than the record is refused.
+fn lease_of(
+    ws_dir: &Path,
+    cache_dir: Option<&Path>,
+    open_cache: &dyn Fn() -> Result<RootfsCache, Fail>,
+) -> Result<Option<(RootfsCache, String)>, Fail> {
+    match (LeaseRecord::read(ws_dir)?, cache_dir) {
+        (Some((recorded, id)), given) => {
+            if let Some(g) = given {
+                let g = std::fs::canonicalize(g).unwrap_or_else(|_| g.to_path_buf());
+                if g != recorded {
+                    return Err(format!(
+                        "{} holds its image in the cache {}, not {}",
+                        ws_dir.display(),
+                        recorded.display(),
+                        g.display()
+                    )
+                    .into());
+                }
+            }
+            Ok(Some((RootfsCache::open(&recorded, CacheOptions::default())?, id)))
+        }
+        (None, Some(_)) => Ok(Some((open_cache()?, lease_id(ws_dir)?))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Releases a persisted lease (a workspace made without --cache has none).

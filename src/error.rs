@@ -126,12 +126,15 @@ pub enum Error {
         reason: String,
     },
 
-    /// The cache directory is locked by another process (or another `RootfsCache` in
-    /// this one).
-    #[error("cache {} is in use by another process (lock held on {}/LOCK)", path.display(), path.display())]
+    /// A cache directory or a workspace is locked by another process (or another handle
+    /// in this one): a [`RootfsCache`](crate::RootfsCache) owns its directory, and a
+    /// [`Workspace`](crate::Workspace) handle its workspace, for as long as it lives.
+    #[error("{} is in use by another process{}", path.display(), pid.map_or_else(String::new, |p| format!(" (pid {p})")))]
     Busy {
-        /// The cache directory.
+        /// The cache directory, or the workspace directory.
         path: PathBuf,
+        /// The holder's process id, as it recorded it in the lock file, when known.
+        pid: Option<u32>,
     },
 
     /// The operation was refused because it lacks a privilege (device nodes when unprivileged, ...).

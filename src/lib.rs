@@ -107,6 +107,7 @@
 //! - `privilege`: whether this process is unprivileged ([`in_user_namespace`]), which
 //!   decides the overlay xattr namespace for extraction, mounts and workspaces alike;
 //! - `immutable`: recognises cache layers by path, so nothing writes into one (rule 4);
+//! - `lockfile`: exclusive `flock` locks that name their holder's pid ([`Error::Busy`]);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
 //! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
@@ -126,6 +127,7 @@ mod error;
 mod fetch;
 mod fsutil;
 mod immutable;
+mod lockfile;
 mod mount;
 mod privilege;
 mod reflink;

@@ -716,7 +716,7 @@ fn second_owner_is_busy_in_process_and_across_processes() {
     let lock = root.join("LOCK");
     let cache = RootfsCache::open(root, CacheOptions::default()).unwrap();
     let err = RootfsCache::open(root, CacheOptions::default()).err().expect("second open must fail");
-    assert!(matches!(&err, Error::Busy { path } if path == root), "{err:?}");
+    assert!(matches!(&err, Error::Busy { path, pid: Some(p) } if path == root && *p == std::process::id()), "{err:?}");
     assert!(err.to_string().contains(root.to_str().unwrap()), "{err}");
 
     let have_flock = require_tool("second_owner_is_busy (flock part)", "flock");

@@ -1015,8 +1015,18 @@ fn cli_commands_racing_an_export(v: Variant) {
         live.check_mounts(&what);
         assert_eq!(o.status.code(), Some(*code), "{what}: {o:?}");
     }
-    for (child, out) in [(export, &out1), (second, &out2)] {
-        let o = child.wait_with_output().unwrap();
+    // The workspace is locked while a command runs on it: a second export while the
+    // first still runs is turned away (`in use`, naming the holder), never interleaved.
+    let o2 = second.wait_with_output().unwrap();
+    let busy = String::from_utf8_lossy(&o2.stderr).contains("in use by another process");
+    assert!(o2.status.success() || busy, "the second export: {o2:?}");
+    let exports: Vec<_> = if busy {
+        assert!(!out2.exists(), "a refused export left {}", out2.display());
+        vec![(export.wait_with_output().unwrap(), &out1)]
+    } else {
+        vec![(export.wait_with_output().unwrap(), &out1), (o2, &out2)]
+    };
+    for (o, out) in exports {
         assert!(o.status.success(), "the export into {} failed: {o:?}", out.display());
         let st = kv(String::from_utf8_lossy(&o.stdout).trim_end());
         assert_eq!(st["size"], fs::metadata(out).unwrap().len().to_string());
@@ -1136,11 +1146,16 @@ fn lib_adopted_handle_drop(v: Variant) {
     assert!(!ws.is_leased());
     drop(ws);
     live.check("dropping a handle from `Workspace::open`");
-    let (a, b) = (Workspace::open(live.ws()).unwrap(), Workspace::open(live.ws()).unwrap());
+    // One handle at a time (a lock per workspace): a second `open` is `Busy`, naming
+    // this process, and dropping the refused attempt changes nothing.
+    let a = Workspace::open(live.ws()).unwrap();
+    let e = Workspace::open(live.ws()).unwrap_err();
+    assert!(matches!(&e, Error::Busy { pid: Some(p), .. } if *p == std::process::id()), "second open: {e:?}");
+    live.check("a second `open` while the first handle lives");
     drop(a);
-    live.check("dropping the first of two handles from `open`");
-    drop(b);
-    live.check("dropping the second of two handles from `open`");
+    live.check("dropping the handle from `open`");
+    drop(Workspace::open(live.ws()).unwrap());
+    live.check("opening again once the first handle is gone");
     live.finish();
 }
 

@@ -37,7 +37,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, Flock, FlockArg, OFlag, openat};
+use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{Mode, SFlag, fstatat};
 use parking_lot::{Condvar, Mutex};
 
@@ -190,7 +190,7 @@ struct Inner {
     done: Condvar,
     counters: Counters,
     seq: AtomicU64,
-    _lock: Flock<File>,
+    _lock: crate::lockfile::LockFile,
 }
 
 /// A digest-keyed cache of extracted image layers in one directory.
@@ -334,11 +334,7 @@ impl RootfsCache {
             fs::create_dir_all(&p).map_err(io("mkdir", &p))?;
         }
         let lock_path = root.join(layout::LOCK);
-        let lock_file = File::options().create(true).append(true).open(&lock_path).map_err(io("open", &lock_path))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
-            Errno::EWOULDBLOCK => Error::Busy { path: root.clone() },
-            e => Error::io("flock", &lock_path, e),
-        })?;
+        let lock = crate::lockfile::LockFile::acquire(&lock_path, &root)?;
         empty_dir(&root.join(layout::TMP))?;
         empty_dir(&root.join(layout::TRASH))?;
 

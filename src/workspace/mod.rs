@@ -64,6 +64,7 @@ use crate::unpack::{UnpackOptions, WhiteoutMode, unpack};
 mod apply;
 mod changes;
 mod export;
+mod journal;
 mod scratch;
 mod state;
 pub(crate) mod tar_writer;
@@ -207,7 +208,26 @@ pub struct Workspace {
     /// What this handle set up itself, and so tears down when dropped (see
     /// `# Ownership` on [`Workspace`]).
     owns: Owns,
+    /// The workspace's lock, held while the handle lives (one handle per workspace,
+    /// across processes). `None` only after `keep`/`destroy` gave it up.
+    lock: Option<crate::lockfile::LockFile>,
+    /// Where the step of a multi-step change is recorded (see `journal`).
+    journal: PathBuf,
+    /// Found half destroyed by `open`: only `destroy` may run.
+    destroying: bool,
+    /// A tmpfs upper that is gone (unmounted by hand, a reboot): only `destroy` may run.
+    scratch_lost: bool,
 }
+
+/// `path` with `ext` appended to its last component (`dir` → `dir.lower`).
+fn sidecar(path: &Path, ext: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// A created workspace's lock file, in its dir (converted: `path.lock` next to it).
+const LOCK_FILE: &str = "workspace.lock";
 
 /// The resources a [`Workspace`] handle set up itself (as opposed to adopted from an
 /// earlier handle or process through [`Workspace::open`]).
@@ -243,12 +263,7 @@ fn mkdir(p: &Path) -> Result<bool> {
 
 /// `path.lower`, `path.upper`, `path.work`: the directories of a `convert`ed `path`.
 fn converted_dirs(path: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let sibling = |ext: &str| {
-        let mut s = path.as_os_str().to_owned();
-        s.push(ext);
-        PathBuf::from(s)
-    };
-    (sibling(".lower"), sibling(".upper"), sibling(".work"))
+    (sidecar(path, ".lower"), sidecar(path, ".upper"), sidecar(path, ".work"))
 }
 
 /// Empties `dir`, refusing if anything is mounted inside it.
@@ -411,21 +426,13 @@ impl Workspace {
         if fresh && made.is_empty() {
             made.push(dir.clone());
         }
-        if !fresh {
-            refuse_cache_layer(&dir, "create a workspace inside it")?;
-            let state_file = dir.join(state::FILE);
-            if !opts.reset && state_file.exists() {
-                // A kept workspace (maybe mounted by another process): never adopt its
-                // directories as a new one's.
-                return Err(Error::NotEmpty { path: state_file });
-            }
-        }
         let mut options = opts.overlay;
         options.fresh = false;
         let mut ws = Workspace {
             upper: dir.join("upper"),
             work: dir.join("work"),
             target: dir.join("rootfs"),
+            journal: dir.join(journal::FILE),
             dir,
             lowers,
             rootfs,
@@ -435,21 +442,48 @@ impl Workspace {
             scratch: None,
             storage: opts.upper,
             owns: Owns::default(),
+            lock: None,
+            destroying: false,
+            scratch_lost: false,
         };
-        match ws.populate(fresh, opts.reset, &mut made) {
+        // Refusals first, before anything in an existing dir changes (its mtime too).
+        if !fresh {
+            ws.precheck(opts.reset)?;
+        }
+        let lock_path = ws.dir.join(LOCK_FILE);
+        let made_lock = fresh || std::fs::symlink_metadata(&lock_path).is_err();
+        // A fresh dir that someone else locked first is theirs now: leave it.
+        ws.lock = Some(crate::lockfile::LockFile::acquire(&lock_path, &ws.dir)?);
+        let done = if fresh {
+            ws.populate(fresh, opts.reset, &mut made)
+        } else {
+            // Again, now that no other handle can change the dir.
+            ws.precheck(opts.reset).and_then(|()| ws.populate(fresh, opts.reset, &mut made))
+        };
+        match done {
             Ok(()) => {
-                if !fresh && ws.dir.join(state::FILE).exists() {
-                    // `reset` over a kept workspace: describe the new one instead.
-                    ws.save_state()?;
+                if !fresh {
+                    // `reset` over a kept or half-done workspace: its description and
+                    // journal are the old workspace's.
+                    if ws.dir.join(state::FILE).exists() {
+                        ws.save_state()?;
+                    }
+                    journal::end(&ws.journal)?;
                 }
                 Ok(ws)
             }
             Err(e) => {
-                // Undo: the tmpfs this call mounted, then the directories it made.
+                // Undo: the tmpfs this call mounted, then the lock file and the
+                // directories it made.
                 if let Some(mem) = ws.scratch.take() {
                     if scratch::unmount(&mem).is_err() {
                         ws.owns = Owns::default();
                         return Err(e);
+                    }
+                }
+                if made_lock {
+                    if let Some(l) = &ws.lock {
+                        let _ = l.remove();
                     }
                 }
                 for d in made.iter().rev() {
@@ -458,6 +492,46 @@ impl Workspace {
                 Err(e)
             }
         }
+    }
+
+    /// What [`create`](Workspace::create) refuses about an existing `dir`, checked
+    /// without changing anything: cache layers (rule 4; leftovers may be symlinks), a
+    /// kept or half-changed workspace (unless `reset`), a live copy-backend view (even
+    /// with `reset`), mounts inside, a non-empty upper or tmpfs mount point.
+    fn precheck(&self, reset: bool) -> Result<()> {
+        let mem = self.dir.join("mem");
+        for d in [&self.dir, &self.upper, &self.work, &self.target, &mem] {
+            refuse_cache_layer(d, "create a workspace inside it")?;
+        }
+        if !reset {
+            // A kept workspace (maybe mounted by another process), or one a crashed
+            // process was changing: never adopt its directories as a new one's.
+            for f in [self.dir.join(state::FILE), self.journal.clone()] {
+                if f.exists() {
+                    return Err(Error::NotEmpty { path: f });
+                }
+            }
+        }
+        // A view mounted with the copy backend is no mount: its state in the work dir
+        // says it is live (or its process died with the writes still in the view).
+        // Never empty that work dir or pull its tmpfs, `reset` or not.
+        for work in [&self.work, &mem.join("work")] {
+            if work.join(crate::mount::copy::STATE).exists() {
+                return Err(Error::AlreadyMounted { path: self.target.clone() });
+            }
+        }
+        if !reset {
+            refuse_mounts_under(&[&self.dir])?;
+            match self.storage {
+                UpperStorage::Disk => {
+                    if self.upper.exists() && !crate::fsutil::is_empty_dir(&self.upper)? {
+                        return Err(Error::NotEmpty { path: self.upper.clone() });
+                    }
+                }
+                UpperStorage::Tmpfs { .. } => scratch::check(&mem)?,
+            }
+        }
+        Ok(())
     }
 
     /// The part of [`create`](Workspace::create) that makes (or resets) the upper, work
@@ -472,18 +546,7 @@ impl Workspace {
         };
         let mem = self.dir.join("mem");
         if !fresh {
-            // Leftovers may be symlinks (a fresh dir has none): rule 4 for each.
-            for d in [&self.upper, &self.work, &self.target, &mem] {
-                refuse_cache_layer(d, "use it in a workspace")?;
-            }
-            // A view mounted with the copy backend is no mount: its state in the work dir
-            // says it is live (or its process died with the writes still in the view).
-            // Never empty that work dir or pull its tmpfs, `reset` or not.
-            for work in [&self.work, &mem.join("work")] {
-                if work.join(crate::mount::copy::STATE).exists() {
-                    return Err(Error::AlreadyMounted { path: self.target.clone() });
-                }
-            }
+            // (`precheck` has refused what must be refused.)
             if reset {
                 scratch::release_leftover(&mem, &self.target)?;
             }
@@ -562,55 +625,82 @@ impl Workspace {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = std::path::absolute(dir.as_ref()).map_err(|e| Error::io("getcwd", dir.as_ref(), e))?;
         let dir: PathBuf = dir.components().collect();
-        let mut ws = match state::State::load(&dir)? {
-            Some(st) => {
-                let mem = dir.join("mem");
-                let (upper, work, scratch, storage) = match st.tmpfs_size {
-                    None => (dir.join("upper"), dir.join("work"), None, UpperStorage::Disk),
-                    Some(size) => {
-                        if !is_mount_point(&mem)? {
-                            return Err(Error::Unsupported {
-                                what: format!("{}: the tmpfs upper is not mounted any more", mem.display()),
-                            });
-                        }
-                        (mem.join("upper"), mem.join("work"), Some(mem.clone()), UpperStorage::Tmpfs { size })
-                    }
-                };
-                Workspace {
-                    target: dir.join("rootfs"),
-                    dir,
-                    upper,
-                    work,
-                    options: st.options(),
-                    lowers: st.lowers,
-                    rootfs: None,
-                    backend: None,
-                    converted: false,
-                    scratch,
-                    storage,
-                    // Adopted: whatever is mounted stays mounted when this handle goes.
-                    owns: Owns::default(),
-                }
+        // Which kind, without making anything (no lock file in a dir that holds no
+        // workspace): a created one (described, or half destroyed), or a converted dir.
+        let (lower, upper, work) = converted_dirs(&dir);
+        let created = |d: &Path| d.join(state::FILE).exists() || d.join(journal::FILE).exists();
+        let converted_journal = sidecar(&dir, ".journal");
+        let converted =
+            !created(&dir) && ((lower.is_dir() && upper.is_dir() && work.is_dir()) || converted_journal.exists());
+        if !created(&dir) && !converted {
+            return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
+        }
+        let (lock_path, journal_path) = if converted {
+            (sidecar(&dir, ".lock"), sidecar(&dir, ".journal"))
+        } else {
+            (dir.join(LOCK_FILE), dir.join(journal::FILE))
+        };
+        let lock = crate::lockfile::LockFile::acquire(&lock_path, &dir)?;
+        // Under the lock: still there? (Another process may have destroyed it.)
+        if !(if converted { (lower.is_dir() && upper.is_dir()) || converted_journal.exists() } else { created(&dir) }) {
+            let _ = lock.remove();
+            return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
+        }
+        let step = journal::read(&journal_path)?;
+        let mut ws = if converted {
+            Workspace {
+                target: dir.clone(),
+                dir,
+                upper,
+                work,
+                options: OverlayOptions::default(),
+                lowers: vec![lower],
+                rootfs: None,
+                backend: None,
+                converted: true,
+                scratch: None,
+                storage: UpperStorage::Disk,
+                owns: Owns::default(),
+                lock: Some(lock),
+                journal: journal_path,
+                destroying: step == Some(journal::Step::Destroy),
+                scratch_lost: false,
             }
-            None => {
-                let (lower, upper, work) = converted_dirs(&dir);
-                if !(lower.is_dir() && upper.is_dir() && work.is_dir()) {
-                    return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
+        } else {
+            let st = state::State::load(&dir)?;
+            let destroying = step == Some(journal::Step::Destroy);
+            let Some(st) = st.or_else(|| destroying.then(state::State::gone)) else {
+                return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
+            };
+            let mem = dir.join("mem");
+            let (upper, work, scratch, storage, scratch_lost) = match st.tmpfs_size {
+                None => (dir.join("upper"), dir.join("work"), None, UpperStorage::Disk, false),
+                Some(size) => {
+                    // Gone (unmounted by hand, a reboot, another mount namespace): its
+                    // contents are lost; the handle can still be destroyed.
+                    let lost = !is_mount_point(&mem)?;
+                    let scratch = (!lost).then(|| mem.clone());
+                    (mem.join("upper"), mem.join("work"), scratch, UpperStorage::Tmpfs { size }, lost)
                 }
-                Workspace {
-                    target: dir.clone(),
-                    dir,
-                    upper,
-                    work,
-                    options: OverlayOptions::default(),
-                    lowers: vec![lower],
-                    rootfs: None,
-                    backend: None,
-                    converted: true,
-                    scratch: None,
-                    storage: UpperStorage::Disk,
-                    owns: Owns::default(),
-                }
+            };
+            Workspace {
+                target: dir.join("rootfs"),
+                dir,
+                upper,
+                work,
+                options: st.options(),
+                lowers: st.lowers,
+                rootfs: None,
+                backend: None,
+                converted: false,
+                scratch,
+                storage,
+                // Adopted: whatever is mounted stays mounted when this handle goes.
+                owns: Owns::default(),
+                lock: Some(lock),
+                journal: journal_path,
+                destroying,
+                scratch_lost,
             }
         };
         // Rule 4: this handle may mount, reset, import into and apply to these dirs,
@@ -623,7 +713,93 @@ impl Workspace {
         } else if ws.work.join(crate::mount::copy::STATE).exists() {
             ws.backend = Some(Box::new(crate::mount::CopyBackend::new()));
         }
+        if let Some(step) = step {
+            if !ws.destroying && !ws.scratch_lost {
+                ws.recover(step)?;
+            }
+        }
         Ok(ws)
+    }
+
+    /// Finishes or undoes the step a killed process left in the journal (see
+    /// `journal`): after this, the workspace is whole and may be mounted.
+    fn recover(&mut self, step: journal::Step) -> Result<()> {
+        use journal::Step;
+        // Every journalled step runs unmounted; a view mounted now is not this
+        // workspace's own doing. Refuse rather than change what it shows.
+        if self.backend.is_some() {
+            return Err(Error::AlreadyMounted { path: self.target.clone() });
+        }
+        match step {
+            Step::Import => self.empty_upper(false)?,
+            Step::Reset => self.empty_upper(true)?,
+            Step::Apply => {
+                apply::apply(&self.upper, &self.lowers[0], self.userxattr())?;
+                self.empty_upper(true)?;
+            }
+            Step::Detach | Step::DetachSwapped => self.recover_detach(step == Step::DetachSwapped)?,
+            Step::Destroy => return Ok(()),
+        }
+        journal::end(&self.journal)
+    }
+
+    /// Empties the upper (and the work dir) and gives the upper root the lower's
+    /// metadata again: an empty upper, as `create` makes it.
+    fn empty_upper(&self, work: bool) -> Result<()> {
+        if work {
+            empty_dirs(&[&self.upper, &self.work])?;
+        } else {
+            empty_dir(&self.upper)?;
+        }
+        seed_upper_root(&self.upper, &self.lowers[0])
+    }
+
+    /// `detach` killed midway: before the swap, the original upper is put back and the
+    /// copy thrown away; after it, the detached upper stays and the lowers become the
+    /// skeleton (the lease is released by whoever holds it: `destroy`, `release`).
+    fn recover_detach(&mut self, swapped: bool) -> Result<()> {
+        let fresh = self.upper.with_file_name("upper.detach");
+        let old = self.upper.with_file_name("upper.old");
+        let remove = |d: &Path| -> Result<()> {
+            if d.exists() {
+                empty_dir(d)?;
+                std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+            }
+            Ok(())
+        };
+        // Both there: the second rename happened (only its journal entry did not).
+        if swapped || (self.upper.is_dir() && old.is_dir()) {
+            remove(&old)?;
+            remove(&fresh)?;
+            empty_dir(&self.work)?;
+            self.lowers = vec![self.dir.join("skeleton")];
+            self.save_state()
+        } else {
+            if !self.upper.exists() && old.is_dir() {
+                std::fs::rename(&old, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
+            }
+            remove(&fresh)?;
+            remove(&old)
+        }
+    }
+
+    /// Refuses work on a workspace `open` found half destroyed, or whose tmpfs upper is
+    /// gone: only [`destroy`](Workspace::destroy) makes sense there.
+    fn usable(&self, what: &str) -> Result<()> {
+        if self.destroying {
+            return Err(Error::Unsupported {
+                what: format!("{what} of {}: it was being destroyed; destroy it again", self.dir.display()),
+            });
+        }
+        if self.scratch_lost {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{what} of {}: its tmpfs upper is not mounted any more (its writes are gone); destroy it",
+                    self.dir.display()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Writes the workspace's description (`dir/workspace.json`, atomically), then drops
@@ -635,7 +811,8 @@ impl Workspace {
     /// # Errors
     /// I/O errors writing the description; the workspace is left as it is all the same.
     pub fn keep(mut self) -> Result<()> {
-        let saved = self.save_state();
+        // A half-destroyed workspace keeps its journal, not a description.
+        let saved = if self.destroying { Ok(()) } else { self.save_state() };
         self.owns = Owns::default();
         saved
     }
@@ -662,19 +839,30 @@ impl Workspace {
             return Err(Error::InvalidSpec { reason: format!("{} is not a directory", path.display()) });
         }
         // Never adopt (and later delete) directories someone else made.
-        for d in [&upper, &work] {
+        for d in [&upper, &work, &lower] {
             if std::fs::symlink_metadata(d).is_ok() {
                 return Err(Error::io("mkdir", d, std::io::Error::from_raw_os_error(nix::libc::EEXIST)));
             }
         }
-        nix::fcntl::renameat2(
+        let lock_path = sidecar(&path, ".lock");
+        let made_lock = std::fs::symlink_metadata(&lock_path).is_err();
+        let lock = crate::lockfile::LockFile::acquire(&lock_path, &path)?;
+        let undo_lock = |lock: &crate::lockfile::LockFile| {
+            if made_lock {
+                let _ = lock.remove();
+            }
+        };
+        if let Err(e) = nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             path.as_path(),
             nix::fcntl::AT_FDCWD,
             lower.as_path(),
             nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        )
-        .map_err(|e| Error::io("renameat2", &lower, e))?;
+        ) {
+            undo_lock(&lock);
+            return Err(Error::io("renameat2", &lower, e));
+        }
+        let mut lock = Some(lock);
         let mut created: Vec<&PathBuf> = Vec::new();
         let made = (|| {
             for d in [&upper, &work, &path] {
@@ -695,8 +883,13 @@ impl Workspace {
                 scratch: None,
                 storage: UpperStorage::Disk,
                 owns: Owns::default(),
+                lock: None,
+                journal: sidecar(&path, ".journal"),
+                destroying: false,
+                scratch_lost: false,
             };
             ws.mount(backend)?;
+            ws.lock = lock.take();
             Ok(ws)
         })();
         if made.is_err() {
@@ -705,6 +898,9 @@ impl Workspace {
                 let _ = empty_dir(d).and_then(|()| std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e)));
             }
             let _ = std::fs::rename(&lower, &path);
+            if let Some(l) = &lock {
+                undo_lock(l);
+            }
         }
         made
     }
@@ -761,6 +957,7 @@ impl Workspace {
         if self.backend.is_some() {
             return Err(Error::AlreadyMounted { path: self.target.clone() });
         }
+        self.usable("mount")?;
         // Upper, work and target were checked for cache layers by `create`/`open`.
         crate::immutable::with_dirs_checked(|| backend.mount(&self.spec()))?;
         self.backend = Some(Box::new(backend));
@@ -829,18 +1026,33 @@ impl Workspace {
     /// Unmounts, then empties the upper and work dirs: the next mount starts clean
     /// (runner recycling). The workspace is left unmounted.
     ///
+    /// Crash-safe: rolls forward. A process killed midway leaves a journal entry, and
+    /// the next [`open`](Workspace::open) finishes emptying before anything can mount.
+    ///
     /// # Errors
     /// Unmount and I/O errors; [`Error::AlreadyMounted`] when something else is mounted
-    /// inside the upper or work dir (nothing is deleted then). After an error the view
-    /// is mounted again if it was (an I/O error midway may have deleted part of the
-    /// writes: they were asked to go).
+    /// inside the upper or work dir (nothing is deleted then, and the view is mounted
+    /// again if it was). After an I/O error midway the workspace stays unmounted with
+    /// its journal entry: `reset` again (or the next `open`) finishes.
     pub fn reset(&mut self) -> Result<()> {
+        self.usable("reset")?;
         let was = self.suspend()?;
-        let done = empty_dirs(&[&self.upper, &self.work]).and_then(|()| seed_upper_root(&self.upper, &self.lowers[0]));
-        if done.is_err() {
+        if let Err(e) = journal::begin(&self.journal, journal::Step::Reset) {
             let _ = self.resume(was);
+            return Err(e);
         }
-        done
+        match self.empty_upper(true) {
+            Ok(()) => journal::end(&self.journal),
+            // Refused before anything was deleted (something mounted inside): as it was.
+            Err(e @ Error::AlreadyMounted { .. }) => {
+                let _ = journal::end(&self.journal);
+                let _ = self.resume(was);
+                Err(e)
+            }
+            // Midway: half the writes may be gone. The journal stays, so the next `open`
+            // (or `reset`) finishes the job; a half-emptied upper is never mounted.
+            Err(e) => Err(e),
+        }
     }
 
     /// Unmounts (verified), then deletes the directories this crate made in the
@@ -858,7 +1070,9 @@ impl Workspace {
     pub fn destroy(mut self) -> Result<()> {
         let done = self.teardown();
         if done.is_err() {
-            if !self.converted && self.dir.is_dir() {
+            // Past the journal entry, `open` knows it is half destroyed; before it, the
+            // workspace is whole, and described so that `open` can find it.
+            if !self.destroying && !self.converted && self.dir.is_dir() {
                 let _ = self.save_state();
             }
             self.owns = Owns::default();
@@ -870,39 +1084,81 @@ impl Workspace {
     /// [`destroy`](Workspace::destroy) but for the handle.
     fn teardown(&mut self) -> Result<()> {
         let was = self.suspend()?;
-        let tmpfs = self.scratch.is_some();
-        if let Some(mem) = self.scratch.clone() {
-            // Never pull the tmpfs from under a merged view someone else mounted.
-            if let Err(e) = refuse_mounts_under(&[&self.target]).and_then(|()| scratch::unmount(&mem)) {
-                let _ = self.resume(was);
-                return Err(e);
+        // A workspace another process can find (described, converted, or already half
+        // destroyed) journals its destruction; one handle's own from `create` to
+        // `destroy` (the warm restore) has nobody to tell.
+        let journaled = self.converted || self.destroying || self.dir.join(state::FILE).exists();
+        let tmpfs = matches!(self.storage, UpperStorage::Tmpfs { .. });
+        // Only what this crate made: anything else the caller keeps in `dir` stays, and
+        // then `dir` itself does too. A tmpfs workspace's upper and work were inside
+        // `mem`: a `dir/upper` next to it is a disk workspace's leftover, not this one's.
+        let names: &[&str] = if self.converted {
+            &[]
+        } else if self.destroying {
+            &["mem", "upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
+        } else if tmpfs {
+            &["mem", "rootfs", "skeleton"]
+        } else {
+            &["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
+        };
+        let ours: Vec<PathBuf> = if self.converted {
+            [&self.upper, &self.work].into_iter().filter(|p| p.exists()).cloned().collect()
+        } else {
+            names.iter().map(|n| self.dir.join(n)).filter(|p| p.exists()).collect()
+        };
+        let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
+        // Refusals, before anything is lost: never pull the tmpfs from under a view
+        // someone else mounted, never delete through a mount.
+        let refused = (|| {
+            if self.scratch.is_some() {
+                refuse_mounts_under(&[&self.target])?;
             }
+            if journaled {
+                // The tmpfs itself is mounted at `mem` (unmounted below): only mounts
+                // inside it count there.
+                let (at_mem, others): (Vec<&Path>, Vec<&Path>) =
+                    refs.iter().partition(|p| self.scratch.as_deref() == Some(**p));
+                refuse_mounts_under(&others)?;
+                if let Some(m) = crate::mount::mountinfo::mount_under(&at_mem, false)? {
+                    return Err(Error::AlreadyMounted { path: m });
+                }
+                if !self.destroying {
+                    journal::begin(&self.journal, journal::Step::Destroy)?;
+                    self.destroying = true;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = refused {
+            let _ = self.resume(was);
+            return Err(e);
+        }
+        if let Some(mem) = self.scratch.clone() {
+            scratch::unmount(&mem)?;
             self.scratch = None;
             self.owns.scratch = false;
         }
         if self.converted {
-            for d in [&self.upper, &self.work] {
+            for d in &ours {
                 empty_dir(d)?;
                 std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
             }
-            std::fs::remove_dir(&self.target).map_err(|e| Error::io("rmdir", &self.target, e))?;
-            std::fs::rename(&self.lowers[0], &self.target).map_err(|e| Error::io("rename", &self.target, e))?;
+            if self.lowers[0].is_dir() {
+                match std::fs::remove_dir(&self.target) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io("rmdir", &self.target, e));
+                    }
+                    _ => {}
+                }
+                std::fs::rename(&self.lowers[0], &self.target).map_err(|e| Error::io("rename", &self.target, e))?;
+            }
         } else {
-            // Only what this crate made: anything else the caller keeps in `dir` stays,
-            // and then `dir` itself does too.
-            // A tmpfs workspace's upper and work were inside `mem`: a `dir/upper` next to it
-            // is a disk workspace's leftover, not this one's.
-            let names: &[&str] = if tmpfs {
-                &["mem", "rootfs", "skeleton"]
-            } else {
-                &["upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
-            };
-            let ours: Vec<PathBuf> = names.iter().map(|n| self.dir.join(n)).filter(|p| p.exists()).collect();
-            let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
             if let Err(e) = empty_dirs(&refs) {
                 // Refused before anything was deleted (something mounted inside), or an
                 // I/O error midway: put the view back where it can be.
-                let _ = self.resume(was);
+                if !journaled {
+                    let _ = self.resume(was);
+                }
                 return Err(e);
             }
             for d in &ours {
@@ -914,6 +1170,12 @@ impl Workspace {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("unlink", &st, e)),
             }
+        }
+        journal::end(&self.journal)?;
+        if let Some(lock) = &self.lock {
+            lock.remove()?;
+        }
+        if !self.converted {
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {}
@@ -938,6 +1200,7 @@ impl Workspace {
     pub fn import_diff(&mut self, input: impl Read + Send) -> Result<DiffStats> {
         let _span = span!("import_diff", dir = %self.dir.display());
         let opts = self.import_options()?;
+        journal::begin(&self.journal, journal::Step::Import)?;
         let stats = unpack(input, &self.upper, &opts);
         self.discard_on_error(stats).map(streamed_stats)
     }
@@ -958,6 +1221,7 @@ impl Workspace {
     pub fn import_diff_file(&mut self, file: &File) -> Result<DiffStats> {
         let _span = span!("import_diff_file", dir = %self.dir.display());
         let opts = self.import_options()?;
+        journal::begin(&self.journal, journal::Step::Import)?;
         let done = crate::unpack::unpack_file(file, &self.upper, &opts);
         Ok(match self.discard_on_error(done)? {
             crate::unpack::FileUnpacked::Cloned { entries, file_bytes, bytes } => {
@@ -969,6 +1233,7 @@ impl Workspace {
 
     /// Checks that an import may start and gives its extraction options.
     fn import_options(&self) -> Result<UnpackOptions> {
+        self.usable("import")?;
         if self.backend.is_some() {
             return Err(Error::AlreadyMounted { path: self.target.clone() });
         }
@@ -988,9 +1253,15 @@ impl Workspace {
 
     /// After a failed import, empties the upper again (best effort: the import's error is
     /// what the caller needs to see).
+    /// Also ends the import's journal entry: after success, or once the upper is empty
+    /// again (if emptying fails, the entry stays and the next `open` empties it).
     fn discard_on_error<T>(&self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            let _ = empty_dir(&self.upper).and_then(|()| seed_upper_root(&self.upper, &self.lowers[0]));
+        let settled = match &r {
+            Ok(_) => Ok(()),
+            Err(_) => self.empty_upper(false),
+        };
+        if settled.is_ok() {
+            let _ = journal::end(&self.journal);
         }
         r
     }
@@ -1021,6 +1292,7 @@ impl Workspace {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = path.as_ref();
         let _span = span!("checkpoint", dir = %self.dir.display(), path = %path.display());
+        self.usable("checkpoint")?;
         self.check_upper_current("checkpoint")?;
         if path.file_name().is_none() {
             let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file");
@@ -1147,9 +1419,15 @@ impl Workspace {
                 what: "detach of a converted workspace: its only lower is its own already".into(),
             });
         }
+        self.usable("detach")?;
         let was = self.suspend()?;
         if let Err(e) = self.detach_unmounted() {
-            let _ = self.resume(was);
+            // Before the swap everything was put back: mount again. Past it (an I/O error
+            // finishing up), the journal entry stays for `open` to roll forward, and the
+            // view stays unmounted until then.
+            if journal::read(&self.journal).ok().flatten().is_none() {
+                let _ = self.resume(was);
+            }
             return Err(e);
         }
         self.resume(was)
@@ -1166,14 +1444,18 @@ impl Workspace {
             // `upper.old`. Roll back to it before anything is deleted.
             std::fs::rename(&old, &self.upper).map_err(|e| Error::io("rename", &self.upper, e))?;
         }
-        for d in [&fresh, &old] {
-            if d.exists() {
-                empty_dir(d)?;
-                std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+        journal::begin(&self.journal, journal::Step::Detach)?;
+        let skeleton = self.dir.join("skeleton");
+        // Up to the swap, an error (or a kill: `open` rolls back) leaves the original
+        // upper in place and the copy discarded.
+        let before_swap = (|| {
+            for d in [&fresh, &old] {
+                if d.exists() {
+                    empty_dir(d)?;
+                    std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+                }
             }
-        }
-        mkdir(&fresh)?;
-        let built = (|| {
+            mkdir(&fresh)?;
             let dst = open_dir_path(&fresh)?;
             let xattrs = Xattrs::Keep(Xattrs::prefix(userxattr));
             for l in self.lowers.iter().rev().chain([&self.upper]) {
@@ -1184,25 +1466,29 @@ impl Workspace {
             // The root cannot be opaque: names the lowers have at the top level and the
             // view does not get whiteouts, so a diff of the detached upper applied over
             // the image (export, import elsewhere) does not bring them back.
-            whiteout_missing_roots(&self.lowers, &fresh)
+            whiteout_missing_roots(&self.lowers, &fresh)?;
+            // Detached before: the skeleton already holds the image's top-level names.
+            if self.lowers != [skeleton.clone()] {
+                make_skeleton(&self.lowers, &skeleton)?;
+            }
+            std::fs::rename(&self.upper, &old).map_err(|e| Error::io("rename", &old, e))?;
+            if let Err(e) = std::fs::rename(&fresh, &self.upper) {
+                // Put the sandbox's upper back before anything else.
+                let _ = std::fs::rename(&old, &self.upper);
+                return Err(Error::io("rename", &self.upper, e));
+            }
+            Ok(())
         })();
-        let discard = |e: Error| {
-            let _ =
-                empty_dir(&fresh).and_then(|()| std::fs::remove_dir(&fresh).map_err(|e| Error::io("rmdir", &fresh, e)));
-            e
-        };
-        built.map_err(discard)?;
-        let skeleton = self.dir.join("skeleton");
-        // Detached before: the skeleton already holds the image's top-level names.
-        if self.lowers != [skeleton.clone()] {
-            make_skeleton(&self.lowers, &skeleton).map_err(discard)?;
+        if let Err(e) = before_swap {
+            if fresh.exists() {
+                let _ = empty_dir(&fresh)
+                    .and_then(|()| std::fs::remove_dir(&fresh).map_err(|e| Error::io("rmdir", &fresh, e)));
+            }
+            let _ = journal::end(&self.journal);
+            return Err(e);
         }
-        std::fs::rename(&self.upper, &old).map_err(|e| discard(Error::io("rename", &old, e)))?;
-        if let Err(e) = std::fs::rename(&fresh, &self.upper) {
-            // Put the sandbox's upper back before anything else.
-            let _ = std::fs::rename(&old, &self.upper);
-            return Err(discard(Error::io("rename", &self.upper, e)));
-        }
+        // Swapped: from here on the detach rolls forward (a kill: `open` finishes it).
+        journal::begin(&self.journal, journal::Step::DetachSwapped)?;
         self.lowers = vec![skeleton];
         self.rootfs = None;
         empty_dir(&old)?;
@@ -1213,7 +1499,7 @@ impl Workspace {
         if self.dir.join(state::FILE).exists() {
             self.save_state()?;
         }
-        Ok(())
+        journal::end(&self.journal)
     }
 
     /// Writes the upper as an OCI layer diff to `out`; see [`DiffOptions`]. Everything
@@ -1228,6 +1514,7 @@ impl Workspace {
     /// unmount ([`CopyBackend`](crate::CopyBackend)); I/O errors.
     pub fn export_diff(&self, out: impl Write, opts: &DiffOptions) -> Result<DiffStats> {
         let _span = span!("export_diff", dir = %self.dir.display(), aligned = opts.aligned);
+        self.usable("export_diff")?;
         self.check_upper_current("export_diff")?;
         let st = export::export(&self.upper, self.userxattr(), out, opts)?;
         event!(entries = st.entries, file_bytes = st.file_bytes, size = st.size, "exported");
@@ -1247,6 +1534,7 @@ impl Workspace {
     /// As [`export_diff`](Workspace::export_diff).
     pub fn export_diff_file(&self, file: &File, opts: &DiffOptions) -> Result<DiffStats> {
         let _span = span!("export_diff_file", dir = %self.dir.display(), aligned = opts.aligned);
+        self.usable("export_diff_file")?;
         self.check_upper_current("export_diff_file")?;
         let st = export::export_file(&self.upper, self.userxattr(), file, opts)?;
         event!(entries = st.entries, file_bytes = st.file_bytes, size = st.size, "exported");
@@ -1259,6 +1547,7 @@ impl Workspace {
     /// # Errors
     /// [`Error::Unsupported`] for redirect or metacopy xattrs; I/O errors.
     pub fn changes(&self) -> Result<ChangeSet> {
+        self.usable("changes")?;
         self.check_upper_current("changes")?;
         changes::scan(&self.upper, &self.lowers, self.userxattr())
     }
@@ -1289,14 +1578,20 @@ impl Workspace {
                 what: "apply into shared lowers: apply needs a workspace with exactly one private lower".into(),
             });
         }
+        self.usable("apply")?;
         let was = self.suspend()?;
+        if let Err(e) = journal::begin(&self.journal, journal::Step::Apply) {
+            let _ = self.resume(was);
+            return Err(e);
+        }
         let done = apply::apply(&self.upper, &self.lowers[0], self.userxattr()).and_then(|report| {
-            empty_dirs(&[&self.upper, &self.work])?;
-            seed_upper_root(&self.upper, &self.lowers[0])?;
+            self.empty_upper(true)?;
             Ok(report)
         });
         // Mounted again whatever happened: the writes not applied yet are still in the
-        // upper, the applied ones in the lower, and the view shows both.
+        // upper, the applied ones in the lower, and the view shows both (a killed
+        // process leaves the journal entry instead, and the next `open` finishes).
+        let _ = journal::end(&self.journal);
         let resumed = self.resume(was);
         let report = done?;
         resumed?;

@@ -47,6 +47,12 @@ impl State {
         }
     }
 
+    /// Stands in for a description a killed `destroy` already removed: enough for the
+    /// handle to finish the destroy (a disk upper; what is left is deleted by name).
+    pub(super) fn gone() -> State {
+        State::new(&[PathBuf::from("/")], UpperStorage::Disk, &OverlayOptions::default())
+    }
+
     pub(super) fn options(&self) -> OverlayOptions {
         OverlayOptions {
             volatile: self.volatile,

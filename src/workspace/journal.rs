@@ -1,0 +1,111 @@
+//! The step a multi-step change of a workspace has reached, on disk, so that a process
+//! killed in the middle leaves something [`Workspace::open`](super::Workspace::open)
+//! can finish or undo (the containerd metastore and git's lock files do the same).
+//!
+//! One small file per workspace (`dir/workspace.journal`, or `path.journal` next to a
+//! converted `path`), written (temp file + rename) before the first change and removed
+//! after the last. What `open` does with each entry:
+//!
+//! | entry | written by | `open` after a crash |
+//! |---|---|---|
+//! | `import` | `import_diff`, `import_diff_file`, `restore` | rolls back: empties the upper |
+//! | `reset` | `reset` | rolls forward: empties upper and work |
+//! | `apply` | `apply` | rolls forward: runs the (resumable) flatten again |
+//! | `detach` | `detach`, before the upper swap | rolls back: the original upper is put back, the copy discarded |
+//! | `detach-swapped` | `detach`, right after the swap | rolls forward: the detached upper stays, lowers become the skeleton |
+//! | `destroy` | `destroy` | the handle can only be destroyed (again) |
+//!
+//! Until the entry is dealt with, nothing mounts the workspace: a half-done state is
+//! never shown to a sandbox.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The file's name in a workspace dir.
+pub(super) const FILE: &str = "workspace.journal";
+
+/// A step in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    Import,
+    Reset,
+    Apply,
+    Detach,
+    DetachSwapped,
+    Destroy,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Import => "import",
+            Step::Reset => "reset",
+            Step::Apply => "apply",
+            Step::Detach => "detach",
+            Step::DetachSwapped => "detach-swapped",
+            Step::Destroy => "destroy",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Step> {
+        [Step::Import, Step::Reset, Step::Apply, Step::Detach, Step::DetachSwapped, Step::Destroy]
+            .into_iter()
+            .find(|st| st.name() == s)
+    }
+}
+
+/// Records `step` at `path` (atomically: a reader sees the old entry or the new one).
+pub(super) fn begin(path: &Path, step: Step) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{}\n", step.name())).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+}
+
+/// Removes the entry: the change is complete (or undone).
+pub(super) fn end(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("unlink", path, e)),
+    }
+}
+
+/// The step recorded at `path`, if any.
+///
+/// # Errors
+/// [`Error::InvalidSpec`] for an entry this version does not know; I/O errors.
+pub(super) fn read(path: &Path) -> Result<Option<Step>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Step::parse(t.trim()).map(Some).ok_or_else(|| Error::InvalidSpec {
+            reason: format!("{}: unknown journal entry {:?}", path.display(), t.trim()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip() {
+        let d = std::env::temp_dir().join(format!("rootfs-cache-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(FILE);
+        assert_eq!(read(&p).unwrap(), None);
+        for st in [Step::Import, Step::Reset, Step::Apply, Step::Detach, Step::DetachSwapped, Step::Destroy] {
+            begin(&p, st).unwrap();
+            assert_eq!(read(&p).unwrap(), Some(st));
+        }
+        end(&p).unwrap();
+        end(&p).unwrap();
+        assert_eq!(read(&p).unwrap(), None);
+        std::fs::write(&p, "frobnicate\n").unwrap();
+        assert!(matches!(read(&p), Err(Error::InvalidSpec { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
