@@ -1164,7 +1164,10 @@ fn tmpfs_reset_over_a_leftover_with_a_live_view() {
     let mut ws = Workspace::create(&dir, lower.as_path(), WorkspaceOptions::tmpfs(8 << 20)).unwrap();
     let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
     ops::write(&t.join("stale"), b"the dead sandbox's");
-    std::mem::forget(ws); // the process "dies" with the view mounted
+    // The process "dies" with the view mounted: mounts stay, its lock goes with it,
+    // nothing describes the workspace.
+    ws.keep().unwrap();
+    fs::remove_file(dir.join("workspace.json")).unwrap();
     for opts in [tmpfs_opts(8 << 20, true), tmpfs_opts(8 << 20, false), WorkspaceOptions::default()] {
         let e = Workspace::create(&dir, lower.as_path(), opts).unwrap_err();
         assert!(matches!(e, Error::AlreadyMounted { .. }), "{e:?}");
@@ -1318,7 +1321,9 @@ fn tmpfs_workspace_never_deletes_a_leftover_disk_upper() {
     let t = ws.mount(KernelOverlay::new()).unwrap().to_path_buf();
     ops::write(&t.join("crashed-writes"), b"precious");
     ws.unmount().unwrap();
-    std::mem::forget(ws);
+    // The process dies: its lock goes with it, nothing describes the workspace.
+    ws.keep().unwrap();
+    fs::remove_file(dir.join("workspace.json")).unwrap();
     let leftover = dir.join("upper/crashed-writes");
     let e = Workspace::create(&dir, lower.as_path(), WorkspaceOptions::default()).unwrap_err();
     assert!(matches!(e, Error::NotEmpty { .. }), "{e:?}");

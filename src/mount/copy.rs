@@ -60,7 +60,7 @@ use crate::sys;
 use crate::unpack::whiteout::opaque_xattr;
 
 pub(crate) const STATE: &str = "rootfs-cache-copy";
-const CLEARING: &str = "rootfs-cache-copy.clearing";
+pub(crate) const CLEARING: &str = "rootfs-cache-copy.clearing";
 const HEADER: &str = "rootfs-cache copy state 1";
 
 /// Copies the layers into the target instead of mounting an overlay (see the module

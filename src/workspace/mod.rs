@@ -38,8 +38,41 @@
 //!
 //! # Concurrency
 //! A `Workspace` is owned by one thread at a time (`&mut self` for everything that
-//! changes it). Two `Workspace`s must not share a directory; [`Workspace::create`]
-//! refuses a directory whose upper holds writes unless asked to reset it.
+//! changes it). One handle per workspace, across processes: [`create`], [`open`] and
+//! [`convert`] take an exclusive `flock` on the workspace's lock file
+//! (`dir/workspace.lock`, or `path.lock` next to a converted `path`) and hold it while
+//! the handle lives; a second one gets [`Error::Busy`] naming the holder's pid. So
+//! commands run from scripts (`rootfsctl`) never interleave on one workspace.
+//!
+//! # Crash safety
+//! Every multi-step change records the step it reached in a journal file
+//! (`dir/workspace.journal`, or `path.journal`) before its first change, and a process
+//! killed midway (`SIGKILL`, a node losing power after the page cache reached disk)
+//! leaves a workspace that the next [`open`] finishes or undoes before anything can
+//! mount it:
+//!
+//! | operation | after a kill midway |
+//! |---|---|
+//! | [`import_diff`], [`import_diff_file`], [`restore`] | rolled back: the upper is empty again |
+//! | [`reset`] | rolled forward: upper and work emptied |
+//! | [`apply`] | rolled forward: the flatten (resumable) runs again |
+//! | [`detach`] | rolled back before the upper swap (the copy is discarded), forward after it |
+//! | [`destroy`] | `open` gives a handle that can only be destroyed, which finishes the job |
+//! | [`checkpoint`] | the old checkpoint stays (temp file + rename) |
+//! | [`mount`], [`unmount`] | one kernel call each; the copy backend's fold is resumable |
+//!
+//! A workspace whose tmpfs upper is gone (a reboot, another mount namespace) opens too,
+//! for [`destroy`] only.
+//!
+//! [`create`]: Workspace::create
+//! [`open`]: Workspace::open
+//! [`convert`]: Workspace::convert
+//! [`import_diff`]: Workspace::import_diff
+//! [`import_diff_file`]: Workspace::import_diff_file
+//! [`reset`]: Workspace::reset
+//! [`destroy`]: Workspace::destroy
+//! [`mount`]: Workspace::mount
+//! [`unmount`]: Workspace::unmount
 //!
 //! [`changes`]: Workspace::changes
 //! [`apply`]: Workspace::apply
@@ -516,7 +549,7 @@ impl Workspace {
         // says it is live (or its process died with the writes still in the view).
         // Never empty that work dir or pull its tmpfs, `reset` or not.
         for work in [&self.work, &mem.join("work")] {
-            if work.join(crate::mount::copy::STATE).exists() {
+            if [crate::mount::copy::STATE, crate::mount::copy::CLEARING].iter().any(|f| work.join(f).exists()) {
                 return Err(Error::AlreadyMounted { path: self.target.clone() });
             }
         }
@@ -710,7 +743,9 @@ impl Workspace {
         }
         if is_mount_point(&ws.target)? {
             ws.backend = Some(Box::new(crate::mount::KernelOverlay::new()));
-        } else if ws.work.join(crate::mount::copy::STATE).exists() {
+        } else if [crate::mount::copy::STATE, crate::mount::copy::CLEARING].iter().any(|f| ws.work.join(f).exists()) {
+            // A copy-backend view, or one whose unmount was killed while clearing the
+            // target (unmount finishes it).
             ws.backend = Some(Box::new(crate::mount::CopyBackend::new()));
         }
         if let Some(step) = step {
