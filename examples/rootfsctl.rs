@@ -33,7 +33,6 @@
 #[path = "common/oci_ref.rs"]
 mod oci_ref;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -275,14 +274,19 @@ fn run(args: &[String]) -> Result<(), Fail> {
             rootfs.persist(&id)?;
             // From here on a failure gives the lease back: `create` undoes its own
             // directories and tmpfs, this undoes the lease.
-            let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|ws| {
+            let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|mut ws| {
                 let target = ws.target().to_path_buf();
-                // Where the lease is, so that `destroy`/`detach` release it with or
-                // without --cache, however WS_DIR is spelt then.
-                match LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id) {
+                // Where the lease is (so that `destroy`/`detach` release it with or
+                // without --cache, however WS_DIR is spelt then), and the description
+                // `open` needs: both written while this handle can still undo it all.
+                let recorded =
+                    LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id)
+                        .and_then(|()| ws.describe().map_err(Fail::from));
+                match recorded {
                     Ok(()) => ws.keep().map(|()| target).map_err(Fail::from),
                     Err(e) => {
                         let _ = ws.destroy();
+                        let _ = LeaseRecord::remove(Path::new(ws_dir));
                         Err(e)
                     }
                 }
@@ -395,25 +399,9 @@ fn run(args: &[String]) -> Result<(), Fail> {
             opts.compression = compression;
             // An adopted handle: whatever fails below, the sandbox stays as it is.
             let ws = Workspace::open(ws_dir)?;
-            // The library names the output "diff output": this is it.
-            let named = |e: rootfs_cache::Error| -> Fail {
-                match &e {
-                    rootfs_cache::Error::Io { op, path, source } if path.as_os_str() == "diff output" => {
-                        format!("{op} {out}: {source}").into()
-                    }
-                    _ => e.into(),
-                }
-            };
-            let st = write_atomically(Path::new(out), |file| {
-                if aligned {
-                    ws.export_diff_file(file, &opts).map_err(named)
-                } else {
-                    let mut w = std::io::BufWriter::new(file);
-                    let st = ws.export_diff(&mut w, &opts).map_err(named)?;
-                    w.flush().map_err(|e| format!("write {out}: {e}"))?;
-                    Ok(st)
-                }
-            })?;
+            // Checked (not in a cache, not in a workspace), written to a temporary file
+            // and renamed: a failed or killed export never leaves a half-written OUT_TAR.
+            let st = ws.export_diff_to(out, &opts)?;
             let show = |d: Option<rootfs_cache::Digest>| d.map_or_else(|| "-".to_string(), |d| d.to_string());
             println!(
                 "digest={} diff_id={} size={} entries={} file_bytes={}",
@@ -451,40 +439,6 @@ fn run(args: &[String]) -> Result<(), Fail> {
         ) => Err(usage(format!("wrong arguments\n{}", help(cmd)))),
         (other, _) => Err(usage(format!("unknown command {other:?} (try --help)"))),
     }
-}
-
-/// Writes `path` through `write` all or nothing: into a new temporary file next to it
-/// (mode 0666 less the umask, as `File::create`), synced, then renamed over `path`. On any failure the temporary file is
-/// removed and `path` is as it was (absent, or with its old contents).
-fn write_atomically<T>(path: &Path, write: impl FnOnce(&std::fs::File) -> Result<T, Fail>) -> Result<T, Fail> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if path.file_name().is_none() {
-        return Err(usage(format!("{}: names no file", path.display())));
-    }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Err(format!("{}: is a directory", path.display()).into());
-    }
-    // Short whatever the output's name (NAME_MAX); one per process; a crash may leave it.
-    let tmp = dir.join(format!(".rootfs-cache-export-{}.partial", std::process::id()));
-    let file = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o666)
-        .open(&tmp)
-        .map_err(|e| format!("create {}: {e}", tmp.display()))?;
-    let done = write(&file)
-        .and_then(|v| file.sync_all().map(|()| v).map_err(|e| format!("fsync {}: {e}", tmp.display()).into()))
-        .and_then(|v| {
-            std::fs::rename(&tmp, path).map(|()| v).map_err(|e| format!("rename {}: {e}", path.display()).into())
-        });
-    if done.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    done
 }
 
 /// A size in bytes: a number with an optional binary suffix (`K`, `M`, `G`, `T`,
@@ -658,6 +612,10 @@ fn cmd_unpack(args: &[String]) -> Result<(), Fail> {
         return Err(usage(format!("unpack needs LAYER_BLOB and DEST_DIR\n{}", help("unpack"))));
     };
     let file = std::fs::File::open(blob).map_err(|e| format!("open {}: {e}", blob.display()))?;
+    // Refused before the destination is made: nothing is ever written into a cache.
+    if let Some(c) = rootfs_cache::cache_containing(dest) {
+        return Err(format!("{} is in the cache {}: refusing to extract into it", dest.display(), c.display()).into());
+    }
     std::fs::create_dir_all(dest).map_err(|e| format!("mkdir {}: {e}", dest.display()))?;
     let s = unpack(file, dest, &opts).map_err(|e| e.to_string())?;
     let diff_id = s.diff_id.map(|d| d.to_string()).unwrap_or_else(|| "-".into());

@@ -41,12 +41,33 @@ pub(crate) fn layer_fs_candidates(path: &Path) -> impl Iterator<Item = (&Path, &
     })
 }
 
+/// The cache's own directories: a path inside one of them belongs to the cache.
+const AREAS: [&str; 5] = [LAYERS, TMP, TRASH, "images", "leases"];
+
+/// Whether `root` is a cache directory: it holds the cache's `LOCK` file.
+fn is_cache_root(root: &Path) -> bool {
+    std::fs::symlink_metadata(root.join(LOCK)).is_ok_and(|m| m.is_file())
+}
+
 /// The cache layer the canonical path `real` lies in: the innermost candidate whose
 /// root holds a cache `LOCK` file (a layer's own content may spell the layout too).
 fn layer_in(real: &Path) -> Option<PathBuf> {
-    layer_fs_candidates(real)
-        .find(|(_, root)| std::fs::symlink_metadata(root.join(LOCK)).is_ok_and(|m| m.is_file()))
-        .map(|(layer, _)| layer.to_path_buf())
+    layer_fs_candidates(real).find(|(_, root)| is_cache_root(root)).map(|(layer, _)| layer.to_path_buf())
+}
+
+/// What of a cache the canonical path `real` is or lies in: the layer (`…/fs`) if it
+/// is in one, else the cache directory itself, when `real` is a cache directory or lies
+/// in one of its areas (`layers/`, `tmp/`, `trash/`, `images/`, `leases/`). Only names
+/// that spell the layout are looked at on disk (a `LOCK` stat each), plus `real` itself.
+fn cache_in(real: &Path) -> Option<PathBuf> {
+    if let Some(layer) = layer_in(real) {
+        return Some(layer);
+    }
+    let named_area = |a: &Path| a.file_name().is_some_and(|n| AREAS.iter().any(|x| n == *x));
+    std::iter::once(real)
+        .chain(real.ancestors().filter(|a| named_area(a)).filter_map(Path::parent))
+        .find(|root| is_cache_root(root))
+        .map(Path::to_path_buf)
 }
 
 /// The kernel's name of an open file: `/proc/self/fd/N` (one `readlink`; canonical).
@@ -55,17 +76,20 @@ fn fd_path(fd: std::os::fd::BorrowedFd<'_>) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
 }
 
-/// The `fs` directory of the cache layer that `path` is, or lies in, if any: a path of
-/// the form `<root>/{layers,tmp,trash}/<entry>/fs[/...]` once symlinks are resolved,
-/// where `<root>` holds a cache `LOCK` file. A path that does not exist (yet) is judged
-/// by its nearest existing ancestor, as the kernel would resolve it. Costs one
-/// `openat2` for a path without symlinks, else an `open` (`O_PATH`) and a `readlink` of
-/// `/proc/self/fd`.
-pub(crate) fn cache_layer_containing(path: &Path) -> Option<PathBuf> {
+/// `path` as the kernel would resolve it: absolute, its longest existing prefix with
+/// symlinks resolved, the rest as spelt. Costs one `openat2` for a path without
+/// symlinks or `..`, else an `open` (`O_PATH`) and a `readlink` of `/proc/self/fd`.
+/// `None` when nothing of it resolves, or a `..` follows a missing component (the
+/// kernel would fail such a path).
+pub(crate) fn resolve(path: &Path) -> Option<PathBuf> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
     let abs = std::path::absolute(path).ok()?;
     let lexical = !abs.components().any(|c| matches!(c, std::path::Component::ParentDir));
     for a in abs.ancestors() {
+        let rest = abs.strip_prefix(a).ok()?;
+        if rest.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return None;
+        }
         // The common case, without procfs: a path with no symlink and no `..` is its own
         // canonical name (one `openat2`; also tells whether it exists).
         if lexical && crate::sys::has_openat2() {
@@ -73,7 +97,7 @@ pub(crate) fn cache_layer_containing(path: &Path) -> Option<PathBuf> {
                 .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
                 .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
             match openat2(nix::fcntl::AT_FDCWD, a, how) {
-                Ok(_) => return layer_in(&abs),
+                Ok(_) => return Some(abs.components().collect()),
                 Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => continue,
                 Err(_) => {} // a symlink on the way (ELOOP), ...: ask the kernel its name
             }
@@ -81,15 +105,46 @@ pub(crate) fn cache_layer_containing(path: &Path) -> Option<PathBuf> {
         // O_PATH follows symlinks, the last component's too: the directory meant.
         let Ok(fd) = open(a, OFlag::O_PATH | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) else { continue };
         let real = fd_path(std::os::fd::AsFd::as_fd(&fd))?;
-        let rest = abs.strip_prefix(a).ok()?;
-        return layer_in(&if rest.as_os_str().is_empty() { real } else { real.join(rest) });
+        return Some(if rest.as_os_str().is_empty() { real } else { real.join(rest) });
     }
     None
 }
 
-/// [`cache_layer_containing`] for an open directory (one `readlink`).
-pub(crate) fn cache_layer_of_fd(fd: std::os::fd::BorrowedFd<'_>) -> Option<PathBuf> {
-    layer_in(&fd_path(fd)?)
+/// What of a [`RootfsCache`](crate::RootfsCache) directory `path` is or lies in, if
+/// anything: the layer's `fs` directory, or the cache directory for its other parts
+/// (`tmp/`, `trash/`, `images/`, `leases/`, `layers/` itself, the cache directory
+/// itself). Nothing outside the cache may write there (layers are shared by every
+/// sandbox of their images and never modified); this crate's own writers ask this
+/// first, and a runtime that writes paths it was given (an extraction target, a diff
+/// output) can too. Works across processes, without opening the cache: caches are
+/// recognised by their layout and `LOCK` file.
+///
+/// A path that does not exist (yet) is judged by its nearest existing ancestor, as the
+/// kernel would resolve it (symlinks followed); an unresolvable one (a `..` after a
+/// missing component) by its spelling. A bind mount of a layer elsewhere is not
+/// recognised.
+///
+/// # Examples
+/// ```no_run
+/// if let Some(owner) = rootfs_cache::cache_containing("/var/lib/rt/cache/layers/4f2a/fs/etc".as_ref()) {
+///     eprintln!("refusing to write into {}", owner.display());
+/// }
+/// ```
+pub fn cache_containing(path: &Path) -> Option<PathBuf> {
+    match resolve(path) {
+        Some(real) => cache_in(&real),
+        None => cache_in(&std::path::absolute(path).ok()?.components().collect::<PathBuf>()),
+    }
+}
+
+/// [`cache_containing`] for a path already [`resolve`]d.
+pub(crate) fn cache_in_resolved(real: &Path) -> Option<PathBuf> {
+    cache_in(real)
+}
+
+/// [`cache_containing`] for an open directory (one `readlink`).
+pub(crate) fn cache_of_fd(fd: std::os::fd::BorrowedFd<'_>) -> Option<PathBuf> {
+    cache_in(&fd_path(fd)?)
 }
 
 thread_local! {
@@ -152,14 +207,21 @@ mod disk_tests {
         std::fs::create_dir_all(layer.join("x/layers/def/fs/y")).unwrap();
         std::fs::write(t.join("c/LOCK"), b"").unwrap();
         std::os::unix::fs::symlink(&layer, t.join("link")).unwrap();
-        assert_eq!(cache_layer_containing(&layer), Some(layer.clone()));
-        assert_eq!(cache_layer_containing(&t.join("link")), Some(layer.clone()));
-        assert_eq!(cache_layer_containing(&t.join("link/not/yet")), Some(layer.clone()));
-        assert_eq!(cache_layer_containing(&layer.join("x/layers/def/fs/y")), Some(layer.clone()));
-        assert_eq!(cache_layer_containing(&t.join("c/layers/abc")), None);
-        assert_eq!(cache_layer_containing(&t), None);
+        assert_eq!(cache_containing(&layer), Some(layer.clone()));
+        assert_eq!(cache_containing(&t.join("link")), Some(layer.clone()));
+        assert_eq!(cache_containing(&t.join("link/not/yet")), Some(layer.clone()));
+        assert_eq!(cache_containing(&layer.join("x/layers/def/fs/y")), Some(layer.clone()));
+        // The rest of the cache is the cache's too (reported as the cache dir).
+        let c = t.join("c");
+        for inside in ["c", "c/layers", "c/layers/abc", "c/layers/abc/meta", "c/tmp/x", "c/leases/new"] {
+            assert_eq!(cache_containing(&t.join(inside)), Some(c.clone()), "{inside}");
+        }
+        assert_eq!(cache_containing(&t.join("link/../x")), Some(c.clone()), "through a symlink and ..");
+        assert_eq!(cache_containing(&t), None);
+        assert_eq!(cache_containing(&t.join("elsewhere/layers/x")), None);
         std::fs::remove_file(t.join("c/LOCK")).unwrap();
-        assert_eq!(cache_layer_containing(&layer), None, "no LOCK: not a cache");
+        assert_eq!(cache_containing(&layer), None, "no LOCK: not a cache");
+        assert_eq!(cache_containing(&c), None, "no LOCK: not a cache");
         std::fs::remove_dir_all(&t).unwrap();
     }
 }

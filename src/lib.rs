@@ -141,6 +141,7 @@ pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
 pub use fetch::{OciLayout, Platform};
+pub use immutable::cache_containing;
 pub use mount::{
     BackendKind, CopyBackend, DetectReason, Detection, KernelOverlay, MAX_LOWERS, MountApi, MountBackend, OverlayMount,
     OverlayOptions, OverlaySpec, detect, is_mount_point,

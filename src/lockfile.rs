@@ -1,14 +1,14 @@
 //! Exclusive `flock(2)` locks on files that name their holder: the cache directory's
 //! `LOCK` and each workspace's lock file.
 //!
-//! The holder writes its process id into the file after taking the lock, so a process
-//! turned away gets [`Error::Busy`] naming it. A lock file may be unlinked by its holder
+//! A process turned away gets [`Error::Busy`] naming the holder, found in
+//! `/proc/locks` by the lock file's inode (nothing is written into the file: taking a
+//! lock works on a full disk and changes nothing). A lock file may be unlinked by its holder
 //! (a workspace's, when it is destroyed): a process that opened it before and gets the
 //! lock after finds the inode no longer at the path and starts over, so two holders
 //! never think they own one path.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -48,12 +48,10 @@ impl LockFile {
                 .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(|e| Error::io("open", path, e))?;
-            let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(f) => f,
-                Err((mut f, Errno::EWOULDBLOCK)) => {
-                    let mut text = String::new();
-                    let _ = f.read_to_string(&mut text);
-                    return Err(Error::Busy { path: owner.to_path_buf(), pid: text.trim().parse().ok() });
+                Err((f, Errno::EWOULDBLOCK)) => {
+                    return Err(Error::Busy { path: owner.to_path_buf(), pid: holder(&f) });
                 }
                 Err((_, e)) => return Err(Error::io("flock", path, e)),
             };
@@ -63,10 +61,6 @@ impl LockFile {
                 Ok(m) if m.ino() == held.st_ino && m.dev() == held.st_dev => {}
                 Ok(_) | Err(_) => continue,
             }
-            let pid = format!("{}\n", std::process::id());
-            file.set_len(0).map_err(|e| Error::io("ftruncate", path, e))?;
-            file.seek(SeekFrom::Start(0)).map_err(|e| Error::io("lseek", path, e))?;
-            file.write_all(pid.as_bytes()).map_err(|e| Error::io("write", path, e))?;
             return Ok(LockFile { file, path: path.to_path_buf() });
         }
     }
@@ -80,5 +74,62 @@ impl LockFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io("unlink", &self.path, e)),
         }
+    }
+}
+
+/// The process holding a `flock` on `file`: its line in `/proc/locks` (`FLOCK … PID
+/// MAJ:MIN:INO …`, device numbers in hex). `None` when it cannot be told (an OFD lock,
+/// no procfs).
+fn holder(file: &File) -> Option<u32> {
+    let st = nix::sys::stat::fstat(file.as_fd()).ok()?;
+    let dev =
+        format!("{:02x}:{:02x}:{}", nix::sys::stat::major(st.st_dev), nix::sys::stat::minor(st.st_dev), st.st_ino);
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    parse_holder(&locks, &dev)
+}
+
+/// The pid of the `FLOCK` line for the file `dev` (`MAJ:MIN:INO`) in `/proc/locks` text.
+fn parse_holder(locks: &str, dev: &str) -> Option<u32> {
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; blocked waiters have "->".
+        let f = if f.get(1) == Some(&"->") { &f[1..] } else { &f[..] };
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&dev)).then(|| f.get(4)?.parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_locks_lines() {
+        let text = "1: POSIX  ADVISORY  WRITE 99 08:01:77 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 5151 00:2a:1234 0 EOF\n";
+        assert_eq!(parse_holder(text, "00:2a:1234"), Some(4242));
+        assert_eq!(parse_holder(text, "08:01:77"), None, "POSIX locks are not ours");
+        assert_eq!(parse_holder(text, "00:2a:9"), None);
+    }
+
+    #[test]
+    fn a_second_holder_is_told_who() {
+        let d = std::env::temp_dir().join(format!("rootfs-cache-lockfile-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("LOCK");
+        let held = LockFile::acquire(&p, &d).unwrap();
+        match LockFile::acquire(&p, &d) {
+            Err(Error::Busy { path, pid }) => {
+                assert_eq!(path, d);
+                assert_eq!(pid, Some(std::process::id()));
+            }
+            other => panic!("{other:?}"),
+        }
+        held.remove().unwrap();
+        drop(held);
+        // Unlinked by its holder: a new lock is a new file.
+        let again = LockFile::acquire(&p, &d).unwrap();
+        drop(again);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

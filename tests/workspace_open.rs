@@ -97,12 +97,19 @@ fn tmpfs_workspace_is_picked_up_where_it_is_mounted() {
     assert_eq!(fs::read(t.join("in-memory")).unwrap(), b"kept across handles\n");
     r.destroy().unwrap();
 
-    // A tmpfs upper that is gone (its namespace ended, a reboot): refused, not recreated empty.
+    // A tmpfs upper that is gone (its namespace ended, a reboot): never recreated empty
+    // and mounted; the workspace can only be destroyed.
     let ws = Workspace::create(base.join("lost"), l.as_path(), WorkspaceOptions::tmpfs(8 << 20)).unwrap();
     ws.keep().unwrap();
     nix::mount::umount2(&base.join("lost/mem"), nix::mount::MntFlags::MNT_DETACH).unwrap();
-    let e = Workspace::open(base.join("lost")).unwrap_err();
+    let mut ws = Workspace::open(base.join("lost")).unwrap();
+    assert!(!ws.is_tmpfs() && !ws.is_mounted());
+    let e = ws.mount(KernelOverlay::new()).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e:?}");
+    assert!(matches!(ws.changes(), Err(Error::Unsupported { .. })));
+    assert!(!is_mount_point(&base.join("lost/rootfs")).unwrap());
+    ws.destroy().unwrap();
+    assert!(!base.join("lost").exists(), "destroy left {:?}", ops::ls(base));
 }
 
 #[test]

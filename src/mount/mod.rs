@@ -229,9 +229,19 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
         }
     }
     let (upper, work, target) = (absolute(&spec.upper)?, absolute(&spec.work)?, absolute(&spec.target)?);
+    // A workspace's own dirs, checked when it was made or opened, must still be those
+    // dirs: a symlink swapped in since then is refused (`ELOOP`) rather than followed.
+    let own = crate::immutable::dirs_checked();
+    let nofollow = if own { OFlag::O_NOFOLLOW } else { OFlag::empty() };
+    let swapped = |p: &Path, e: nix::errno::Errno| match e {
+        nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR if own => {
+            Error::InvalidSpec { reason: format!("{} is a symlink, not the workspace's own directory", p.display()) }
+        }
+        e => Error::io("open", p, e),
+    };
     let readable = |p: &Path| {
-        open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| Error::io("open", p, e))
+        open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | nofollow, Mode::empty())
+            .map_err(|e| swapped(p, e))
     };
     let (upper_fd, work_fd) = (readable(&upper)?, readable(&work)?);
     if spec.options.fresh {
@@ -243,7 +253,12 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     }
     // Follows a symlink, as mount(2) and umount2(2) do: the checks, the mount and the
     // unmount all mean the directory the path names.
-    let target_fd = open_dir(&target)?;
+    let target_fd = if own {
+        open(&target, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW, Mode::empty())
+            .map_err(|e| swapped(&target, e))?
+    } else {
+        open_dir(&target)?
+    };
     // Rule 4: the upper and work dirs are written, and so is the copy backend's target;
     // none of them may be (inside) a cache layer, whichever path names it.
     // (A workspace checked its own dirs when it made or opened them.)
@@ -253,7 +268,7 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
             (&work_fd, "use it as an overlay work dir"),
             (&target_fd, "mount over it"),
         ] {
-            if let Some(layer) = crate::immutable::cache_layer_of_fd(fd.as_fd()) {
+            if let Some(layer) = crate::immutable::cache_of_fd(fd.as_fd()) {
                 return Err(Error::ImmutableLayer { op, path: layer });
             }
         }

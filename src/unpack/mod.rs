@@ -272,7 +272,7 @@ pub(crate) fn unpack_cache_entry<R: Read + Send>(input: R, dest: &Path, opts: &U
 /// Rule 4: nothing is extracted into a cache layer (a ready one, or one the cache is
 /// extracting or evicting), whichever path names it.
 fn refuse_cache_layer(dest: &Path) -> Result<()> {
-    match crate::immutable::cache_layer_containing(dest) {
+    match crate::immutable::cache_containing(dest) {
         Some(path) => Err(Error::ImmutableLayer { op: "extract a layer into it", path }),
         None => Ok(()),
     }

@@ -250,6 +250,11 @@ pub struct Workspace {
     destroying: bool,
     /// A tmpfs upper that is gone (unmounted by hand, a reboot): only `destroy` may run.
     scratch_lost: bool,
+    /// `workspace.json` says what this handle knows (`keep` need not write it again).
+    described: bool,
+    /// What `create` made (directories, deepest last; whether it made the lock file), so
+    /// that a `restore` failing after it removes exactly that.
+    created: (Vec<PathBuf>, bool),
 }
 
 /// `path` with `ext` appended to its last component (`dir` → `dir.lower`).
@@ -318,10 +323,60 @@ fn empty_dirs(dirs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// `dir` as the kernel resolves it (absolute, symlinks in the existing part resolved):
+/// a workspace works on its real directory, never through a link, so a symlinked
+/// `WS_DIR` cannot make `destroy` delete one thing and then fail on another.
+fn canonical_dir(dir: &Path) -> Result<PathBuf> {
+    crate::immutable::resolve(dir).ok_or_else(|| Error::InvalidSpec {
+        reason: format!("{}: cannot be resolved (a `..` after a missing directory?)", dir.display()),
+    })
+}
+
+/// Names a workspace makes in its dir (and in `mem/` for a tmpfs upper).
+const OWN_NAMES: [&str; 7] = ["upper", "work", "rootfs", "mem", "skeleton", "upper.detach", "upper.old"];
+
+/// Refuses a workspace dir inside another workspace's own directories (its upper, work
+/// dir, merged view, tmpfs, ...) or a converted dir's `.lower`/`.upper`/`.work`:
+/// creating one there would write into a live sandbox. Looks at the disk only for
+/// ancestors named like those (a `stat` each).
+fn refuse_inside_workspace(real: &Path) -> Result<()> {
+    for a in real.ancestors() {
+        let (Some(name), Some(parent)) = (a.file_name().and_then(|n| n.to_str()), a.parent()) else { continue };
+        let owned = if OWN_NAMES.contains(&name) {
+            [state::FILE, LOCK_FILE, journal::FILE].iter().any(|f| parent.join(f).exists())
+        } else if let Some(base) =
+            name.strip_suffix(".lower").or_else(|| name.strip_suffix(".upper")).or_else(|| name.strip_suffix(".work"))
+        {
+            let (l, u, _) = converted_dirs(&parent.join(base));
+            l.is_dir() && u.is_dir()
+        } else {
+            false
+        };
+        if owned {
+            return Err(Error::InvalidSpec {
+                reason: format!("{} is inside the workspace directory {}", real.display(), a.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `path` when it exists as anything but a real directory (a symlink, a file):
+/// a workspace's own directories are used, emptied and deleted by name, and a link
+/// there could reach another sandbox or a cache layer.
+fn refuse_link(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.is_dir() => Err(Error::InvalidSpec {
+            reason: format!("{} is not a directory of this workspace (a symlink or a file)", path.display()),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Rule 4: a cache layer (or anything inside one) is never written, whichever path
-/// names it; see [`crate::immutable::cache_layer_containing`].
+/// names it; see [`crate::immutable::cache_containing`].
 fn refuse_cache_layer(path: &Path, op: &'static str) -> Result<()> {
-    match crate::immutable::cache_layer_containing(path) {
+    match crate::immutable::cache_containing(path) {
         Some(layer) => Err(Error::ImmutableLayer { op, path: layer }),
         None => Ok(()),
     }
@@ -419,7 +474,9 @@ impl Workspace {
     /// was given); what was there before stays (except what `opts.reset` was asked to
     /// empty).
     pub fn create(dir: impl AsRef<Path>, lowers: impl Into<Lowers>, opts: WorkspaceOptions) -> Result<Self> {
-        let dir = std::path::absolute(dir.as_ref()).map_err(|e| Error::io("getcwd", dir.as_ref(), e))?;
+        // The directory the kernel will use, symlinks resolved: every later step, and
+        // `destroy`, works on it, never through a link.
+        let dir = canonical_dir(dir.as_ref())?;
         let (lowers, rootfs) = match lowers.into() {
             Lowers::Rootfs(r) => (r.lowers().to_vec(), Some(r)),
             Lowers::Dirs(d) => (d, None),
@@ -435,9 +492,16 @@ impl Workspace {
         if opts.upper == (UpperStorage::Tmpfs { size: 0 }) {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
-        // Rule 4, before anything is made: where `dir` would be made (it is checked
-        // itself below if it exists: it may be a symlink).
-        refuse_cache_layer(dir.parent().unwrap_or(Path::new("/")), "create a workspace inside it")?;
+        // Rule 4, before anything is made (and never inside another workspace's dirs).
+        if let Some(c) = crate::immutable::cache_in_resolved(&dir) {
+            return Err(Error::ImmutableLayer { op: "create a workspace inside it", path: c });
+        }
+        refuse_inside_workspace(&dir)?;
+        // The top lower gives the upper root its metadata: checked before anything is made.
+        let top = std::fs::metadata(&lowers[0]).map_err(|e| Error::io("stat", &lowers[0], e))?;
+        if !top.is_dir() {
+            return Err(Error::InvalidSpec { reason: format!("lower {} is not a directory", lowers[0].display()) });
+        }
         // What this call made, so that a failure removes exactly that (deepest last).
         let mut made: Vec<PathBuf> = Vec::new();
         // A directory made here holds nothing: no leftovers to check or clear.
@@ -478,6 +542,8 @@ impl Workspace {
             lock: None,
             destroying: false,
             scratch_lost: false,
+            described: false,
+            created: (Vec::new(), false),
         };
         // Refusals first, before anything in an existing dir changes (its mtime too).
         if !fresh {
@@ -493,37 +559,46 @@ impl Workspace {
             // Again, now that no other handle can change the dir.
             ws.precheck(opts.reset).and_then(|()| ws.populate(fresh, opts.reset, &mut made))
         };
-        match done {
-            Ok(()) => {
-                if !fresh {
-                    // `reset` over a kept or half-done workspace: its description and
-                    // journal are the old workspace's.
-                    if ws.dir.join(state::FILE).exists() {
-                        ws.save_state()?;
-                    }
-                    journal::end(&ws.journal)?;
+        ws.created = (made, made_lock);
+        let done = done.and_then(|()| {
+            if !fresh {
+                // `reset` over a kept or half-done workspace: its description and
+                // journal are the old workspace's.
+                if ws.dir.join(state::FILE).exists() {
+                    ws.save_state()?;
                 }
-                Ok(ws)
+                journal::end(&ws.journal)?;
             }
+            Ok(())
+        });
+        match done {
+            Ok(()) => Ok(ws),
             Err(e) => {
-                // Undo: the tmpfs this call mounted, then the lock file and the
-                // directories it made.
-                if let Some(mem) = ws.scratch.take() {
-                    if scratch::unmount(&mem).is_err() {
-                        ws.owns = Owns::default();
-                        return Err(e);
-                    }
-                }
-                if made_lock {
-                    if let Some(l) = &ws.lock {
-                        let _ = l.remove();
-                    }
-                }
-                for d in made.iter().rev() {
-                    let _ = empty_dir(d).and_then(|()| std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e)));
-                }
+                ws.undo_create();
                 Err(e)
             }
+        }
+    }
+
+    /// Removes what `create` made (its tmpfs, lock file and directories), nothing else:
+    /// a failed `create` or `restore` leaves the dir as it found it.
+    fn undo_create(&mut self) {
+        if let Some(mem) = self.scratch.take() {
+            if scratch::unmount(&mem).is_err() {
+                // Still mounted: leave everything (the handle gives it up).
+                self.owns = Owns::default();
+                return;
+            }
+            self.owns.scratch = false;
+        }
+        let (made, made_lock) = std::mem::take(&mut self.created);
+        if made_lock {
+            if let Some(l) = &self.lock {
+                let _ = l.remove();
+            }
+        }
+        for d in made.iter().rev() {
+            let _ = empty_dir(d).and_then(|()| std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e)));
         }
     }
 
@@ -532,6 +607,7 @@ impl Workspace {
     /// kept or half-changed workspace (unless `reset`), a live copy-backend view (even
     /// with `reset`), mounts inside, a non-empty upper or tmpfs mount point.
     fn precheck(&self, reset: bool) -> Result<()> {
+        self.check_own_dirs()?;
         let mem = self.dir.join("mem");
         for d in [&self.dir, &self.upper, &self.work, &self.target, &mem] {
             refuse_cache_layer(d, "create a workspace inside it")?;
@@ -627,11 +703,24 @@ impl Workspace {
     }
 
     /// Records what [`open`](Workspace::open) needs in `dir/workspace.json`.
-    fn save_state(&self) -> Result<()> {
+    fn save_state(&mut self) -> Result<()> {
         if self.converted {
             return Ok(());
         }
-        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir)
+        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir)?;
+        self.described = true;
+        Ok(())
+    }
+
+    /// Writes the workspace's description (`dir/workspace.json`, atomically) now, so that
+    /// [`open`](Workspace::open) can find it, and keeps the handle: a caller that hands
+    /// the workspace over can see this fail while it can still undo (`destroy`) what it
+    /// made. [`keep`](Workspace::keep) writes it too, when it is not up to date.
+    ///
+    /// # Errors
+    /// I/O errors (`ENOSPC`, ...); the description is then the old one (or none).
+    pub fn describe(&mut self) -> Result<()> {
+        self.save_state()
     }
 
     /// Picks up a workspace made earlier, maybe by another process: one made by
@@ -656,8 +745,7 @@ impl Workspace {
     /// damaged `workspace.json`; [`Error::Unsupported`] when a tmpfs upper is no longer
     /// mounted (its contents are gone); I/O errors.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = std::path::absolute(dir.as_ref()).map_err(|e| Error::io("getcwd", dir.as_ref(), e))?;
-        let dir: PathBuf = dir.components().collect();
+        let dir = canonical_dir(dir.as_ref())?;
         // Which kind, without making anything (no lock file in a dir that holds no
         // workspace): a created one (described, or half destroyed), or a converted dir.
         let (lower, upper, work) = converted_dirs(&dir);
@@ -698,6 +786,8 @@ impl Workspace {
                 journal: journal_path,
                 destroying: step == Some(journal::Step::Destroy),
                 scratch_lost: false,
+                described: true,
+                created: (Vec::new(), false),
             }
         } else {
             let st = state::State::load(&dir)?;
@@ -734,13 +824,17 @@ impl Workspace {
                 journal: journal_path,
                 destroying,
                 scratch_lost,
+                described: true,
+                created: (Vec::new(), false),
             }
         };
         // Rule 4: this handle may mount, reset, import into and apply to these dirs,
-        // whatever `workspace.json` or a symlink in `dir` says they are.
+        // whatever `workspace.json` or a symlink in `dir` says they are; and its own
+        // directories are real ones, never links to another sandbox's.
         for d in [&ws.dir, &ws.upper, &ws.work, &ws.target] {
             refuse_cache_layer(d, "use it in a workspace")?;
         }
+        ws.check_own_dirs()?;
         if is_mount_point(&ws.target)? {
             ws.backend = Some(Box::new(crate::mount::KernelOverlay::new()));
         } else if [crate::mount::copy::STATE, crate::mount::copy::CLEARING].iter().any(|f| ws.work.join(f).exists()) {
@@ -818,6 +912,20 @@ impl Workspace {
         }
     }
 
+    /// Refuses a workspace whose own directories are links or files (see [`refuse_link`]).
+    fn check_own_dirs(&self) -> Result<()> {
+        if self.converted {
+            let (l, u, w) = converted_dirs(&self.dir);
+            return [l, u, w].iter().try_for_each(|d| refuse_link(d));
+        }
+        let mem = self.dir.join("mem");
+        OWN_NAMES
+            .iter()
+            .map(|n| self.dir.join(n))
+            .chain([mem.join("upper"), mem.join("work")])
+            .try_for_each(|d| refuse_link(&d))
+    }
+
     /// Refuses work on a workspace `open` found half destroyed, or whose tmpfs upper is
     /// gone: only [`destroy`](Workspace::destroy) makes sense there.
     fn usable(&self, what: &str) -> Result<()> {
@@ -846,8 +954,9 @@ impl Workspace {
     /// # Errors
     /// I/O errors writing the description; the workspace is left as it is all the same.
     pub fn keep(mut self) -> Result<()> {
-        // A half-destroyed workspace keeps its journal, not a description.
-        let saved = if self.destroying { Ok(()) } else { self.save_state() };
+        // A half-destroyed workspace keeps its journal, not a description; one already
+        // described is not written again (a full disk cannot fail a finished `mount`).
+        let saved = if self.destroying || self.described { Ok(()) } else { self.save_state() };
         self.owns = Owns::default();
         saved
     }
@@ -861,12 +970,21 @@ impl Workspace {
     /// when `path.lower` exists); the backend's mount error, after which `path` is
     /// restored.
     pub fn convert(path: impl AsRef<Path>, backend: impl MountBackend + 'static) -> Result<Self> {
-        let path = std::path::absolute(path.as_ref()).map_err(|e| Error::io("getcwd", path.as_ref(), e))?;
-        // `dir/` names `dir`: drop a trailing separator before deriving `dir.lower`.
-        let path: PathBuf = path.components().collect();
+        // Resolved (`dir/` names `dir`; a symlink names its target): `path.lower` is
+        // derived from the real directory.
+        let path = canonical_dir(path.as_ref())?;
         refuse_cache_layer(&path, "convert it into a workspace")?;
+        refuse_inside_workspace(&path)?;
         if is_mount_point(&path)? {
             return Err(Error::AlreadyMounted { path });
+        }
+        // Rule 8: never move a tree that has something mounted inside (a live workspace's
+        // view or tmpfs) from under it.
+        refuse_mounts_under(&[&path])?;
+        if [state::FILE, LOCK_FILE, journal::FILE].iter().any(|f| path.join(f).exists()) {
+            return Err(Error::InvalidSpec {
+                reason: format!("{} holds a workspace: destroy it, or open it", path.display()),
+            });
         }
         let (lower, upper, work) = converted_dirs(&path);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io("lstat", &path, e))?;
@@ -922,6 +1040,8 @@ impl Workspace {
                 journal: sidecar(&path, ".journal"),
                 destroying: false,
                 scratch_lost: false,
+                described: true,
+                created: (Vec::new(), false),
             };
             ws.mount(backend)?;
             ws.lock = lock.take();
@@ -1031,6 +1151,19 @@ impl Workspace {
         Ok(was)
     }
 
+    /// Refuses a change that unmounts and remounts the view while the sandbox has mounts
+    /// of its own inside it (`/proc`, volumes): the unmount is recursive (`MNT_DETACH`)
+    /// and the remount brings back only the overlay.
+    fn refuse_submounts(&self) -> Result<()> {
+        if self.backend.is_none() {
+            return Ok(());
+        }
+        match crate::mount::mountinfo::mount_under(&[&self.target], false)? {
+            Some(m) => Err(Error::AlreadyMounted { path: m }),
+            None => Ok(()),
+        }
+    }
+
     /// Mounts again what [`suspend`](Self::suspend) unmounted, with the workspace's
     /// current lowers and upper.
     fn resume(&mut self, was: Option<(Box<dyn MountBackend>, bool)>) -> Result<()> {
@@ -1071,6 +1204,7 @@ impl Workspace {
     /// its journal entry: `reset` again (or the next `open`) finishes.
     pub fn reset(&mut self) -> Result<()> {
         self.usable("reset")?;
+        self.refuse_submounts()?;
         let was = self.suspend()?;
         if let Err(e) = journal::begin(&self.journal, journal::Step::Reset) {
             let _ = self.resume(was);
@@ -1118,6 +1252,8 @@ impl Workspace {
 
     /// [`destroy`](Workspace::destroy) but for the handle.
     fn teardown(&mut self) -> Result<()> {
+        // Refused before anything changes: own directories that are links or files.
+        self.check_own_dirs()?;
         let was = self.suspend()?;
         // A workspace another process can find (described, converted, or already half
         // destroyed) journals its destruction; one handle's own from `create` to
@@ -1199,11 +1335,15 @@ impl Workspace {
             for d in &ours {
                 std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
             }
-            let st = self.dir.join(state::FILE);
-            match std::fs::remove_file(&st) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("unlink", &st, e)),
+            // The description, and what a write of it (or of the journal) killed midway
+            // left.
+            for f in [state::FILE, "workspace.json.tmp", "workspace.journal.tmp"] {
+                let st = self.dir.join(f);
+                match std::fs::remove_file(&st) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("unlink", &st, e)),
+                }
             }
         }
         journal::end(&self.journal)?;
@@ -1324,23 +1464,49 @@ impl Workspace {
     /// After an error `path` is as it was (unless only the final sync of its directory
     /// failed) and no temporary file is left.
     pub fn checkpoint(&self, path: impl AsRef<Path>) -> Result<DiffStats> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = path.as_ref();
         let _span = span!("checkpoint", dir = %self.dir.display(), path = %path.display());
-        self.usable("checkpoint")?;
-        self.check_upper_current("checkpoint")?;
-        if path.file_name().is_none() {
+        self.write_diff_to(path, &DiffOptions::aligned(), "checkpoint")
+    }
+
+    /// [`export_diff`](Workspace::export_diff) into the file `path`, all or nothing: the
+    /// diff is written to a temporary file next to `path`
+    /// (`.rootfs-cache-export-<pid>-<n>.partial`, mode 0600), synced, renamed over
+    /// `path`, and the directory is synced; a failure (or a kill) never leaves a
+    /// half-written `path`. [Aligned](DiffOptions::aligned) diffs take the
+    /// [`export_diff_file`](Workspace::export_diff_file) fast path (file data shared with
+    /// the upper on XFS/btrfs). [`checkpoint`](Workspace::checkpoint) is this with
+    /// [`DiffOptions::aligned`].
+    ///
+    /// # Errors
+    /// [`Error::ImmutableLayer`] for a `path` in a cache; [`Error::Unsupported`] for a
+    /// `path` inside this workspace (its upper, work dir, mounted view, tmpfs or own
+    /// files) or another's, and as [`export_diff`](Workspace::export_diff); I/O errors
+    /// naming `path`'s temporary file (`ENOSPC`, ...). After an error `path` is as it was
+    /// (unless only the final sync of its directory failed) and no temporary file is left.
+    pub fn export_diff_to(&self, path: impl AsRef<Path>, opts: &DiffOptions) -> Result<DiffStats> {
+        let path = path.as_ref();
+        let _span = span!("export_diff_to", dir = %self.dir.display(), path = %path.display());
+        self.write_diff_to(path, opts, "export")
+    }
+
+    /// [`export_diff_to`](Workspace::export_diff_to); `what` names the temporary file.
+    fn write_diff_to(&self, path: &Path, opts: &DiffOptions, what: &str) -> Result<DiffStats> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        self.usable(what)?;
+        self.check_upper_current(what)?;
+        let Some(name) = path.file_name() else {
             let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file");
             return Err(Error::io("open", path, e));
-        }
+        };
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        self.refuse_inside(parent)?;
+        self.refuse_inside(parent, name)?;
         // Short, whatever the target's length (NAME_MAX is 255).
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = parent.join(format!(".rootfs-cache-checkpoint-{}-{seq}.partial", std::process::id()));
+        let tmp = parent.join(format!(".rootfs-cache-{what}-{}-{seq}.partial", std::process::id()));
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
             File::options()
@@ -1350,8 +1516,24 @@ impl Workspace {
                 .open(&tmp)
                 .map_err(|e| Error::io("open", &tmp, e))?
         };
+        // The export names its output "diff output": here it is the temporary file.
+        let named = |e: Error| match e {
+            Error::Io { op, path: p, source } if p.as_os_str() == "diff output" => {
+                Error::Io { op, path: tmp.clone(), source }
+            }
+            e => e,
+        };
         let done = (|| {
-            let stats = export::export_file(&self.upper, self.userxattr(), &file, &DiffOptions::aligned())?;
+            let stats = if opts.aligned {
+                export::export_file(&self.upper, self.userxattr(), &file, opts)
+            } else {
+                let mut w = std::io::BufWriter::with_capacity(256 * 1024, &file);
+                export::export(&self.upper, self.userxattr(), &mut w, opts).and_then(|st| {
+                    w.flush().map_err(|e| Error::io("write", &tmp, e))?;
+                    Ok(st)
+                })
+            }
+            .map_err(named)?;
             file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
             std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
             let dir = File::open(parent).map_err(|e| Error::io("open", parent, e))?;
@@ -1397,27 +1579,43 @@ impl Workspace {
         match ws.import_diff_file(&file) {
             Ok(_) => Ok(ws),
             Err(e) => {
-                let _ = ws.destroy();
+                // Only what `create` made goes: the import emptied the upper again.
+                ws.undo_create();
                 Err(e)
             }
         }
     }
 
-    /// Refuses a checkpoint into the upper or the mounted view: it would become part of
-    /// the sandbox's files (and hold its own temporary copy).
-    fn refuse_inside(&self, parent: &Path) -> Result<()> {
-        let Ok(real) = std::fs::canonicalize(parent) else { return Ok(()) }; // open reports it
-        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    /// Refuses a diff written into a cache, into this workspace (its upper, work dir,
+    /// mounted view, tmpfs, or over one of its own files: it would become part of the
+    /// sandbox's files, or of the workspace's records), or into another workspace's dirs.
+    fn refuse_inside(&self, parent: &Path, name: &std::ffi::OsStr) -> Result<()> {
+        let Some(real) = crate::immutable::resolve(parent) else { return Ok(()) }; // open reports it
+        if let Some(c) = crate::immutable::cache_in_resolved(&real) {
+            return Err(Error::ImmutableLayer { op: "write a diff into it", path: c });
+        }
+        let canon = |p: &Path| crate::immutable::resolve(p).unwrap_or_else(|| p.to_path_buf());
         let mut inside = vec![canon(&self.upper), canon(&self.work)];
+        if let Some(mem) = &self.scratch {
+            inside.push(canon(mem));
+        }
         if self.backend.is_some() {
             inside.push(canon(&self.target));
         }
-        if inside.iter().any(|d| real.starts_with(d)) {
+        let own_file = real == canon(&self.dir)
+            && name.to_str().is_some_and(|n| {
+                [state::FILE, LOCK_FILE, journal::FILE].contains(&n)
+                    || OWN_NAMES.contains(&n)
+                    || n.starts_with("workspace.")
+            });
+        if own_file || inside.iter().any(|d| real.starts_with(d)) {
             return Err(Error::Unsupported {
-                what: format!("a checkpoint in {}, inside the workspace it saves", parent.display()),
+                what: format!("a diff written to {}, inside the workspace it saves", parent.join(name).display()),
             });
         }
-        Ok(())
+        refuse_inside_workspace(&real.join(name)).map_err(|_| Error::Unsupported {
+            what: format!("a diff written to {}, inside a workspace's own directories", parent.join(name).display()),
+        })
     }
 
     /// Refuses to read the upper while a backend that fills it only at unmount is mounted.
@@ -1455,6 +1653,7 @@ impl Workspace {
             });
         }
         self.usable("detach")?;
+        self.refuse_submounts()?;
         let was = self.suspend()?;
         if let Err(e) = self.detach_unmounted() {
             // Before the swap everything was put back: mount again. Past it (an I/O error
@@ -1614,6 +1813,7 @@ impl Workspace {
             });
         }
         self.usable("apply")?;
+        self.refuse_submounts()?;
         let was = self.suspend()?;
         if let Err(e) = journal::begin(&self.journal, journal::Step::Apply) {
             let _ = self.resume(was);

@@ -71,8 +71,13 @@ impl State {
         let tmp = dir.join(format!("{FILE}.tmp"));
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
-        std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
+        let done = std::fs::write(&tmp, text)
+            .map_err(|e| Error::io("write", &tmp, e))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e)));
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
     }
 
     /// Reads the state of the workspace in `dir`; `Ok(None)` when there is none.
