@@ -40,6 +40,8 @@
 
 #[path = "common/rootfsctl.rs"]
 mod rootfsctl;
+#[path = "common/sandbox.rs"]
+mod sandbox;
 #[path = "common/scratch_ns.rs"]
 mod scratch_ns;
 mod support;
@@ -48,7 +50,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
+use std::os::unix::fs::symlink;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -59,10 +61,8 @@ use rootfs_cache::{
     is_mount_point,
 };
 use rootfsctl::{Ctl, kv, s};
-use serde_json::{Value, json};
-use support::{Cmp, Ent, Fmt, Node};
-
-type Snap = BTreeMap<Vec<u8>, Node>;
+use sandbox::{Snap, assert_writes_in_upper, build_layout, is_tmpfs_mount, mounts_under, names, sandbox_writes, tree};
+use support::{Cmp, Ent, Fmt};
 
 // ---------------------------------------------------------------------------------------
 // Variants
@@ -160,111 +160,10 @@ every_variant!(
 kernel_variants!(cli_commands_racing_an_export, cli_sigkill_export, cli_sigkill_import);
 
 // ---------------------------------------------------------------------------------------
-// The image: an OCI layout written here
-
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-fn base_layer() -> Vec<Ent> {
-    vec![
-        Ent::dir("etc"),
-        Ent::file("etc/hostname", "base\n"),
-        Ent::file("etc/passwd", "root:x:0:0::/root:/bin/sh\n").xattr("user.origin", "base layer"),
-        Ent::file("etc/gone", "deleted by the second layer\n"),
-        Ent::dir("usr"),
-        Ent::dir("usr/bin"),
-        Ent::file("usr/bin/tool", support::pseudo_random(1, 70_000)).mode(0o755),
-        Ent::symlink("bin", "usr/bin"),
-        Ent::dir("var"),
-        Ent::dir("var/lib"),
-        Ent::dir("var/lib/app").mode(0o750).owner(1000, 1000),
-        Ent::file("var/lib/app/state", "old state\n").mode(0o640).owner(1000, 1000),
-        Ent::file("doomed", "the sandbox deletes this\n"),
-        Ent::dir("srv"),
-    ]
-}
-
-fn top_layer() -> Vec<Ent> {
-    let t = support::DEFAULT_MTIME + 100;
-    vec![
-        Ent::dir("etc").mtime(t, 0),
-        Ent::whiteout("etc/gone"),
-        Ent::file("etc/hostname", "two\n").mtime(t, 5),
-        Ent::dir("opt").mtime(t, 0),
-        Ent::dir("opt/new").mtime(t, 0),
-        Ent::file("opt/new/readme", "added by the second layer\n").mtime(t, 0),
-        Ent::dir("var").mtime(t, 0),
-        Ent::dir("var/lib").mtime(t, 0),
-        Ent::dir("var/lib/app").mode(0o750).owner(1000, 1000).mtime(t, 0),
-        Ent::opaque("var/lib/app"),
-        Ent::file("var/lib/app/fresh", "replaces the old state\n").owner(1000, 1000),
-    ]
-}
-
-/// Stores `data` as a blob of `layout`; its descriptor.
-fn blob(layout: &Path, media_type: &str, data: &[u8]) -> Value {
-    let hex = support::sha256_hex(data);
-    fs::write(layout.join("blobs/sha256").join(&hex), data).unwrap();
-    json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": data.len()})
-}
-
-/// The layout `L` with tags `one` (the base layer, gzip), `two` (base + top, the top one
-/// uncompressed) and `extra` (a layer of its own).
-fn build_layout(l: &Path) -> PathBuf {
-    fs::create_dir_all(l.join("blobs/sha256")).unwrap();
-    fs::write(l.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let base = blob(l, OCI_GZIP, &support::gzip(&support::tar_of(&base_layer(), Fmt::Pax)));
-    let top = blob(l, OCI_TAR, &support::tar_of(&top_layer(), Fmt::Gnu));
-    let extra = blob(l, OCI_GZIP, &support::gzip(&support::tar_of(&[Ent::file("extra", "extra\n")], Fmt::Pax)));
-    let manifest = |tag: &str, layers: Vec<Value>| {
-        let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}});
-        let config = blob(l, OCI_CONFIG, &serde_json::to_vec(&config).unwrap());
-        let m = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers});
-        let mut d = blob(l, OCI_MANIFEST, &serde_json::to_vec(&m).unwrap());
-        d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
-        d
-    };
-    let manifests =
-        vec![manifest("one", vec![base.clone()]), manifest("two", vec![base, top]), manifest("extra", vec![extra])];
-    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
-    fs::write(l.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    l.to_path_buf()
-}
-
-// ---------------------------------------------------------------------------------------
-// Small helpers
-
-/// Everything under `root`, and `root` itself as `.`.
-fn tree(root: &Path) -> Snap {
-    let mut t = support::snapshot(root);
-    t.insert(b".".to_vec(), support::node(root));
-    t
-}
+// Small helpers (the image, the sandbox's writes and tree helpers: `common/sandbox.rs`)
 
 fn assert_same_tree(what: &str, want: &Snap, got: &Snap) {
     support::assert_no_diffs(what, &support::diff_trees(want, got, &Cmp::strict()));
-}
-
-/// Mount points strictly inside `dir`, from this thread's mount table.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let mi = fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
-    let prefix = format!("{}/", s(dir));
-    mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).map(String::from).collect()
-}
-
-fn is_tmpfs_mount(p: &Path) -> bool {
-    is_mount_point(p).unwrap()
-        && nix::sys::statfs::statfs(p).unwrap().filesystem_type() == nix::sys::statfs::TMPFS_MAGIC
-}
-
-fn names(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
 }
 
 /// `tar -tf`: the entry names, or the failure.
@@ -298,44 +197,6 @@ impl Write for FailAfter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// What the sandbox writes through its merged view.
-const WRITTEN: &[u8] = b"written by the sandbox\n";
-const BIG: usize = 200 << 20;
-
-fn sandbox_writes(view: &Path, big: bool) {
-    let w = |rel: &str, data: &[u8]| fs::write(view.join(rel), data).unwrap();
-    w("etc/written", WRITTEN);
-    support::chmod(&view.join("etc/written"), 0o640);
-    // More than a page: no export fits into a full file system by accident.
-    w("etc/blob", &support::pseudo_random(7, 100_000));
-    let mut f = fs::OpenOptions::new().append(true).open(view.join("etc/hostname")).unwrap();
-    f.write_all(b"+sandbox\n").unwrap();
-    drop(f);
-    fs::remove_file(view.join("doomed")).unwrap();
-    fs::create_dir(view.join("srv/sandbox-dir")).unwrap();
-    support::chmod(&view.join("srv/sandbox-dir"), 0o700);
-    w("srv/sandbox-dir/f", b"in a new dir\n");
-    if big {
-        let chunk = support::pseudo_random(9, 1 << 20);
-        let mut f = File::create(view.join("big.bin")).unwrap();
-        for _ in 0..BIG / chunk.len() {
-            f.write_all(&chunk).unwrap();
-        }
-    }
-}
-
-/// The sandbox's writes as the upper holds them once the view is unmounted.
-fn assert_writes_in_upper(upper: &Path, what: &str) {
-    let read = |rel: &str| fs::read(upper.join(rel)).unwrap_or_else(|e| panic!("{what}: {rel} in the upper: {e}"));
-    assert_eq!(read("etc/written"), WRITTEN, "{what}");
-    assert_eq!(read("etc/blob"), support::pseudo_random(7, 100_000), "{what}");
-    // Both images have an /etc/hostname of their own; the sandbox appended to it.
-    assert!(read("etc/hostname").ends_with(b"\n+sandbox\n"), "{what}: etc/hostname lost the append");
-    assert_eq!(read("srv/sandbox-dir/f"), b"in a new dir\n", "{what}");
-    let m = fs::symlink_metadata(upper.join("doomed")).unwrap_or_else(|e| panic!("{what}: no whiteout: {e}"));
-    assert!(m.file_type().is_char_device() && m.rdev() == 0, "{what}: doomed is not a whiteout in the upper");
 }
 
 // ---------------------------------------------------------------------------------------
