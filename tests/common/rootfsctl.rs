@@ -1,6 +1,7 @@
 //! The `rootfsctl` example as a test sees it: built on demand with the test's profile,
-//! and run with a cache dir and a scratch `TMPDIR`. Shared by `tests/interop.rs` and
-//! `tests/nothing_lost.rs`; included with `#[path = "common/rootfsctl.rs"] mod rootfsctl;`
+//! and run with a cache dir and a scratch `TMPDIR`, directly or under another command
+//! (`strace ... rootfsctl ...`). Shared by `tests/interop.rs`, `tests/nothing_lost.rs` and
+//! `tests/crash_points.rs`; included with `#[path = "common/rootfsctl.rs"] mod rootfsctl;`
 //! next to `mod support;`.
 //!
 //! `cargo test --test X` does not build examples: [`rootfsctl_bin`] brings the binary up
@@ -65,6 +66,19 @@ impl Ctl {
     /// `rootfsctl --cache C ARGS`, not started yet.
     pub fn cached_cmd(&self, args: &[&str]) -> Command {
         let mut c = self.cmd(&["--cache", s(&self.cache)]);
+        c.args(args);
+        c
+    }
+
+    /// `WRAPPER... rootfsctl [--cache C] ARGS` (`WRAPPER` is a command that runs the one
+    /// after it, such as `strace -o TRACE`), not started yet.
+    pub fn wrapped(&self, wrapper: &[&str], cached: bool, args: &[&str]) -> Command {
+        let (prog, pre) = wrapper.split_first().expect("a wrapper command");
+        let mut c = Command::new(prog);
+        c.args(pre).arg(rootfsctl_bin()).env("TMPDIR", &self.tmp);
+        if cached {
+            c.arg("--cache").arg(&self.cache);
+        }
         c.args(args);
         c
     }
