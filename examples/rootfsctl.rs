@@ -264,10 +264,17 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let id = lease_id(Path::new(ws_dir))?;
             let cache = open_cache()?;
             if cache.leases().contains(&id) {
-                return Err(format!(
-                    "{ws_dir}: a workspace made there still holds its image (lease {id}); destroy it first"
-                )
-                .into());
+                match Workspace::open(ws_dir) {
+                    // A create killed midway: the lease was persisted, the workspace never
+                    // finished. Take over (create reuses what it finds, or refuses it).
+                    Err(rootfs_cache::Error::NotFound { .. }) => cache.release(&id)?,
+                    _ => {
+                        return Err(format!(
+                            "{ws_dir}: a workspace made there still holds its image (lease {id}); destroy it first"
+                        )
+                        .into());
+                    }
+                }
             }
             let (layout, reference) = oci_ref::split_ref(r);
             let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
@@ -324,7 +331,20 @@ fn run(args: &[String]) -> Result<(), Fail> {
             // The cache first: a busy cache fails the command before anything is deleted
             // (never a destroyed workspace whose lease can no longer be released).
             let lease = lease_of(Path::new(ws_dir), cache_dir.as_deref(), &open_cache)?;
-            Workspace::open(ws_dir)?.destroy()?;
+            match Workspace::open(ws_dir) {
+                Ok(ws) => ws.destroy()?,
+                // A destroy killed after the workspace went, before its lease did: the
+                // record is all that is left; finish.
+                Err(rootfs_cache::Error::NotFound { .. }) if LeaseRecord::read(Path::new(ws_dir))?.is_some() => {}
+                // Killed after the record went too: only the empty dir is left.
+                Err(rootfs_cache::Error::NotFound { .. })
+                    if std::fs::read_dir(ws_dir).is_ok_and(|mut d| d.next().is_none()) =>
+                {
+                    std::fs::remove_dir(ws_dir).map_err(|e| format!("rmdir {ws_dir}: {e}"))?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
             if let Some((cache, id)) = &lease {
                 release(cache, id)?;
             }

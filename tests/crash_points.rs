@@ -3,7 +3,7 @@
 //! `rootfsctl` binary, as a runtime's supervisor (or a script) drives it on a node.
 //!
 //! Every test runs in its own private mount namespace on a scratch tmpfs, with the
-//! OCI layout of `common/sandbox.rs` (image `two`: two layers, one deleting a file) and a
+//! OCI layout of `common/live_sandbox.rs` (image `two`: two layers, one deleting a file) and a
 //! cache `C`. A *live sandbox* is `rootfsctl --cache C create [--tmpfs 64M] L:two WS`,
 //! `rootfsctl mount --backend kernel|copy WS` and writes through `WS/rootfs`: a new file,
 //! an appended file, a deleted file (a whiteout in the upper), a new directory.
@@ -70,12 +70,12 @@
 //!
 //! Needs root and `strace` (skipped otherwise, a failure under `CI=1`).
 
+#[path = "common/live_sandbox.rs"]
+mod live_sandbox;
 #[path = "common/ops.rs"]
 mod ops;
 #[path = "common/rootfsctl.rs"]
 mod rootfsctl;
-#[path = "common/sandbox.rs"]
-mod sandbox;
 #[path = "common/scratch_ns.rs"]
 mod scratch_ns;
 mod support;
@@ -92,8 +92,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use live_sandbox::{Snap, build_layout, mounts_at, mounts_under, names, sandbox_writes, writes_in};
 use rootfsctl::{Ctl, kv, s};
-use sandbox::{Snap, build_layout, mounts_at, mounts_under, names, sandbox_writes, writes_in};
 use support::{Cmp, Fmt};
 
 // ---------------------------------------------------------------------------------------
@@ -540,7 +540,7 @@ fn scenario(fx: &Fx, sh: &Shared, case: Case, i: usize) -> Scenario {
             let dir = fx.base.join(format!("dir{i}"));
             let d = s(&dir).to_string();
             fs::create_dir(&dir).unwrap();
-            let tar = support::tar_of(&sandbox::base_layer(), Fmt::Pax);
+            let tar = support::tar_of(&live_sandbox::base_layer(), Fmt::Pax);
             rootfs_cache::unpack(&tar[..], &dir, &rootfs_cache::UnpackOptions::default()).unwrap();
             fx.must(false, &["convert", "--backend", "kernel", &d]);
             sandbox_writes(&dir, false);

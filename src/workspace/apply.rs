@@ -1,5 +1,6 @@
 //! `Workspace::apply`: flatten an upper into a private lower.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
@@ -29,17 +30,42 @@ pub struct ApplyReport {
     pub deleted: u64,
 }
 
-pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<ApplyReport> {
+/// Directory times (`atime`, `mtime`, seconds and nanoseconds) by path in the upper.
+type DirTimes = HashMap<Vec<u8>, [i64; 4]>;
+
+/// Flattens `upper` into `lower`. `times_file` (in the work dir) keeps the upper
+/// directories' times as they were before the first run: moving entries out of an upper
+/// directory changes its mtime, so a rerun after a kill would otherwise give the lower
+/// directories the time of the interrupted run.
+pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool, times_file: &Path) -> Result<ApplyReport> {
     // Refuse before changing anything.
+    let mut seen = DirTimes::new();
     walk(upper, userxattr, |ev| {
         match ev {
-            Event::Enter { parent, name, path, .. } | Event::Leaf { parent, name, path, .. } if !path.is_empty() => {
-                check_no_redirects(parent, name, userxattr, &shown(upper, path))?
+            Event::Enter { parent, name, path, st, .. } => {
+                if !path.is_empty() {
+                    check_no_redirects(parent, name, userxattr, &shown(upper, path))?;
+                }
+                seen.insert(path.to_vec(), [st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec]);
             }
+            Event::Leaf { parent, name, path, .. } => check_no_redirects(parent, name, userxattr, &shown(upper, path))?,
             _ => {}
         }
         Ok(true)
     })?;
+    // A rerun keeps the first run's record (only directories it has not met are added).
+    let mut times = load_times(times_file)?.unwrap_or_default();
+    for (k, v) in seen {
+        times.entry(k).or_insert(v);
+    }
+    save_times(times_file, &times)?;
+    let original = |path: &[u8], st: &nix::sys::stat::FileStat| -> nix::sys::stat::FileStat {
+        let mut st = *st;
+        if let Some(&[a, an, m, mn]) = times.get(path) {
+            (st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec) = (a, an, m, mn);
+        }
+        st
+    };
     let keep = Xattrs::Keep(Xattrs::prefix(userxattr));
     let root = open_dir_path(lower)?;
     let mut report = ApplyReport::default();
@@ -49,7 +75,7 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
     walk(upper, userxattr, |ev| {
         match ev {
             Event::Enter { fd, path: [], st, .. } => {
-                copy_meta(fd, b".", st, root.as_fd(), b".", keep, lower)?;
+                copy_meta(fd, b".", &original(&[], st), root.as_fd(), b".", keep, lower)?;
                 stack.push(open_dir_at(root.as_fd(), b".", lower)?);
             }
             Event::Enter { parent, name, path, st, opaque, .. } => {
@@ -76,14 +102,14 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
                         }
                     }
                 }
-                copy_meta(parent, name, st, ld, name, keep, &display)?;
+                copy_meta(parent, name, &original(path, st), ld, name, keep, &display)?;
                 report.dirs += 1;
                 let sub = open_dir_at(ld, name, &display)?;
                 stack.push(sub);
             }
             Event::Leave { path, st, .. } => {
                 let ld = stack.pop().expect("entered");
-                set_dir_times(ld.as_fd(), st, &shown(lower, path))?;
+                set_dir_times(ld.as_fd(), &original(path, st), &shown(lower, path))?;
             }
             Event::Whiteout { name, path, .. } => {
                 let ld = stack.last().expect("root entered").as_fd();
@@ -96,13 +122,14 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
                 if stat_at(ld, name, &display)?.is_some_and(|s| kind(&s) == SFlag::S_IFDIR) {
                     remove_tree(ld, name, name, None, &display)?;
                 }
+                // Copy-up left overlay's own xattrs (`origin`, `nlink`, ...) on the file;
+                // in a lower they would be read as metadata. Stripped before the move, so
+                // a run killed right after it never leaves them in the lower.
+                strip_private(parent, name, userxattr, &shown(upper, path))?;
                 // A rename replaces the lower's directory entry, never the file it named:
                 // a lower file hardlinked into some shared file cache keeps its content.
                 match nix::fcntl::renameat(parent, name, ld, name) {
                     Ok(()) => {
-                        // Copy-up left overlay's own xattrs (`origin`, `nlink`, ...) on
-                        // the file; in a lower they would be read as metadata.
-                        strip_private(ld, name, userxattr, &display)?;
                         report.moved += 1;
                     }
                     Err(Errno::EXDEV) => {
@@ -140,6 +167,43 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool) -> Result<Apply
         Ok(true)
     })?;
     Ok(report)
+}
+
+/// The directory times a first run recorded, if there is a record.
+fn load_times(file: &Path) -> Result<Option<DirTimes>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", file, e)),
+    };
+    let bad = || Error::InvalidSpec { reason: format!("{}: not an apply record", file.display()) };
+    let mut times = DirTimes::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let [a, an, m, mn, hex] = f.as_slice() else { return Err(bad()) };
+        let n = |v: &str| v.parse::<i64>().map_err(|_| bad());
+        let path = (0..hex.len())
+            .step_by(2)
+            .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(bad)?;
+        times.insert(path, [n(a)?, n(an)?, n(m)?, n(mn)?]);
+    }
+    Ok(Some(times))
+}
+
+/// Writes the record atomically (temp file + rename).
+fn save_times(file: &Path, times: &DirTimes) -> Result<()> {
+    let mut text = String::new();
+    for (path, [a, an, m, mn]) in times {
+        let hex: String = path.iter().map(|b| format!("{b:02x}")).collect();
+        text.push_str(&format!("{a} {an} {m} {mn} {hex}\n"));
+    }
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, file).map_err(|e| Error::io("rename", file, e))
 }
 
 /// Removes overlay's private xattrs (in the active namespace, not escaped image ones)

@@ -863,8 +863,11 @@ impl Workspace {
             Step::Import => self.empty_upper(false)?,
             Step::Reset => self.empty_upper(true)?,
             Step::Apply => {
-                apply::apply(&self.upper, &self.lowers[0], self.userxattr())?;
+                apply::apply(&self.upper, &self.lowers[0], self.userxattr(), &self.apply_times())?;
                 self.empty_upper(true)?;
+                journal::end(&self.journal)?;
+                let _ = std::fs::remove_file(self.apply_times());
+                return Ok(());
             }
             Step::Detach | Step::DetachSwapped => self.recover_detach(step == Step::DetachSwapped)?,
             Step::Destroy => return Ok(()),
@@ -910,6 +913,13 @@ impl Workspace {
             remove(&fresh)?;
             remove(&old)
         }
+    }
+
+    /// Where `apply` records the upper directories' times before its first change, next
+    /// to the journal (kept until the journal entry goes, so a rerun after a kill gives
+    /// the lower directories the sandbox's times, not those of the interrupted run).
+    fn apply_times(&self) -> PathBuf {
+        sidecar(&self.journal, ".times")
     }
 
     /// Refuses a workspace whose own directories are links or files (see [`refuse_link`]).
@@ -1337,7 +1347,7 @@ impl Workspace {
             }
             // The description, and what a write of it (or of the journal) killed midway
             // left.
-            for f in [state::FILE, "workspace.json.tmp", "workspace.journal.tmp"] {
+            for f in [state::FILE, "workspace.json.tmp", "workspace.journal.tmp", "workspace.journal.times"] {
                 let st = self.dir.join(f);
                 match std::fs::remove_file(&st) {
                     Ok(()) => {}
@@ -1346,10 +1356,15 @@ impl Workspace {
                 }
             }
         }
-        journal::end(&self.journal)?;
+        if self.converted {
+            let _ = std::fs::remove_file(self.apply_times());
+        }
+        // The lock file before the journal entry: killed in between, `open` still finds
+        // a workspace being destroyed (and `destroy` finishes it).
         if let Some(lock) = &self.lock {
             lock.remove()?;
         }
+        journal::end(&self.journal)?;
         if !self.converted {
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => {}
@@ -1814,19 +1829,24 @@ impl Workspace {
         }
         self.usable("apply")?;
         self.refuse_submounts()?;
+        // A record left by a run that finished but died before removing it is stale.
+        let _ = std::fs::remove_file(self.apply_times());
         let was = self.suspend()?;
         if let Err(e) = journal::begin(&self.journal, journal::Step::Apply) {
             let _ = self.resume(was);
             return Err(e);
         }
-        let done = apply::apply(&self.upper, &self.lowers[0], self.userxattr()).and_then(|report| {
-            self.empty_upper(true)?;
-            Ok(report)
-        });
+        let done =
+            apply::apply(&self.upper, &self.lowers[0], self.userxattr(), &self.apply_times()).and_then(|report| {
+                self.empty_upper(true)?;
+                Ok(report)
+            });
         // Mounted again whatever happened: the writes not applied yet are still in the
         // upper, the applied ones in the lower, and the view shows both (a killed
-        // process leaves the journal entry instead, and the next `open` finishes).
+        // process leaves the journal entry instead, and the next `open` finishes). The
+        // sandbox may write on: a later apply records the directories' times afresh.
         let _ = journal::end(&self.journal);
+        let _ = std::fs::remove_file(self.apply_times());
         let resumed = self.resume(was);
         let report = done?;
         resumed?;

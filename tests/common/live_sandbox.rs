@@ -151,6 +151,13 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
     mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).map(String::from).collect()
 }
 
+/// How many mounts sit exactly on `p` (stacked ones counted), from this thread's mount
+/// table.
+pub fn mounts_at(p: &Path) -> usize {
+    let mi = fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+    mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| *m == s(p)).count()
+}
+
 pub fn is_tmpfs_mount(p: &Path) -> bool {
     is_mount_point(p).unwrap()
         && nix::sys::statfs::statfs(p).unwrap().filesystem_type() == nix::sys::statfs::TMPFS_MAGIC
@@ -224,14 +231,37 @@ pub fn sandbox_writes(view: &Path, big: bool) {
 
 /// The sandbox's writes as the upper holds them once the view is unmounted.
 pub fn assert_writes_in_upper(upper: &Path, what: &str) {
-    let read = |rel: &str| fs::read(upper.join(rel)).unwrap_or_else(|e| panic!("{what}: {rel} in the upper: {e}"));
-    assert_eq!(read("etc/written"), WRITTEN, "{what}");
-    assert_eq!(read("etc/blob"), support::pseudo_random(7, 100_000), "{what}");
+    if let Err(e) = writes_in(upper, true) {
+        panic!("{what}: {e}");
+    }
+}
+
+/// Whether the tree at `root` holds every write of [`sandbox_writes`]: a merged view
+/// (`upper: false`: the deleted file is absent), or an upper (`upper: true`: the deleted
+/// file is a whiteout). The first write missing, if one is.
+pub fn writes_in(root: &Path, upper: bool) -> Result<(), String> {
+    let where_ = if upper { "upper" } else { "view" };
+    let read = |rel: &str| fs::read(root.join(rel)).map_err(|e| format!("{rel} in the {where_}: {e}"));
+    if read("etc/written")? != WRITTEN {
+        return Err(format!("etc/written in the {where_} lost its contents"));
+    }
+    if read("etc/blob")? != support::pseudo_random(7, 100_000) {
+        return Err(format!("etc/blob in the {where_} lost its contents"));
+    }
     // Both images have an /etc/hostname of their own; the sandbox appended to it.
-    assert!(read("etc/hostname").ends_with(b"\n+sandbox\n"), "{what}: etc/hostname lost the append");
-    assert_eq!(read("srv/sandbox-dir/f"), b"in a new dir\n", "{what}");
-    let m = fs::symlink_metadata(upper.join("doomed")).unwrap_or_else(|e| panic!("{what}: no whiteout: {e}"));
-    assert!(m.file_type().is_char_device() && m.rdev() == 0, "{what}: doomed is not a whiteout in the upper");
+    if !read("etc/hostname")?.ends_with(b"\n+sandbox\n") {
+        return Err(format!("etc/hostname in the {where_} lost the append"));
+    }
+    if read("srv/sandbox-dir/f")? != b"in a new dir\n" {
+        return Err(format!("srv/sandbox-dir/f in the {where_} lost its contents"));
+    }
+    match (upper, fs::symlink_metadata(root.join("doomed"))) {
+        (true, Ok(m)) if m.file_type().is_char_device() && m.rdev() == 0 => Ok(()),
+        (true, Ok(_)) => Err("doomed is not a whiteout in the upper".into()),
+        (true, Err(e)) => Err(format!("no whiteout for doomed in the upper: {e}")),
+        (false, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        (false, _) => Err("doomed, deleted by the sandbox, is back in the view".into()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
