@@ -333,22 +333,22 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let lease = lease_of(Path::new(ws_dir), cache_dir.as_deref(), &open_cache)?;
             match Workspace::open(ws_dir) {
                 Ok(ws) => ws.destroy()?,
-                // A destroy killed after the workspace went, before its lease did: the
-                // record is all that is left; finish.
-                Err(rootfs_cache::Error::NotFound { .. }) if LeaseRecord::read(Path::new(ws_dir))?.is_some() => {}
-                // Killed after the record went too: only the empty dir is left.
+                // A destroy killed after the workspace went, before its lease did: what
+                // is left is the record, or an empty (or no) dir and a lease named after
+                // it. Finish; anything else is not a workspace.
                 Err(rootfs_cache::Error::NotFound { .. })
-                    if std::fs::read_dir(ws_dir).is_ok_and(|mut d| d.next().is_none()) =>
-                {
-                    std::fs::remove_dir(ws_dir).map_err(|e| format!("rmdir {ws_dir}: {e}"))?;
-                    return Ok(());
-                }
+                    if LeaseRecord::read(Path::new(ws_dir))?.is_some()
+                        || (std::fs::read_dir(ws_dir).map_or(true, |mut d| d.next().is_none())
+                            && lease.as_ref().is_some_and(|(c, id)| c.leases().contains(id))) => {}
                 Err(e) => return Err(e.into()),
             }
+            // The record and the dir go before the lease: killed in between, the lease
+            // named after WS_DIR still tells the next `destroy` to finish.
+            LeaseRecord::remove(Path::new(ws_dir))?;
             if let Some((cache, id)) = &lease {
                 release(cache, id)?;
             }
-            LeaseRecord::remove(Path::new(ws_dir))
+            Ok(())
         }
         ("reset", [ws_dir]) => {
             let mut ws = Workspace::open(ws_dir)?;
@@ -554,14 +554,21 @@ impl LeaseRecord {
 
     /// Removes the record (after `destroy`), and `ws_dir` if that leaves it empty.
     fn remove(ws_dir: &Path) -> Result<(), Fail> {
+        // The real dir (WS_DIR may be a symlink to it; the link itself is the caller's).
+        let real = std::fs::canonicalize(ws_dir).unwrap_or_else(|_| ws_dir.to_path_buf());
+        let ws_dir = real.as_path();
         let path = ws_dir.join(Self::FILE);
         match std::fs::remove_file(&path) {
-            Ok(()) => {
-                let _ = std::fs::remove_dir(ws_dir);
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("unlink {}: {e}", path.display()).into()),
+        }
+        match std::fs::remove_dir(ws_dir) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::NotFound) => {
                 Ok(())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("unlink {}: {e}", path.display()).into()),
+            Err(e) => Err(format!("rmdir {}: {e}", ws_dir.display()).into()),
+            Ok(()) => Ok(()),
         }
     }
 }
