@@ -65,6 +65,30 @@ impl LockFile {
         }
     }
 
+    /// [`acquire`](LockFile::acquire) of a lock file that must not exist yet (in a
+    /// directory just made): created with `O_EXCL`, so nobody can have unlinked it under
+    /// us and no check is needed (two system calls). Exists already: as `acquire`.
+    pub(crate) fn acquire_new(path: &Path, owner: &Path) -> Result<LockFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = match File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::acquire(path, owner),
+            Err(e) => return Err(Error::io("open", path, e)),
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(file) => Ok(LockFile { file, path: path.to_path_buf() }),
+            Err((f, Errno::EWOULDBLOCK)) => Err(Error::Busy { path: owner.to_path_buf(), pid: holder(&f) }),
+            Err((_, e)) => Err(Error::io("flock", path, e)),
+        }
+    }
+
     /// Unlinks the lock file while still holding it (the thing it protects is gone); a
     /// waiter that opened it before sees the inode gone and starts over.
     pub(crate) fn remove(&self) -> Result<()> {

@@ -552,7 +552,11 @@ impl Workspace {
         let lock_path = ws.dir.join(LOCK_FILE);
         let made_lock = fresh || std::fs::symlink_metadata(&lock_path).is_err();
         // A fresh dir that someone else locked first is theirs now: leave it.
-        ws.lock = Some(crate::lockfile::LockFile::acquire(&lock_path, &ws.dir)?);
+        ws.lock = Some(if fresh {
+            crate::lockfile::LockFile::acquire_new(&lock_path, &ws.dir)?
+        } else {
+            crate::lockfile::LockFile::acquire(&lock_path, &ws.dir)?
+        });
         let done = if fresh {
             ws.populate(fresh, opts.reset, &mut made)
         } else {
