@@ -60,11 +60,19 @@ fn layer_in(real: &Path) -> Option<PathBuf> {
 /// in one of its areas (`layers/`, `tmp/`, `trash/`, `images/`, `leases/`). Only names
 /// that spell the layout are looked at on disk (a `LOCK` stat each), plus `real` itself.
 fn cache_in(real: &Path) -> Option<PathBuf> {
+    cache_in_with(real, true)
+}
+
+/// [`cache_in`]; `exists: false` when `real` is known not to exist (it cannot be a
+/// cache directory itself: one `stat` saved).
+fn cache_in_with(real: &Path, exists: bool) -> Option<PathBuf> {
     if let Some(layer) = layer_in(real) {
         return Some(layer);
     }
     let named_area = |a: &Path| a.file_name().is_some_and(|n| AREAS.iter().any(|x| n == *x));
-    std::iter::once(real)
+    exists
+        .then_some(real)
+        .into_iter()
         .chain(real.ancestors().filter(|a| named_area(a)).filter_map(Path::parent))
         .find(|root| is_cache_root(root))
         .map(Path::to_path_buf)
@@ -82,6 +90,11 @@ fn fd_path(fd: std::os::fd::BorrowedFd<'_>) -> Option<PathBuf> {
 /// `None` when nothing of it resolves, or a `..` follows a missing component (the
 /// kernel would fail such a path).
 pub(crate) fn resolve(path: &Path) -> Option<PathBuf> {
+    resolve_exists(path).map(|(p, _)| p)
+}
+
+/// [`resolve`], and whether the whole path exists.
+pub(crate) fn resolve_exists(path: &Path) -> Option<(PathBuf, bool)> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
     let abs = std::path::absolute(path).ok()?;
     let lexical = !abs.components().any(|c| matches!(c, std::path::Component::ParentDir));
@@ -97,7 +110,7 @@ pub(crate) fn resolve(path: &Path) -> Option<PathBuf> {
                 .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
                 .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
             match openat2(nix::fcntl::AT_FDCWD, a, how) {
-                Ok(_) => return Some(abs.components().collect()),
+                Ok(_) => return Some((abs.components().collect(), rest.as_os_str().is_empty())),
                 Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => continue,
                 Err(_) => {} // a symlink on the way (ELOOP), ...: ask the kernel its name
             }
@@ -105,7 +118,8 @@ pub(crate) fn resolve(path: &Path) -> Option<PathBuf> {
         // O_PATH follows symlinks, the last component's too: the directory meant.
         let Ok(fd) = open(a, OFlag::O_PATH | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) else { continue };
         let real = fd_path(std::os::fd::AsFd::as_fd(&fd))?;
-        return Some(if rest.as_os_str().is_empty() { real } else { real.join(rest) });
+        let whole = rest.as_os_str().is_empty();
+        return Some((if whole { real } else { real.join(rest) }, whole));
     }
     None
 }
@@ -140,6 +154,11 @@ pub fn cache_containing(path: &Path) -> Option<PathBuf> {
 /// [`cache_containing`] for a path already [`resolve`]d.
 pub(crate) fn cache_in_resolved(real: &Path) -> Option<PathBuf> {
     cache_in(real)
+}
+
+/// [`cache_in_resolved`] for a path [`resolve_exists`] found missing.
+pub(crate) fn cache_in_missing(real: &Path) -> Option<PathBuf> {
+    cache_in_with(real, false)
 }
 
 /// [`cache_containing`] for an open directory (one `readlink`).

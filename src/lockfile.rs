@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 pub(crate) struct LockFile {
     file: Flock<File>,
     path: PathBuf,
+    /// The lock is on a directory itself (nothing to unlink).
+    dir: bool,
 }
 
 impl std::fmt::Debug for LockFile {
@@ -61,38 +63,43 @@ impl LockFile {
                 Ok(m) if m.ino() == held.st_ino && m.dev() == held.st_dev => {}
                 Ok(_) | Err(_) => continue,
             }
-            return Ok(LockFile { file, path: path.to_path_buf() });
+            return Ok(LockFile { file, path: path.to_path_buf(), dir: false });
         }
     }
 
-    /// [`acquire`](LockFile::acquire) of a lock file that must not exist yet (in a
-    /// directory just made): created with `O_EXCL`, so nobody can have unlinked it under
-    /// us and no check is needed (two system calls). Exists already: as `acquire`.
-    pub(crate) fn acquire_new(path: &Path, owner: &Path) -> Result<LockFile> {
+    /// Takes the lock on the directory `dir` itself (no lock file: nothing to create on
+    /// a full disk, nothing to unlink). `fresh`: the caller just made `dir`, so nobody
+    /// can have removed it meanwhile; otherwise a directory removed between `open` and
+    /// `flock` (its holder destroyed it) is [`Error::NotFound`].
+    ///
+    /// # Errors
+    /// [`Error::Busy`] naming the holder's pid; [`Error::NotFound`]; I/O errors.
+    pub(crate) fn acquire_dir(dir: &Path, fresh: bool) -> Result<LockFile> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = match File::options()
+        let file = File::options()
             .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)
-        {
+            .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+            .open(dir)
+            .map_err(|e| Error::io("open", dir, e))?;
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::acquire(path, owner),
-            Err(e) => return Err(Error::io("open", path, e)),
+            Err((f, Errno::EWOULDBLOCK)) => return Err(Error::Busy { path: dir.to_path_buf(), pid: holder(&f) }),
+            Err((_, e)) => return Err(Error::io("flock", dir, e)),
         };
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(file) => Ok(LockFile { file, path: path.to_path_buf() }),
-            Err((f, Errno::EWOULDBLOCK)) => Err(Error::Busy { path: owner.to_path_buf(), pid: holder(&f) }),
-            Err((_, e)) => Err(Error::io("flock", path, e)),
+        if !fresh && nix::sys::stat::fstat(file.as_fd()).map_err(|e| Error::io("fstat", dir, e))?.st_nlink == 0 {
+            return Err(Error::NotFound { what: format!("a workspace in {} (removed meanwhile)", dir.display()) });
         }
+        Ok(LockFile { file, path: dir.to_path_buf(), dir: true })
     }
 
     /// Unlinks the lock file while still holding it (the thing it protects is gone); a
-    /// waiter that opened it before sees the inode gone and starts over.
+    /// waiter that opened it before sees the inode gone and starts over. A directory
+    /// lock has nothing to unlink.
     pub(crate) fn remove(&self) -> Result<()> {
         let _ = &self.file;
+        if self.dir {
+            return Ok(());
+        }
         match std::fs::remove_file(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -282,17 +282,32 @@ pub fn dir_is_empty(dir: BorrowedFd<'_>) -> io::Result<bool> {
 /// left at the end): three system calls for a small directory, where `opendir`/`readdir`
 /// on a duplicate takes eight.
 pub fn dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    rewind(dir)?;
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut names = Vec::new();
-    loop {
-        let n = getdents64(dir, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        names.extend(dirent_names(&buf[..n]).filter(|n| *n != b"." && *n != b"..").map(<[u8]>::to_vec));
+    thread_local! {
+        // One buffer per thread, zeroed once: a fresh 32 KiB one per call cost more than
+        // the system calls for the small directories of a workspace's teardown.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 32 * 1024]);
     }
-    Ok(names)
+    rewind(dir)?;
+    BUF.with(|cell| {
+        let mut own;
+        let mut borrowed = cell.try_borrow_mut();
+        let buf: &mut [u8] = match borrowed.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => {
+                own = vec![0u8; 32 * 1024];
+                &mut own
+            }
+        };
+        let mut names = Vec::new();
+        loop {
+            let n = getdents64(dir, buf)?;
+            if n == 0 {
+                break;
+            }
+            names.extend(dirent_names(&buf[..n]).filter(|n| *n != b"." && *n != b"..").map(<[u8]>::to_vec));
+        }
+        Ok(names)
+    })
 }
 
 fn rewind(dir: BorrowedFd<'_>) -> io::Result<()> {

@@ -39,8 +39,8 @@
 //! # Concurrency
 //! A `Workspace` is owned by one thread at a time (`&mut self` for everything that
 //! changes it). One handle per workspace, across processes: [`create`], [`open`] and
-//! [`convert`] take an exclusive `flock` on the workspace's lock file
-//! (`dir/workspace.lock`, or `path.lock` next to a converted `path`) and hold it while
+//! [`convert`] take an exclusive `flock` on the workspace dir itself (a converted
+//! `path` is a mount point: on `path.lock` next to it instead) and hold it while
 //! the handle lives; a second one gets [`Error::Busy`] naming the holder's pid. So
 //! commands run from scripts (`rootfsctl`) never interleave on one workspace.
 //!
@@ -264,8 +264,9 @@ fn sidecar(path: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// A created workspace's lock file, in its dir (converted: `path.lock` next to it).
-const LOCK_FILE: &str = "workspace.lock";
+/// A converted workspace's lock file, `path.lock` next to it (a created workspace locks
+/// its own dir; a converted `path` is a mount point, so it cannot).
+const LOCK_FILE: &str = ".lock";
 
 /// The resources a [`Workspace`] handle set up itself (as opposed to adopted from an
 /// earlier handle or process through [`Workspace::open`]).
@@ -343,7 +344,7 @@ fn refuse_inside_workspace(real: &Path) -> Result<()> {
     for a in real.ancestors() {
         let (Some(name), Some(parent)) = (a.file_name().and_then(|n| n.to_str()), a.parent()) else { continue };
         let owned = if OWN_NAMES.contains(&name) {
-            [state::FILE, LOCK_FILE, journal::FILE].iter().any(|f| parent.join(f).exists())
+            [state::FILE, journal::FILE].iter().any(|f| parent.join(f).exists())
         } else if let Some(base) =
             name.strip_suffix(".lower").or_else(|| name.strip_suffix(".upper")).or_else(|| name.strip_suffix(".work"))
         {
@@ -393,13 +394,21 @@ fn refuse_mounts_under(dirs: &[&Path]) -> Result<()> {
 /// Gives the upper root the metadata of the top lower's root: overlayfs shows the
 /// upper root's mode, owner and times as the merged root's.
 fn seed_upper_root(upper: &Path, top_lower: &Path) -> Result<()> {
-    seed_root(upper, top_lower, false)
+    seed_root(upper, top_lower, false, None)
 }
 
-/// [`seed_upper_root`]; `new`: the upper was just made (no xattrs of its own to clear).
-fn seed_root(upper: &Path, top_lower: &Path, new: bool) -> Result<()> {
+/// [`seed_upper_root`]; `new`: the upper was just made (no xattrs of its own to clear);
+/// `m`: the top lower's metadata, when the caller has it.
+fn seed_root(upper: &Path, top_lower: &Path, new: bool, m: Option<&std::fs::Metadata>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let m = std::fs::metadata(top_lower).map_err(|e| Error::io("stat", top_lower, e))?;
+    let stat;
+    let m = match m {
+        Some(m) => m,
+        None => {
+            stat = std::fs::metadata(top_lower).map_err(|e| Error::io("stat", top_lower, e))?;
+            &stat
+        }
+    };
     if nix::unistd::geteuid().is_root() {
         match std::os::unix::fs::chown(upper, Some(m.uid()), Some(m.gid())) {
             Ok(()) => {}
@@ -476,7 +485,9 @@ impl Workspace {
     pub fn create(dir: impl AsRef<Path>, lowers: impl Into<Lowers>, opts: WorkspaceOptions) -> Result<Self> {
         // The directory the kernel will use, symlinks resolved: every later step, and
         // `destroy`, works on it, never through a link.
-        let dir = canonical_dir(dir.as_ref())?;
+        let (dir, dir_exists) = crate::immutable::resolve_exists(dir.as_ref()).ok_or_else(|| Error::InvalidSpec {
+            reason: format!("{}: cannot be resolved (a `..` after a missing directory?)", dir.as_ref().display()),
+        })?;
         let (lowers, rootfs) = match lowers.into() {
             Lowers::Rootfs(r) => (r.lowers().to_vec(), Some(r)),
             Lowers::Dirs(d) => (d, None),
@@ -493,7 +504,12 @@ impl Workspace {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
         // Rule 4, before anything is made (and never inside another workspace's dirs).
-        if let Some(c) = crate::immutable::cache_in_resolved(&dir) {
+        let cache = if dir_exists {
+            crate::immutable::cache_in_resolved(&dir)
+        } else {
+            crate::immutable::cache_in_missing(&dir)
+        };
+        if let Some(c) = cache {
             return Err(Error::ImmutableLayer { op: "create a workspace inside it", path: c });
         }
         refuse_inside_workspace(&dir)?;
@@ -549,19 +565,15 @@ impl Workspace {
         if !fresh {
             ws.precheck(opts.reset)?;
         }
-        let lock_path = ws.dir.join(LOCK_FILE);
-        let made_lock = fresh || std::fs::symlink_metadata(&lock_path).is_err();
-        // A fresh dir that someone else locked first is theirs now: leave it.
-        ws.lock = Some(if fresh {
-            crate::lockfile::LockFile::acquire_new(&lock_path, &ws.dir)?
-        } else {
-            crate::lockfile::LockFile::acquire(&lock_path, &ws.dir)?
-        });
+        // The dir itself is the lock. A fresh dir that someone else locked first is
+        // theirs now: leave it.
+        let made_lock = false;
+        ws.lock = Some(crate::lockfile::LockFile::acquire_dir(&ws.dir, fresh)?);
         let done = if fresh {
-            ws.populate(fresh, opts.reset, &mut made)
+            ws.populate(fresh, opts.reset, &mut made, Some(&top))
         } else {
             // Again, now that no other handle can change the dir.
-            ws.precheck(opts.reset).and_then(|()| ws.populate(fresh, opts.reset, &mut made))
+            ws.precheck(opts.reset).and_then(|()| ws.populate(fresh, opts.reset, &mut made, Some(&top)))
         };
         ws.created = (made, made_lock);
         let done = done.and_then(|()| {
@@ -649,7 +661,13 @@ impl Workspace {
 
     /// The part of [`create`](Workspace::create) that makes (or resets) the upper, work
     /// and mount point dirs in `self.dir`, recording each directory it makes in `made`.
-    fn populate(&mut self, fresh: bool, reset: bool, made: &mut Vec<PathBuf>) -> Result<()> {
+    fn populate(
+        &mut self,
+        fresh: bool,
+        reset: bool,
+        made: &mut Vec<PathBuf>,
+        top: Option<&std::fs::Metadata>,
+    ) -> Result<()> {
         let mk = |p: &Path, made: &mut Vec<PathBuf>| -> Result<bool> {
             let new = mkdir(p)?;
             if new {
@@ -703,7 +721,7 @@ impl Workspace {
                 scratch::mark(&mem, self.userxattr())?;
             }
         }
-        seed_root(&self.upper, &self.lowers[0], new_upper)
+        seed_root(&self.upper, &self.lowers[0], new_upper, top)
     }
 
     /// Records what [`open`](Workspace::open) needs in `dir/workspace.json`.
@@ -761,11 +779,15 @@ impl Workspace {
             return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
         }
         let (lock_path, journal_path) = if converted {
-            (sidecar(&dir, ".lock"), sidecar(&dir, ".journal"))
+            (sidecar(&dir, LOCK_FILE), sidecar(&dir, ".journal"))
         } else {
-            (dir.join(LOCK_FILE), dir.join(journal::FILE))
+            (dir.clone(), dir.join(journal::FILE))
         };
-        let lock = crate::lockfile::LockFile::acquire(&lock_path, &dir)?;
+        let lock = if converted {
+            crate::lockfile::LockFile::acquire(&lock_path, &dir)?
+        } else {
+            crate::lockfile::LockFile::acquire_dir(&lock_path, false)?
+        };
         // Under the lock: still there? (Another process may have destroyed it.)
         if !(if converted { (lower.is_dir() && upper.is_dir()) || converted_journal.exists() } else { created(&dir) }) {
             let _ = lock.remove();
@@ -995,7 +1017,7 @@ impl Workspace {
         // Rule 8: never move a tree that has something mounted inside (a live workspace's
         // view or tmpfs) from under it.
         refuse_mounts_under(&[&path])?;
-        if [state::FILE, LOCK_FILE, journal::FILE].iter().any(|f| path.join(f).exists()) {
+        if [state::FILE, journal::FILE].iter().any(|f| path.join(f).exists()) {
             return Err(Error::InvalidSpec {
                 reason: format!("{} holds a workspace: destroy it, or open it", path.display()),
             });
@@ -1011,7 +1033,7 @@ impl Workspace {
                 return Err(Error::io("mkdir", d, std::io::Error::from_raw_os_error(nix::libc::EEXIST)));
             }
         }
-        let lock_path = sidecar(&path, ".lock");
+        let lock_path = sidecar(&path, LOCK_FILE);
         let made_lock = std::fs::symlink_metadata(&lock_path).is_err();
         let lock = crate::lockfile::LockFile::acquire(&lock_path, &path)?;
         let undo_lock = |lock: &crate::lockfile::LockFile| {
@@ -1266,13 +1288,43 @@ impl Workspace {
 
     /// [`destroy`](Workspace::destroy) but for the handle.
     fn teardown(&mut self) -> Result<()> {
+        // What the dir holds, from one listing (entry types from `getdents`, no `stat`
+        // per name): a created workspace is torn down by name.
+        let present: std::collections::HashMap<String, bool> = if self.converted {
+            Default::default()
+        } else {
+            let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io("opendir", &self.dir, e))?;
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let dir = e.file_type().is_ok_and(|t| t.is_dir());
+                    e.file_name().into_string().ok().map(|n| (n, dir))
+                })
+                .collect()
+        };
         // Refused before anything changes: own directories that are links or files.
-        self.check_own_dirs()?;
+        if self.converted {
+            self.check_own_dirs()?;
+        } else {
+            for n in OWN_NAMES {
+                if present.get(n) == Some(&false) {
+                    return Err(Error::InvalidSpec {
+                        reason: format!(
+                            "{} is not a directory of this workspace (a symlink or a file)",
+                            self.dir.join(n).display()
+                        ),
+                    });
+                }
+            }
+            if present.contains_key("mem") {
+                let mem = self.dir.join("mem");
+                [mem.join("upper"), mem.join("work")].iter().try_for_each(|d| refuse_link(d))?;
+            }
+        }
         let was = self.suspend()?;
         // A workspace another process can find (described, converted, or already half
         // destroyed) journals its destruction; one handle's own from `create` to
         // `destroy` (the warm restore) has nobody to tell.
-        let journaled = self.converted || self.destroying || self.dir.join(state::FILE).exists();
+        let journaled = self.converted || self.destroying || present.contains_key(state::FILE);
         let tmpfs = matches!(self.storage, UpperStorage::Tmpfs { .. });
         // Only what this crate made: anything else the caller keeps in `dir` stays, and
         // then `dir` itself does too. A tmpfs workspace's upper and work were inside
@@ -1289,7 +1341,7 @@ impl Workspace {
         let ours: Vec<PathBuf> = if self.converted {
             [&self.upper, &self.work].into_iter().filter(|p| p.exists()).cloned().collect()
         } else {
-            names.iter().map(|n| self.dir.join(n)).filter(|p| p.exists()).collect()
+            names.iter().filter(|n| present.contains_key(**n)).map(|n| self.dir.join(n)).collect()
         };
         let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
         // Refusals, before anything is lost: never pull the tmpfs from under a view
@@ -1352,6 +1404,9 @@ impl Workspace {
             // The description, and what a write of it (or of the journal) killed midway
             // left.
             for f in [state::FILE, "workspace.json.tmp", "workspace.journal.tmp", "workspace.journal.times"] {
+                if !present.contains_key(f) {
+                    continue;
+                }
                 let st = self.dir.join(f);
                 match std::fs::remove_file(&st) {
                     Ok(()) => {}
@@ -1368,7 +1423,9 @@ impl Workspace {
         if let Some(lock) = &self.lock {
             lock.remove()?;
         }
-        journal::end(&self.journal)?;
+        if journaled {
+            journal::end(&self.journal)?;
+        }
         if !self.converted {
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => {}
@@ -1623,9 +1680,7 @@ impl Workspace {
         }
         let own_file = real == canon(&self.dir)
             && name.to_str().is_some_and(|n| {
-                [state::FILE, LOCK_FILE, journal::FILE].contains(&n)
-                    || OWN_NAMES.contains(&n)
-                    || n.starts_with("workspace.")
+                [state::FILE, journal::FILE].contains(&n) || OWN_NAMES.contains(&n) || n.starts_with("workspace.")
             });
         if own_file || inside.iter().any(|d| real.starts_with(d)) {
             return Err(Error::Unsupported {
