@@ -264,32 +264,26 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let id = lease_id(Path::new(ws_dir))?;
             let cache = open_cache()?;
             if cache.leases().contains(&id) {
-                match Workspace::open(ws_dir) {
-                    // A create killed midway: the lease was persisted, the workspace never
-                    // finished. Take over (create reuses what it finds, or refuses it).
-                    Err(rootfs_cache::Error::NotFound { .. }) => cache.release(&id)?,
-                    _ => {
-                        return Err(format!(
-                            "{ws_dir}: a workspace made there still holds its image (lease {id}); destroy it first"
-                        )
-                        .into());
-                    }
-                }
+                // A workspace made at this path holds it (maybe moved away since): never
+                // take a lease over.
+                return Err(format!(
+                    "{ws_dir}: a workspace made there still holds its image (lease {id}; `release` it if the workspace moved); destroy it first"
+                )
+                .into());
             }
             let (layout, reference) = oci_ref::split_ref(r);
-            let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
-            rootfs.persist(&id)?;
-            // From here on a failure gives the lease back: `create` undoes its own
-            // directories and tmpfs, this undoes the lease.
+            let fetcher = OciLayout::open(layout)?;
+            let rootfs = cache.ensure(&fetcher, &reference)?;
+            let digest = rootfs.manifest_digest();
+            // The workspace first, then its record and description, the persisted lease
+            // last: a create killed midway leaves no lease (a retry reuses what it finds;
+            // `destroy` removes it), and a failure undoes all of it.
             let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|mut ws| {
                 let target = ws.target().to_path_buf();
-                // Where the lease is (so that `destroy`/`detach` release it with or
-                // without --cache, however WS_DIR is spelt then), and the description
-                // `open` needs: both written while this handle can still undo it all.
-                let recorded =
-                    LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id)
-                        .and_then(|()| ws.describe().map_err(Fail::from));
-                match recorded {
+                let done = LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id)
+                    .and_then(|()| ws.describe().map_err(Fail::from))
+                    .and_then(|()| Ok(cache.ensure(&fetcher, &format!("@{digest}"))?.persist(&id)?));
+                match done {
                     Ok(()) => ws.keep().map(|()| target).map_err(Fail::from),
                     Err(e) => {
                         let _ = ws.destroy();
@@ -304,7 +298,9 @@ fn run(args: &[String]) -> Result<(), Fail> {
                     Ok(())
                 }
                 Err(e) => {
-                    let _ = cache.release(&id);
+                    if cache.leases().contains(&id) {
+                        let _ = cache.release(&id);
+                    }
                     Err(e)
                 }
             }
@@ -337,9 +333,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 // is left is the record, or an empty (or no) dir and a lease named after
                 // it. Finish; anything else is not a workspace.
                 Err(rootfs_cache::Error::NotFound { .. })
-                    if LeaseRecord::read(Path::new(ws_dir))?.is_some()
-                        || (std::fs::read_dir(ws_dir).map_or(true, |mut d| d.next().is_none())
-                            && lease.as_ref().is_some_and(|(c, id)| c.leases().contains(id))) => {}
+                    if !mounted_in(Path::new(ws_dir))
+                        && (LeaseRecord::read(Path::new(ws_dir))?.is_some()
+                            || (std::fs::read_dir(ws_dir).map_or(true, |mut d| d.next().is_none())
+                                && lease.as_ref().is_some_and(|(c, id)| c.leases().contains(id)))) => {}
                 Err(e) => return Err(e.into()),
             }
             // The record and the dir go before the lease: killed in between, the lease
@@ -514,10 +511,12 @@ fn backend(kind: Option<&str>) -> Result<Box<dyn MountBackend>, Fail> {
 fn lease_id(ws_dir: &Path) -> Result<String, Fail> {
     let abs = std::path::absolute(ws_dir).map_err(|e| format!("{}: {e}", ws_dir.display()))?;
     let abs: PathBuf = abs.components().collect();
-    let canon = match (abs.parent(), abs.file_name()) {
+    // The whole path when it exists (WS_DIR may be a symlink to the workspace), else its
+    // parent's real path and the name it will get.
+    let canon = std::fs::canonicalize(&abs).unwrap_or_else(|_| match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => std::fs::canonicalize(parent).map(|p| p.join(name)).unwrap_or(abs.clone()),
         _ => abs.clone(),
-    };
+    });
     let d = rootfs_cache::Digest::of(canon.as_os_str().as_encoded_bytes());
     Ok(format!("rootfsctl-ws-{}", &d.hex()[..16]))
 }
@@ -531,20 +530,45 @@ impl LeaseRecord {
     const FILE: &'static str = "rootfsctl.lease";
 
     fn write(ws_dir: &Path, cache: &Path, id: &str) -> Result<(), Fail> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let cache = std::fs::canonicalize(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
         let path = ws_dir.join(Self::FILE);
         let text = format!("cache {}\nlease {id}\n", cache.display());
-        std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()).into())
+        // Never through a link someone planted in WS_DIR: a new file, O_EXCL|O_NOFOLLOW.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("unlink {}: {e}", path.display()).into());
+            }
+            _ => {}
+        }
+        std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| format!("write {}: {e}", path.display()).into())
     }
 
     /// The recorded cache dir and lease id, if any.
     fn read(ws_dir: &Path) -> Result<Option<(PathBuf, String)>, Fail> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = ws_dir.join(Self::FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("read {}: {e}", path.display()).into()),
-        };
+        // A regular file only: no link followed, no FIFO blocked on.
+        let mut f =
+            match std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(format!("open {}: {e}", path.display()).into()),
+            };
+        if !f.metadata().is_ok_and(|m| m.is_file() && m.len() < 64 << 10) {
+            return Err(format!("{}: not a lease record", path.display()).into());
+        }
+        let mut text = String::new();
+        f.read_to_string(&mut text).map_err(|e| format!("read {}: {e}", path.display()))?;
         let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).map(str::to_string));
         match (field("cache "), field("lease ")) {
             (Some(c), Some(id)) => Ok(Some((PathBuf::from(c), id))),
@@ -583,6 +607,27 @@ fn lease_of(
 ) -> Result<Option<(RootfsCache, String)>, Fail> {
     match (LeaseRecord::read(ws_dir)?, cache_dir) {
         (Some((recorded, id)), given) => {
+            // The record sits in a directory its owner can write: trust it only as far as
+            // it agrees with what is checkable. Its cache must be a cache (never make or
+            // clean one anywhere a record points), its lease the one of this path.
+            if !(recorded.join("LOCK").is_file() && recorded.join("layers").is_dir()) {
+                return Err(format!("{}: {} is not a cache", ws_dir.display(), recorded.display()).into());
+            }
+            let mine = lease_id(ws_dir)?;
+            if id != mine {
+                let cache = RootfsCache::open(&recorded, CacheOptions::default())?;
+                if cache.leases().contains(&id) {
+                    return Err(format!(
+                        "{} was made at another path (moved?): its lease {id} is not this path's; \
+                         move it back, or `rootfsctl --cache {} release {id}` first",
+                        ws_dir.display(),
+                        recorded.display()
+                    )
+                    .into());
+                }
+                // Its lease is gone already: nothing to release.
+                return Ok(None);
+            }
             if let Some(g) = given {
                 let g = std::fs::canonicalize(g).unwrap_or_else(|_| g.to_path_buf());
                 if g != recorded {
@@ -600,6 +645,16 @@ fn lease_of(
         (None, Some(_)) => Ok(Some((open_cache()?, lease_id(ws_dir)?))),
         (None, None) => Ok(None),
     }
+}
+
+/// Whether a view or tmpfs is mounted in `ws_dir` (a workspace whose description is gone
+/// may still be running: its lease must stay).
+fn mounted_in(ws_dir: &Path) -> bool {
+    ["rootfs", "mem"]
+        .iter()
+        .map(|n| ws_dir.join(n))
+        .any(|p| p.exists() && rootfs_cache::is_mount_point(&p).unwrap_or(true))
+        || ws_dir.join("work/rootfs-cache-copy").exists()
 }
 
 /// Releases a persisted lease (a workspace made without --cache has none).

@@ -193,3 +193,58 @@ pub(crate) fn remove_tree(
     }
     unreachable!("the loop returns when the first frame is done")
 }
+
+/// Writes `path` whole or not at all, never through a link: the bytes go to `path.tmp`
+/// (any leftover of that name unlinked first, then created with `O_EXCL|O_NOFOLLOW`, so
+/// a symlink planted there by whoever owns the directory is removed, not written
+/// through), which is renamed over `path` (`rename` replaces a link at `path`, it does
+/// not follow it). For the crate's small records in directories it does not own alone:
+/// a workspace's description and journal, `apply`'s record.
+pub(crate) fn write_record(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io("unlink", &tmp, e)),
+        _ => {}
+    }
+    let done = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| Error::io("open", &tmp, e))
+        .and_then(|mut f| f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e)))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e)));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
+/// Reads the small record at `path`: `None` when there is none; an error for anything
+/// but a regular file (opened `O_NOFOLLOW|O_NONBLOCK`: a symlink is refused, a FIFO put
+/// there never blocks the reader).
+pub(crate) fn read_record(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = match std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    let m = f.metadata().map_err(|e| Error::io("fstat", path, e))?;
+    if !m.is_file() || m.len() > 16 << 20 {
+        return Err(Error::InvalidSpec { reason: format!("{}: not a regular file of this crate's", path.display()) });
+    }
+    let mut v = Vec::with_capacity(m.len() as usize);
+    f.read_to_end(&mut v).map_err(|e| Error::io("read", path, e))?;
+    Ok(Some(v))
+}

@@ -80,7 +80,10 @@ impl LockFile {
             .read(true)
             .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
             .open(dir)
-            .map_err(|e| Error::io("open", dir, e))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound { what: format!("a workspace in {}", dir.display()) },
+                _ => Error::io("open", dir, e),
+            })?;
         let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((f, Errno::EWOULDBLOCK)) => return Err(Error::Busy { path: dir.to_path_buf(), pid: holder(&f) }),

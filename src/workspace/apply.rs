@@ -171,11 +171,8 @@ pub(crate) fn apply(upper: &Path, lower: &Path, userxattr: bool, times_file: &Pa
 
 /// The directory times a first run recorded, if there is a record.
 fn load_times(file: &Path) -> Result<Option<DirTimes>> {
-    let text = match std::fs::read_to_string(file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read", file, e)),
-    };
+    let Some(bytes) = crate::fsutil::read_record(file)? else { return Ok(None) };
+    let text = String::from_utf8_lossy(&bytes);
     let bad = || Error::InvalidSpec { reason: format!("{}: not an apply record", file.display()) };
     let mut times = DirTimes::new();
     for line in text.lines() {
@@ -199,11 +196,7 @@ fn save_times(file: &Path, times: &DirTimes) -> Result<()> {
         let hex: String = path.iter().map(|b| format!("{b:02x}")).collect();
         text.push_str(&format!("{a} {an} {m} {mn} {hex}\n"));
     }
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, file).map_err(|e| Error::io("rename", file, e))
+    crate::fsutil::write_record(file, text.as_bytes(), 0o600)
 }
 
 /// Removes overlay's private xattrs (in the active namespace, not escaped image ones)

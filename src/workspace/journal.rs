@@ -57,11 +57,7 @@ impl Step {
 
 /// Records `step` at `path` (atomically: a reader sees the old entry or the new one).
 pub(super) fn begin(path: &Path, step: Step) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("{}\n", step.name())).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+    crate::fsutil::write_record(path, format!("{}\n", step.name()).as_bytes(), 0o600)
 }
 
 /// Removes the entry: the change is complete (or undone).
@@ -78,13 +74,11 @@ pub(super) fn end(path: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::InvalidSpec`] for an entry this version does not know; I/O errors.
 pub(super) fn read(path: &Path) -> Result<Option<Step>> {
-    match std::fs::read_to_string(path) {
-        Ok(t) => Step::parse(t.trim()).map(Some).ok_or_else(|| Error::InvalidSpec {
-            reason: format!("{}: unknown journal entry {:?}", path.display(), t.trim()),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io("read", path, e)),
-    }
+    let Some(bytes) = crate::fsutil::read_record(path)? else { return Ok(None) };
+    let t = String::from_utf8_lossy(&bytes);
+    Step::parse(t.trim()).map(Some).ok_or_else(|| Error::InvalidSpec {
+        reason: format!("{}: unknown journal entry {:?}", path.display(), t.trim()),
+    })
 }
 
 #[cfg(test)]

@@ -250,6 +250,9 @@ pub struct Workspace {
     destroying: bool,
     /// A tmpfs upper that is gone (unmounted by hand, a reboot): only `destroy` may run.
     scratch_lost: bool,
+    /// A journal entry `open` could not act on because a view is mounted over it: only
+    /// `unmount` and `destroy` may run (the next `open` recovers).
+    pending: bool,
     /// `workspace.json` says what this handle knows (`keep` need not write it again).
     described: bool,
     /// What `create` made (directories, deepest last; whether it made the lock file), so
@@ -558,6 +561,7 @@ impl Workspace {
             lock: None,
             destroying: false,
             scratch_lost: false,
+            pending: false,
             described: false,
             created: (Vec::new(), false),
         };
@@ -793,7 +797,14 @@ impl Workspace {
             let _ = lock.remove();
             return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
         }
-        let step = journal::read(&journal_path)?;
+        // An entry this code cannot read (a power cut after the rename, before the data
+        // reached the disk; a hand-edited file) says some change was in progress, not
+        // which: the workspace can only be destroyed.
+        let step = match journal::read(&journal_path) {
+            Ok(step) => step,
+            Err(Error::InvalidSpec { .. }) => Some(journal::Step::Destroy),
+            Err(e) => return Err(e),
+        };
         let mut ws = if converted {
             Workspace {
                 target: dir.clone(),
@@ -812,6 +823,7 @@ impl Workspace {
                 journal: journal_path,
                 destroying: step == Some(journal::Step::Destroy),
                 scratch_lost: false,
+                pending: false,
                 described: true,
                 created: (Vec::new(), false),
             }
@@ -850,6 +862,7 @@ impl Workspace {
                 journal: journal_path,
                 destroying,
                 scratch_lost,
+                pending: false,
                 described: true,
                 created: (Vec::new(), false),
             }
@@ -869,7 +882,12 @@ impl Workspace {
             ws.backend = Some(Box::new(crate::mount::CopyBackend::new()));
         }
         if let Some(step) = step {
-            if !ws.destroying && !ws.scratch_lost {
+            if ws.backend.is_some() && !ws.destroying {
+                // A view mounted over a half-done change is not this crate's doing (every
+                // journalled step runs unmounted): leave both alone; `unmount` and
+                // `destroy` still work, and the next `open` after `unmount` recovers.
+                ws.pending = true;
+            } else if !ws.destroying && !ws.scratch_lost {
                 ws.recover(step)?;
             }
         }
@@ -880,11 +898,6 @@ impl Workspace {
     /// `journal`): after this, the workspace is whole and may be mounted.
     fn recover(&mut self, step: journal::Step) -> Result<()> {
         use journal::Step;
-        // Every journalled step runs unmounted; a view mounted now is not this
-        // workspace's own doing. Refuse rather than change what it shows.
-        if self.backend.is_some() {
-            return Err(Error::AlreadyMounted { path: self.target.clone() });
-        }
         match step {
             Step::Import => self.empty_upper(false)?,
             Step::Reset => self.empty_upper(true)?,
@@ -970,6 +983,14 @@ impl Workspace {
                 what: format!("{what} of {}: it was being destroyed; destroy it again", self.dir.display()),
             });
         }
+        if self.pending {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{what} of {}: a change was left half done under a mounted view; unmount, then open it again",
+                    self.dir.display()
+                ),
+            });
+        }
         if self.scratch_lost {
             return Err(Error::Unsupported {
                 what: format!(
@@ -992,7 +1013,8 @@ impl Workspace {
     pub fn keep(mut self) -> Result<()> {
         // A half-destroyed workspace keeps its journal, not a description; one already
         // described is not written again (a full disk cannot fail a finished `mount`).
-        let saved = if self.destroying || self.described { Ok(()) } else { self.save_state() };
+        let current = self.described && (self.converted || self.dir.join(state::FILE).exists());
+        let saved = if self.destroying || current { Ok(()) } else { self.save_state() };
         self.owns = Owns::default();
         saved
     }
@@ -1076,6 +1098,7 @@ impl Workspace {
                 journal: sidecar(&path, ".journal"),
                 destroying: false,
                 scratch_lost: false,
+                pending: false,
                 described: true,
                 created: (Vec::new(), false),
             };

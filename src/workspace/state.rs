@@ -68,26 +68,15 @@ impl State {
     /// Writes the state into `dir` atomically (temp file + rename).
     pub(super) fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(FILE);
-        let tmp = dir.join(format!("{FILE}.tmp"));
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
-        let done = std::fs::write(&tmp, text)
-            .map_err(|e| Error::io("write", &tmp, e))
-            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e)));
-        if done.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        done
+        crate::fsutil::write_record(&path, &text, 0o644)
     }
 
     /// Reads the state of the workspace in `dir`; `Ok(None)` when there is none.
     pub(super) fn load(dir: &Path) -> Result<Option<State>> {
         let path = dir.join(FILE);
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("read", &path, e)),
-        };
+        let Some(text) = crate::fsutil::read_record(&path)? else { return Ok(None) };
         let s: State = serde_json::from_slice(&text).map_err(|e| Error::InvalidSpec {
             reason: format!("{}: not a workspace description: {e}", path.display()),
         })?;
