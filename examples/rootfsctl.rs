@@ -261,16 +261,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 }
                 opts = WorkspaceOptions::tmpfs(size);
             }
-            let id = lease_id(Path::new(ws_dir))?;
+            // A lease of its own, never one a workspace made here before (and moved away
+            // since) still holds.
+            let id = new_lease_id(Path::new(ws_dir))?;
             let cache = open_cache()?;
-            if cache.leases().contains(&id) {
-                // A workspace made at this path holds it (maybe moved away since): never
-                // take a lease over.
-                return Err(format!(
-                    "{ws_dir}: a workspace made there still holds its image (lease {id}; `release` it if the workspace moved); destroy it first"
-                )
-                .into());
-            }
             let (layout, reference) = oci_ref::split_ref(r);
             let fetcher = OciLayout::open(layout)?;
             let rootfs = cache.ensure(&fetcher, &reference)?;
@@ -333,19 +327,15 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 // is left is the record, or an empty (or no) dir and a lease named after
                 // it. Finish; anything else is not a workspace.
                 Err(rootfs_cache::Error::NotFound { .. })
-                    if !mounted_in(Path::new(ws_dir))
-                        && (LeaseRecord::read(Path::new(ws_dir))?.is_some()
-                            || (std::fs::read_dir(ws_dir).map_or(true, |mut d| d.next().is_none())
-                                && lease.as_ref().is_some_and(|(c, id)| c.leases().contains(id)))) => {}
+                    if !mounted_in(Path::new(ws_dir)) && LeaseRecord::read(Path::new(ws_dir))?.is_some() => {}
                 Err(e) => return Err(e.into()),
             }
-            // The record and the dir go before the lease: killed in between, the lease
-            // named after WS_DIR still tells the next `destroy` to finish.
-            LeaseRecord::remove(Path::new(ws_dir))?;
+            // The lease before the record: killed in between, the record tells the next
+            // `destroy` to finish (a lease already gone is skipped).
             if let Some((cache, id)) = &lease {
                 release(cache, id)?;
             }
-            Ok(())
+            LeaseRecord::remove(Path::new(ws_dir))
         }
         ("reset", [ws_dir]) => {
             let mut ws = Workspace::open(ws_dir)?;
@@ -508,6 +498,14 @@ fn backend(kind: Option<&str>) -> Result<Box<dyn MountBackend>, Fail> {
 
 /// The persisted lease of the workspace in `ws_dir`: named after its canonical path
 /// (`WS`, `WS/`, `./WS` and a path through a symlinked parent name the same lease).
+/// A new persisted lease id for a workspace made at `ws_dir`: named after its path (to
+/// read in `leases`) and made unique, so a workspace moved away keeps its own.
+fn new_lease_id(ws_dir: &Path) -> Result<String, Fail> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let salt = rootfs_cache::Digest::of(format!("{} {nanos}", std::process::id()).as_bytes());
+    Ok(format!("{}-{}", lease_id(ws_dir)?, &salt.hex()[..8]))
+}
+
 fn lease_id(ws_dir: &Path) -> Result<String, Fail> {
     let abs = std::path::absolute(ws_dir).map_err(|e| format!("{}: {e}", ws_dir.display()))?;
     let abs: PathBuf = abs.components().collect();
@@ -554,21 +552,10 @@ impl LeaseRecord {
 
     /// The recorded cache dir and lease id, if any.
     fn read(ws_dir: &Path) -> Result<Option<(PathBuf, String)>, Fail> {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = ws_dir.join(Self::FILE);
         // A regular file only: no link followed, no FIFO blocked on.
-        let mut f =
-            match std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(format!("open {}: {e}", path.display()).into()),
-            };
-        if !f.metadata().is_ok_and(|m| m.is_file() && m.len() < 64 << 10) {
-            return Err(format!("{}: not a lease record", path.display()).into());
-        }
-        let mut text = String::new();
-        f.read_to_string(&mut text).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let Some(bytes) = read_regular(&path)? else { return Ok(None) };
+        let text = String::from_utf8_lossy(&bytes);
         let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).map(str::to_string));
         match (field("cache "), field("lease ")) {
             (Some(c), Some(id)) => Ok(Some((PathBuf::from(c), id))),
@@ -613,20 +600,28 @@ fn lease_of(
             if !(recorded.join("LOCK").is_file() && recorded.join("layers").is_dir()) {
                 return Err(format!("{}: {} is not a cache", ws_dir.display(), recorded.display()).into());
             }
-            let mine = lease_id(ws_dir)?;
-            if id != mine {
-                let cache = RootfsCache::open(&recorded, CacheOptions::default())?;
-                if cache.leases().contains(&id) {
-                    return Err(format!(
-                        "{} was made at another path (moved?): its lease {id} is not this path's; \
-                         move it back, or `rootfsctl --cache {} release {id}` first",
-                        ws_dir.display(),
-                        recorded.display()
-                    )
-                    .into());
-                }
-                // Its lease is gone already: nothing to release.
-                return Ok(None);
+            // Its lease must pin exactly this workspace's layers: a record naming another
+            // image's lease is refused (one naming another workspace of the same image
+            // changes no layer's pin count).
+            if !id.starts_with("rootfsctl-ws-") || id.contains('/') {
+                return Err(format!("{}: {id:?} is not a lease of rootfsctl's", ws_dir.display()).into());
+            }
+            // Made here (its id names this path), or moved here with the lease of its own
+            // image's layers; anything else is released by hand (`release ID`).
+            let here = id.starts_with(&format!("{}-", lease_id(ws_dir)?));
+            let same_layers = matches!(
+                (lease_layers(&recorded, &id), workspace_layers(ws_dir)),
+                (Some(pinned), Some(mine)) if pinned == mine
+            );
+            let cache = RootfsCache::open(&recorded, CacheOptions::default())?;
+            if !here && !same_layers && cache.leases().contains(&id) {
+                return Err(format!(
+                    "{}: its record names the lease {id}, which was not made for this path or image; \
+                     `rootfsctl --cache {} release {id}` it by hand if it is this workspace's",
+                    ws_dir.display(),
+                    recorded.display()
+                )
+                .into());
             }
             if let Some(g) = given {
                 let g = std::fs::canonicalize(g).unwrap_or_else(|_| g.to_path_buf());
@@ -640,11 +635,55 @@ fn lease_of(
                     .into());
                 }
             }
-            Ok(Some((RootfsCache::open(&recorded, CacheOptions::default())?, id)))
+            Ok(Some((cache, id)))
         }
-        (None, Some(_)) => Ok(Some((open_cache()?, lease_id(ws_dir)?))),
+        // No record: no lease of rootfsctl's (a workspace made by the library itself).
+        (None, Some(_)) => {
+            open_cache()?;
+            Ok(None)
+        }
         (None, None) => Ok(None),
     }
+}
+
+/// The layer digests (hex) a persisted lease pins: `C/leases/ID`, `layer sha256:…` lines.
+fn lease_layers(cache: &Path, id: &str) -> Option<std::collections::BTreeSet<String>> {
+    let text = std::fs::read_to_string(cache.join("leases").join(id)).ok()?;
+    text.lines().map(|l| l.strip_prefix("layer sha256:").map(str::to_string)).collect()
+}
+
+/// The layer digests (hex) of the cache layers a workspace's description lists (`None`
+/// unless every lower is one: `…/layers/<hex>/fs`).
+fn workspace_layers(ws_dir: &Path) -> Option<std::collections::BTreeSet<String>> {
+    let v: serde_json::Value = serde_json::from_slice(&read_regular(&ws_dir.join("workspace.json")).ok()??).ok()?;
+    v["lowers"]
+        .as_array()?
+        .iter()
+        .map(|l| {
+            let fs = Path::new(l.as_str()?);
+            let entry = fs.parent()?;
+            let cached = fs.file_name()? == "fs" && entry.parent()?.file_name()? == "layers";
+            cached.then(|| entry.file_name()?.to_str().map(str::to_string)).flatten()
+        })
+        .collect()
+}
+
+/// The bytes of the regular file `path` (`None` when missing): opened `O_NOFOLLOW |
+/// O_NONBLOCK`, so a link is refused and a FIFO put there never blocks the command.
+fn read_regular(path: &Path) -> Result<Option<Vec<u8>>, Fail> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = match std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("open {}: {e}", path.display()).into()),
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file() && m.len() < 16 << 20) {
+        return Err(format!("{}: not a regular file", path.display()).into());
+    }
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).map_err(|e| format!("read {}: {e}", path.display()))?;
+    Ok(Some(v))
 }
 
 /// Whether a view or tmpfs is mounted in `ws_dir` (a workspace whose description is gone

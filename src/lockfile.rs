@@ -147,6 +147,26 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_is_its_own_lock() {
+        let d = std::env::temp_dir().join(format!("rootfs-cache-dirlock-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let held = LockFile::acquire_dir(&d, true).unwrap();
+        match LockFile::acquire_dir(&d, false) {
+            Err(Error::Busy { path, pid }) => assert_eq!((path, pid), (d.clone(), Some(std::process::id()))),
+            other => panic!("{other:?}"),
+        }
+        // Removed by its holder: whoever comes next finds no workspace, never a lock on
+        // a deleted directory.
+        std::fs::remove_dir(&d).unwrap();
+        drop(held);
+        assert!(matches!(LockFile::acquire_dir(&d, false), Err(Error::NotFound { .. })));
+        assert_eq!(
+            std::fs::read_dir(std::env::temp_dir()).unwrap().filter_map(|e| e.ok()).filter(|e| e.path() == d).count(),
+            0
+        );
+    }
+
+    #[test]
     fn a_second_holder_is_told_who() {
         let d = std::env::temp_dir().join(format!("rootfs-cache-lockfile-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();

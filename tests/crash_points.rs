@@ -815,7 +815,11 @@ fn recover_noting(fx: &Fx, sh: &Shared, sc: &Scenario, note: &mut String) -> Res
     };
     // b. The retry (unless the workspace shows the completed operation already where
     // a retry must be refused), then the completed operation's state.
-    let nothing_left = !sc.ws.exists() && fx.leases() == sc.leases;
+    // A kill at destroy's very last `rmdir` leaves the workspace's dir empty, with
+    // nothing to say it was one: a retried destroy refuses it ("not found"), and it is
+    // an empty directory, nothing more (removed here so the end state can be checked).
+    let empty_dir_left = op == Op::Destroy && fs::read_dir(&sc.ws).is_ok_and(|mut d| d.next().is_none());
+    let nothing_left = (!sc.ws.exists() || empty_dir_left) && fx.leases() == sc.leases;
     match op {
         Op::Mount => {}
         Op::Import | Op::Create if shown == Some(Which::After) => {
@@ -833,6 +837,9 @@ fn recover_noting(fx: &Fx, sh: &Shared, sc: &Scenario, note: &mut String) -> Res
                 let what = format!("the retried {}", sc.op_line());
                 if op == Op::Destroy && nothing_left {
                     clear_failure(&what, &o)?;
+                    if empty_dir_left {
+                        fs::remove_dir(&sc.ws).map_err(|e| format!("{}: {e}", sc.ws.display()))?;
+                    }
                     note.push_str(", nothing left: the retry refused cleanly");
                 } else {
                     return Err(format!("{what} failed: {}", ended(&o)));

@@ -565,19 +565,23 @@ impl Workspace {
             described: false,
             created: (Vec::new(), false),
         };
+        // A dir a killed `restore` left (a journal, no description) is taken over: its
+        // upper is emptied as `reset` would (the import is rolled back).
+        let half_made = !fresh && ws.journal.exists() && !ws.dir.join(state::FILE).exists();
+        let reset = opts.reset || half_made;
         // Refusals first, before anything in an existing dir changes (its mtime too).
         if !fresh {
-            ws.precheck(opts.reset)?;
+            ws.precheck(reset)?;
         }
         // The dir itself is the lock. A fresh dir that someone else locked first is
         // theirs now: leave it.
         let made_lock = false;
         ws.lock = Some(crate::lockfile::LockFile::acquire_dir(&ws.dir, fresh)?);
         let done = if fresh {
-            ws.populate(fresh, opts.reset, &mut made, Some(&top))
+            ws.populate(fresh, reset, &mut made, Some(&top))
         } else {
             // Again, now that no other handle can change the dir.
-            ws.precheck(opts.reset).and_then(|()| ws.populate(fresh, opts.reset, &mut made, Some(&top)))
+            ws.precheck(reset).and_then(|()| ws.populate(fresh, reset, &mut made, Some(&top)))
         };
         ws.created = (made, made_lock);
         let done = done.and_then(|()| {
@@ -635,10 +639,9 @@ impl Workspace {
         if !reset {
             // A kept workspace (maybe mounted by another process), or one a crashed
             // process was changing: never adopt its directories as a new one's.
-            for f in [self.dir.join(state::FILE), self.journal.clone()] {
-                if f.exists() {
-                    return Err(Error::NotEmpty { path: f });
-                }
+            let state = self.dir.join(state::FILE);
+            if state.exists() {
+                return Err(Error::NotEmpty { path: state });
             }
         }
         // A view mounted with the copy backend is no mount: its state in the work dir
@@ -829,7 +832,10 @@ impl Workspace {
             }
         } else {
             let st = state::State::load(&dir)?;
-            let destroying = step == Some(journal::Step::Destroy);
+            // A journal without a description: a `restore` (or a destroy) killed midway,
+            // whose lowers nobody recorded. It can only be destroyed (or made anew by
+            // `create`, which takes such a dir over).
+            let destroying = step == Some(journal::Step::Destroy) || st.is_none();
             let Some(st) = st.or_else(|| destroying.then(state::State::gone)) else {
                 return Err(Error::NotFound { what: format!("a workspace in {}", dir.display()) });
             };
@@ -1366,6 +1372,11 @@ impl Workspace {
         } else {
             names.iter().filter(|n| present.contains_key(**n)).map(|n| self.dir.join(n)).collect()
         };
+        // Half made or half destroyed, its description gone: a tmpfs of this crate's
+        // still at `mem` (marked, its view not mounted) goes first.
+        if self.destroying && self.scratch.is_none() && present.contains_key("mem") {
+            scratch::release_leftover(&self.dir.join("mem"), &self.target)?;
+        }
         let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
         // Refusals, before anything is lost: never pull the tmpfs from under a view
         // someone else mounted, never delete through a mount.
