@@ -577,7 +577,6 @@ fn moved_workspace_and_a_new_one_at_its_old_path() {
 /// Suspected: `Workspace::convert` journals nothing; `open` recognises a converted dir
 /// only by its three sibling directories.
 #[test]
-#[ignore = "known gap (issue 15 follow-up): `convert` is not journalled; its original tree is in DIR.lower"]
 fn convert_killed_after_moving_the_directory() {
     let Some(fx) = setup() else { return };
     let r = fx.base.join("ref");

@@ -14,6 +14,7 @@
 //! | `detach` | `detach`, before the upper swap | rolls back: the original upper is put back, the copy discarded |
 //! | `detach-swapped` | `detach`, right after the swap | rolls forward: the detached upper stays, lowers become the skeleton |
 //! | `destroy` | `destroy` | the handle can only be destroyed (again) |
+//! | `convert` | `convert`, before moving the directory | rolled back: `path.lower` is `path` again (forward if the view got mounted) |
 //!
 //! Until the entry is dealt with, nothing mounts the workspace: a half-done state is
 //! never shown to a sandbox.
@@ -34,6 +35,7 @@ pub(super) enum Step {
     Detach,
     DetachSwapped,
     Destroy,
+    Convert,
 }
 
 impl Step {
@@ -45,11 +47,12 @@ impl Step {
             Step::Detach => "detach",
             Step::DetachSwapped => "detach-swapped",
             Step::Destroy => "destroy",
+            Step::Convert => "convert",
         }
     }
 
     fn parse(s: &str) -> Option<Step> {
-        [Step::Import, Step::Reset, Step::Apply, Step::Detach, Step::DetachSwapped, Step::Destroy]
+        [Step::Import, Step::Reset, Step::Apply, Step::Detach, Step::DetachSwapped, Step::Destroy, Step::Convert]
             .into_iter()
             .find(|st| st.name() == s)
     }
@@ -91,7 +94,9 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join(FILE);
         assert_eq!(read(&p).unwrap(), None);
-        for st in [Step::Import, Step::Reset, Step::Apply, Step::Detach, Step::DetachSwapped, Step::Destroy] {
+        for st in
+            [Step::Import, Step::Reset, Step::Apply, Step::Detach, Step::DetachSwapped, Step::Destroy, Step::Convert]
+        {
             begin(&p, st).unwrap();
             assert_eq!(read(&p).unwrap(), Some(st));
         }

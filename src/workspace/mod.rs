@@ -58,6 +58,7 @@
 //! | [`apply`] | rolled forward: the flatten (resumable) runs again |
 //! | [`detach`] | rolled back before the upper swap (the copy is discarded), forward after it |
 //! | [`destroy`] | `open` gives a handle that can only be destroyed, which finishes the job |
+//! | [`convert`] | rolled back before the view is mounted (`path.lower` is `path` again) |
 //! | [`checkpoint`] | the old checkpoint stays (temp file + rename) |
 //! | [`mount`], [`unmount`] | one kernel call each; the copy backend's fold is resumable |
 //!
@@ -363,6 +364,31 @@ fn refuse_inside_workspace(real: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Undoes a `convert` killed before its mount: `path` (empty, as `convert` made it) and
+/// `path.upper`/`path.work` (as `convert` made them: nothing written into them yet) go,
+/// and `path.lower` is `path` again. Anything else there is refused, nothing deleted.
+fn undo_convert(path: &Path, lower: &Path, upper: &Path, work: &Path) -> Result<()> {
+    if !lower.is_dir() {
+        return Ok(()); // never moved
+    }
+    for d in [path, upper, work] {
+        refuse_link(d)?;
+        if d.exists() && !crate::fsutil::is_empty_dir(d)? {
+            return Err(Error::NotEmpty { path: d.to_path_buf() });
+        }
+    }
+    for d in [upper, work] {
+        if d.exists() {
+            empty_dir(d)?;
+            std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
+        }
+    }
+    if path.exists() {
+        std::fs::remove_dir(path).map_err(|e| Error::io("rmdir", path, e))?;
+    }
+    std::fs::rename(lower, path).map_err(|e| Error::io("rename", path, e))
 }
 
 /// Refuses `path` when it exists as anything but a real directory (a symlink, a file):
@@ -808,6 +834,19 @@ impl Workspace {
             Err(Error::InvalidSpec { .. }) => Some(journal::Step::Destroy),
             Err(e) => return Err(e),
         };
+        if converted && step == Some(journal::Step::Convert) {
+            if is_mount_point(&dir)? {
+                // Killed after the mount: the convert is complete but for its journal.
+                journal::end(&journal_path)?;
+            } else {
+                undo_convert(&dir, &lower, &upper, &work)?;
+                journal::end(&journal_path)?;
+                let _ = lock.remove();
+                return Err(Error::NotFound {
+                    what: format!("a workspace in {} (an interrupted convert was undone)", dir.display()),
+                });
+            }
+        }
         let mut ws = if converted {
             Workspace {
                 target: dir.clone(),
@@ -916,6 +955,8 @@ impl Workspace {
             }
             Step::Detach | Step::DetachSwapped => self.recover_detach(step == Step::DetachSwapped)?,
             Step::Destroy => return Ok(()),
+            // Only a converted dir's (undone in `open`); anywhere else it means nothing.
+            Step::Convert => {}
         }
         journal::end(&self.journal)
     }
@@ -1064,11 +1105,18 @@ impl Workspace {
         let lock_path = sidecar(&path, LOCK_FILE);
         let made_lock = std::fs::symlink_metadata(&lock_path).is_err();
         let lock = crate::lockfile::LockFile::acquire(&lock_path, &path)?;
+        let journal_path = sidecar(&path, ".journal");
         let undo_lock = |lock: &crate::lockfile::LockFile| {
+            let _ = journal::end(&journal_path);
             if made_lock {
                 let _ = lock.remove();
             }
         };
+        // Killed from here until the view is mounted, `open` puts `path` back.
+        if let Err(e) = journal::begin(&journal_path, journal::Step::Convert) {
+            undo_lock(&lock);
+            return Err(e);
+        }
         if let Err(e) = nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             path.as_path(),
@@ -1109,6 +1157,7 @@ impl Workspace {
                 created: (Vec::new(), false),
             };
             ws.mount(backend)?;
+            journal::end(&ws.journal)?;
             ws.lock = lock.take();
             Ok(ws)
         })();
