@@ -33,7 +33,8 @@
 //! new `mount` is refused ([`Error::AlreadyMounted`]) and `unmount` can be repeated
 //! (folding is idempotent). Emptying the target happens after the state file is renamed
 //! to `rootfs-cache-copy.clearing`, so a crash there never turns a half-emptied target
-//! into whiteouts.
+//! into whiteouts. The same marker stands while `mount` copies the view: a mount killed
+//! midway leaves a target that `unmount` empties, never folds.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -130,6 +131,16 @@ impl MountBackend for CopyBackend {
             layers.push((open_dir_path(l)?, l));
         }
         layers.push((open_dir_path(&p.upper)?, &p.upper));
+        // While the view is being copied it holds nothing of the sandbox's: the
+        // `.clearing` marker says so first, so a process killed midway leaves a target
+        // that `unmount` empties (never folds: a half copy would read as deletions).
+        nix::fcntl::openat(
+            &work,
+            CLEARING,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|e| Error::io("openat", p.work.join(CLEARING), e))?;
         let copied = (|| {
             for (fd, path) in &layers {
                 let xattrs = Xattrs::Unescape(Xattrs::prefix(c.userxattr));
@@ -142,8 +153,12 @@ impl MountBackend for CopyBackend {
         if let Err(e) = copied {
             // Leave the target as it was: empty.
             let _ = clear_dir(target.as_fd(), &p.target);
+            let _ = nix::unistd::unlinkat(&work, CLEARING, nix::unistd::UnlinkatFlags::NoRemoveDir);
             return Err(e);
         }
+        // Mounted: from here on the state file speaks (an unmount folds, then clears).
+        nix::unistd::unlinkat(&work, CLEARING, nix::unistd::UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| Error::io("unlinkat", p.work.join(CLEARING), e))?;
         Ok(())
     }
 

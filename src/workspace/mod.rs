@@ -835,10 +835,17 @@ impl Workspace {
             Err(e) => return Err(e),
         };
         if converted && step == Some(journal::Step::Convert) {
-            if is_mount_point(&dir)? {
+            if is_mount_point(&dir)? || work.join(crate::mount::copy::STATE).exists() {
                 // Killed after the mount: the convert is complete but for its journal.
                 journal::end(&journal_path)?;
             } else {
+                // A copy-backend view killed while being copied into `path`: what is
+                // there are copies, never the sandbox's (the `.clearing` marker says so).
+                let clearing = work.join(crate::mount::copy::CLEARING);
+                if clearing.exists() {
+                    empty_dir(&dir)?;
+                    std::fs::remove_file(&clearing).map_err(|e| Error::io("unlink", &clearing, e))?;
+                }
                 undo_convert(&dir, &lower, &upper, &work)?;
                 journal::end(&journal_path)?;
                 let _ = lock.remove();
