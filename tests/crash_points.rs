@@ -92,7 +92,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use live_sandbox::{Snap, build_layout, mounts_at, mounts_under, names, sandbox_writes, writes_in};
+use live_sandbox::{Snap, build_layout, detach_mounts, mounts_at, mounts_under, names, sandbox_writes, writes_in};
 use rootfsctl::{Ctl, kv, s};
 use support::{Cmp, Fmt};
 
@@ -303,19 +303,6 @@ impl Fx {
             Err(e) => bad.push(e),
         }
         bad
-    }
-}
-
-/// `umount -l` of every mount under (and on) `dir`, deepest first: what is left of a
-/// failed crash point, so that the next ones start clean.
-fn detach_mounts(dir: &Path) {
-    let mut m = mounts_under(dir);
-    if mounts_at(dir) > 0 {
-        m.push(s(dir).to_string());
-    }
-    m.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in m {
-        let _ = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -36,7 +36,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use live_sandbox::{Fx, Snap, Variant, mounts_at, mounts_under, names, sandbox_writes, writes_in};
+use live_sandbox::{Fx, Snap, Variant, detach_mounts, mounts_at, mounts_under, names, sandbox_writes, writes_in};
 use rootfs_cache::{Error, KernelOverlay, Workspace, WorkspaceOptions, is_mount_point};
 use rootfsctl::s;
 use support::{Cmp, Fmt};
@@ -253,18 +253,6 @@ fn all_leased(fx: &Fx, lowers: &[PathBuf]) -> bool {
         let hex = l.parent().unwrap().file_name().unwrap().to_str().unwrap();
         ls.lines().any(|x| x.starts_with(&format!("sha256:{hex} ")) && x.ends_with(" leased"))
     })
-}
-
-/// `umount -l` of everything mounted on or under `dir`, deepest first.
-fn detach_mounts(dir: &Path) {
-    let mut m = mounts_under(dir);
-    if mounts_at(dir) > 0 {
-        m.push(s(dir).to_string());
-    }
-    m.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in m {
-        let _ = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// A directory of the base layer's files (a user's project, say), and its tree.

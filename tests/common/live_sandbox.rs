@@ -158,6 +158,19 @@ pub fn mounts_at(p: &Path) -> usize {
     mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| *m == s(p)).count()
 }
 
+/// `umount -l` of every mount on or under `dir`, deepest first: what a failed case left,
+/// so that the next ones start clean.
+pub fn detach_mounts(dir: &Path) {
+    let mut m = mounts_under(dir);
+    if mounts_at(dir) > 0 {
+        m.push(s(dir).to_string());
+    }
+    m.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in m {
+        let _ = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 pub fn is_tmpfs_mount(p: &Path) -> bool {
     is_mount_point(p).unwrap()
         && nix::sys::statfs::statfs(p).unwrap().filesystem_type() == nix::sys::statfs::TMPFS_MAGIC
