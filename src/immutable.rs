@@ -1,6 +1,7 @@
 //! Rule 4 of the design: a cache layer is never modified once it is ready, whichever
-//! way a path leads to it. This module recognises cache layers from a path alone, by
-//! the cache's on-disk layout (see `cache::layout`):
+//! way a path leads to it, and nothing outside the cache writes into its directory.
+//! This module recognises cache layers (and the rest of a cache directory) from a path
+//! alone, by the cache's on-disk layout (see `cache::layout`):
 //!
 //! ```text
 //! <root>/LOCK
@@ -63,9 +64,9 @@ fn cache_in(real: &Path) -> Option<PathBuf> {
     cache_in_with(real, true)
 }
 
-/// [`cache_in`]; `exists: false` when `real` is known not to exist (it cannot be a
-/// cache directory itself: one `stat` saved).
-fn cache_in_with(real: &Path, exists: bool) -> Option<PathBuf> {
+/// [`cache_containing`] for a path already [`resolve`]d; `exists: false` when it is known
+/// not to exist (it cannot be a cache directory itself: one `stat` saved).
+pub(crate) fn cache_in_with(real: &Path, exists: bool) -> Option<PathBuf> {
     if let Some(layer) = layer_in(real) {
         return Some(layer);
     }
@@ -149,16 +150,6 @@ pub fn cache_containing(path: &Path) -> Option<PathBuf> {
         Some(real) => cache_in(&real),
         None => cache_in(&std::path::absolute(path).ok()?.components().collect::<PathBuf>()),
     }
-}
-
-/// [`cache_containing`] for a path already [`resolve`]d.
-pub(crate) fn cache_in_resolved(real: &Path) -> Option<PathBuf> {
-    cache_in(real)
-}
-
-/// [`cache_in_resolved`] for a path [`resolve_exists`] found missing.
-pub(crate) fn cache_in_missing(real: &Path) -> Option<PathBuf> {
-    cache_in_with(real, false)
 }
 
 /// [`cache_containing`] for an open directory (one `readlink`).

@@ -1,5 +1,5 @@
-//! Exclusive `flock(2)` locks on files that name their holder: the cache directory's
-//! `LOCK` and each workspace's lock file.
+//! Exclusive `flock(2)` locks that name their holder: the cache directory's `LOCK`, a
+//! converted workspace's `path.lock`, and a created workspace's own directory.
 //!
 //! A process turned away gets [`Error::Busy`] naming the holder, found in
 //! `/proc/locks` by the lock file's inode (nothing is written into the file: taking a
@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 
 /// A held lock; dropping it releases the lock.
 pub(crate) struct LockFile {
-    file: Flock<File>,
+    /// Held, never read: dropping it releases the lock.
+    _file: Flock<File>,
     path: PathBuf,
     /// The lock is on a directory itself (nothing to unlink).
     dir: bool,
@@ -63,7 +64,7 @@ impl LockFile {
                 Ok(m) if m.ino() == held.st_ino && m.dev() == held.st_dev => {}
                 Ok(_) | Err(_) => continue,
             }
-            return Ok(LockFile { file, path: path.to_path_buf(), dir: false });
+            return Ok(LockFile { _file: file, path: path.to_path_buf(), dir: false });
         }
     }
 
@@ -92,14 +93,13 @@ impl LockFile {
         if !fresh && nix::sys::stat::fstat(file.as_fd()).map_err(|e| Error::io("fstat", dir, e))?.st_nlink == 0 {
             return Err(Error::NotFound { what: format!("a workspace in {} (removed meanwhile)", dir.display()) });
         }
-        Ok(LockFile { file, path: dir.to_path_buf(), dir: true })
+        Ok(LockFile { _file: file, path: dir.to_path_buf(), dir: true })
     }
 
     /// Unlinks the lock file while still holding it (the thing it protects is gone); a
     /// waiter that opened it before sees the inode gone and starts over. A directory
     /// lock has nothing to unlink.
     pub(crate) fn remove(&self) -> Result<()> {
-        let _ = &self.file;
         if self.dir {
             return Ok(());
         }

@@ -256,9 +256,9 @@ pub struct Workspace {
     pending: bool,
     /// `workspace.json` says what this handle knows (`keep` need not write it again).
     described: bool,
-    /// What `create` made (directories, deepest last; whether it made the lock file), so
-    /// that a `restore` failing after it removes exactly that.
-    created: (Vec<PathBuf>, bool),
+    /// The directories `create` made (deepest last), so that a `restore` failing after
+    /// it removes exactly those.
+    created: Vec<PathBuf>,
 }
 
 /// `path` with `ext` appended to its last component (`dir` → `dir.lower`).
@@ -533,12 +533,7 @@ impl Workspace {
             return Err(Error::InvalidSpec { reason: "a tmpfs upper needs a size limit above 0".into() });
         }
         // Rule 4, before anything is made (and never inside another workspace's dirs).
-        let cache = if dir_exists {
-            crate::immutable::cache_in_resolved(&dir)
-        } else {
-            crate::immutable::cache_in_missing(&dir)
-        };
-        if let Some(c) = cache {
+        if let Some(c) = crate::immutable::cache_in_with(&dir, dir_exists) {
             return Err(Error::ImmutableLayer { op: "create a workspace inside it", path: c });
         }
         refuse_inside_workspace(&dir)?;
@@ -560,7 +555,13 @@ impl Workspace {
                     .take_while(|a| std::fs::symlink_metadata(a).is_err())
                     .map(Path::to_path_buf)
                     .collect();
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    // Made partway: take away what was made (deepest first).
+                    for a in &missing {
+                        let _ = std::fs::remove_dir(a);
+                    }
+                    return Err(Error::io("mkdir", &dir, e));
+                }
                 made.extend(missing.into_iter().rev());
                 true
             }
@@ -589,7 +590,7 @@ impl Workspace {
             scratch_lost: false,
             pending: false,
             described: false,
-            created: (Vec::new(), false),
+            created: Vec::new(),
         };
         // A dir a killed `restore` left (a journal, no description) is taken over: its
         // upper is emptied as `reset` would (the import is rolled back).
@@ -600,16 +601,23 @@ impl Workspace {
             ws.precheck(reset)?;
         }
         // The dir itself is the lock. A fresh dir that someone else locked first is
-        // theirs now: leave it.
-        let made_lock = false;
-        ws.lock = Some(crate::lockfile::LockFile::acquire_dir(&ws.dir, fresh)?);
+        // theirs now: leave it; any other failure takes away what this call made.
+        match crate::lockfile::LockFile::acquire_dir(&ws.dir, fresh) {
+            Ok(lock) => ws.lock = Some(lock),
+            Err(e @ Error::Busy { .. }) => return Err(e),
+            Err(e) => {
+                ws.created = made;
+                ws.undo_create();
+                return Err(e);
+            }
+        }
         let done = if fresh {
             ws.populate(fresh, reset, &mut made, Some(&top))
         } else {
             // Again, now that no other handle can change the dir.
             ws.precheck(reset).and_then(|()| ws.populate(fresh, reset, &mut made, Some(&top)))
         };
-        ws.created = (made, made_lock);
+        ws.created = made;
         let done = done.and_then(|()| {
             if !fresh {
                 // `reset` over a kept or half-done workspace: its description and
@@ -630,8 +638,8 @@ impl Workspace {
         }
     }
 
-    /// Removes what `create` made (its tmpfs, lock file and directories), nothing else:
-    /// a failed `create` or `restore` leaves the dir as it found it.
+    /// Removes what `create` made (its tmpfs and directories), nothing else: a failed
+    /// `create` or `restore` leaves the dir as it found it.
     fn undo_create(&mut self) {
         if let Some(mem) = self.scratch.take() {
             if scratch::unmount(&mem).is_err() {
@@ -641,13 +649,7 @@ impl Workspace {
             }
             self.owns.scratch = false;
         }
-        let (made, made_lock) = std::mem::take(&mut self.created);
-        if made_lock {
-            if let Some(l) = &self.lock {
-                let _ = l.remove();
-            }
-        }
-        for d in made.iter().rev() {
+        for d in std::mem::take(&mut self.created).iter().rev() {
             let _ = empty_dir(d).and_then(|()| std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e)));
         }
     }
@@ -874,7 +876,7 @@ impl Workspace {
                 scratch_lost: false,
                 pending: false,
                 described: true,
-                created: (Vec::new(), false),
+                created: Vec::new(),
             }
         } else {
             let st = state::State::load(&dir)?;
@@ -916,7 +918,7 @@ impl Workspace {
                 scratch_lost,
                 pending: false,
                 described: true,
-                created: (Vec::new(), false),
+                created: Vec::new(),
             }
         };
         // Rule 4: this handle may mount, reset, import into and apply to these dirs,
@@ -1161,7 +1163,7 @@ impl Workspace {
                 scratch_lost: false,
                 pending: false,
                 described: true,
-                created: (Vec::new(), false),
+                created: Vec::new(),
             };
             ws.mount(backend)?;
             journal::end(&ws.journal)?;
@@ -1417,7 +1419,7 @@ impl Workspace {
         let names: &[&str] = if self.converted {
             &[]
         } else if self.destroying {
-            &["mem", "upper", "work", "rootfs", "skeleton", "upper.detach", "upper.old"]
+            &OWN_NAMES
         } else if tmpfs {
             &["mem", "rootfs", "skeleton"]
         } else {
@@ -1428,15 +1430,15 @@ impl Workspace {
         } else {
             names.iter().filter(|n| present.contains_key(**n)).map(|n| self.dir.join(n)).collect()
         };
-        // Half made or half destroyed, its description gone: a tmpfs of this crate's
-        // still at `mem` (marked, its view not mounted) goes first.
-        if self.destroying && self.scratch.is_none() && present.contains_key("mem") {
-            scratch::release_leftover(&self.dir.join("mem"), &self.target)?;
-        }
         let refs: Vec<&Path> = ours.iter().map(PathBuf::as_path).collect();
         // Refusals, before anything is lost: never pull the tmpfs from under a view
         // someone else mounted, never delete through a mount.
         let refused = (|| {
+            // Half made or half destroyed, its description gone: a tmpfs of this crate's
+            // still at `mem` (marked, its view not mounted) goes first.
+            if self.destroying && self.scratch.is_none() && present.contains_key("mem") {
+                scratch::release_leftover(&self.dir.join("mem"), &self.target)?;
+            }
             if self.scratch.is_some() {
                 refuse_mounts_under(&[&self.target])?;
             }
@@ -1491,9 +1493,13 @@ impl Workspace {
             for d in &ours {
                 std::fs::remove_dir(d).map_err(|e| Error::io("rmdir", d, e))?;
             }
-            // The description, and what a write of it (or of the journal) killed midway
-            // left.
-            for f in [state::FILE, "workspace.json.tmp", "workspace.journal.tmp", "workspace.journal.times"] {
+            // The description, `apply`'s record, and what a write of either (or of the
+            // journal) killed midway left (`fsutil::write_record` writes `NAME.tmp`).
+            let times = self.apply_times();
+            let times = times.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let leftovers = [state::FILE.to_string(), times.to_string()];
+            let tmps = [state::FILE, journal::FILE, times].map(|f| format!("{f}.tmp"));
+            for f in leftovers.iter().chain(&tmps) {
                 if !present.contains_key(f) {
                     continue;
                 }
@@ -1757,7 +1763,7 @@ impl Workspace {
     /// sandbox's files, or of the workspace's records), or into another workspace's dirs.
     fn refuse_inside(&self, parent: &Path, name: &std::ffi::OsStr) -> Result<()> {
         let Some(real) = crate::immutable::resolve(parent) else { return Ok(()) }; // open reports it
-        if let Some(c) = crate::immutable::cache_in_resolved(&real) {
+        if let Some(c) = crate::immutable::cache_in_with(&real, true) {
             return Err(Error::ImmutableLayer { op: "write a diff into it", path: c });
         }
         let canon = |p: &Path| crate::immutable::resolve(p).unwrap_or_else(|| p.to_path_buf());
