@@ -164,6 +164,18 @@ fn submount(at: &Path) -> scratch_ns::Mounted {
     m
 }
 
+/// A second live workspace `ws2` (image `two`, a write in its view) with a tmpfs of the
+/// runtime's mounted at `/srv` inside the view: (ws2, its view, the submount, its guard).
+fn ws2_with_a_submount(fx: &Fx) -> (PathBuf, PathBuf, PathBuf, scratch_ns::Mounted) {
+    let ws2 = fx.base.join("ws2");
+    create(fx, "two", &ws2);
+    let view = mount(fx, &ws2);
+    fs::write(view.join("etc/written"), b"x\n").unwrap();
+    let srv = view.join("srv");
+    let m = submount(&srv);
+    (ws2, view, srv, m)
+}
+
 fn submount_intact(at: &Path) -> Result<(), String> {
     if !is_mount_point(at).unwrap() {
         return Err(format!("{} is no longer a mount point", at.display()));
@@ -844,12 +856,7 @@ fn cli_failed_destroy_keeps_the_tmpfs_upper(v: Variant) {
 /// backend refuses instead: something is mounted inside.)
 fn cli_detach_keeps_the_sandbox_submounts(v: Variant) {
     let Some(fx) = setup(v, "512m") else { return };
-    let ws2 = fx.base.join("ws2");
-    create(&fx, "two", &ws2);
-    let view = mount(&fx, &ws2);
-    fs::write(view.join("etc/written"), b"x\n").unwrap();
-    let srv = view.join("srv");
-    let _m = submount(&srv);
+    let (ws2, _view, srv, _m) = ws2_with_a_submount(&fx);
     let out = fx.ctl.cached_output(&["detach", s(&ws2)]);
     let r = submount_intact(&srv);
     assert!(
@@ -1062,12 +1069,7 @@ fn held_cli_edited_description(v: Variant) {
 /// destroy, apply, reset (library) refuse, and the view, its submount and the upper stay.
 fn held_cli_copy_mounted_with_a_mount_inside(v: Variant) {
     let Some(fx) = setup(v, "512m") else { return };
-    let ws2 = fx.base.join("ws2");
-    create(&fx, "two", &ws2);
-    let view = mount(&fx, &ws2);
-    fs::write(view.join("etc/written"), b"x\n").unwrap();
-    let srv = view.join("srv");
-    let _m = submount(&srv);
+    let (ws2, view, srv, _m) = ws2_with_a_submount(&fx);
     let upper = upper_of(&fx, &ws2);
     let before = tree(&upper);
     for args in [&["unmount", s(&ws2)][..], &["detach", s(&ws2)], &["destroy", s(&ws2)], &["apply", s(&ws2)]] {
