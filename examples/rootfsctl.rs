@@ -270,8 +270,8 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let rootfs = cache.ensure(&fetcher, &reference)?;
             let digest = rootfs.manifest_digest();
             // The workspace first, then its record and description, the persisted lease
-            // last: a create killed midway leaves no lease (a retry reuses what it finds;
-            // `destroy` removes it), and a failure undoes all of it.
+            // last: a create killed midway leaves no lease (a retry reuses the dirs it
+            // finds), and a failure undoes all of it.
             let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|mut ws| {
                 let target = ws.target().to_path_buf();
                 let done = LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id)
