@@ -139,7 +139,7 @@ mod workspace;
 pub use cache::{CacheOptions, CacheStats, GcReport, Rootfs, RootfsCache};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
-pub use fetch::{Descriptor, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES};
+pub use fetch::{Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, NoObserver};
 pub use fetch::{OciLayout, Platform};
 pub use immutable::cache_containing;
 pub use mount::{

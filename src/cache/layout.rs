@@ -131,7 +131,8 @@ pub(crate) fn valid_lease_id(id: &str) -> bool {
 
 /// A reference that names a digest (`@sha256:…` or `sha256:…`), if it is one.
 pub(crate) fn digest_ref(reference: &str) -> Option<Digest> {
-    reference.strip_prefix('@').unwrap_or(reference).parse().ok()
+    // `@sha256:…`, `sha256:…`, or a full `host/repo[:tag]@sha256:…` reference.
+    reference.rsplit_once('@').map_or(reference, |(_, d)| d).parse().ok()
 }
 
 #[cfg(test)]
@@ -194,5 +195,7 @@ mod tests {
         assert_eq!(digest_ref(&d.to_string()), Some(d));
         assert_eq!(digest_ref("latest"), None);
         assert_eq!(digest_ref("@sha256:abc"), None);
+        assert_eq!(digest_ref(&format!("127.0.0.1:5000/a/b:v1@{d}")), Some(d));
+        assert_eq!(digest_ref("127.0.0.1:5000/a/b:v1"), None);
     }
 }

@@ -61,7 +61,64 @@ pub trait ImageFetcher: Send + Sync {
     /// convention ([`OciLayout`] follows it). [`RootfsCache::ensure`](crate::RootfsCache::ensure)
     /// returns these errors wrapped in [`crate::Error::Layer`], naming the layer.
     fn open_blob(&self, layer: &Descriptor) -> Result<Box<dyn Read + Send>>;
+
+    /// [`open_blob`](ImageFetcher::open_blob), reporting what happened on the way
+    /// (retries, resumed downloads, fallbacks to the next host) to `observer`, for the
+    /// cache's counters ([`CacheStats`](crate::CacheStats)). The cache calls this one.
+    /// The default ignores `observer` and calls `open_blob`; a fetcher that retries or
+    /// falls back overrides it. Events may be reported while the returned reader is read,
+    /// from the reading thread.
+    ///
+    /// # Errors
+    /// As [`open_blob`](ImageFetcher::open_blob).
+    fn open_blob_observed(
+        &self,
+        layer: &Descriptor,
+        observer: std::sync::Arc<dyn FetchObserver>,
+    ) -> Result<Box<dyn Read + Send>> {
+        let _ = observer;
+        self.open_blob(layer)
+    }
+
+    /// [`resolve`](ImageFetcher::resolve), reporting retries and host fallbacks to
+    /// `observer`. The cache calls this one; the default ignores `observer`.
+    ///
+    /// # Errors
+    /// As [`resolve`](ImageFetcher::resolve).
+    fn resolve_observed(&self, reference: &str, observer: &dyn FetchObserver) -> Result<ImageManifest> {
+        let _ = observer;
+        self.resolve(reference)
+    }
 }
+
+/// What a fetcher reports while it resolves or downloads, beyond the bytes themselves.
+///
+/// The cache implements it to count these events in [`CacheStats`](crate::CacheStats);
+/// every method has an empty default. `host` is the host (`HOST[:PORT]`) the event
+/// concerns. Implementations must be cheap and must not block.
+pub trait FetchObserver: Send + Sync {
+    /// A request to `host` failed and will be retried there (a connection error, a
+    /// timeout, 408, 429 or 5xx).
+    fn retry(&self, host: &str, reason: &str) {
+        let _ = (host, reason);
+    }
+    /// A broken blob download was resumed at byte `offset` (with `Range`, or by skipping
+    /// `offset` bytes where the server ignored it).
+    fn resumed(&self, host: &str, offset: u64) {
+        let _ = (host, offset);
+    }
+    /// `host` failed for good (dead, an error status, wrong bytes) and the next host
+    /// configured for the registry is tried.
+    fn fallback(&self, host: &str, reason: &str) {
+        let _ = (host, reason);
+    }
+}
+
+/// A [`FetchObserver`] that ignores everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoObserver;
+
+impl FetchObserver for NoObserver {}
 
 /// Media types of layers the cache can extract (tar, tar+gzip, tar+zstd; OCI and Docker).
 pub const LAYER_MEDIA_TYPES: &[&str] = &[
