@@ -136,7 +136,9 @@ mod sys;
 mod unpack;
 mod workspace;
 
-pub use cache::{CacheOptions, CacheStats, GcReport, Rootfs, RootfsCache};
+pub use cache::{
+    CacheOptions, CacheStats, EnsureOptions, EnsureProgress, GcReport, LayerProgress, LayerState, Rootfs, RootfsCache,
+};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use fetch::{Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, NoObserver};
