@@ -212,14 +212,13 @@ impl Read for Metered<'_> {
 
 impl RootfsCache {
     /// Make every layer of `manifest` ready, in parallel where missing, and lease each
-    /// occurrence. Returns the lease (layers bottom first) and whether this call
-    /// extracted anything.
+    /// occurrence. Returns the lease (layers bottom first).
     pub(super) fn ensure_layers(
         &self,
         fetcher: &dyn ImageFetcher,
         manifest: &ImageManifest,
         opts: &super::EnsureOptions<'_>,
-    ) -> Result<(Rootfs, bool)> {
+    ) -> Result<Rootfs> {
         let inner = &self.inner;
         let layers = &manifest.layers;
         let report = |job: &Job<'_>, state: LayerState, downloaded: u64, extracted: u64| {
@@ -250,7 +249,6 @@ impl RootfsCache {
         let cancel = Cancel(AtomicUsize::new(usize::MAX));
         // The lowest layer that failed, and why.
         let mut failure: Option<(Digest, Arc<Error>)> = None;
-        let mut extracted_any = false;
 
         let next = AtomicUsize::new(0);
         let work = |tx: mpsc::Sender<(usize, Done)>| {
@@ -344,7 +342,6 @@ impl RootfsCache {
                             Ok((meta, blob_bytes)) => {
                                 self.publish_ready(flight, job, meta, blob_bytes);
                                 partial.layers.extend(std::iter::repeat_n(d, job.occurrences as usize));
-                                extracted_any = true;
                                 report(job, LayerState::Done, done.downloaded, done.extracted);
                             }
                             Err(e) => {
@@ -369,7 +366,7 @@ impl RootfsCache {
             return Err(Error::Layer { digest, source });
         }
         partial.layers = layers.iter().map(|l| l.digest).collect();
-        Ok((partial, extracted_any))
+        Ok(partial)
     }
 
     /// Sort the image's distinct layers (one pass under the lock): lease the ready ones

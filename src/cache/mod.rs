@@ -543,8 +543,10 @@ impl RootfsCache {
             }
         }
         let manifest = fetcher.resolve_observed(reference, &*inner.downloads)?;
-        let (mut partial, extracted) = self.ensure_layers(fetcher, &manifest, opts)?;
-        if extracted {
+        let before = inner.counters.extractions.load(Ordering::Relaxed);
+        let mut partial = self.ensure_layers(fetcher, &manifest, opts)?;
+        // Anything extracted meanwhile, by this call or another one.
+        if inner.counters.extractions.load(Ordering::Relaxed) != before {
             // The automatic eviction pass after extracting. Its failure (say, a `trash/`
             // entry that cannot be deleted) must not fail a restore whose layers are
             // ready: it is counted, and an explicit `gc()` reports it.
