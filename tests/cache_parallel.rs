@@ -17,8 +17,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rootfs_cache::{
-    CacheOptions, Descriptor, Digest, EnsureOptions, EnsureProgress, Error, FetchObserver, ImageFetcher,
-    ImageManifest, LayerProgress, LayerState, RootfsCache, UnpackOptions, WhiteoutMode, unpack,
+    CacheOptions, Descriptor, Digest, EnsureOptions, EnsureProgress, Error, FetchObserver, ImageFetcher, ImageManifest,
+    LayerProgress, LayerState, RootfsCache, UnpackOptions, WhiteoutMode, unpack,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -104,7 +104,8 @@ fn make_layer(entries: &[E<'_>], gzip: bool) -> Layer {
 
 /// A layer of `files` files of `size` bytes under `p<id>/`, nothing else.
 fn plain_layer(id: u32, files: usize, size: usize) -> Layer {
-    let data: Vec<Vec<u8>> = (0..files).map(|j| vec![(id as u8).wrapping_mul(31).wrapping_add(j as u8); size]).collect();
+    let data: Vec<Vec<u8>> =
+        (0..files).map(|j| vec![(id as u8).wrapping_mul(31).wrapping_add(j as u8); size]).collect();
     let names: Vec<String> = (0..files).map(|j| format!("p{id}/f{j}")).collect();
     let entries: Vec<E<'_>> = names.iter().zip(&data).map(|(n, d)| E::File(n, d)).collect();
     make_layer(&entries, id % 2 == 1)
@@ -424,8 +425,7 @@ fn downloads_overlap_within_the_bound() {
     let _g = serial();
     let layers: Vec<Layer> = (0..8).map(|i| plain_layer(i, 3, 100 * 1024)).collect();
     for bound in [1, 2, 3, 16] {
-        let mut f = Fetcher::default();
-        f.per_chunk = Some(Duration::from_millis(3));
+        let mut f = Fetcher { per_chunk: Some(Duration::from_millis(3)), ..Default::default() };
         f.image("img", &layers.iter().collect::<Vec<_>>());
         let t = tempfile::tempdir().unwrap();
         let cache = RootfsCache::open(t.path(), cache_opts(bound)).unwrap();
@@ -503,8 +503,7 @@ fn the_lowest_failing_layer_is_reported_and_nothing_is_left_behind() {
 fn eight_threads_overlapping_images_extract_each_layer_once() {
     let _g = serial();
     let layers: Vec<Layer> = (0..10).map(|i| plain_layer(100 + i, 2, 48 * 1024)).collect();
-    let mut f = Fetcher::default();
-    f.per_chunk = Some(Duration::from_millis(1));
+    let mut f = Fetcher { per_chunk: Some(Duration::from_millis(1)), ..Default::default() };
     let mut images = Vec::new();
     for k in 0..8usize {
         let mut idx: Vec<usize> = (0..5).map(|j| (k + j * 3) % 10).collect();
@@ -614,8 +613,7 @@ fn progress_events_are_complete_and_consistent() {
 
     // A caller waiting for another one's extraction: Waiting, then Done.
     let slow = plain_layer(300, 8, 128 * 1024);
-    let mut f2 = Fetcher::default();
-    f2.per_chunk = Some(Duration::from_millis(5));
+    let mut f2 = Fetcher { per_chunk: Some(Duration::from_millis(5)), ..Default::default() };
     f2.image("slow", &[&slow]);
     let rec = Recorder::default();
     std::thread::scope(|s| {

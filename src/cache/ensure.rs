@@ -39,7 +39,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 
 use super::layout::{self, LayerMeta};
-use super::{Flight, Layer, RootfsCache, Rootfs, disk_usage, io, now_nanos, remove_path, write_atomic};
+use super::{Flight, Layer, Rootfs, RootfsCache, disk_usage, io, now_nanos, remove_path, write_atomic};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{Descriptor, ImageFetcher, ImageManifest};
@@ -275,9 +275,8 @@ impl RootfsCache {
                 let work = &work;
                 for _ in 0..workers {
                     let tx = tx.clone();
-                    let spawn = std::thread::Builder::new()
-                        .name("rootfs-ensure".into())
-                        .spawn_scoped(s, move || work(tx));
+                    let spawn =
+                        std::thread::Builder::new().name("rootfs-ensure".into()).spawn_scoped(s, move || work(tx));
                     if spawn.is_ok() {
                         spawned += 1;
                     }
@@ -477,11 +476,7 @@ impl RootfsCache {
             // Best effort: `open` empties tmp/ anyway.
             let _ = remove_path(&tmp);
         }
-        Done {
-            result,
-            downloaded: downloaded.load(Ordering::Relaxed),
-            extracted: position.load(Ordering::Relaxed),
-        }
+        Done { result, downloaded: downloaded.load(Ordering::Relaxed), extracted: position.load(Ordering::Relaxed) }
     }
 
     /// Finish an extracted layer once every layer below it is ready: parents it omits
