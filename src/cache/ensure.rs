@@ -246,6 +246,7 @@ impl RootfsCache {
             report(job, state, 0, 0);
         }
         let own: Vec<usize> = (0..jobs.len()).filter(|&j| matches!(jobs[j].plan, Plan::Own(_))).collect();
+        let _unwinding = Unwinding { cache: self, jobs: &jobs };
         let cancel = Cancel(AtomicUsize::new(usize::MAX));
         // The lowest layer that failed, and why.
         let mut failure: Option<(Digest, Arc<Error>)> = None;
@@ -509,11 +510,11 @@ impl RootfsCache {
 
     /// Publish one of our layers as ready: leased for us (each occurrence), for every
     /// caller waiting on the flight, and for persisted leases naming it.
-    fn publish_ready(&self, flight: &Flight, job: &Job<'_>, meta: LayerMeta, blob_bytes: u64) {
+    fn publish_ready(&self, flight: &Arc<Flight>, job: &Job<'_>, meta: LayerMeta, blob_bytes: u64) {
         let inner = &self.inner;
         let d = job.desc.digest;
         let mut st = inner.state.lock();
-        st.inflight.remove(&d);
+        forget_flight(&mut st, &d, flight);
         st.bytes += meta.size;
         let now = now_nanos();
         // It may have been lost and extracted again since those leases were persisted.
@@ -531,13 +532,42 @@ impl RootfsCache {
 
     /// Publish the failure of one of our flights: every waiter gets `cause`, nothing is
     /// cached, and the next `ensure` starts again.
-    fn publish_failure(&self, flight: &Flight, d: &Digest, cause: Arc<Error>) {
+    fn publish_failure(&self, flight: &Arc<Flight>, d: &Digest, cause: Arc<Error>) {
         let inner = &self.inner;
         let mut st = inner.state.lock();
-        st.inflight.remove(d);
+        forget_flight(&mut st, d, flight);
         let _ = flight.outcome.set(Err(cause));
         inner.done.notify_all();
         inner.publish(&st);
+    }
+}
+
+/// Remove `flight` from the in-flight map (only that flight: once its outcome is
+/// published, another caller may have started a new one for the same layer).
+fn forget_flight(st: &mut super::State, d: &Digest, flight: &Arc<Flight>) {
+    if st.inflight.get(d).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+        st.inflight.remove(d);
+    }
+}
+
+/// Fails our flights still unpublished when `ensure_layers` unwinds (a panic in a
+/// progress observer or a fetcher's reader), so callers waiting for them do not wait
+/// forever; a no-op otherwise, since every flight is published before it returns.
+struct Unwinding<'c, 'j, 'm> {
+    cache: &'c RootfsCache,
+    jobs: &'j [Job<'m>],
+}
+
+impl Drop for Unwinding<'_, '_, '_> {
+    fn drop(&mut self) {
+        for job in self.jobs {
+            if let Plan::Own(flight) = &job.plan {
+                if flight.outcome.get().is_none() {
+                    let e = Error::Unsupported { what: "ensure of this layer panicked".into() };
+                    self.cache.publish_failure(flight, &job.desc.digest, Arc::new(e));
+                }
+            }
+        }
     }
 }
 

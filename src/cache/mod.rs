@@ -16,6 +16,14 @@
 //!   under the lock (it is then no longer served), deleted after the lock is released.
 //! - A leased layer is never evicted, even over budget.
 //!
+//! # The cold path
+//! A cold [`RootfsCache::ensure`] streams every missing layer at once, up to
+//! [`CacheOptions::concurrent_layers`] per call: blob bytes from the fetcher → digest →
+//! decompression → extraction into `tmp/`, never landing a blob on disk whole. A layer
+//! finished before the ones below it waits in `tmp/` until they are ready, then the
+//! parent directories it omits get the lower layers' metadata and it is renamed into
+//! `layers/`; layers become ready bottom first. See `ensure.rs` for the scheduling.
+//!
 //! # Concurrency
 //! One process owns a cache directory (`flock` on `LOCK`; a second [`RootfsCache::open`],
 //! from any process, gets [`Error::Busy`]). Within it, every method takes `&self` and is
@@ -23,7 +31,8 @@
 //! during extraction or deletion. Concurrent [`RootfsCache::ensure`] calls needing the
 //! same missing layer (for the same image or different ones) wait for a single
 //! extraction; if it fails, every waiter gets the same error (as [`Error::Layer`]) and
-//! nothing is cached, so the next call retries.
+//! nothing is cached, so the next call retries. `ensure` runs its downloads on scoped
+//! worker threads (named `rootfs-ensure`), all joined before it returns.
 
 mod ensure;
 mod layout;
@@ -266,6 +275,8 @@ struct Inner {
 /// threads; no lock is held while extracting or deleting. Concurrent
 /// [`RootfsCache::ensure`] calls needing the same missing layer wait for one extraction;
 /// if it fails they all get the same cause (as [`Error::Layer`]) and nothing is cached.
+/// One `ensure` downloads and extracts up to [`CacheOptions::concurrent_layers`] layers
+/// at once on its own scoped threads, joined before it returns.
 pub struct RootfsCache {
     inner: Arc<Inner>,
 }
