@@ -360,15 +360,25 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 /// Threads of this process whose name starts with `rootfs-` (the cache's workers and
-/// the extraction's helpers).
+/// the extraction's helpers). A thread that was joined can still be listed for a moment
+/// while the kernel finishes its exit: a thread left running stays listed for good.
 fn rootfs_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter(|t| {
-            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap_or_default();
-            comm.starts_with("rootfs-")
-        })
-        .count()
+    let count = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|t| {
+                let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+                comm.starts_with("rootfs-")
+            })
+            .count()
+    };
+    for _ in 0..100 {
+        if count() == 0 {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    count()
 }
 
 fn now_secs() -> i64 {

@@ -271,18 +271,16 @@ impl RootfsCache {
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<(usize, Done)>();
             let workers = inner.opts.concurrent_layers.clamp(1, own.len().max(1));
-            let mut spawned = 0;
+            let mut handles = Vec::with_capacity(workers);
             if !own.is_empty() {
                 let work = &work;
                 for _ in 0..workers {
                     let tx = tx.clone();
                     let spawn =
                         std::thread::Builder::new().name("rootfs-ensure".into()).spawn_scoped(s, move || work(tx));
-                    if spawn.is_ok() {
-                        spawned += 1;
-                    }
+                    handles.extend(spawn.ok());
                 }
-                if spawned == 0 {
+                if handles.is_empty() {
                     // No thread to spare: do the work here, then make it ready below.
                     work(tx.clone());
                 }
@@ -359,6 +357,13 @@ impl RootfsCache {
             for (_, done) in results.drain().chain(rx.iter()) {
                 if let Ok(ex) = done.result {
                     let _ = remove_path(&ex.tmp); // best effort: `open` empties tmp/ anyway
+                }
+            }
+            for h in handles {
+                // Joined, not only finished: no thread of ours outlives the call. A panic
+                // in one is passed on.
+                if let Err(panic) = h.join() {
+                    std::panic::resume_unwind(panic);
                 }
             }
         });
