@@ -237,6 +237,7 @@ impl RootfsCache {
         // this image while others extract; `partial` gives them back on error.
         let mut partial = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
         let jobs = self.sort_layers(layers, &mut partial);
+        let _unwinding = Unwinding { cache: self, jobs: &jobs };
         for job in &jobs {
             let state = match job.plan {
                 Plan::Cached => LayerState::Cached,
@@ -246,7 +247,6 @@ impl RootfsCache {
             report(job, state, 0, 0);
         }
         let own: Vec<usize> = (0..jobs.len()).filter(|&j| matches!(jobs[j].plan, Plan::Own(_))).collect();
-        let _unwinding = Unwinding { cache: self, jobs: &jobs };
         let cancel = Cancel(AtomicUsize::new(usize::MAX));
         // The lowest layer that failed, and why.
         let mut failure: Option<(Digest, Arc<Error>)> = None;
@@ -261,7 +261,12 @@ impl RootfsCache {
                     Done { result: Err(abandoned()), downloaded: 0, extracted: 0 }
                 } else {
                     let rep = |state, d, e| report(job, state, d, e);
-                    self.fetch_extract(fetcher, job, &cancel, &rep)
+                    let done = self.fetch_extract(fetcher, job, &cancel, &rep);
+                    if done.result.is_err() {
+                        // No layer above this one can be made ready now: stop them early.
+                        cancel.0.fetch_min(job.index, Ordering::Relaxed);
+                    }
+                    done
                 };
                 if let Err(mpsc::SendError((_, Done { result: Ok(ex), .. }))) = tx.send((j, done)) {
                     let _ = remove_path(&ex.tmp); // nobody will make it ready
@@ -313,7 +318,7 @@ impl RootfsCache {
                             Err(e) => {
                                 let e = e.clone();
                                 drop(st);
-                                cancel.0.store(job.index, Ordering::Relaxed);
+                                cancel.0.fetch_min(job.index, Ordering::Relaxed);
                                 failure = Some((d, e));
                                 report(job, LayerState::Failed, 0, 0);
                             }
@@ -344,7 +349,7 @@ impl RootfsCache {
                             }
                             Err(e) => {
                                 let e = Arc::new(e);
-                                cancel.0.store(job.index, Ordering::Relaxed);
+                                cancel.0.fetch_min(job.index, Ordering::Relaxed);
                                 self.publish_failure(flight, &d, e.clone());
                                 failure = Some((d, e));
                                 report(job, LayerState::Failed, done.downloaded, done.extracted);
