@@ -110,7 +110,8 @@
 //! - `lockfile`: exclusive `flock` locks that name their holder's pid ([`Error::Busy`]);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
-//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
+//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`],
+//!   [`EnsureOptions`] with an [`EnsureProgress`] observer ([`LayerProgress`], [`LayerState`]);
 //! - `mount`: [`MountBackend`], [`OverlaySpec`], [`OverlayOptions`], [`KernelOverlay`]
 //!   ([`MountApi`]), [`CopyBackend`], [`OverlayMount`], [`detect()`] ([`Detection`],
 //!   [`BackendKind`], [`DetectReason`]);
