@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 
@@ -156,6 +156,13 @@ struct Job<'m> {
     /// Times the image lists it: leases held once it is ready.
     occurrences: u32,
     plan: Plan,
+    /// Set once this layer's final state ([`LayerState::Cached`], `Done` or `Failed`)
+    /// was reported: events of a worker still reading it are dropped after that. Held
+    /// while the observer is called, so a layer's events cannot overtake each other.
+    reported_final: parking_lot::Mutex<bool>,
+    /// For [`Plan::Foreign`]: this call has settled its part in the flight (it took the
+    /// leases the owner made for it, or left the flight); [`Unwinding`] settles the rest.
+    settled: AtomicBool,
 }
 
 /// A layer extracted into `tmp/`, not yet ready.
@@ -225,6 +232,11 @@ impl RootfsCache {
         let layers = &manifest.layers;
         let report = |job: &Job<'_>, state: LayerState, downloaded: u64, extracted: u64| {
             if let Some(p) = opts.progress {
+                let mut fin = job.reported_final.lock();
+                if *fin {
+                    return; // a worker still reading an abandoned layer
+                }
+                *fin = matches!(state, LayerState::Cached | LayerState::Done | LayerState::Failed);
                 p.layer(&LayerProgress {
                     index: job.index,
                     digest: job.desc.digest,
@@ -303,6 +315,7 @@ impl RootfsCache {
                     Plan::Foreign(flight) => {
                         if failure.is_some() {
                             self.stop_waiting(flight, job, &mut partial);
+                            job.settled.store(true, Ordering::Relaxed);
                             report(job, LayerState::Failed, 0, 0);
                             continue;
                         }
@@ -314,11 +327,13 @@ impl RootfsCache {
                             // Its owner took our leases when it published the layer.
                             Ok(()) => {
                                 partial.layers.extend(std::iter::repeat_n(d, job.occurrences as usize));
+                                job.settled.store(true, Ordering::Relaxed);
                                 drop(st);
                                 report(job, LayerState::Done, 0, 0);
                             }
                             Err(e) => {
                                 let e = e.clone();
+                                job.settled.store(true, Ordering::Relaxed);
                                 drop(st);
                                 cancel.0.fetch_min(job.index, Ordering::Relaxed);
                                 failure = Some((d, e));
@@ -339,7 +354,18 @@ impl RootfsCache {
                             if let Some(done) = results.remove(&j) {
                                 break done;
                             }
-                            let (k, done) = rx.recv().expect("a worker reports every layer it takes");
+                            let Ok((k, done)) = rx.recv() else {
+                                // Every worker has ended and this layer's never reported:
+                                // its worker panicked. Pass its panic on, once the layers
+                                // the others extracted are out of tmp/.
+                                discard(results.drain().chain(rx.try_iter()));
+                                for h in handles.drain(..) {
+                                    if let Err(panic) = h.join() {
+                                        std::panic::resume_unwind(panic);
+                                    }
+                                }
+                                unreachable!("a worker that ends normally reports every layer it takes");
+                            };
                             results.insert(k, done);
                         };
                         let ready = done.result.and_then(|ex| self.make_ready(layers, job, ex));
@@ -361,11 +387,7 @@ impl RootfsCache {
                 }
             }
             // Extractions of abandoned layers that finished anyway.
-            for (_, done) in results.drain().chain(rx.iter()) {
-                if let Ok(ex) = done.result {
-                    let _ = remove_path(&ex.tmp); // best effort: `open` empties tmp/ anyway
-                }
-            }
+            discard(results.drain().chain(rx.iter()));
             for h in handles {
                 // Joined, not only finished: no thread of ours outlives the call. A panic
                 // in one is passed on.
@@ -420,7 +442,14 @@ impl RootfsCache {
                     Plan::Own(flight)
                 }
             };
-            jobs.push(Job { index, desc, occurrences: n, plan });
+            jobs.push(Job {
+                index,
+                desc,
+                occurrences: n,
+                plan,
+                reported_final: parking_lot::Mutex::new(false),
+                settled: AtomicBool::new(false),
+            });
         }
         inner.publish(&st);
         jobs
@@ -456,6 +485,8 @@ impl RootfsCache {
         let downloaded = AtomicU64::new(0);
         let position = AtomicU64::new(0);
         report(LayerState::Downloading, 0, 0);
+        // A panic in the fetcher's reader (or the observer) must not leave it in tmp/.
+        let _cleanup = RemoveOnUnwind(&tmp);
         let result = (|| {
             let fs_dir = tmp.join(layout::FS);
             std::fs::create_dir_all(&fs_dir).map_err(io("mkdir", &fs_dir))?;
@@ -564,9 +595,22 @@ fn forget_flight(st: &mut super::State, d: &Digest, flight: &Arc<Flight>) {
     }
 }
 
+/// Removes a `tmp/` entry when its worker unwinds.
+struct RemoveOnUnwind<'p>(&'p std::path::Path);
+
+impl Drop for RemoveOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.0.exists() {
+            let _ = remove_path(self.0);
+        }
+    }
+}
+
 /// Fails our flights still unpublished when `ensure_layers` unwinds (a panic in a
 /// progress observer or a fetcher's reader), so callers waiting for them do not wait
-/// forever; a no-op otherwise, since every flight is published before it returns.
+/// forever, and leaves the flights of other callers we have not settled with (we would
+/// otherwise keep the leases their owners take for us when they publish); a no-op
+/// otherwise, since every flight is published or settled before it returns.
 struct Unwinding<'c, 'j, 'm> {
     cache: &'c RootfsCache,
     jobs: &'j [Job<'m>],
@@ -575,12 +619,38 @@ struct Unwinding<'c, 'j, 'm> {
 impl Drop for Unwinding<'_, '_, '_> {
     fn drop(&mut self) {
         for job in self.jobs {
-            if let Plan::Own(flight) = &job.plan {
-                if flight.outcome.get().is_none() {
+            match &job.plan {
+                Plan::Own(flight) if flight.outcome.get().is_none() => {
                     let e = Error::Unsupported { what: "ensure of this layer panicked".into() };
                     self.cache.publish_failure(flight, &job.desc.digest, Arc::new(e));
                 }
+                Plan::Foreign(flight) if !job.settled.load(Ordering::Relaxed) => {
+                    let inner = &self.cache.inner;
+                    let mut st = inner.state.lock();
+                    match flight.outcome.get() {
+                        None => {
+                            flight.waiters.fetch_sub(job.occurrences, Ordering::Relaxed);
+                        }
+                        Some(Ok(())) => {
+                            for _ in 0..job.occurrences {
+                                st.unlease(&job.desc.digest);
+                            }
+                        }
+                        Some(Err(_)) => {}
+                    }
+                    inner.publish(&st);
+                }
+                _ => {}
             }
+        }
+    }
+}
+
+/// Remove the `tmp/` entries of extracted layers that will not be made ready.
+fn discard(done: impl Iterator<Item = (usize, Done)>) {
+    for (_, done) in done {
+        if let Ok(ex) = done.result {
+            let _ = remove_path(&ex.tmp); // best effort: `open` empties tmp/ anyway
         }
     }
 }

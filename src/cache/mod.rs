@@ -535,6 +535,10 @@ impl RootfsCache {
                     inner.counters.hits.fetch_add(layers.len() as u64, Ordering::Relaxed);
                     inner.publish(&st);
                     drop(st);
+                    // The lease is owned before the observer runs: if it panics, the
+                    // unwinding drop gives the leases back.
+                    let rootfs = Rootfs::new(inner.clone(), manifest, layers);
+                    let layers = rootfs.layers();
                     if let Some(p) = opts.progress {
                         // Sizes of blobs are not recorded: `total` is unknown (0) here.
                         let mut seen = HashSet::new();
@@ -549,7 +553,7 @@ impl RootfsCache {
                             });
                         }
                     }
-                    return Ok(Rootfs::new(inner.clone(), manifest, layers));
+                    return Ok(rootfs);
                 }
             }
         }

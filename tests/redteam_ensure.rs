@@ -1,0 +1,495 @@
+//! Red-team checks of the parallel, streamed cold `RootfsCache::ensure`: hostile
+//! progress observers and fetchers (panics, failures while other layers are mid-read),
+//! lower layers that hide or replace the parents an upper layer omits, crashes at every
+//! rename of a cold ensure, a full disk, file-descriptor limits, many callers against a
+//! tight eviction budget, and the limits of `concurrent_layers`.
+//!
+//! Tests that count threads, change process limits or run children hold `SERIAL`.
+//! Child processes are this binary run again with `RT_CHILD` set (see [`child_main`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rootfs_cache::{
+    CacheOptions, Descriptor, Digest, EnsureOptions, EnsureProgress, Error, ImageFetcher, ImageManifest, LayerProgress,
+    LayerState, RootfsCache, UnpackOptions, WhiteoutMode, unpack,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{test} needs root (CI is set)");
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+// ---------------------------------------------------------------------------------------
+// Layers
+
+/// One tar entry of a generated layer.
+enum E<'a> {
+    /// Directory: path, mode, uid, gid, mtime.
+    Dir(&'a str, u32, u64, u64, u64),
+    File(&'a str, &'a [u8]),
+    /// Symlink: path, target.
+    Sym(&'a str, &'a str),
+    /// An empty regular file, for OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`).
+    Wh(&'a str),
+}
+
+#[derive(Clone)]
+struct Layer {
+    desc: Descriptor,
+    blob: Arc<Vec<u8>>,
+}
+
+fn make_layer(entries: &[E<'_>]) -> Layer {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_600_000_000);
+        h.set_mode(0o644);
+        h.set_size(0);
+        match e {
+            E::Dir(path, mode, uid, gid, mtime) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                h.set_uid(*uid);
+                h.set_gid(*gid);
+                h.set_mtime(*mtime);
+                b.append_data(&mut h, path, io::empty()).unwrap();
+            }
+            E::File(path, data) => {
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, *data).unwrap();
+            }
+            E::Sym(path, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+            E::Wh(path) => b.append_data(&mut h, path, io::empty()).unwrap(),
+        }
+    }
+    let blob = b.into_inner().unwrap();
+    let desc = Descriptor {
+        digest: Digest::of(&blob),
+        size: blob.len() as u64,
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+    };
+    Layer { desc, blob: Arc::new(blob) }
+}
+
+/// A layer of `files` files of `size` bytes under `p<id>/`.
+fn plain_layer(id: u32, files: usize, size: usize) -> Layer {
+    let data: Vec<Vec<u8>> =
+        (0..files).map(|j| vec![(id as u8).wrapping_mul(31).wrapping_add(j as u8); size]).collect();
+    let names: Vec<String> = (0..files).map(|j| format!("p{id}/f{j}")).collect();
+    let entries: Vec<E<'_>> = names.iter().zip(&data).map(|(n, d)| E::File(n, d)).collect();
+    make_layer(&entries)
+}
+
+// ---------------------------------------------------------------------------------------
+// Fetcher
+
+/// A gate a blob's reader (or `open_blob`) stops at until the test opens it.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+    /// Set when something reached the gate.
+    reached: AtomicBool,
+}
+
+impl Gate {
+    fn wait(&self) {
+        self.reached.store(true, Ordering::SeqCst);
+        let mut o = self.open.lock().unwrap();
+        while !*o {
+            o = self.cv.wait(o).unwrap();
+        }
+    }
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+    fn wait_reached(&self) {
+        let t = Instant::now();
+        while !self.reached.load(Ordering::SeqCst) {
+            assert!(t.elapsed() < Duration::from_secs(60), "gate never reached");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// What a blob does when opened or read.
+#[derive(Clone)]
+enum Beh {
+    /// `open_blob` fails.
+    OpenErr,
+    /// `open_blob` panics.
+    OpenPanic,
+    /// `open_blob` waits for the gate, then fails.
+    OpenErrAfter(Arc<Gate>),
+    /// The reader panics after `n` bytes.
+    ReadPanic(usize),
+    /// The reader stops at the gate once it has served `n` bytes.
+    GateAt(usize, Arc<Gate>),
+    /// A delay before the first byte.
+    Delay(Duration),
+}
+
+#[derive(Default)]
+struct Fx {
+    blobs: HashMap<Digest, Arc<Vec<u8>>>,
+    images: HashMap<String, ImageManifest>,
+    beh: Mutex<HashMap<Digest, Beh>>,
+    opens: Mutex<HashMap<Digest, usize>>,
+}
+
+impl Fx {
+    fn image(&mut self, tag: &str, layers: &[&Layer]) -> Digest {
+        let digest = Digest::of(format!("manifest of {tag}").as_bytes());
+        for l in layers {
+            self.blobs.insert(l.desc.digest, l.blob.clone());
+        }
+        let m = ImageManifest { digest, layers: layers.iter().map(|l| l.desc.clone()).collect() };
+        self.images.insert(tag.into(), m);
+        digest
+    }
+    fn set(&self, l: &Layer, b: Beh) {
+        self.beh.lock().unwrap().insert(l.desc.digest, b);
+    }
+    fn clear(&self) {
+        self.beh.lock().unwrap().clear();
+    }
+    fn opens_of(&self, l: &Layer) -> usize {
+        self.opens.lock().unwrap().get(&l.desc.digest).copied().unwrap_or(0)
+    }
+}
+
+impl ImageFetcher for Fx {
+    fn resolve(&self, reference: &str) -> rootfs_cache::Result<ImageManifest> {
+        self.images.get(reference).cloned().ok_or_else(|| Error::NotFound { what: reference.into() })
+    }
+
+    fn open_blob(&self, layer: &Descriptor) -> rootfs_cache::Result<Box<dyn Read + Send>> {
+        *self.opens.lock().unwrap().entry(layer.digest).or_default() += 1;
+        let beh = self.beh.lock().unwrap().get(&layer.digest).cloned();
+        let data = self.blobs[&layer.digest].clone();
+        match beh {
+            Some(Beh::OpenErr) => Err(Error::NotFound { what: format!("blob {} (injected)", layer.digest) }),
+            Some(Beh::OpenPanic) => panic!("injected open_blob panic"),
+            Some(Beh::OpenErrAfter(g)) => {
+                g.wait();
+                Err(Error::NotFound { what: format!("blob {} (injected, late)", layer.digest) })
+            }
+            b => Ok(Box::new(Rd { data, pos: 0, beh: b })),
+        }
+    }
+}
+
+struct Rd {
+    data: Arc<Vec<u8>>,
+    pos: usize,
+    beh: Option<Beh>,
+}
+
+impl Read for Rd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.beh {
+            Some(Beh::Delay(d)) => {
+                std::thread::sleep(*d);
+                self.beh = None;
+            }
+            Some(Beh::ReadPanic(n)) if self.pos >= *n => panic!("injected reader panic"),
+            Some(Beh::GateAt(n, g)) if self.pos >= *n => {
+                g.wait();
+                self.beh = None;
+            }
+            _ => {}
+        }
+        let mut n = buf.len().min(self.data.len() - self.pos).min(64 * 1024);
+        if let Some(Beh::ReadPanic(at) | Beh::GateAt(at, _)) = &self.beh {
+            if self.pos < *at {
+                n = n.min(at - self.pos);
+            }
+        }
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn cache_opts(concurrent_layers: usize) -> CacheOptions {
+    let mut o = CacheOptions::default();
+    o.concurrent_layers = concurrent_layers;
+    o
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+fn rootfs_threads_now() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+            comm.starts_with("rootfs-")
+        })
+        .count()
+}
+
+/// `rootfs-*` threads left (polling a moment: a joined thread may still be listed).
+fn rootfs_threads() -> usize {
+    for _ in 0..100 {
+        if rootfs_threads_now() == 0 {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rootfs_threads_now()
+}
+
+/// Nothing left over after a failed or panicked ensure: no tmp/ entry, no lease, no thread.
+fn assert_clean(cache: &RootfsCache, what: &str) {
+    assert_eq!(names(&cache.path().join("tmp")), Vec::<String>::new(), "{what}: tmp/ not emptied");
+    let s = cache.stats();
+    assert_eq!(s.leased_entries, 0, "{what}: leases left: {s:?}");
+    assert!(cache.layers().iter().all(|(_, _, leased)| !leased), "{what}: a layer is still leased");
+    assert!(cache.leases().is_empty(), "{what}: persisted leases left");
+    assert_eq!(rootfs_threads(), 0, "{what}: threads left running");
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<LayerProgress>>);
+
+impl EnsureProgress for Recorder {
+    fn layer(&self, l: &LayerProgress) {
+        self.0.lock().unwrap().push(l.clone());
+    }
+}
+
+impl Recorder {
+    fn has(&self, index: usize, state: LayerState) -> bool {
+        self.0.lock().unwrap().iter().any(|e| e.index == index && e.state == state)
+    }
+}
+
+/// An observer that panics on every event.
+struct Panicky;
+
+impl EnsureProgress for Panicky {
+    fn layer(&self, _: &LayerProgress) {
+        panic!("injected observer panic");
+    }
+}
+
+/// Checks one layer's event sequence: starts with one non-final state, counts never go
+/// down, exactly one final state (`Cached`, `Done`, `Failed`), and it is the last event.
+fn check_story(events: &[LayerProgress], what: &str) {
+    let fin = |s: LayerState| matches!(s, LayerState::Cached | LayerState::Done | LayerState::Failed);
+    let finals = events.iter().filter(|e| fin(e.state)).count();
+    assert_eq!(finals, 1, "{what}: {finals} final events: {events:?}");
+    assert!(fin(events.last().unwrap().state), "{what}: an event after the final one: {events:?}");
+    for w in events.windows(2) {
+        assert!(w[0].downloaded <= w[1].downloaded || fin(w[1].state), "{what}: downloaded went down: {w:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile observers and fetchers
+
+/// A caller whose progress observer panics while it is registered as a waiter for
+/// another caller's extraction must not leave that layer leased forever: once the owner
+/// is done and gone, nothing is leased and the layer can be evicted.
+#[test]
+fn observer_panic_while_waiting_for_another_caller_leaks_no_lease() {
+    let _g = serial();
+    let x = plain_layer(1, 2, 64 * 1024);
+    let mut f = Fx::default();
+    f.image("a", &[&x]);
+    f.image("b", &[&x]);
+    let gate = Arc::new(Gate::default());
+    f.set(&x, Beh::GateAt(0, gate.clone()));
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    std::thread::scope(|s| {
+        let owner = s.spawn(|| cache.ensure(&f, "a").unwrap());
+        gate.wait_reached();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.ensure_with(&f, "b", &EnsureOptions::new().with_progress(&Panicky))
+        }));
+        assert!(r.is_err(), "the observer's panic is passed on");
+        gate.release();
+        drop(owner.join().unwrap());
+    });
+    assert_clean(&cache, "after the owner released its lease");
+    assert_eq!(f.opens_of(&x), 1);
+}
+
+/// The same for a fully cached digest reference (answered from memory): a panicking
+/// observer must not leave the image's layers leased.
+#[test]
+fn observer_panic_on_a_cached_digest_reference_leaks_no_lease() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..3).map(|i| plain_layer(10 + i, 1, 1024)).collect();
+    let mut f = Fx::default();
+    let m = f.image("img", &layers.iter().collect::<Vec<_>>());
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    drop(cache.ensure(&f, "img").unwrap());
+    let reference = format!("@{m}");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache.ensure_with(&f, &reference, &EnsureOptions::new().with_progress(&Panicky))
+    }));
+    assert!(r.is_err(), "the observer's panic is passed on");
+    assert_clean(&cache, "after a panicking observer on the fast path");
+    // And a cold ensure whose observer panics: nothing leased, nothing in tmp/.
+    let more: Vec<Layer> = (0..4).map(|i| plain_layer(20 + i, 2, 32 * 1024)).collect();
+    f.image("more", &more.iter().collect::<Vec<_>>());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache.ensure_with(&f, "more", &EnsureOptions::new().with_progress(&Panicky))
+    }));
+    assert!(r.is_err());
+    assert_clean(&cache, "after a panicking observer on the cold path");
+    drop(cache.ensure(&f, "more").unwrap());
+    assert_clean(&cache, "after the retry");
+}
+
+/// A layer below fails while a worker is in the middle of reading an upper layer: the
+/// upper layer's `Failed` is its last event; no `Downloading` event follows it.
+#[test]
+fn no_progress_event_after_a_layers_final_state() {
+    let _g = serial();
+    let low = plain_layer(30, 1, 1024);
+    // Big enough that a Downloading event is due after the gate.
+    let high = plain_layer(31, 8, 64 * 1024);
+    let mut f = Fx::default();
+    f.image("img", &[&low, &high]);
+    let reader_gate = Arc::new(Gate::default());
+    let fail_gate = Arc::new(Gate::default());
+    f.set(&high, Beh::GateAt(192 * 1024, reader_gate.clone()));
+    f.set(&low, Beh::OpenErrAfter(fail_gate.clone()));
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(2)).unwrap();
+    let rec = Recorder::default();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            reader_gate.wait_reached();
+            fail_gate.release();
+            let t0 = Instant::now();
+            while !rec.has(1, LayerState::Failed) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            reader_gate.release();
+        });
+        let err = cache.ensure_with(&f, "img", &EnsureOptions::new().with_progress(&rec)).unwrap_err();
+        assert!(matches!(&err, Error::Layer { digest, .. } if *digest == low.desc.digest), "{err:?}");
+    });
+    let events = rec.0.into_inner().unwrap();
+    for i in 0..2 {
+        let ev: Vec<LayerProgress> = events.iter().filter(|e| e.index == i).cloned().collect();
+        check_story(&ev, &format!("layer {i}"));
+    }
+    assert_clean(&cache, "after the failure");
+}
+
+/// `open_blob` panics: the panic reaches the caller with the fetcher's own message,
+/// nothing is left in tmp/, no lease, no thread; another caller waiting for that layer
+/// gets an error (it does not hang); a retry succeeds.
+#[test]
+fn a_fetcher_panic_is_passed_on_and_leaves_nothing_behind() {
+    let _g = serial();
+    for (what, at_open) in [("open_blob", true), ("reader", false)] {
+        let layers: Vec<Layer> = (0..4).map(|i| plain_layer(40 + i, 2, 96 * 1024)).collect();
+        let mut f = Fx::default();
+        f.image("img", &layers.iter().collect::<Vec<_>>());
+        f.image("top", &[&layers[1]]);
+        let gate = Arc::new(Gate::default());
+        f.set(&layers[0], Beh::GateAt(0, gate.clone()));
+        f.set(&layers[1], if at_open { Beh::OpenPanic } else { Beh::ReadPanic(70 * 1024) });
+        let t = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+        std::thread::scope(|s| {
+            let h = s
+                .spawn(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.ensure(&f, "img").map(drop))));
+            gate.wait_reached();
+            // A second caller waits for the panicking layer's flight.
+            let waiter = s.spawn(|| cache.ensure(&f, "top").map(drop));
+            while cache.stats().dedup_waits < 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            gate.release();
+            let r = h.join().unwrap();
+            let msg = panic_message(&*r.expect_err("the fetcher's panic is passed on"));
+            assert!(msg.contains("injected"), "{what}: the caller sees {msg:?}, not the fetcher's panic");
+            let w = waiter.join().unwrap();
+            assert!(w.is_err(), "{what}: the waiter got {w:?}");
+        });
+        assert_clean(&cache, what);
+        f.clear();
+        drop(cache.ensure(&f, "img").unwrap());
+        assert_clean(&cache, &format!("{what}: after the retry"));
+    }
+}
+
+/// A layer owned by another caller is abandoned because a layer below it, in the
+/// other caller's image, failed: the waiter gets the documented error (its layer,
+/// caused by the failed one), nothing leaks, and its retry succeeds.
+#[test]
+fn a_waiter_on_a_layer_abandoned_by_another_image_fails_cleanly_and_retries() {
+    let _g = serial();
+    let bad = plain_layer(50, 1, 1024);
+    let x = plain_layer(51, 2, 64 * 1024);
+    let mut f = Fx::default();
+    f.image("a", &[&bad, &x]);
+    f.image("b", &[&x]);
+    let fail = Arc::new(Gate::default());
+    f.set(&bad, Beh::OpenErrAfter(fail.clone()));
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| cache.ensure(&f, "a").map(drop));
+        fail.wait_reached();
+        let b = s.spawn(|| cache.ensure(&f, "b").map(drop));
+        while cache.stats().dedup_waits < 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fail.release();
+        let ea = a.join().unwrap().unwrap_err();
+        assert!(matches!(&ea, Error::Layer { digest, .. } if *digest == bad.desc.digest), "{ea:?}");
+        let eb = b.join().unwrap().unwrap_err();
+        match &eb {
+            Error::Layer { digest, source } => {
+                assert_eq!(*digest, x.desc.digest, "{eb:?}");
+                assert!(matches!(&**source, Error::Layer { digest, .. } if *digest == bad.desc.digest), "{eb:?}");
+            }
+            e => panic!("{e:?}"),
+        }
+    });
+    assert_clean(&cache, "after the failures");
+    drop(cache.ensure(&f, "b").unwrap());
+    assert_clean(&cache, "after the retry");
+}
