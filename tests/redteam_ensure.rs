@@ -692,3 +692,209 @@ fn a_layer_shared_by_two_stacks_shows_each_images_own_parents() {
     let md = std::fs::metadata(top.join("d")).unwrap();
     assert_eq!((md.mode() & 0o7777, md.uid()), (0o755, 2), "q's d/ as q's own base layer has it");
 }
+
+// ---------------------------------------------------------------------------------------
+// Child processes
+
+/// This test binary run again as a child doing one `RT_CHILD` job on the cache in
+/// `RT_DIR` (nothing at all without `RT_CHILD`). Exit status 0 when the job went as
+/// expected.
+#[test]
+fn child_main() {
+    let Ok(job) = std::env::var("RT_CHILD") else { return };
+    let dir = PathBuf::from(std::env::var("RT_DIR").unwrap());
+    let code = match job.as_str() {
+        // A cold ensure whose top layer is extracted first and waits in tmp/.
+        "ensure" => {
+            let layers = hostile_parents_image();
+            let mut f = Fx::default();
+            f.image("img", &layers.iter().collect::<Vec<_>>());
+            f.set(&layers[0], Beh::Delay(Duration::from_millis(200)));
+            f.set(&layers[1], Beh::Delay(Duration::from_millis(100)));
+            let cache = RootfsCache::open(&dir, cache_opts(3)).unwrap();
+            drop(cache.ensure(&f, "img").unwrap());
+            0
+        }
+        // A cold ensure of a tall image under a small descriptor limit: it fails, or
+        // its omitted parent has the bottom layer's metadata; never wrong silently.
+        "nofile" => {
+            let layers = tall_image(60);
+            let mut f = Fx::default();
+            f.image("img", &layers.iter().collect::<Vec<_>>());
+            let cache = RootfsCache::open(&dir, cache_opts(1)).unwrap();
+            let lim = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 40, lim.1).unwrap();
+            match cache.ensure(&f, "img") {
+                Err(e) => {
+                    eprintln!("ensure failed: {e}");
+                    2
+                }
+                Ok(r) => {
+                    let md = std::fs::metadata(r.lowers()[0].join("deep")).unwrap();
+                    let got = (md.mode() & 0o7777, md.uid());
+                    eprintln!("deep/ in the top layer: {got:?}");
+                    if got == (0o711, 5) { 0 } else { 1 }
+                }
+            }
+        }
+        // The cache is owned by the parent: open must say Busy.
+        "busy" => match RootfsCache::open(&dir, CacheOptions::default()) {
+            Err(Error::Busy { .. }) => 0,
+            r => {
+                eprintln!("open: {:?}", r.map(|_| ()));
+                1
+            }
+        },
+        j => panic!("unknown RT_CHILD job {j}"),
+    };
+    std::process::exit(code);
+}
+
+fn child(job: &str, dir: &Path) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "child_main", "--nocapture", "--test-threads=1"]).env("RT_CHILD", job).env("RT_DIR", dir);
+    c
+}
+
+/// `n` layers: the bottom one defines `deep/` (0o711, uid 5), the top one writes under
+/// it without listing it, the ones between do not have it.
+fn tall_image(n: u32) -> Vec<Layer> {
+    let mut v = vec![make_layer(&[E::Dir("deep/", 0o711, 5, 5, 1_500_000_000), E::File("deep/base", b"b")])];
+    v.extend((1..n - 1).map(|i| plain_layer(1000 + i, 1, 16)));
+    v.push(make_layer(&[E::File("deep/top", b"t")]));
+    v
+}
+
+/// Another process owning the cache: a second open, from a child process, is Busy.
+#[test]
+fn a_second_process_gets_busy() {
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), CacheOptions::default()).unwrap();
+    let o = child("busy", t.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(cache);
+}
+
+/// Under a small descriptor limit, a tall image's top layer cannot open every layer
+/// below to copy its omitted parents' metadata: the ensure must fail, not silently give
+/// `deep/` default metadata.
+#[test]
+fn running_out_of_descriptors_never_gives_omitted_parents_wrong_metadata() {
+    let test = "running_out_of_descriptors_never_gives_omitted_parents_wrong_metadata";
+    if !require_root(test) {
+        return;
+    }
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let o = child("nofile", t.path()).output().unwrap();
+    let code = o.status.code();
+    assert!(matches!(code, Some(0 | 2)), "child: {:?}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    // With descriptors back, the cache serves it right.
+    let layers = tall_image(60);
+    let mut f = Fx::default();
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    let r = cache.ensure(&f, "img").unwrap();
+    let md = std::fs::metadata(r.lowers()[0].join("deep")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o711, 5));
+}
+
+/// The kill points of an `strace -f` trace: each moment some thread makes its k-th
+/// call of a syscall for a k no thread reached before (strace counts per tracee).
+fn kill_points(trace: &str) -> Vec<(String, usize)> {
+    let mut calls: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut reached: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut points = Vec::new();
+    for line in trace.lines() {
+        let Some((pid, rest)) = line.split_once(' ') else { continue };
+        let Some(name) = rest.trim_start().split_once('(').map(|(n, _)| n) else { continue };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            continue;
+        }
+        let n = calls.entry((pid, name)).or_default();
+        *n += 1;
+        let top = reached.entry(name).or_default();
+        if *n > *top {
+            *top = *n;
+            points.push((name.to_string(), *n));
+        }
+    }
+    points
+}
+
+/// A cold parallel ensure SIGKILLed at each of its renames (the layer records, the
+/// renames into layers/, the image record) and at each mkdir: after reopening, tmp/ is
+/// empty, every layer in layers/ is complete with its omitted parents' metadata already
+/// applied (exactly the sequential extraction), and a retry makes the image whole.
+#[test]
+fn killed_at_every_rename_a_cold_ensure_leaves_only_whole_layers() {
+    let test = "killed_at_every_rename_a_cold_ensure_leaves_only_whole_layers";
+    if !require_root(test) || !support::require_tools(test, &["strace"]) {
+        return;
+    }
+    let _g = serial();
+    let since = now_secs();
+    let layers = hostile_parents_image();
+    let t = tempfile::tempdir().unwrap();
+    let reference = sequential_reference(&layers, &t.path().join("ref"));
+    let index: HashMap<String, usize> = layers.iter().enumerate().map(|(i, l)| (l.desc.digest.hex(), i)).collect();
+    let trace = t.path().join("trace");
+    let set = "rename,renameat,renameat2,mkdir,mkdirat";
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .args(["-e", &format!("trace={set}")])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
+        .env("RT_CHILD", "ensure")
+        .env("RT_DIR", t.path().join("traced"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "traced run: {}", String::from_utf8_lossy(&o.stderr));
+    let points = kill_points(&std::fs::read_to_string(&trace).unwrap());
+    let renames = points.iter().filter(|p| p.0.starts_with("rename")).count();
+    assert!(renames >= 2 * layers.len() + 1, "renames seen: {points:?}");
+    let mut killed = 0;
+    for (n, (sys, k)) in points.iter().enumerate() {
+        let what = format!("killed at {sys} #{k}");
+        let dir = t.path().join(format!("c{n}"));
+        let o = Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e", &format!("trace={sys}")])
+            .args(["-e", &format!("inject={sys}:signal=KILL:when={k}")])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
+            .env("RT_CHILD", "ensure")
+            .env("RT_DIR", &dir)
+            .output()
+            .unwrap();
+        if o.status.signal() == Some(libc::SIGKILL) || o.status.code() == Some(128 + 9) {
+            killed += 1;
+        } else {
+            assert!(o.status.success(), "{what}: {:?} {}", o.status, String::from_utf8_lossy(&o.stderr));
+        }
+        if !dir.exists() {
+            continue; // killed before the cache directory was made
+        }
+        let cache = RootfsCache::open(&dir, cache_opts(3)).unwrap();
+        assert_eq!(names(&dir.join("tmp")), Vec::<String>::new(), "{what}: tmp/ not emptied");
+        for hex in names(&dir.join("layers")) {
+            let i = index[&hex];
+            assert_same_tree(
+                &dir.join("layers").join(&hex).join("fs"),
+                &reference[i],
+                since,
+                &format!("{what}: layer {i}"),
+            );
+        }
+        let mut f = Fx::default();
+        f.image("img", &layers.iter().collect::<Vec<_>>());
+        let r = cache.ensure(&f, "img").unwrap();
+        for (i, (lower, expected)) in r.lowers().iter().rev().zip(&reference).enumerate() {
+            assert_same_tree(lower, expected, since, &format!("{what}, retried: layer {i}"));
+        }
+        drop(r);
+        assert_clean(&cache, &what);
+    }
+    assert!(killed >= renames, "only {killed} of {} points killed the child", points.len());
+}

@@ -120,20 +120,27 @@ impl DirMeta {
     /// has one there, for a directory a layer creates implicitly in its place; `None`
     /// when no lower has it, or a whiteout, file or symlink in a lower hides the ones
     /// below.
-    fn from_lowers(lowers: &[Root], comps: &[&[u8]]) -> Option<DirMeta> {
+    ///
+    /// # Errors
+    /// What keeps a lower from being read for now (no descriptor or memory left, an I/O
+    /// error): guessing then would silently give the directory default metadata.
+    fn from_lowers(lowers: &[Root], comps: &[&[u8]]) -> Result<Option<DirMeta>> {
         let mut found = None;
         for lower in lowers {
             match lower.open_dir(comps, None, b"", &mut Vec::new()) {
                 Ok(Some(fd)) => {
-                    found = nix::sys::stat::fstat(&fd).ok().map(|st| (st, image_xattrs(fd.as_fd())));
+                    let st = nix::sys::stat::fstat(&fd).map_err(|e| Error::io("fstat", lower.display(comps), e))?;
+                    found = Some((st, image_xattrs(fd.as_fd())));
                     break;
                 }
                 Ok(None) => continue, // not in this layer: look further down
-                Err(_) => break,      // a whiteout, file or symlink hides lower ones
+                // Out of descriptors or memory, or a failing disk: not an answer.
+                Err(e) if is_transient(&e) => return Err(e),
+                Err(_) => break, // a whiteout, file or symlink hides lower ones
             }
         }
-        let (st, xattrs) = found?;
-        Some(DirMeta {
+        let Some((st, xattrs)) = found else { return Ok(None) };
+        Ok(Some(DirMeta {
             mode: st.st_mode & 0o7777,
             uid: u64::from(st.st_uid),
             gid: u64::from(st.st_gid),
@@ -142,7 +149,7 @@ impl DirMeta {
             created: None,
             xattrs: (!xattrs.is_empty()).then(|| Box::new(xattrs)),
             implicit: false,
-        })
+        }))
     }
 
     /// The header `MetaPolicy::apply_fd` takes, rebuilt for the deferred pass.
@@ -532,7 +539,7 @@ impl<'a> Extractor<'a> {
         let lowers = self
             .lowers
             .get_or_insert_with(|| self.opts.parent_lowers.iter().filter_map(|p| Root::open(p).ok()).collect());
-        if let Some(meta) = DirMeta::from_lowers(lowers, comps) {
+        if let Ok(Some(meta)) = DirMeta::from_lowers(lowers, comps) {
             self.defer(join(comps), meta);
         }
     }
@@ -1036,11 +1043,13 @@ pub(crate) fn apply_implicit_parents(
         return Ok(grown);
     }
     let root = Root::open(dest)?;
-    let lowers: Vec<Root> = lowers.iter().filter_map(|p| Root::open(p).ok()).collect();
+    // Every lower is a ready, leased layer: one that cannot be opened (no descriptor
+    // left) is an error, not a layer to skip.
+    let lowers: Vec<Root> = lowers.iter().map(|p| Root::open(p)).collect::<Result<_>>()?;
     let meta = MetaPolicy::new(opts);
     for path in implicit {
         let comps = comps_of(path);
-        let Some(d) = DirMeta::from_lowers(&lowers, &comps) else { continue };
+        let Some(d) = DirMeta::from_lowers(&lowers, &comps)? else { continue };
         let fd = match root.open_dir(&comps, None, path, &mut Vec::new())? {
             Some(fd) => fd,
             None => continue,
@@ -1054,6 +1063,12 @@ pub(crate) fn apply_implicit_parents(
         grown += (blocks(&fd)? - before) * 512;
     }
     Ok(grown)
+}
+
+/// An error that says nothing about the tree it happened in: out of descriptors or
+/// memory, or an I/O error.
+fn is_transient(e: &Error) -> bool {
+    matches!(e.raw_os_error().map(Errno::from_raw), Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM | Errno::EIO))
 }
 
 /// The image xattrs of a directory in an extracted layer (overlay's own metadata left
