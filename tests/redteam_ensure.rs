@@ -23,6 +23,8 @@ use rootfs_cache::{
 };
 
 mod support;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -616,6 +618,7 @@ fn omitted_parents_over_hostile_lowers_match_a_sequential_extraction() {
     if !require_root(test) {
         return;
     }
+    let _g = serial();
     let since = now_secs();
     let layers = hostile_parents_image();
     let t = tempfile::tempdir().unwrap();
@@ -644,6 +647,7 @@ fn a_layer_shared_by_two_stacks_is_extracted_once_with_the_first_stacks_parents(
     if !require_root(test) {
         return;
     }
+    let _g = serial();
     let since = now_secs();
     let a = make_layer(&[E::Dir("d/", 0o700, 1, 1, 1_500_000_000), E::File("a", b"a")]);
     let b = make_layer(&[E::Dir("d/", 0o755, 2, 2, 1_500_000_500), E::File("b", b"b")]);
@@ -723,7 +727,8 @@ fn child_main() {
             f.image("img", &layers.iter().collect::<Vec<_>>());
             let cache = RootfsCache::open(&dir, cache_opts(1)).unwrap();
             let lim = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 40, lim.1).unwrap();
+            let soft: u64 = std::env::var("RT_NOFILE").unwrap().parse().unwrap();
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, lim.1).unwrap();
             match cache.ensure(&f, "img") {
                 Err(e) => {
                     eprintln!("ensure failed: {e}");
@@ -787,9 +792,15 @@ fn running_out_of_descriptors_never_gives_omitted_parents_wrong_metadata() {
     }
     let _g = serial();
     let t = tempfile::tempdir().unwrap();
-    let o = child("nofile", t.path()).output().unwrap();
-    let code = o.status.code();
-    assert!(matches!(code, Some(0 | 2)), "child: {:?}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    let mut codes = Vec::new();
+    for limit in [40, 16, 12, 11, 10, 9, 8, 7] {
+        let o =
+            child("nofile", &t.path().join(format!("c{limit}"))).env("RT_NOFILE", limit.to_string()).output().unwrap();
+        let code = o.status.code();
+        assert!(matches!(code, Some(0 | 2)), "limit {limit}: {:?}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+        codes.push((limit, code));
+    }
+    eprintln!("exit codes by descriptor limit: {codes:?}");
     // With descriptors back, the cache serves it right.
     let layers = tall_image(60);
     let mut f = Fx::default();
@@ -896,5 +907,302 @@ fn killed_at_every_rename_a_cold_ensure_leaves_only_whole_layers() {
         drop(r);
         assert_clean(&cache, &what);
     }
+    eprintln!("{} kill points, {killed} killed the child", points.len());
     assert!(killed >= renames, "only {killed} of {} points killed the child", points.len());
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors, resources, concurrency, limits
+
+/// Upper layers extracted first fill a small file system while the bottom one is still
+/// downloading: the error is ENOSPC and names a layer, only layers below it are ready,
+/// tmp/ is empty, nothing is leased, no thread is left, and the cache still works.
+#[test]
+fn a_full_disk_during_a_parallel_ensure_leaves_nothing_behind() {
+    let test = "a_full_disk_during_a_parallel_ensure_leaves_nothing_behind";
+    if !require_root(test) {
+        return;
+    }
+    let _g = serial();
+    let layers: Vec<Layer> = (0..4).map(|i| plain_layer(60 + i, 7, 100 * 1024)).collect();
+    let small = plain_layer(70, 1, 1024);
+    let mut f = Fx::default();
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    f.image("small", &[&small]);
+    f.set(&layers[0], Beh::Delay(Duration::from_millis(300)));
+    let t = tempfile::tempdir().unwrap();
+    tmpfs::with_small_tmpfs(t.path(), "2m", || {
+        let root = t.path().join("cache");
+        let cache = RootfsCache::open(&root, cache_opts(4)).unwrap();
+        let err = cache.ensure(&f, "img").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err:?}");
+        let Error::Layer { digest, .. } = &err else { panic!("{err:?}") };
+        let failed = layers.iter().position(|l| l.desc.digest == *digest).unwrap();
+        let mut below: Vec<String> = layers[..failed].iter().map(|l| l.desc.digest.hex()).collect();
+        below.sort();
+        assert_eq!(names(&root.join("layers")), below, "exactly the layers below the failed one are ready");
+        assert_clean(&cache, "after ENOSPC");
+        assert!(cache.gc().is_ok());
+        drop(cache.ensure(&f, "small").unwrap());
+        assert_clean(&cache, "after a small ensure");
+    });
+}
+
+/// A resolve failure, a short blob, a blob with a flipped byte, a blob that is not a
+/// tar: each gives its typed error, at the lowest and at the highest layer, with and
+/// without other callers waiting, and leaves nothing behind; the layer is fetched again
+/// next time.
+#[test]
+fn lying_fetchers_give_typed_errors_and_leave_nothing_behind() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..4).map(|i| plain_layer(80 + i, 2, 40 * 1024)).collect();
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    let mut f = Fx::default();
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    let e = cache.ensure(&f, "nope").unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "resolve's error unchanged: {e:?}");
+    assert_clean(&cache, "after a failed resolve");
+
+    for victim in [0, 3] {
+        for (name, bytes) in [
+            ("short", layers[victim].blob[..layers[victim].blob.len() / 2].to_vec()),
+            ("flipped", {
+                let mut v = layers[victim].blob.to_vec();
+                v[100] ^= 0x40;
+                v
+            }),
+            ("not a tar", vec![b'x'; 4096]),
+        ] {
+            let what = format!("{name} blob at layer {victim}");
+            let t = tempfile::tempdir().unwrap();
+            let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+            let mut f = Fx::default();
+            f.image("img", &layers.iter().collect::<Vec<_>>());
+            f.image("one", &[&layers[victim]]);
+            f.blobs.insert(layers[victim].desc.digest, Arc::new(bytes));
+            let gate = Arc::new(Gate::default());
+            f.set(&layers[victim], Beh::GateAt(0, gate.clone()));
+            std::thread::scope(|s| {
+                let a = s.spawn(|| cache.ensure(&f, "img").map(drop));
+                gate.wait_reached();
+                let waiters: Vec<_> = (0..3).map(|_| s.spawn(|| cache.ensure(&f, "one").map(drop))).collect();
+                let t0 = Instant::now();
+                while cache.stats().dedup_waits < 3 && t0.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                gate.release();
+                let e = a.join().unwrap().unwrap_err();
+                assert!(
+                    matches!(&e, Error::Layer { digest, .. } if *digest == layers[victim].desc.digest),
+                    "{what}: {e:?}"
+                );
+                assert!(
+                    matches!(
+                        e.root(),
+                        Error::DigestMismatch { .. } | Error::InvalidArchive { .. } | Error::Read { .. }
+                    ),
+                    "{what}: {e:?}"
+                );
+                for w in waiters {
+                    let e = w.join().unwrap().unwrap_err();
+                    assert!(
+                        matches!(&e, Error::Layer { digest, .. } if *digest == layers[victim].desc.digest),
+                        "{what}: waiter got {e:?}"
+                    );
+                }
+            });
+            let ready: Vec<String> = names(&t.path().join("layers"));
+            assert!(!ready.contains(&layers[victim].desc.digest.hex()), "{what}: a bad layer is ready");
+            assert_clean(&cache, &what);
+            let f = {
+                let mut f = Fx::default();
+                f.image("img", &layers.iter().collect::<Vec<_>>());
+                f
+            };
+            drop(cache.ensure(&f, "img").unwrap());
+            assert_clean(&cache, &format!("{what}: after a good ensure"));
+        }
+    }
+}
+
+/// A fetcher that never answers for one layer holds up its own caller and the callers
+/// waiting for that layer, and nobody else: other images are ensured, `gc`, `stats` and
+/// `layers` answer meanwhile. Once it answers, everything completes.
+#[test]
+fn a_stuck_fetcher_blocks_only_the_callers_of_its_layer() {
+    let _g = serial();
+    let stuck = plain_layer(90, 1, 4096);
+    let other: Vec<Layer> = (0..3).map(|i| plain_layer(91 + i, 2, 32 * 1024)).collect();
+    let mut f = Fx::default();
+    f.image("stuck", &[&other[0], &stuck]);
+    f.image("other", &other.iter().collect::<Vec<_>>());
+    let gate = Arc::new(Gate::default());
+    f.set(&stuck, Beh::GateAt(0, gate.clone()));
+    let t = tempfile::tempdir().unwrap();
+    let mut o = cache_opts(3);
+    o.max_bytes = 1;
+    let cache = RootfsCache::open(t.path(), o).unwrap();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| cache.ensure(&f, "stuck").map(drop));
+        gate.wait_reached();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (cache, f) = (&cache, &f);
+        s.spawn(move || {
+            let r = cache.ensure(f, "other").map(drop);
+            let g = cache.gc().map(drop);
+            let _ = (cache.stats(), cache.layers(), cache.leases());
+            tx.send((r, g)).unwrap();
+        });
+        let (r, g) = rx.recv_timeout(Duration::from_secs(60)).expect("an unrelated caller is stuck");
+        r.unwrap();
+        g.unwrap();
+        gate.release();
+        a.join().unwrap().unwrap();
+    });
+    assert_clean(&cache, "after the stuck fetcher answered");
+}
+
+/// Many threads ensuring overlapping images (shared layers in different positions,
+/// a layer listed twice) against a budget of 1 byte with `gc()` running all along:
+/// no deadlock, every returned image has all its layers on disk while it is held
+/// (eviction never takes a leased layer, even one that a waiter is about to get),
+/// progress stories are complete for every call, and at the end nothing is leased,
+/// nothing is in tmp/, and `gc()` evicts everything.
+#[test]
+fn many_callers_against_constant_eviction() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..8).map(|i| plain_layer(120 + i, 2, 24 * 1024)).collect();
+    let mut f = Fx::default();
+    for k in 0..6usize {
+        let mut idx: Vec<usize> = (0..4).map(|j| (k * 3 + j * 5) % 8).collect();
+        if k % 2 == 1 {
+            idx.reverse();
+        }
+        if k == 4 {
+            idx.push(idx[0]); // listed twice
+        }
+        f.image(&format!("img{k}"), &idx.iter().map(|&i| &layers[i]).collect::<Vec<_>>());
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mut o = cache_opts(2);
+    o.max_bytes = 1;
+    let cache = RootfsCache::open(t.path(), o).unwrap();
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let calls = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = cache.gc();
+                std::thread::yield_now();
+            }
+        });
+        let mut hs = Vec::new();
+        for th in 0..6usize {
+            let (cache, f, calls) = (&cache, &f, &calls);
+            hs.push(s.spawn(move || {
+                for n in 0..10 {
+                    let k = (th + n) % 6;
+                    let rec = Recorder::default();
+                    let r =
+                        cache.ensure_with(f, &format!("img{k}"), &EnsureOptions::new().with_progress(&rec)).unwrap();
+                    for l in r.lowers() {
+                        assert!(l.is_dir(), "a lower of a held image is gone: {}", l.display());
+                        assert!(std::fs::read_dir(l).unwrap().next().is_some(), "empty lower {}", l.display());
+                    }
+                    let ev = rec.0.into_inner().unwrap();
+                    let mut by: BTreeMap<usize, Vec<LayerProgress>> = BTreeMap::new();
+                    for e in ev {
+                        by.entry(e.index).or_default().push(e);
+                    }
+                    for (i, story) in &by {
+                        check_story(story, &format!("img{k} layer {i}"));
+                        assert_ne!(story.last().unwrap().state, LayerState::Failed);
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        s.spawn(move || {
+            for h in hs {
+                h.join().unwrap();
+            }
+            tx.send(()).unwrap();
+        });
+        let r = rx.recv_timeout(Duration::from_secs(300));
+        stop.store(true, Ordering::Relaxed);
+        r.expect("callers did not finish in 300 s (deadlock?)");
+    });
+    assert_eq!(calls.load(Ordering::Relaxed), 60);
+    assert_clean(&cache, "after the storm");
+    cache.gc().unwrap();
+    assert_eq!(cache.stats().entries, 0, "everything evictable at the end");
+    let s = cache.stats();
+    assert_eq!(s.misses, s.extractions + s.dedup_waits, "{s:?}");
+}
+
+/// A layer listed twice (at the bottom and on top): leased per occurrence and released
+/// in full, reported once at its lowest index, one lower directory.
+#[test]
+fn a_layer_listed_twice() {
+    let _g = serial();
+    let x = plain_layer(140, 1, 1024);
+    let m = plain_layer(141, 1, 1024);
+    let mut f = Fx::default();
+    f.image("img", &[&x, &m, &x]);
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    let rec = Recorder::default();
+    let r = cache.ensure_with(&f, "img", &EnsureOptions::new().with_progress(&rec)).unwrap();
+    assert_eq!(r.layers(), [x.desc.digest, m.desc.digest, x.desc.digest]);
+    assert_eq!(r.lowers().len(), 2);
+    assert_eq!(f.opens_of(&x), 1);
+    let ev = rec.0.into_inner().unwrap();
+    assert!(ev.iter().all(|e| e.index != 2), "reported at its lowest index only: {ev:?}");
+    let r2 = cache.ensure(&f, "img").unwrap();
+    drop(r);
+    assert_eq!(cache.stats().leased_entries, 2);
+    drop(r2);
+    assert_clean(&cache, "after both");
+}
+
+/// 200 layers: with the default bound the worker and helper threads stay bounded, and
+/// open descriptors do not grow with the number of layers below the one made ready; a bound larger than the image works too; `concurrent_layers`
+/// 0 counts as 1 (one blob open at a time).
+#[test]
+fn two_hundred_layers_with_bounded_threads_and_descriptors() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..200).map(|i| plain_layer(2000 + i, 1, 512)).collect();
+    let mut f = Fx::default();
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    for bound in [3, 0, 1000] {
+        let t = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::open(t.path(), cache_opts(bound)).unwrap();
+        let before = fds();
+        let stop = AtomicBool::new(false);
+        let (max_threads, max_fds) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let (mut mt, mut mf) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    mt = mt.max(rootfs_threads_now());
+                    mf = mf.max(fds());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (mt, mf)
+            });
+            let r = cache.ensure(&f, "img").unwrap();
+            assert_eq!(r.lowers().len(), 200);
+            stop.store(true, Ordering::Relaxed);
+            sampler.join().unwrap()
+        });
+        eprintln!("bound {bound}: at most {max_threads} rootfs threads, {} more descriptors", max_fds - before);
+        if bound <= 3 {
+            let workers = bound.max(1);
+            assert!(max_threads <= workers * 3, "bound {bound}: {max_threads} threads");
+            assert!(max_fds - before < 32, "bound {bound}: {} more descriptors", max_fds - before);
+        }
+        assert_clean(&cache, &format!("bound {bound}"));
+    }
 }

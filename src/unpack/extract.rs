@@ -124,9 +124,16 @@ impl DirMeta {
     /// # Errors
     /// What keeps a lower from being read for now (no descriptor or memory left, an I/O
     /// error): guessing then would silently give the directory default metadata.
-    fn from_lowers(lowers: &[Root], comps: &[&[u8]]) -> Result<Option<DirMeta>> {
+    /// `lowers` are opened as the search goes down, so a caller opening them on demand
+    /// holds one descriptor at a time however many layers there are.
+    fn from_lowers<L: std::borrow::Borrow<Root>>(
+        lowers: impl IntoIterator<Item = Result<L>>,
+        comps: &[&[u8]],
+    ) -> Result<Option<DirMeta>> {
         let mut found = None;
         for lower in lowers {
+            let lower = lower?;
+            let lower = lower.borrow();
             match lower.open_dir(comps, None, b"", &mut Vec::new()) {
                 Ok(Some(fd)) => {
                     let st = nix::sys::stat::fstat(&fd).map_err(|e| Error::io("fstat", lower.display(comps), e))?;
@@ -539,7 +546,7 @@ impl<'a> Extractor<'a> {
         let lowers = self
             .lowers
             .get_or_insert_with(|| self.opts.parent_lowers.iter().filter_map(|p| Root::open(p).ok()).collect());
-        if let Ok(Some(meta)) = DirMeta::from_lowers(lowers, comps) {
+        if let Ok(Some(meta)) = DirMeta::from_lowers(lowers.iter().map(Ok), comps) {
             self.defer(join(comps), meta);
         }
     }
@@ -1043,13 +1050,13 @@ pub(crate) fn apply_implicit_parents(
         return Ok(grown);
     }
     let root = Root::open(dest)?;
-    // Every lower is a ready, leased layer: one that cannot be opened (no descriptor
-    // left) is an error, not a layer to skip.
-    let lowers: Vec<Root> = lowers.iter().map(|p| Root::open(p)).collect::<Result<_>>()?;
     let meta = MetaPolicy::new(opts);
     for path in implicit {
         let comps = comps_of(path);
-        let Some(d) = DirMeta::from_lowers(&lowers, &comps)? else { continue };
+        // Every lower is a ready, leased layer: one that cannot be opened (no descriptor
+        // left) is an error, not a layer to skip. Opened one at a time, as the search
+        // goes down: a tall image costs no more descriptors than a short one.
+        let Some(d) = DirMeta::from_lowers(lowers.iter().map(|p| Root::open(p)), &comps)? else { continue };
         let fd = match root.open_dir(&comps, None, path, &mut Vec::new())? {
             Some(fd) => fd,
             None => continue,
