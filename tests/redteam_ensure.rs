@@ -865,7 +865,7 @@ fn killed_at_every_rename_a_cold_ensure_leaves_only_whole_layers() {
     assert!(o.status.success(), "traced run: {}", String::from_utf8_lossy(&o.stderr));
     let points = kill_points(&std::fs::read_to_string(&trace).unwrap());
     let renames = points.iter().filter(|p| p.0.starts_with("rename")).count();
-    assert!(renames >= 2 * layers.len() + 1, "renames seen: {points:?}");
+    assert!(renames > 2 * layers.len(), "renames seen: {points:?}");
     let mut killed = 0;
     for (n, (sys, k)) in points.iter().enumerate() {
         let what = format!("killed at {sys} #{k}");
@@ -1205,4 +1205,176 @@ fn two_hundred_layers_with_bounded_threads_and_descriptors() {
         }
         assert_clean(&cache, &format!("bound {bound}"));
     }
+}
+
+/// Panics only on one state of one layer.
+struct PanicOn(LayerState, usize);
+
+impl EnsureProgress for PanicOn {
+    fn layer(&self, l: &LayerProgress) {
+        if l.state == self.0 && l.index == self.1 {
+            panic!("injected observer panic on {:?} of layer {}", l.state, l.index);
+        }
+    }
+}
+
+/// An observer panicking at any state of any layer (on the calling thread or on a
+/// worker): the panic reaches the caller, a second caller waiting on the same layers
+/// does not hang, nothing is leased or left in tmp/, and a retry works.
+#[test]
+fn an_observer_panicking_at_any_state_leaves_nothing_behind() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..4).map(|i| plain_layer(150 + i, 2, 160 * 1024)).collect();
+    let mut f = Fx::default();
+    f.image("base", &[&layers[0]]);
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    f.image("wait", &[&layers[2], &layers[3]]);
+    let states = [
+        (LayerState::Cached, 0),
+        (LayerState::Queued, 1),
+        (LayerState::Downloading, 2),
+        (LayerState::Done, 1),
+        (LayerState::Done, 3),
+        (LayerState::Waiting, 1),
+        (LayerState::Done, 0),
+    ];
+    for (state, index) in states {
+        let what = format!("panic on {state:?} of layer {index}");
+        let t = tempfile::tempdir().unwrap();
+        let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+        let base = cache.ensure(&f, "base").unwrap();
+        let gate = Arc::new(Gate::default());
+        f.set(&layers[1], Beh::GateAt(0, gate.clone()));
+        let obs = PanicOn(state, index);
+        std::thread::scope(|s| {
+            // For Waiting and Done-of-a-waited-layer: another caller owns layer 1.
+            let owner = (state == LayerState::Waiting).then(|| s.spawn(|| cache.ensure(&f, "img").map(drop)));
+            if owner.is_some() {
+                gate.wait_reached();
+            }
+            let main = s.spawn(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    cache.ensure_with(&f, "img", &EnsureOptions::new().with_progress(&obs)).map(drop)
+                }))
+            });
+            if owner.is_none() {
+                // Unless the observer panics before any download starts.
+                while !gate.reached.load(Ordering::SeqCst) && !main.is_finished() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let waiter = s.spawn(|| cache.ensure(&f, "wait").map(drop));
+            std::thread::sleep(Duration::from_millis(50));
+            gate.release();
+            let r = main.join().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.spawn(move || tx.send(waiter.join().unwrap().is_ok()).unwrap());
+            rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("{what}: the waiter hangs"));
+            if let Some(o) = owner {
+                o.join().unwrap().unwrap();
+            }
+            if state != LayerState::Done || index != 0 {
+                let p = r.expect_err(&format!("{what}: no panic seen"));
+                assert!(panic_message(&*p).contains("injected"), "{what}: {}", panic_message(&*p));
+            }
+        });
+        f.clear();
+        drop(base);
+        assert_clean(&cache, &what);
+        drop(cache.ensure(&f, "img").unwrap());
+        assert_clean(&cache, &format!("{what}: after the retry"));
+    }
+}
+
+/// An observer that calls back into the cache (stats, layers, leases, and a `gc()`
+/// with a budget of 1 byte) on every event: no deadlock, and the layers the call
+/// returns are all there.
+#[test]
+fn an_observer_calling_back_into_the_cache() {
+    let _g = serial();
+    struct Reentrant<'c>(&'c RootfsCache);
+    impl EnsureProgress for Reentrant<'_> {
+        fn layer(&self, _: &LayerProgress) {
+            let _ = (self.0.stats(), self.0.layers(), self.0.leases());
+            let _ = self.0.gc();
+        }
+    }
+    let layers: Vec<Layer> = (0..5).map(|i| plain_layer(170 + i, 2, 100 * 1024)).collect();
+    let mut f = Fx::default();
+    f.image("base", &layers[..2].iter().collect::<Vec<_>>());
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    let t = tempfile::tempdir().unwrap();
+    let mut o = cache_opts(3);
+    o.max_bytes = 1;
+    let cache = RootfsCache::open(t.path(), o).unwrap();
+    drop(cache.ensure(&f, "base").unwrap());
+    let obs = Reentrant(&cache);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let (cache, f, obs) = (&cache, &f, &obs);
+        s.spawn(move || {
+            let r = cache.ensure_with(f, "img", &EnsureOptions::new().with_progress(obs)).unwrap();
+            let ok = r.lowers().iter().all(|l| l.is_dir());
+            tx.send(ok).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(60)).expect("deadlock"), "a lower is missing");
+    });
+    assert_clean(&cache, "after a reentrant observer");
+}
+
+/// An image with no layers; a layer of a media type nobody can extract; a layer whose
+/// owner fails at `open_blob` while three callers wait for it and for layers above it.
+#[test]
+fn odd_manifests_and_a_failure_shared_by_waiters() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..3).map(|i| plain_layer(190 + i, 1, 8 * 1024)).collect();
+    let mut f = Fx::default();
+    f.image("empty", &[]);
+    let mut weird = layers[0].clone();
+    weird.desc.media_type = "application/vnd.example.unknown".into();
+    f.image("weird", &[&weird]);
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    f.image("top", &[&layers[1], &layers[2]]);
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    match cache.ensure(&f, "empty") {
+        Ok(r) => assert!(r.lowers().is_empty()),
+        Err(e) => eprintln!("an empty image: {e}"),
+    }
+    assert_clean(&cache, "after the empty image");
+    let e = cache.ensure(&f, "weird").map(drop);
+    eprintln!("an unknown media type: {e:?}");
+    assert_clean(&cache, "after the unknown media type");
+    drop(cache);
+
+    let t = tempfile::tempdir().unwrap();
+    let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+    let gate = Arc::new(Gate::default());
+    f.set(&layers[1], Beh::OpenErrAfter(gate.clone()));
+    std::thread::scope(|s| {
+        let owner = s.spawn(|| cache.ensure(&f, "img").map(drop));
+        gate.wait_reached();
+        let ws: Vec<_> = (0..3).map(|_| s.spawn(|| cache.ensure(&f, "top").map(drop))).collect();
+        while cache.stats().dedup_waits < 6 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gate.release();
+        let e = owner.join().unwrap().unwrap_err();
+        assert!(matches!(&e, Error::Layer { digest, .. } if *digest == layers[1].desc.digest), "{e:?}");
+        assert!(matches!(e.root(), Error::NotFound { .. }), "{e:?}");
+        for w in ws {
+            let e = w.join().unwrap().unwrap_err();
+            assert!(matches!(&e, Error::Layer { digest, .. } if *digest == layers[1].desc.digest), "{e:?}");
+            assert!(matches!(e.root(), Error::NotFound { .. }), "{e:?}");
+        }
+    });
+    assert_clean(&cache, "after a shared failure");
+    f.set(&layers[2], Beh::OpenErr);
+    f.beh.lock().unwrap().remove(&layers[1].desc.digest);
+    let e = cache.ensure(&f, "top").unwrap_err();
+    assert!(matches!(&e, Error::Layer { digest, .. } if *digest == layers[2].desc.digest), "{e:?}");
+    assert_clean(&cache, "after the top layer failed");
+    f.clear();
+    drop(cache.ensure(&f, "img").unwrap());
+    assert_clean(&cache, "after the retry");
 }

@@ -165,13 +165,24 @@ struct Job<'m> {
     settled: AtomicBool,
 }
 
-/// A layer extracted into `tmp/`, not yet ready.
+/// A layer extracted into `tmp/`, not yet ready. Dropped before it is renamed into
+/// `layers/` (abandoned, failed, or left behind by a panic), its `tmp/` entry goes.
 struct Extracted {
     tmp: std::path::PathBuf,
     /// Disk usage of its `fs/`, before parents it omits get their metadata.
     size: u64,
     implicit: Vec<Vec<u8>>,
     diff_id: Option<Digest>,
+    /// Renamed into `layers/`: nothing to remove.
+    ready: bool,
+}
+
+impl Drop for Extracted {
+    fn drop(&mut self) {
+        if !self.ready && self.tmp.exists() {
+            let _ = remove_path(&self.tmp); // best effort: `open` empties tmp/ anyway
+        }
+    }
 }
 
 /// What a worker hands back for one layer.
@@ -282,9 +293,8 @@ impl RootfsCache {
                     }
                     done
                 };
-                if let Err(mpsc::SendError((_, Done { result: Ok(ex), .. }))) = tx.send((j, done)) {
-                    let _ = remove_path(&ex.tmp); // nobody will make it ready
-                }
+                // If nobody will make it ready, dropping it removes its tmp/ entry.
+                let _ = tx.send((j, done));
             }
         };
         std::thread::scope(|s| {
@@ -516,7 +526,7 @@ impl RootfsCache {
             }
             // Measured here, in parallel; `make_ready` adds what it changes.
             let size = disk_usage(&fs_dir)?;
-            Ok(Extracted { tmp: tmp.clone(), size, implicit, diff_id: stats.diff_id })
+            Ok(Extracted { tmp: tmp.clone(), size, implicit, diff_id: stats.diff_id, ready: false })
         })();
         if result.is_err() && tmp.exists() {
             // Best effort: `open` empties tmp/ anyway.
@@ -527,9 +537,9 @@ impl RootfsCache {
 
     /// Finish an extracted layer once every layer below it is ready: parents it omits
     /// get the lower layers' metadata, then its record, then the rename into `layers/`.
-    fn make_ready(&self, layers: &[Descriptor], job: &Job<'_>, ex: Extracted) -> Result<(LayerMeta, u64)> {
+    fn make_ready(&self, layers: &[Descriptor], job: &Job<'_>, mut ex: Extracted) -> Result<(LayerMeta, u64)> {
         let inner = &self.inner;
-        let tmp = &ex.tmp;
+        let tmp = &ex.tmp.clone();
         let result = (|| {
             let fs_dir = tmp.join(layout::FS);
             // The layers below, top first, as `UnpackOptions::parent_lowers` takes them.
@@ -547,9 +557,8 @@ impl RootfsCache {
             std::fs::rename(tmp, &dest).map_err(io("rename", &dest))?;
             Ok(meta)
         })();
-        if result.is_err() && tmp.exists() {
-            let _ = remove_path(tmp);
-        }
+        // On error, dropping `ex` removes its tmp/ entry.
+        ex.ready = result.is_ok();
         Ok((result?, job.desc.size))
     }
 
@@ -648,11 +657,7 @@ impl Drop for Unwinding<'_, '_, '_> {
 
 /// Remove the `tmp/` entries of extracted layers that will not be made ready.
 fn discard(done: impl Iterator<Item = (usize, Done)>) {
-    for (_, done) in done {
-        if let Ok(ex) = done.result {
-            let _ = remove_path(&ex.tmp); // best effort: `open` empties tmp/ anyway
-        }
-    }
+    done.for_each(drop); // `Extracted` removes its tmp/ entry when dropped
 }
 
 /// The error a worker gives a layer it never started because a layer below failed.
