@@ -201,10 +201,14 @@ impl Cancel {
     }
 }
 
-/// The blob as the fetcher serves it, counted (cache stats, progress) and stopped early
-/// when a layer below has failed.
+/// The blob as the fetcher serves it, counted (cache stats, progress), cut off past its
+/// descriptor's size (a fetcher serving more would otherwise be read, and extracted, for
+/// as long as it goes on: the digest is checked only at the end; a short blob fails that
+/// check) and stopped early when a layer below has failed.
 struct Metered<'a> {
     inner: Box<dyn Read + Send>,
+    /// The descriptor's size.
+    size: u64,
     inner_counter: &'a AtomicU64,
     downloaded: &'a AtomicU64,
     extracted: &'a AtomicU64,
@@ -222,6 +226,10 @@ impl Read for Metered<'_> {
         let n = self.inner.read(buf)?;
         self.inner_counter.fetch_add(n as u64, Ordering::Relaxed);
         let total = self.downloaded.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if total > self.size {
+            let e = format!("the blob is longer than its descriptor's {} bytes", self.size);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
         if total - self.reported >= REPORT_EVERY || (n == 0 && total != self.reported) {
             self.reported = total;
             (self.report)(LayerState::Downloading, total, self.extracted.load(Ordering::Relaxed));
@@ -503,6 +511,7 @@ impl RootfsCache {
             let blob = fetcher.open_blob_observed(desc, inner.downloads.clone())?;
             let blob = Metered {
                 inner: blob,
+                size: desc.size,
                 inner_counter: &inner.downloads.bytes,
                 downloaded: &downloaded,
                 extracted: &position,
