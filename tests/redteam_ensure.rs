@@ -1440,3 +1440,38 @@ fn a_blob_longer_than_its_descriptor_is_cut_off() {
         assert_clean(&cache, "after a lying size");
     }
 }
+
+/// A persisted lease naming a layer that was lost (its record damaged, so `open` threw
+/// it away): the layer is extracted again and the lease holds it; releasing the lease
+/// leaves nothing leased, and everything can be evicted. A second `RootfsCache` on the
+/// same directory in this process is Busy too.
+#[test]
+fn a_persisted_lease_on_a_lost_layer_is_honoured_and_released() {
+    let _g = serial();
+    let layers: Vec<Layer> = (0..3).map(|i| plain_layer(220 + i, 1, 8 * 1024)).collect();
+    let mut f = Fx::default();
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    let t = tempfile::tempdir().unwrap();
+    {
+        let cache = RootfsCache::open(t.path(), cache_opts(3)).unwrap();
+        assert!(matches!(RootfsCache::open(t.path(), cache_opts(3)), Err(Error::Busy { .. })));
+        let r = cache.ensure(&f, "img").unwrap();
+        r.persist("sandbox-1").unwrap();
+    }
+    // Damage the middle layer's record: the next open moves it to trash/.
+    std::fs::write(t.path().join("layers").join(layers[1].desc.digest.hex()).join("meta"), b"garbage").unwrap();
+    let mut o = cache_opts(3);
+    o.max_bytes = 1;
+    let cache = RootfsCache::open(t.path(), o).unwrap();
+    assert_eq!(cache.stats().entries, 2);
+    assert_eq!(cache.leases(), ["sandbox-1"]);
+    let r = cache.ensure(&f, "img").unwrap();
+    assert_eq!(f.opens_of(&layers[1]), 2, "the lost layer extracted again");
+    drop(r);
+    cache.gc().unwrap();
+    assert_eq!(cache.stats().entries, 3, "the persisted lease holds every layer, the re-extracted one too");
+    cache.release("sandbox-1").unwrap();
+    assert_clean(&cache, "after the release");
+    cache.gc().unwrap();
+    assert_eq!(cache.stats().entries, 0);
+}

@@ -505,12 +505,16 @@ impl RootfsCache {
     ///
     /// The progress observer is called from the calling thread and from the worker
     /// threads, several at once (see [`EnsureProgress`]). All worker threads have ended
-    /// when this returns, whatever the outcome.
+    /// when this returns, whatever the outcome. A panic in the observer or in the
+    /// fetcher (its `open_blob` or its reader) is passed on to the caller, after the
+    /// call's leases and `tmp/` entries are given back and callers waiting for its
+    /// layers are told they failed.
     ///
     /// # Errors
     /// - the fetcher's errors from [`ImageFetcher::resolve`], unchanged;
     /// - [`Error::Layer`] naming the layer when its blob cannot be fetched
-    ///   ([`ImageFetcher::open_blob`]) or extracted ([`Error::DigestMismatch`],
+    ///   ([`ImageFetcher::open_blob`]) or extracted ([`Error::DigestMismatch`], a blob
+    ///   longer than its descriptor's size ([`Error::Read`], cut off there),
     ///   [`Error::PathEscape`], a full disk...; see [`unpack`](crate::unpack())), the same
     ///   error for every caller waiting on that extraction ([`Error::root`] gives the
     ///   cause). When several layers fail, the lowest one is reported; the layers below
