@@ -543,7 +543,19 @@ fn meta_tree(root: &Path, since: i64) -> BTreeMap<PathBuf, Meta> {
 }
 
 fn tree_diffs(found: &Path, expected: &Path, since: i64) -> Vec<String> {
-    let (f, e) = (meta_tree(found, since), meta_tree(expected, since));
+    tree_diffs_with(found, expected, since, true)
+}
+
+/// [`tree_diffs`], directory mtimes compared only when `dir_mtimes`.
+fn tree_diffs_with(found: &Path, expected: &Path, since: i64, dir_mtimes: bool) -> Vec<String> {
+    let (mut f, mut e) = (meta_tree(found, since), meta_tree(expected, since));
+    if !dir_mtimes {
+        for m in f.values_mut().chain(e.values_mut()) {
+            if m.0 & libc::S_IFMT == libc::S_IFDIR {
+                m.4 = None;
+            }
+        }
+    }
     let keys: std::collections::BTreeSet<&PathBuf> = f.keys().chain(e.keys()).collect();
     keys.into_iter()
         .filter(|k| f.get(*k) != e.get(*k))
@@ -1474,4 +1486,109 @@ fn a_persisted_lease_on_a_lost_layer_is_honoured_and_released() {
     assert_clean(&cache, "after the release");
     cache.gc().unwrap();
     assert_eq!(cache.stats().entries, 0);
+}
+
+/// The kernel's merged view of the cache's layers (extracted out of order, omitted
+/// parents filled in later) equals flattening the layers in order with
+/// `WhiteoutMode::Apply` (checked against `umoci unpack` in `interop_umoci.rs`): over a
+/// whiteout, an opaque directory, a directory only at the bottom, and none at all.
+/// Directory mtimes are left out, as in `interop_umoci.rs`: flattening bumps a parent's
+/// mtime when a child is added, while the cache keeps the lower layer's (rule 3).
+#[test]
+fn the_merged_view_of_an_out_of_order_ensure_matches_an_in_order_flatten() {
+    let test = "the_merged_view_of_an_out_of_order_ensure_matches_an_in_order_flatten";
+    if !require_root(test) {
+        return;
+    }
+    let _g = serial();
+    let since = now_secs();
+    let big = vec![5u8; 200 * 1024];
+    let layers = vec![
+        make_layer(&[
+            E::Dir("./", 0o711, 0, 0, 1_500_000_000),
+            E::Dir("gone/", 0o703, 4, 4, 1_500_000_001),
+            E::File("gone/old", b"old"),
+            E::Dir("opq/", 0o702, 6, 6, 1_500_000_002),
+            E::File("opq/old", b"old"),
+            E::Dir("deep/", 0o706, 9, 9, 1_500_000_005),
+            E::Dir("deep/er/", 0o707, 10, 10, 1_500_000_006),
+            E::File("bottom", &big),
+        ]),
+        make_layer(&[
+            E::Wh(".wh.gone"),
+            E::Dir("opq/", 0o751, 12, 12, 1_500_001_000),
+            E::Wh("opq/.wh..wh..opq"),
+            E::File("middle", &big),
+        ]),
+        make_layer(&[
+            E::File("gone/x", b"x"),
+            E::File("opq/new/y", b"y"),
+            E::File("deep/er/est/v", b"v"),
+            E::File("nowhere/u/t", b"t"),
+        ]),
+    ];
+    let t = tempfile::tempdir().unwrap();
+    let flat = t.path().join("flat");
+    std::fs::create_dir(&flat).unwrap();
+    let mut o = UnpackOptions::default();
+    o.whiteouts = WhiteoutMode::Apply;
+    for l in &layers {
+        unpack(&l.blob[..], &flat, &o).unwrap();
+    }
+    let mut f = Fx::default();
+    f.image("img", &layers.iter().collect::<Vec<_>>());
+    f.set(&layers[0], Beh::Delay(Duration::from_millis(300)));
+    f.set(&layers[1], Beh::Delay(Duration::from_millis(150)));
+    let cache = RootfsCache::open(t.path().join("cache"), cache_opts(3)).unwrap();
+    let r = cache.ensure(&f, "img").unwrap();
+    let diffs = merged_diffs(r.lowers(), &flat, &t.path().join("merged"), since);
+    assert!(diffs.is_empty(), "merged view vs in-order flatten: {} differences:\n{}", diffs.len(), diffs.join("\n"));
+}
+
+/// Differences (directory mtimes left out) between `flat` and the overlay of `lowers`
+/// (top first), mounted read-only at `merged` in a private mount namespace.
+fn merged_diffs(lowers: &[PathBuf], flat: &Path, merged: &Path, since: i64) -> Vec<String> {
+    std::fs::create_dir_all(merged).unwrap();
+    let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use nix::mount::{MntFlags, MsFlags, mount, umount2};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+            let data = format!("lowerdir={}", lowers.join(":"));
+            mount(Some("overlay"), merged, Some("overlay"), MsFlags::MS_RDONLY, Some(data.as_str())).unwrap();
+            let d = tree_diffs_with(merged, flat, since, false);
+            umount2(merged, MntFlags::MNT_DETACH).unwrap();
+            d
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// An image listing the same layer at the bottom and on top (`X, M, X`): the merged
+/// view must be the in-order flatten. The single extraction of `X` has its omitted
+/// parents filled from no lower (it is the base layer), and as the top-most lower it
+/// shadows `M`'s metadata for them: `M`'s root mode and the owner of `M`'s `d/` are lost.
+#[test]
+#[ignore = "digest-keyed layers: a layer listed twice is extracted once with the parents \
+            of its lowest position, which shadow the middle layers' in the merged view"]
+fn a_layer_listed_at_the_bottom_and_on_top_merges_like_an_in_order_flatten() {
+    let since = now_secs();
+    let x = make_layer(&[E::File("d/x", b"x")]);
+    let m = make_layer(&[E::Dir("./", 0o711, 0, 0, 1_500_000_000), E::Dir("d/", 0o700, 7, 7, 1_500_000_000)]);
+    let t = tempfile::tempdir().unwrap();
+    let flat = t.path().join("flat");
+    std::fs::create_dir(&flat).unwrap();
+    let mut o = UnpackOptions::default();
+    o.whiteouts = WhiteoutMode::Apply;
+    for l in [&x, &m, &x] {
+        unpack(&l.blob[..], &flat, &o).unwrap();
+    }
+    let mut f = Fx::default();
+    f.image("img", &[&x, &m, &x]);
+    let cache = RootfsCache::open(t.path().join("cache"), cache_opts(3)).unwrap();
+    let r = cache.ensure(&f, "img").unwrap();
+    let diffs = merged_diffs(r.lowers(), &flat, &t.path().join("merged"), since);
+    assert!(diffs.is_empty(), "merged view vs in-order flatten: {} differences:\n{}", diffs.len(), diffs.join("\n"));
 }
