@@ -765,6 +765,41 @@ fn child_main() {
                 }
             }
         }
+        // A cold ensure with an error injected somewhere (by strace): whatever it
+        // returns, only whole layers are ready and nothing is left over. (The parent
+        // retries: strace counts calls per thread, so new workers would meet the
+        // injection again.)
+        "faulty" => {
+            let since: i64 = std::env::var("RT_SINCE").unwrap().parse().unwrap();
+            let reference: Vec<PathBuf> =
+                (0..3).map(|i| PathBuf::from(std::env::var("RT_REF").unwrap()).join(format!("l{i}"))).collect();
+            let layers = hostile_parents_image();
+            let index: HashMap<String, usize> =
+                layers.iter().enumerate().map(|(i, l)| (l.desc.digest.hex(), i)).collect();
+            let mut f = Fx::default();
+            f.image("img", &layers.iter().collect::<Vec<_>>());
+            f.set(&layers[0], Beh::Delay(Duration::from_millis(200)));
+            f.set(&layers[1], Beh::Delay(Duration::from_millis(100)));
+            let cache = match RootfsCache::open(&dir, cache_opts(3)) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("open failed: {e}");
+                    RootfsCache::open(&dir, cache_opts(3)).unwrap()
+                }
+            };
+            let first = cache.ensure(&f, "img");
+            if let Err(e) = &first {
+                eprintln!("ensure failed: {e}");
+                assert_clean(&cache, "after the injected error");
+            }
+            drop(first);
+            for hex in names(&dir.join("layers")) {
+                let i = index[&hex];
+                let fs = dir.join("layers").join(&hex).join("fs");
+                assert_same_tree(&fs, &reference[i], since, &format!("layer {i}"));
+            }
+            0
+        }
         // The cache is owned by the parent: open must say Busy.
         "busy" => match RootfsCache::open(&dir, CacheOptions::default()) {
             Err(Error::Busy { .. }) => 0,
@@ -1591,4 +1626,69 @@ fn a_layer_listed_at_the_bottom_and_on_top_merges_like_an_in_order_flatten() {
     let r = cache.ensure(&f, "img").unwrap();
     let diffs = merged_diffs(r.lowers(), &flat, &t.path().join("merged"), since);
     assert!(diffs.is_empty(), "merged view vs in-order flatten: {} differences:\n{}", diffs.len(), diffs.join("\n"));
+}
+
+/// A cold parallel ensure with ENOSPC injected (by strace) at each rename and mkdir it
+/// makes, one at a time: it fails cleanly or succeeds, only whole layers (with their
+/// omitted parents' metadata) are ever ready, nothing is left in tmp/ or leased (checked
+/// in the child), and a retry gives the whole image.
+#[test]
+fn an_error_at_every_rename_and_mkdir_of_a_cold_ensure_is_clean() {
+    let test = "an_error_at_every_rename_and_mkdir_of_a_cold_ensure_is_clean";
+    if !require_root(test) || !support::require_tools(test, &["strace"]) {
+        return;
+    }
+    let _g = serial();
+    let since = now_secs();
+    let layers = hostile_parents_image();
+    let t = tempfile::tempdir().unwrap();
+    let refdir = t.path().join("ref");
+    sequential_reference(&layers, &refdir);
+    let trace = t.path().join("trace");
+    let set = "rename,renameat,renameat2,mkdir,mkdirat";
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .args(["-e", &format!("trace={set}")])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
+        .env("RT_CHILD", "faulty")
+        .env("RT_DIR", t.path().join("traced"))
+        .env("RT_REF", &refdir)
+        .env("RT_SINCE", since.to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "traced run: {}", String::from_utf8_lossy(&o.stderr));
+    let points = kill_points(&std::fs::read_to_string(&trace).unwrap());
+    let mut failed_runs = 0;
+    for (n, (sys, k)) in points.iter().enumerate() {
+        let dir = t.path().join(format!("c{n}"));
+        let o = Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e", &format!("trace={sys}")])
+            .args(["-e", &format!("inject={sys}:error=ENOSPC:when={k}")])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
+            .env("RT_CHILD", "faulty")
+            .env("RT_DIR", &dir)
+            .env("RT_REF", &refdir)
+            .env("RT_SINCE", since.to_string())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let what = format!("ENOSPC at {sys} #{k}");
+        assert!(o.status.success(), "{what}: {:?}\n{err}", o.status);
+        failed_runs += usize::from(err.contains("ensure failed"));
+        let cache = RootfsCache::open(&dir, cache_opts(3)).unwrap();
+        let mut f = Fx::default();
+        f.image("img", &layers.iter().collect::<Vec<_>>());
+        let r = cache.ensure(&f, "img").unwrap();
+        let reference: Vec<PathBuf> = (0..3).map(|i| refdir.join(format!("l{i}"))).collect();
+        for (i, (lower, expected)) in r.lowers().iter().rev().zip(&reference).enumerate() {
+            assert_same_tree(lower, expected, since, &format!("{what}, retried: layer {i}"));
+        }
+        drop(r);
+        assert_clean(&cache, &what);
+    }
+    eprintln!("{} injection points, {failed_runs} made the first ensure fail", points.len());
+    assert!(failed_runs > 0, "no injected error made an ensure fail");
 }
