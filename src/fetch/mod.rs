@@ -10,6 +10,7 @@
 //! - [`OciLayout`]: a local OCI image layout directory (`skopeo copy … oci:DIR:TAG`),
 //!   choosing one manifest per index by [`Platform`].
 
+mod manifest;
 mod oci_layout;
 
 use std::io::Read;
@@ -17,7 +18,8 @@ use std::io::Read;
 use crate::digest::Digest;
 use crate::error::Result;
 
-pub use oci_layout::{OciLayout, Platform};
+pub use manifest::Platform;
+pub use oci_layout::OciLayout;
 
 /// What a manifest says about one blob.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
