@@ -1,0 +1,761 @@
+//! A real registry for the tests: Debian's `docker-registry` (distribution 2.8) on a
+//! free loopback port, with optional htpasswd, TLS (a CA and server cert made here with
+//! the `openssl` CLI) and token auth; OCI image layouts generated here (gzip and zstd
+//! layers, multi-platform indexes) and pushed with `skopeo`; containerd-style hosts
+//! dirs. Included with `#[path = "common/registry.rs"] mod registry;` next to
+//! `mod support;`.
+//!
+//! # Ownership
+//! A [`RegistryServer`] owns its process and its temp dir (config, storage, certs):
+//! Drop kills the process (SIGKILL, then waits for it) and removes the dir.
+//!
+//! Tools: `docker-registry`, `skopeo`, `htpasswd` (apache2-utils), `openssl`; the
+//! reference unpacks use `umoci`. [`require`] skips (or fails under `CI`) without them.
+
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{self, Ent, Fmt};
+
+/// Every tool the registry tests use.
+pub const TOOLS: &[&str] = &["docker-registry", "skopeo", "htpasswd", "openssl", "umoci"];
+
+/// `true` when the registry tools are installed; otherwise skips (fails under `CI`).
+pub fn require(test: &str) -> bool {
+    support::require_tools(test, TOOLS)
+}
+
+/// Run a command, panicking with its output on failure; returns stdout.
+fn run(cmd: &mut Command) -> Vec<u8> {
+    support::run(cmd)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: another process may take it before
+/// ours binds it, so starting a server retries).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS material
+
+/// A CA and a server certificate for `127.0.0.1` and `localhost` signed by it (EC P-256),
+/// PEM files in `dir`.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Tls {
+    pub fn generate(dir: &Path) -> Tls {
+        std::fs::create_dir_all(dir).unwrap();
+        let p = |n: &str| dir.join(n);
+        let ossl = |args: &[&str]| {
+            run(Command::new("openssl").args(args).current_dir(dir));
+        };
+        ossl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"]);
+        ossl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rootfs-cache test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.crt",
+        ]);
+        ossl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server.key"]);
+        ossl(&["req", "-new", "-key", "server.key", "-subj", "/CN=localhost", "-out", "server.csr"]);
+        std::fs::write(
+            p("server.ext"),
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-sha256",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ]);
+        Tls { ca_cert: p("ca.crt"), ca_key: p("ca.key"), server_cert: p("server.crt"), server_key: p("server.key") }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The registry process
+
+/// Token auth settings for the registry's `auth.token` section.
+#[derive(Clone, Debug)]
+pub struct TokenConfig {
+    /// The token endpoint (`http://127.0.0.1:PORT/token`).
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    /// PEM certificate(s) whose keys sign the tokens.
+    pub root_cert_bundle: PathBuf,
+}
+
+/// How to run the registry.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryConfig {
+    /// htpasswd auth with these credentials.
+    pub htpasswd: Option<(String, String)>,
+    /// Serve HTTPS with a CA made for this registry.
+    pub tls: bool,
+    /// Token auth (Bearer), verified by the registry.
+    pub token: Option<TokenConfig>,
+}
+
+impl RegistryConfig {
+    pub fn plain() -> RegistryConfig {
+        RegistryConfig::default()
+    }
+    pub fn htpasswd(mut self, user: &str, pass: &str) -> RegistryConfig {
+        self.htpasswd = Some((user.into(), pass.into()));
+        self
+    }
+    pub fn tls(mut self) -> RegistryConfig {
+        self.tls = true;
+        self
+    }
+    pub fn token(mut self, t: TokenConfig) -> RegistryConfig {
+        self.token = Some(t);
+        self
+    }
+}
+
+/// A running `docker-registry`; killed on drop.
+pub struct RegistryServer {
+    dir: tempfile::TempDir,
+    child: Child,
+    pub port: u16,
+    pub config: RegistryConfig,
+    pub tls: Option<Tls>,
+}
+
+impl RegistryServer {
+    /// Start a registry and wait until `/v2/` answers (at most 20 s).
+    pub fn start(config: RegistryConfig) -> RegistryServer {
+        let dir = support::tempdir();
+        let tls = config.tls.then(|| Tls::generate(&dir.path().join("tls")));
+        if let Some((user, pass)) = &config.htpasswd {
+            let out = run(Command::new("htpasswd").args(["-Bbn", user, pass]));
+            std::fs::write(dir.path().join("htpasswd"), out).unwrap();
+        }
+        let mut last_log = String::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let yaml = Self::yaml(dir.path(), port, &config, tls.as_ref());
+            let cfg = dir.path().join("config.yml");
+            std::fs::write(&cfg, yaml).unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn docker-registry: {e}"));
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            match wait_ready(&mut child, addr, tls.is_some(), Duration::from_secs(20)) {
+                Ok(()) => return RegistryServer { dir, child, port, config, tls },
+                Err(why) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+                    last_log = format!("{why}; log:\n{log}");
+                }
+            }
+        }
+        panic!("docker-registry did not start: {last_log}");
+    }
+
+    fn yaml(dir: &Path, port: u16, config: &RegistryConfig, tls: Option<&Tls>) -> String {
+        let mut y = String::new();
+        writeln!(y, "version: 0.1").unwrap();
+        writeln!(y, "log:\n  level: info\n  accesslog:\n    disabled: false").unwrap();
+        writeln!(y, "storage:\n  filesystem:\n    rootdirectory: {}", dir.join("data").display()).unwrap();
+        writeln!(y, "  delete:\n    enabled: true").unwrap();
+        writeln!(y, "  maintenance:\n    uploadpurging:\n      enabled: false").unwrap();
+        writeln!(y, "http:\n  addr: 127.0.0.1:{port}\n  secret: rootfs-cache-test-secret").unwrap();
+        if let Some(t) = tls {
+            writeln!(y, "  tls:\n    certificate: {}\n    key: {}", t.server_cert.display(), t.server_key.display())
+                .unwrap();
+        }
+        if config.htpasswd.is_some() {
+            writeln!(
+                y,
+                "auth:\n  htpasswd:\n    realm: rootfs-cache-test\n    path: {}",
+                dir.join("htpasswd").display()
+            )
+            .unwrap();
+        } else if let Some(t) = &config.token {
+            writeln!(
+                y,
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}",
+                t.realm,
+                t.service,
+                t.issuer,
+                t.root_cert_bundle.display()
+            )
+            .unwrap();
+        }
+        y
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `http://127.0.0.1:PORT` or `https://…`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.host())
+    }
+
+    /// The CA that signed the server certificate (TLS only).
+    pub fn ca_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca_cert.as_path())
+    }
+
+    /// `user:pass` when the registry wants credentials.
+    pub fn creds(&self) -> Option<String> {
+        self.config.htpasswd.as_ref().map(|(u, p)| format!("{u}:{p}"))
+    }
+
+    /// The registry's log so far (stdout and stderr), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// A scratch dir that lives as long as the server.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `skopeo copy oci:LAYOUT:TAG docker://HOST/REPO:DEST_TAG` with the credentials
+    /// `creds` (`user:pass`, e.g. [`creds`](Self::creds)); `--all` copies an index with
+    /// every platform. Digests are preserved (skopeo fails rather than rewrite).
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str, dest_tag: &str, creds: Option<&str>, extra: &[&str]) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["--insecure-policy", "copy", "--quiet", "--all", "--dest-tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.arg("--dest-creds").arg(c);
+        }
+        cmd.args(extra);
+        cmd.arg(format!("oci:{}:{tag}", layout.display()));
+        cmd.arg(format!("docker://{}/{repo}:{dest_tag}", self.host()));
+        // skopeo may want a writable home for its auth file lookups.
+        cmd.env("HOME", self.dir.path());
+        let out = cmd.output().unwrap_or_else(|e| panic!("spawn skopeo: {e}"));
+        assert!(
+            out.status.success(),
+            "skopeo push {tag} → {repo}:{dest_tag} failed: {}\nregistry log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 4000)
+        );
+    }
+
+    /// `skopeo inspect --raw docker://HOST/REPO:TAG`: the manifest (or index) as stored.
+    pub fn inspect_raw(&self, repo: &str, tag: &str, creds: Option<&str>) -> String {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["--insecure-policy", "inspect", "--raw", "--tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.arg("--creds").arg(c);
+        }
+        cmd.arg(format!("docker://{}/{repo}:{tag}", self.host()));
+        cmd.env("HOME", self.dir.path());
+        String::from_utf8(run(&mut cmd)).unwrap()
+    }
+
+    /// The registry's storage: blob data files (for tests that damage them).
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    }
+}
+
+/// Wait until the registry on `addr` answers `/v2/` (200, or 401 with auth).
+fn wait_ready(child: &mut Child, addr: SocketAddr, tls: bool, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("docker-registry exited with {status}"));
+        }
+        if tls {
+            // Go's ListenAndServeTLS loads the certificate before it listens.
+            if TcpStream::connect(addr).is_ok() {
+                return Ok(());
+            }
+        } else if let Ok(resp) = http_get(addr, "/v2/", &[]) {
+            if resp.status == 200 || resp.status == 401 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("no answer on /v2/".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for RegistryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+// ---------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client (plain TCP), for readiness checks and the proxy tests
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` on `addr` over plain HTTP, `Connection: close`, reading to EOF.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        write!(req, "{k}: {v}\r\n").unwrap();
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| std::io::Error::other("malformed HTTP response"))
+}
+
+/// Parse a complete `Connection: close` response (chunked bodies decoded).
+pub fn parse_response(raw: &[u8]) -> Option<Response> {
+    let end = find(raw, b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked")) {
+        body = dechunk(&body)?;
+    }
+    Some(Response { status, headers, body })
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let e = find(b, b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..e]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        b = &b[e + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------------------
+// OCI image layouts
+
+/// How a generated layer is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comp {
+    Gzip,
+    Zstd,
+    None,
+}
+
+impl Comp {
+    fn media_type(self) -> &'static str {
+        match self {
+            Comp::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Comp::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+            Comp::None => "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+    fn compress(self, tar: &[u8]) -> Vec<u8> {
+        match self {
+            Comp::Gzip => support::gzip(tar),
+            Comp::Zstd => support::zstd(tar),
+            Comp::None => tar.to_vec(),
+        }
+    }
+}
+
+/// A blob written to a layout.
+#[derive(Clone, Debug)]
+pub struct BlobInfo {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+}
+
+impl BlobInfo {
+    fn descriptor_json(&self, extra: &str) -> String {
+        format!(r#"{{"mediaType":"{}","digest":"{}","size":{}{extra}}}"#, self.media_type, self.digest, self.size)
+    }
+}
+
+/// One image written to a layout: its manifest and its layer blobs (bottom first).
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    pub manifest: BlobInfo,
+    pub config: BlobInfo,
+    pub layers: Vec<BlobInfo>,
+    pub arch: String,
+}
+
+/// An OCI image layout being written (by hand: umoci cannot write zstd layers or indexes).
+pub struct Layout {
+    pub dir: PathBuf,
+    /// `index.json` entries: (descriptor JSON without the closing brace, tag).
+    refs: Vec<(BlobInfo, String)>,
+}
+
+impl Layout {
+    pub fn create(dir: &Path) -> Layout {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let l = Layout { dir: dir.to_path_buf(), refs: Vec::new() };
+        l.write_index();
+        l
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap())
+    }
+
+    pub fn put_blob(&self, data: &[u8], media_type: &str) -> BlobInfo {
+        let digest = support::sha256_digest(data);
+        std::fs::write(self.blob_path(&digest), data).unwrap();
+        BlobInfo { digest, size: data.len() as u64, media_type: media_type.into() }
+    }
+
+    /// Write an image for `arch` (linux) with these layers (bottom first); tag it `tag`
+    /// when given.
+    pub fn add_image(&mut self, tag: Option<&str>, arch: &str, layers: &[(Vec<u8>, Comp)]) -> ImageInfo {
+        let mut blobs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for (tar, comp) in layers {
+            diff_ids.push(format!("\"{}\"", support::sha256_digest(tar)));
+            blobs.push(self.put_blob(&comp.compress(tar), comp.media_type()));
+        }
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"linux","config":{{"Env":["PATH=/usr/bin:/bin"]}},"rootfs":{{"type":"layers","diff_ids":[{}]}},"history":[]}}"#,
+            diff_ids.join(",")
+        );
+        let config = self.put_blob(config.as_bytes(), "application/vnd.oci.image.config.v1+json");
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[{}]}}"#,
+            config.descriptor_json(""),
+            blobs.iter().map(|b| b.descriptor_json("")).collect::<Vec<_>>().join(",")
+        );
+        let manifest = self.put_blob(manifest.as_bytes(), "application/vnd.oci.image.manifest.v1+json");
+        if let Some(tag) = tag {
+            self.tag(&manifest, tag);
+        }
+        ImageInfo { manifest, config, layers: blobs, arch: arch.into() }
+    }
+
+    /// The same layer tars as an all-gzip image tagged `tag` (same diff_ids, so the same
+    /// tree), for `umoci unpack`, which cannot read zstd layers.
+    pub fn add_reference_twin(&mut self, tag: &str, arch: &str, tars: &[Vec<u8>]) -> ImageInfo {
+        let layers: Vec<(Vec<u8>, Comp)> = tars.iter().map(|t| (t.clone(), Comp::Gzip)).collect();
+        self.add_image(Some(tag), arch, &layers)
+    }
+
+    /// Write an image index of `images` (linux, their arch), tagged `tag`.
+    pub fn add_index(&mut self, tag: &str, images: &[&ImageInfo]) -> BlobInfo {
+        let entries: Vec<String> = images
+            .iter()
+            .map(|i| {
+                i.manifest.descriptor_json(&format!(r#","platform":{{"architecture":"{}","os":"linux"}}"#, i.arch))
+            })
+            .collect();
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+            entries.join(",")
+        );
+        let index = self.put_blob(index.as_bytes(), "application/vnd.oci.image.index.v1+json");
+        self.tag(&index, tag);
+        index
+    }
+
+    pub fn tag(&mut self, blob: &BlobInfo, tag: &str) {
+        self.refs.retain(|(_, t)| t != tag);
+        self.refs.push((blob.clone(), tag.into()));
+        self.write_index();
+    }
+
+    fn write_index(&self) {
+        let entries: Vec<String> = self
+            .refs
+            .iter()
+            .map(|(b, t)| {
+                b.descriptor_json(&format!(r#","annotations":{{"org.opencontainers.image.ref.name":"{t}"}}"#))
+            })
+            .collect();
+        let index = format!(r#"{{"schemaVersion":2,"manifests":[{}]}}"#, entries.join(","));
+        let tmp = self.dir.join("index.json.tmp");
+        std::fs::write(&tmp, index).unwrap();
+        std::fs::rename(tmp, self.dir.join("index.json")).unwrap();
+    }
+
+    /// `umoci unpack` of `tag` (an image manifest, not an index) into `dest`; returns
+    /// the rootfs path. umoci 0.4 reads gzip and plain layers only: for an image with
+    /// zstd layers, unpack its twin from [`add_reference_twin`](Self::add_reference_twin).
+    pub fn umoci_unpack(&self, tag: &str, dest: &Path) -> PathBuf {
+        run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", self.dir.display())).arg(dest));
+        dest.join("rootfs")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Generated layer contents
+
+/// The layer tars of a test image (bottom first), `seed` varying every file's content so
+/// images built from different seeds share no layer. Files of several sizes (one of
+/// `big` bytes, for tests that cut a download midway), directories with odd modes and
+/// owners, symlinks (relative, absolute, dangling), hardlinks, a fifo, and in the upper
+/// layers whiteouts, an opaque directory and a file replaced by a directory.
+pub fn image_layers(seed: u64, big: usize) -> Vec<Vec<u8>> {
+    let t = 1_650_000_000 + seed as i64;
+    let base = vec![
+        Ent::dir("etc").mtime(t, 0),
+        Ent::file("etc/hostname", format!("host-{seed}\n")).mtime(t, 0),
+        Ent::file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n").mtime(t, 0),
+        Ent::hardlink("etc/passwd-", "etc/passwd"),
+        Ent::file("etc/shadow", b"root:*::::::\n").mode(0o640).owner(0, 42).mtime(t, 0),
+        Ent::dir("usr").mtime(t, 0),
+        Ent::dir("usr/bin").mtime(t, 0),
+        Ent::file("usr/bin/tool", support::pseudo_random(seed * 10 + 1, 50_000)).mode(0o755).mtime(t, 0),
+        Ent::hardlink("usr/bin/tool-hl", "usr/bin/tool"),
+        Ent::file("usr/bin/suid", b"#!/bin/sh\n").mode(0o4755).owner(1000, 1000).mtime(t, 0),
+        Ent::dir("usr/lib").mtime(t, 0),
+        Ent::file("usr/lib/big.so", support::pseudo_random(seed * 10 + 2, big)).mtime(t, 0),
+        Ent::file("usr/lib/other", b"other").mtime(t, 0),
+        Ent::symlink("bin", "usr/bin").mtime(t, 0),
+        Ent::symlink("abs", "/etc/passwd").mtime(t, 0),
+        Ent::symlink("dangling", "../../nowhere").mtime(t, 0),
+        Ent::dir("opt").mtime(t, 0),
+        Ent::dir("opt/old").mtime(t, 0),
+        Ent::file("opt/old/a", b"a").mtime(t, 0),
+        Ent::file("opt/old/b", b"b").mode(0o600).mtime(t, 0),
+        Ent::file("replaceme", b"a file for now").mtime(t, 0),
+        Ent::dir("home").mtime(t, 0),
+        Ent::dir("home/user").mode(0o700).owner(1000, 1000).mtime(t, 0),
+        Ent::file("home/user/.profile", b"export A=1\n").owner(1000, 1000).mtime(t, 0),
+        Ent::dir("tmp").mode(0o1777).mtime(t, 0),
+        Ent::dir("run").mtime(t, 0),
+        Ent::fifo("run/fifo").mtime(t, 0),
+    ];
+    let t1 = t + 1000;
+    let middle = vec![
+        Ent::dir("etc").mtime(t1, 0),
+        Ent::whiteout("etc/passwd-"),
+        Ent::file("etc/hostname", format!("host-{seed}-v2\n")).mtime(t1, 0),
+        Ent::dir("opt").mtime(t1, 0),
+        Ent::dir("opt/old").mode(0o750).mtime(t1, 0),
+        Ent::opaque("opt/old"),
+        Ent::file("opt/old/new1", b"new1").mtime(t1, 0),
+        Ent::whiteout("replaceme"),
+        Ent::dir("replaceme").mtime(t1, 0),
+        Ent::file("replaceme/inner", b"inner").mtime(t1, 0),
+        Ent::dir("data").mtime(t1, 0),
+        Ent::file("data/x", support::pseudo_random(seed * 10 + 3, 30_000)).mtime(t1, 0),
+        Ent::hardlink("data/y", "data/x"),
+    ];
+    let t2 = t + 2000;
+    let top = vec![
+        Ent::whiteout("home"),
+        Ent::whiteout("dangling"),
+        Ent::dir("usr").mtime(t2, 0),
+        Ent::dir("usr/lib").mtime(t2, 0),
+        Ent::whiteout("usr/lib/other"),
+        Ent::file("usr/lib/fresh", format!("fresh {seed}")).mtime(t2, 0),
+        Ent::dir("a").mtime(t2, 0),
+        Ent::dir("a/b").mtime(t2, 0),
+        Ent::file("a/b/deep", b"deep").mtime(t2, 0),
+    ];
+    vec![support::tar_of(&base, Fmt::Pax), support::tar_of(&middle, Fmt::Gnu), support::tar_of(&top, Fmt::Pax)]
+}
+
+fn name_seed(name: &str) -> u64 {
+    u64::from_str_radix(&support::sha256_hex(name.as_bytes())[..12], 16).unwrap()
+}
+
+/// A layer of `n` files (for images that share their base with others): `shared/<name>/…`.
+pub fn small_layer(name: &str, n: usize) -> Vec<u8> {
+    let mut ents = vec![Ent::dir("shared"), Ent::dir(&format!("shared/{name}"))];
+    for i in 0..n {
+        ents.push(Ent::file(
+            &format!("shared/{name}/f{i}"),
+            support::pseudo_random(name_seed(name) + i as u64, 5_000 + i * 100),
+        ));
+    }
+    support::tar_of(&ents, Fmt::Pax)
+}
+
+// ---------------------------------------------------------------------------------------
+// containerd hosts dirs
+
+/// A containerd hosts directory: `<dir>/<host[:port]>/hosts.toml`.
+pub struct HostsDir {
+    pub dir: PathBuf,
+}
+
+impl HostsDir {
+    pub fn new(dir: &Path) -> HostsDir {
+        std::fs::create_dir_all(dir).unwrap();
+        HostsDir { dir: dir.to_path_buf() }
+    }
+
+    /// Write `<dir>/<namespace>/hosts.toml` (`namespace` is `host:port` or `_default`).
+    pub fn write(&self, namespace: &str, toml: &str) -> PathBuf {
+        let d = self.dir.join(namespace);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("hosts.toml");
+        std::fs::write(&p, toml).unwrap();
+        p
+    }
+
+    /// Copy a file (a CA, say) into the namespace dir; returns its path.
+    pub fn put_file(&self, namespace: &str, name: &str, from: &Path) -> PathBuf {
+        let d = self.dir.join(namespace);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        std::fs::copy(from, &p).unwrap();
+        p
+    }
+}
+
+/// One `[host."URL"]` entry of a hosts.toml.
+#[derive(Clone, Debug, Default)]
+pub struct HostEntry {
+    pub url: String,
+    pub capabilities: Vec<&'static str>,
+    pub ca: Option<PathBuf>,
+    pub skip_verify: Option<bool>,
+    pub override_path: bool,
+    pub headers: Vec<(String, String)>,
+}
+
+impl HostEntry {
+    pub fn new(url: impl Into<String>) -> HostEntry {
+        HostEntry { url: url.into(), capabilities: vec!["pull", "resolve"], ..HostEntry::default() }
+    }
+    pub fn ca(mut self, p: &Path) -> HostEntry {
+        self.ca = Some(p.to_path_buf());
+        self
+    }
+    pub fn skip_verify(mut self, v: bool) -> HostEntry {
+        self.skip_verify = Some(v);
+        self
+    }
+    pub fn capabilities(mut self, c: &[&'static str]) -> HostEntry {
+        self.capabilities = c.to_vec();
+        self
+    }
+    pub fn override_path(mut self) -> HostEntry {
+        self.override_path = true;
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> HostEntry {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// The text of a hosts.toml: `server` (if any), then the host entries in order.
+pub fn hosts_toml(server: Option<&str>, hosts: &[HostEntry]) -> String {
+    let mut s = String::new();
+    if let Some(server) = server {
+        writeln!(s, "server = \"{server}\"\n").unwrap();
+    }
+    for h in hosts {
+        writeln!(s, "[host.\"{}\"]", h.url).unwrap();
+        let caps: Vec<String> = h.capabilities.iter().map(|c| format!("\"{c}\"")).collect();
+        writeln!(s, "  capabilities = [{}]", caps.join(", ")).unwrap();
+        if let Some(ca) = &h.ca {
+            writeln!(s, "  ca = \"{}\"", ca.display()).unwrap();
+        }
+        if let Some(v) = h.skip_verify {
+            writeln!(s, "  skip_verify = {v}").unwrap();
+        }
+        if h.override_path {
+            writeln!(s, "  override_path = true").unwrap();
+        }
+        if !h.headers.is_empty() {
+            writeln!(s, "  [host.\"{}\".header]", h.url).unwrap();
+            for (k, v) in &h.headers {
+                writeln!(s, "    {k} = \"{v}\"").unwrap();
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
