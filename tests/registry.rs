@@ -104,3 +104,64 @@ fn harness_tls_htpasswd_registry() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
 }
+
+#[test]
+fn harness_token_auth_registry() {
+    if !harness::require("harness_token_auth_registry") {
+        return;
+    }
+    let tokens = harness::TokenServer::start(harness::TokenPolicy {
+        creds: Some(("bob".into(), "hunter2".into())),
+        ..Default::default()
+    });
+    let reg = RegistryServer::start(RegistryConfig::plain().token(tokens.registry_config()));
+    let t = support::tempdir();
+    let (l, mixed, _) = test_layout(&t.path().join("L"), 3);
+    reg.push(&l.dir, "mixed", "tok/mixed", "v1", Some("bob:hunter2"), &[]);
+    let raw = reg.inspect_raw("tok/mixed", "v1", Some("bob:hunter2"));
+    assert_eq!(support::sha256_digest(raw.as_bytes()), mixed.manifest.digest);
+    assert!(tokens.request_count() > 0);
+    // Anonymous: a Bearer challenge naming our endpoint, which refuses to issue.
+    let r = harness::http_get(reg.addr(), "/v2/tok/mixed/manifests/v1", &[]).unwrap();
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(challenge.starts_with("Bearer ") && challenge.contains(&tokens.addr.to_string()), "{challenge}");
+    let r = harness::http_get(
+        tokens.addr,
+        "/token?service=rootfs-cache-test-registry&scope=repository:tok/mixed:pull",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // With credentials: a token the registry takes.
+    let auth = harness::basic_auth("bob", "hunter2");
+    let r = harness::http_get(
+        tokens.addr,
+        "/token?service=rootfs-cache-test-registry&scope=repository%3Atok%2Fmixed%3Apull",
+        &[("Authorization", &auth)],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8(r.body).unwrap();
+    let token = body.split('"').nth(3).unwrap();
+    let bearer = format!("Bearer {token}");
+    let r = harness::http_get(
+        reg.addr(),
+        "/v2/tok/mixed/manifests/v1",
+        &[("Authorization", &bearer), ("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", reg.log());
+    assert_eq!(support::sha256_digest(&r.body), mixed.manifest.digest);
+    // A token for another repository does not open this one.
+    let r = harness::http_get(
+        tokens.addr,
+        "/token?service=rootfs-cache-test-registry&scope=repository:other:pull",
+        &[("Authorization", &auth)],
+    )
+    .unwrap();
+    let body = String::from_utf8(r.body).unwrap();
+    let bearer = format!("Bearer {}", body.split('"').nth(3).unwrap());
+    let r = harness::http_get(reg.addr(), "/v2/tok/mixed/manifests/v1", &[("Authorization", &bearer)]).unwrap();
+    assert_eq!(r.status, 401);
+}

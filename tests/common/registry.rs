@@ -759,3 +759,307 @@ pub fn hosts_toml(server: Option<&str>, hosts: &[HostEntry]) -> String {
     }
     s
 }
+
+// ---------------------------------------------------------------------------------------
+// Small encoders
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// base64url without padding (JWT segments).
+pub fn base64url(data: &[u8]) -> String {
+    base64(data).trim_end_matches('=').replace('+', "-").replace('/', "_")
+}
+
+/// `Basic base64(user:pass)`.
+pub fn basic_auth(user: &str, pass: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
+}
+
+/// Decode `%XX` escapes and `+` in a query component.
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP/1.1 request reading (server side)
+
+/// A request as a test server saw it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// Header names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+    /// Every value of query parameter `key`, decoded.
+    pub fn query_all(&self, key: &str) -> Vec<String> {
+        let Some((_, q)) = self.target.split_once('?') else { return Vec::new() };
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| url_decode(v))
+            .collect()
+    }
+}
+
+/// Read one request head from `s` (the body, if any, is left unread). `None` at EOF
+/// before a request starts or on garbage.
+fn read_request(s: &mut TcpStream) -> Option<(Request, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(e) = find(&buf, b"\r\n\r\n") {
+            break e;
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let target = first.next()?.to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = buf[end + 4..].to_vec();
+    Some((Request { method, target, headers }, rest))
+}
+
+fn write_response(s: &mut TcpStream, status: u16, reason: &str, headers: &[(&str, String)], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    for (k, v) in headers {
+        write!(head, "{k}: {v}\r\n").unwrap();
+    }
+    head.push_str("\r\n");
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body);
+    let _ = s.flush();
+}
+
+/// Accept connections on `listener` until `stop`, one thread per connection.
+fn serve(
+    listener: TcpListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: impl Fn(TcpStream) + Send + Sync + 'static,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    listener.set_nonblocking(true).unwrap();
+    let handle = std::sync::Arc::new(handle);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let h = handle.clone();
+                    std::thread::spawn(move || h(s));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Token auth: an issuer the registry trusts
+
+/// What the token endpoint does.
+#[derive(Clone, Debug)]
+pub struct TokenPolicy {
+    /// Basic credentials the endpoint accepts; `None`: anyone, anonymous included.
+    pub creds: Option<(String, String)>,
+    /// Anonymous requests get a token (with pull access only) even when `creds` is set.
+    pub anonymous_pull: bool,
+    /// `expires_in` of issued tokens (seconds).
+    pub expires_in: u64,
+    /// Name the token under `access_token` instead of `token`.
+    pub access_token_field: bool,
+}
+
+impl Default for TokenPolicy {
+    fn default() -> Self {
+        TokenPolicy { creds: None, anonymous_pull: false, expires_in: 300, access_token_field: false }
+    }
+}
+
+/// A token endpoint (`GET /token?service=…&scope=…`) that checks Basic credentials and
+/// signs RS256 JWTs the registry verifies: the header carries the signing certificate
+/// (`x5c`), which the registry's `rootcertbundle` holds. Stops on drop.
+pub struct TokenServer {
+    pub addr: SocketAddr,
+    pub service: String,
+    pub issuer: String,
+    pub cert: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Every request the endpoint got.
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    pub fn start(policy: TokenPolicy) -> TokenServer {
+        let dir = support::tempdir();
+        let key = dir.path().join("token.key");
+        let cert = dir.path().join("token.crt");
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2"])
+            .args(["-subj", "/CN=rootfs-cache test token issuer"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert));
+        let der = run(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert));
+        let x5c = base64(&der);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let service = "rootfs-cache-test-registry".to_string();
+        let issuer = "rootfs-cache-test-issuer".to_string();
+        let (svc, iss, reqs) = (service.clone(), issuer.clone(), requests.clone());
+        serve(listener, stop.clone(), move |mut s| {
+            let Some((req, _)) = read_request(&mut s) else { return };
+            reqs.lock().unwrap().push(req.clone());
+            let authorized = match (&policy.creds, req.header("authorization")) {
+                (None, _) => Some(String::new()),
+                (Some((u, p)), Some(h)) if h == basic_auth(u, p) => Some(u.clone()),
+                (Some(_), Some(_)) => None,
+                (Some(_), None) if policy.anonymous_pull => Some(String::new()),
+                (Some(_), None) => None,
+            };
+            let Some(subject) = authorized else {
+                write_response(
+                    &mut s,
+                    401,
+                    "Unauthorized",
+                    &[("Content-Type", "application/json".into())],
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
+                );
+                return;
+            };
+            if req.query_all("service").first() != Some(&svc) {
+                write_response(&mut s, 400, "Bad Request", &[], b"unknown service");
+                return;
+            }
+            let anonymous = subject.is_empty() && policy.creds.is_some();
+            let mut access = Vec::new();
+            for scope in
+                req.query_all("scope").iter().flat_map(|s| s.split(' ').map(str::to_string).collect::<Vec<_>>())
+            {
+                // type:name:actions, the name possibly holding ':' (never in repositories).
+                let Some((typ, rest)) = scope.split_once(':') else { continue };
+                let Some((name, actions)) = rest.rsplit_once(':') else { continue };
+                let actions: Vec<String> =
+                    actions.split(',').filter(|a| !anonymous || *a == "pull").map(|a| format!("\"{a}\"")).collect();
+                access.push(format!(r#"{{"type":"{typ}","name":"{name}","actions":[{}]}}"#, actions.join(",")));
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{x5c}"]}}"#);
+            let claims = format!(
+                r#"{{"iss":"{iss}","sub":"{subject}","aud":"{svc}","exp":{},"nbf":{},"iat":{now},"jti":"{now}-{}","access":[{}]}}"#,
+                now + policy.expires_in,
+                now - 5,
+                std::process::id(),
+                access.join(",")
+            );
+            let signing_input = format!("{}.{}", base64url(header.as_bytes()), base64url(claims.as_bytes()));
+            let sig = sign_rs256(&key, signing_input.as_bytes());
+            let jwt = format!("{signing_input}.{}", base64url(&sig));
+            let field = if policy.access_token_field { "access_token" } else { "token" };
+            let body = format!(r#"{{"{field}":"{jwt}","expires_in":{}}}"#, policy.expires_in);
+            write_response(&mut s, 200, "OK", &[("Content-Type", "application/json".into())], body.as_bytes());
+        });
+        TokenServer { addr, service, issuer, cert, stop, requests, _dir: dir }
+    }
+
+    /// The registry's `auth.token` settings for this issuer.
+    pub fn registry_config(&self) -> TokenConfig {
+        TokenConfig {
+            realm: format!("http://{}/token", self.addr),
+            service: self.service.clone(),
+            issuer: self.issuer.clone(),
+            root_cert_bundle: self.cert.clone(),
+        }
+    }
+
+    /// Requests the endpoint got so far.
+    pub fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// RSASSA-PKCS1-v1_5 with SHA-256 (`RS256`) by the openssl CLI.
+fn sign_rs256(key: &Path, data: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl dgst -sign: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
