@@ -12,6 +12,7 @@ mod support;
 mod harness;
 
 use std::process::Command;
+use std::time::Duration;
 
 use harness::{Comp, Layout, RegistryConfig, RegistryServer};
 
@@ -164,4 +165,68 @@ fn harness_token_auth_registry() {
     let bearer = format!("Bearer {}", body.split('"').nth(3).unwrap());
     let r = harness::http_get(reg.addr(), "/v2/tok/mixed/manifests/v1", &[("Authorization", &bearer)]).unwrap();
     assert_eq!(r.status, 401);
+}
+
+#[test]
+fn harness_fault_proxy_injects_faults() {
+    if !harness::require("harness_fault_proxy_injects_faults") {
+        return;
+    }
+    use harness::Fault;
+    let reg = RegistryServer::start(RegistryConfig::plain());
+    let t = support::tempdir();
+    let (l, mixed, _) = test_layout(&t.path().join("L"), 4);
+    reg.push(&l.dir, "mixed", "p/mixed", "v1", None, &[]);
+    let proxy = harness::FaultProxy::start(reg.addr());
+    let big = &mixed.layers[0];
+    assert!(big.size > 200_000, "{}", big.size);
+    let path = format!("/v2/p/mixed/blobs/{}", big.digest);
+    let get = |headers: &[(&str, &str)]| harness::http_get(proxy.addr, &path, headers).unwrap();
+    // Passes through.
+    let r = get(&[]);
+    assert_eq!((r.status, support::sha256_digest(&r.body)), (200, big.digest.clone()));
+    // Cut after 1000 body bytes, once.
+    proxy.on_get(&big.digest, Fault::CutAfter(1000), Some(1));
+    assert_eq!(get(&[]).body.len(), 1000);
+    assert_eq!(get(&[]).body.len() as u64, big.size);
+    // 503 twice, then served.
+    proxy.on_get(&big.digest, Fault::Status(503, vec![]), Some(2));
+    assert_eq!(get(&[]).status, 503);
+    assert_eq!(get(&[]).status, 503);
+    assert_eq!(get(&[]).status, 200);
+    // 429 with Retry-After.
+    proxy.on_get(&big.digest, Fault::Status(429, vec![("Retry-After".into(), "1".into())]), Some(1));
+    let r = get(&[]);
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("1")));
+    // Range honoured by the registry, ignored through the fault.
+    let r = get(&[("Range", "bytes=100-")]);
+    assert_eq!((r.status, r.body.len() as u64), (206, big.size - 100));
+    proxy.on_get(&big.digest, Fault::IgnoreRange, Some(1));
+    let r = get(&[("Range", "bytes=100-")]);
+    assert_eq!((r.status, r.body.len() as u64), (200, big.size));
+    // A lying mirror.
+    proxy.on_get(&big.digest, Fault::Corrupt(5000), Some(1));
+    let r = get(&[]);
+    assert_eq!(r.body.len() as u64, big.size);
+    assert_ne!(support::sha256_digest(&r.body), big.digest);
+    // A stall.
+    proxy.on_get(&big.digest, Fault::Stall { after: 10, pause: Duration::from_millis(300) }, Some(1));
+    let start = std::time::Instant::now();
+    assert_eq!(get(&[]).body.len() as u64, big.size);
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    // A redirect to a recording "object store" on another address.
+    let store = harness::FaultProxy::start_on([127, 0, 0, 2], reg.addr(), None);
+    proxy.on_get(&big.digest, Fault::Redirect(store.url()), Some(1));
+    let r = get(&[("Authorization", "Basic c2VjcmV0")]);
+    assert_eq!(r.status, 307);
+    assert_eq!(r.header("location").unwrap(), format!("{}{path}", store.url()));
+    // Hangup and refusing.
+    proxy.on_get(&big.digest, Fault::Hangup, Some(1));
+    assert!(harness::http_get(proxy.addr, &path, &[]).is_err());
+    proxy.set_refusing(true);
+    assert!(harness::http_get(proxy.addr, &path, &[]).is_err());
+    proxy.set_refusing(false);
+    assert!(harness::http_get(harness::dead_addr(), "/v2/", &[]).is_err());
+    // Counted per path.
+    assert_eq!(proxy.count("GET", &big.digest), 13); // refused connections are not requests
 }

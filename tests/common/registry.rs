@@ -1063,3 +1063,276 @@ fn sign_rs256(key: &Path, data: &[u8]) -> Vec<u8> {
     assert!(out.status.success(), "openssl dgst -sign: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
+
+// ---------------------------------------------------------------------------------------
+// A fault-injecting HTTP proxy
+
+/// An address where nothing listens (connections are refused): a dead mirror.
+pub fn dead_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// What the proxy does to a request that a [`Rule`] matches.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Forward, but close the connection after `n` bytes of the response body.
+    CutAfter(usize),
+    /// Answer this status with these headers (and a short body) instead of forwarding.
+    Status(u16, Vec<(String, String)>),
+    /// Forward; after `after` bytes of the body send nothing for `pause`, then go on.
+    Stall { after: usize, pause: Duration },
+    /// Forward without the request's `Range` header: a server that ignores Range (200,
+    /// the whole blob).
+    IgnoreRange,
+    /// Forward, flipping every bit of the body byte at this offset (a lying mirror).
+    Corrupt(usize),
+    /// Answer `307 Temporary Redirect` to this base URL + the request target.
+    Redirect(String),
+    /// Close the connection without answering.
+    Hangup,
+}
+
+/// A fault for requests whose method is `method` (any when `None`) and whose path
+/// contains `path_contains`; applied `times` times (always when `None`).
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub method: Option<String>,
+    pub path_contains: String,
+    pub fault: Fault,
+    pub times: Option<usize>,
+}
+
+struct ProxyState {
+    upstream: SocketAddr,
+    /// `Authorization` sent upstream instead of the client's (`None`: the client's).
+    upstream_auth: Option<String>,
+    rules: std::sync::Mutex<Vec<Rule>>,
+    log: std::sync::Mutex<Vec<Request>>,
+    refusing: std::sync::atomic::AtomicBool,
+}
+
+/// A plain-HTTP proxy in front of a registry (or anything HTTP), one request per
+/// connection, that logs every request and injects [`Fault`]s by rule. Stops accepting
+/// on drop (connections in flight finish).
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// A proxy on 127.0.0.1 in front of `upstream`.
+    pub fn start(upstream: SocketAddr) -> FaultProxy {
+        FaultProxy::start_on([127, 0, 0, 1], upstream, None)
+    }
+
+    /// A proxy on `ip` (any 127/8 address: a "different host") in front of `upstream`,
+    /// sending `upstream_auth` as the `Authorization` upstream when given (an object
+    /// store that authorises its own way) — the client's header is still logged.
+    pub fn start_on(ip: [u8; 4], upstream: SocketAddr, upstream_auth: Option<String>) -> FaultProxy {
+        let listener = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = std::sync::Arc::new(ProxyState {
+            upstream,
+            upstream_auth,
+            rules: std::sync::Mutex::new(Vec::new()),
+            log: std::sync::Mutex::new(Vec::new()),
+            refusing: std::sync::atomic::AtomicBool::new(false),
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = state.clone();
+        serve(listener, stop.clone(), move |s| proxy_connection(&st, s));
+        FaultProxy { addr, state, stop }
+    }
+
+    /// `127.0.0.1:PORT` (or the address it was started on).
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `http://HOST:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn add(&self, rule: Rule) {
+        self.state.rules.lock().unwrap().push(rule);
+    }
+
+    /// Add a rule for GETs of paths containing `path_contains`.
+    pub fn on_get(&self, path_contains: &str, fault: Fault, times: Option<usize>) {
+        self.add(Rule { method: Some("GET".into()), path_contains: path_contains.into(), fault, times });
+    }
+
+    /// Remove every rule.
+    pub fn clear(&self) {
+        self.state.rules.lock().unwrap().clear();
+    }
+
+    /// Accept connections and close them at once (`true`), or serve again.
+    pub fn set_refusing(&self, on: bool) {
+        self.state.refusing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every request seen so far.
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// Requests with this method whose path contains `path_contains`.
+    pub fn count(&self, method: &str, path_contains: &str) -> usize {
+        self.state.log.lock().unwrap().iter().filter(|r| r.method == method && r.path().contains(path_contains)).count()
+    }
+
+    /// Forget the request log.
+    pub fn reset_log(&self) {
+        self.state.log.lock().unwrap().clear();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn take_fault(state: &ProxyState, req: &Request) -> Option<Fault> {
+    let mut rules = state.rules.lock().unwrap();
+    let i = rules.iter().position(|r| {
+        r.method.as_deref().is_none_or(|m| m == req.method)
+            && req.path().contains(&r.path_contains)
+            && r.times.is_none_or(|n| n > 0)
+    })?;
+    if let Some(n) = &mut rules[i].times {
+        *n -= 1;
+    }
+    Some(rules[i].fault.clone())
+}
+
+fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
+    if state.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
+    let Some((req, rest)) = read_request(&mut client) else { return };
+    state.log.lock().unwrap().push(req.clone());
+    let fault = take_fault(state, &req);
+    match &fault {
+        Some(Fault::Status(code, headers)) => {
+            let h: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            write_response(&mut client, *code, "Injected", &h, b"injected by the test proxy\n");
+            return;
+        }
+        Some(Fault::Redirect(base)) => {
+            write_response(
+                &mut client,
+                307,
+                "Temporary Redirect",
+                &[("Location", format!("{base}{}", req.target))],
+                b"",
+            );
+            return;
+        }
+        Some(Fault::Hangup) => {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        _ => {}
+    }
+    // The request as forwarded: one request per connection.
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
+    let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
+    for (k, v) in &req.headers {
+        let skip = k == "connection"
+            || (ignore_range && (k == "range" || k == "if-range"))
+            || (k == "authorization" && state.upstream_auth.is_some());
+        if !skip {
+            write!(head, "{k}: {v}\r\n").unwrap();
+        }
+    }
+    if let Some(a) = &state.upstream_auth {
+        write!(head, "authorization: {a}\r\n").unwrap();
+    }
+    head.push_str("connection: close\r\n\r\n");
+    let Ok(mut up) = TcpStream::connect_timeout(&state.upstream, Duration::from_secs(5)) else {
+        write_response(&mut client, 502, "Bad Gateway", &[], b"upstream down\n");
+        return;
+    };
+    let _ = up.set_read_timeout(Some(Duration::from_secs(30)));
+    if up.write_all(head.as_bytes()).is_err() || up.write_all(&rest).is_err() {
+        return;
+    }
+    let body_len: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if body_len > rest.len() {
+        let mut remaining = (&mut client).take((body_len - rest.len()) as u64);
+        if std::io::copy(&mut remaining, &mut up).is_err() {
+            return;
+        }
+    }
+    // The response head, as is.
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let end = loop {
+        if let Some(e) = find(&buf, b"\r\n\r\n") {
+            break e + 4;
+        }
+        match up.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                let _ = client.write_all(&buf);
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    if client.write_all(&buf[..end]).is_err() {
+        return;
+    }
+    let mut body = buf[end..].to_vec();
+    let mut sent = 0usize;
+    loop {
+        if !body.is_empty() {
+            match &fault {
+                Some(Fault::Corrupt(at)) if *at >= sent && *at < sent + body.len() => body[*at - sent] ^= 0xff,
+                _ => {}
+            }
+            let mut piece: &[u8] = &body;
+            match &fault {
+                Some(Fault::CutAfter(n)) if sent + piece.len() >= *n => {
+                    let _ = client.write_all(&piece[..*n - sent]);
+                    let _ = client.flush();
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                Some(Fault::Stall { after, pause }) if sent <= *after && sent + piece.len() > *after => {
+                    let k = *after - sent;
+                    if client.write_all(&piece[..k]).is_err() {
+                        return;
+                    }
+                    let _ = client.flush();
+                    std::thread::sleep(*pause);
+                    sent += k;
+                    piece = &piece[k..];
+                    // The pause happens once.
+                    if client.write_all(piece).is_err() {
+                        return;
+                    }
+                    sent += piece.len();
+                    body.clear();
+                    continue;
+                }
+                _ => {}
+            }
+            if client.write_all(piece).is_err() {
+                return;
+            }
+            sent += piece.len();
+            body.clear();
+        }
+        match up.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let _ = client.flush();
+}
