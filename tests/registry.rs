@@ -230,3 +230,22 @@ fn harness_fault_proxy_injects_faults() {
     // Counted per path.
     assert_eq!(proxy.count("GET", &big.digest), 13); // refused connections are not requests
 }
+
+/// The comparison itself, on the local layout through `OciLayout`: the generated images
+/// flatten to umoci's tree, so a difference in the registry tests is the fetcher's.
+#[test]
+fn harness_layout_through_cache_matches_umoci() {
+    if !support::require_root("harness_layout_through_cache_matches_umoci")
+        || !harness::require("harness_layout_through_cache_matches_umoci")
+    {
+        return;
+    }
+    let t = support::tempdir();
+    let (l, _, _) = test_layout(&t.path().join("L"), 5);
+    let reference = l.umoci_unpack("mixed-ref", &t.path().join("ref"));
+    let cache = rootfs_cache::RootfsCache::open(t.path().join("cache"), rootfs_cache::CacheOptions::default()).unwrap();
+    let layout = rootfs_cache::OciLayout::open(&l.dir).unwrap();
+    let rootfs = cache.ensure(&layout, "mixed").unwrap();
+    assert_eq!(rootfs.lowers().len(), 3);
+    harness::assert_same_tree("OciLayout mixed", &reference, rootfs.lowers(), t.path());
+}

@@ -1109,6 +1109,8 @@ struct ProxyState {
     rules: std::sync::Mutex<Vec<Rule>>,
     log: std::sync::Mutex<Vec<Request>>,
     refusing: std::sync::atomic::AtomicBool,
+    /// Served under this path prefix only (stripped before forwarding).
+    prefix: std::sync::Mutex<Option<String>>,
 }
 
 /// A plain-HTTP proxy in front of a registry (or anything HTTP), one request per
@@ -1138,6 +1140,7 @@ impl FaultProxy {
             rules: std::sync::Mutex::new(Vec::new()),
             log: std::sync::Mutex::new(Vec::new()),
             refusing: std::sync::atomic::AtomicBool::new(false),
+            prefix: std::sync::Mutex::new(None),
         });
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let st = state.clone();
@@ -1172,6 +1175,12 @@ impl FaultProxy {
     /// Accept connections and close them at once (`true`), or serve again.
     pub fn set_refusing(&self, on: bool) {
         self.state.refusing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Serve only requests under `prefix` (e.g. `/mirror/acme`), forwarding them with
+    /// the prefix stripped; anything else gets 404. For `override_path` mirrors.
+    pub fn set_path_prefix(&self, prefix: &str) {
+        *self.state.prefix.lock().unwrap() = Some(prefix.to_string());
     }
 
     /// Every request seen so far.
@@ -1240,8 +1249,18 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
         }
         _ => {}
     }
+    let mut target = req.target.clone();
+    if let Some(prefix) = state.prefix.lock().unwrap().as_deref() {
+        match target.strip_prefix(prefix) {
+            Some(rest) if rest.starts_with('/') => target = rest.to_string(),
+            _ => {
+                write_response(&mut client, 404, "Not Found", &[], b"outside the served prefix\n");
+                return;
+            }
+        }
+    }
     // The request as forwarded: one request per connection.
-    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
+    let mut head = format!("{} {target} HTTP/1.1\r\n", req.method);
     let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
     for (k, v) in &req.headers {
         let skip = k == "connection"
@@ -1335,4 +1354,56 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
         }
     }
     let _ = client.flush();
+}
+
+// ---------------------------------------------------------------------------------------
+// Trees
+
+/// Snapshot of the read-only overlay of `lowers` (top first), mounted in a private mount
+/// namespace of a thread of its own (nothing leaks onto the host). Needs root.
+pub fn merged_snapshot(lowers: &[PathBuf], scratch: &Path) -> std::collections::BTreeMap<Vec<u8>, support::Node> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let mnt = scratch.join(format!("merged-{}", free_port()));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut lowers = lowers.to_vec();
+    // One lower alone cannot be mounted without an upper: repeat it.
+    if lowers.len() == 1 {
+        lowers.push(lowers[0].clone());
+    }
+    let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let opts = format!("ro,lowerdir={}", lowerdir.join(":"));
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+        mount(Some("overlay"), &mnt, Some("overlay"), MsFlags::MS_RDONLY, Some(opts.as_str()))
+            .unwrap_or_else(|e| panic!("mount overlay {opts}: {e}"));
+        let snap = support::snapshot(&mnt);
+        umount2(&mnt, MntFlags::MNT_DETACH).unwrap();
+        snap
+    })
+    .join()
+    .unwrap()
+}
+
+/// Xattrs umoci adds on its own (rootless unpacks only).
+pub const UMOCI_XATTRS: &[&[u8]] = &[b"user.rootlesscontainers"];
+
+/// Panic unless the overlay of `lowers` shows exactly the tree at `reference` (an
+/// `umoci unpack` rootfs): types, contents, links, modes, owners, xattrs, file mtimes,
+/// hardlink groups.
+pub fn assert_same_tree(what: &str, reference: &Path, lowers: &[PathBuf], scratch: &Path) {
+    let cmp = support::Cmp {
+        mode: true,
+        owner: true,
+        xattrs: true,
+        mtime: true,
+        dir_mtime: false,
+        mtime_nsec: false,
+        hardlinks: true,
+        ignore_xattrs: UMOCI_XATTRS.iter().map(|x| x.to_vec()).collect(),
+    };
+    let want = support::snapshot(reference);
+    assert!(want.len() > 15, "reference tree suspiciously small: {} entries", want.len());
+    let got = merged_snapshot(lowers, scratch);
+    support::assert_no_diffs(&format!("{what}: pulled vs umoci unpack"), &support::diff_trees(&want, &got, &cmp));
 }
