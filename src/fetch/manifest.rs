@@ -399,7 +399,7 @@ pub(crate) fn step(
                 .iter()
                 .map(|l| layer(l, &entry.digest, path))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Step::Image(ImageManifest { digest: entry.digest.clone(), layers }))
+            Ok(Step::Image(ImageManifest { digest: entry.digest, layers }))
         }
     }
 }

@@ -42,6 +42,7 @@ pub(crate) struct RangeBody {
 /// # Errors
 /// As [`super::transport::Client::send`]; [`Error::Registry`] for a `Content-Range` that
 /// does not start at `offset`, or a body shorter than `offset` when skipping.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn get_range(
     inner: &Inner,
     conn: &Conn,
@@ -272,7 +273,7 @@ impl BlobReader {
         }
         let mut bad = self.inner.bad.lock();
         for h in &self.served_by {
-            bad.insert((self.desc.digest.clone(), h.clone()));
+            bad.insert((self.desc.digest, h.clone()));
         }
         drop(bad);
         let host = self.served_by.join(", ");
@@ -282,7 +283,7 @@ impl BlobReader {
         Err(Error::ContentMismatch {
             host,
             what: format!("blob of {}", self.repository),
-            expected: self.desc.digest.clone(),
+            expected: self.desc.digest,
             found,
         })
     }

@@ -440,7 +440,7 @@ impl Registry {
                 return Err(Error::ContentMismatch {
                     host: conn.host().to_string(),
                     what: format!("manifest {object} of {repo}"),
-                    expected: want.clone(),
+                    expected: *want,
                     found,
                 });
             }
@@ -458,7 +458,7 @@ impl Registry {
         let mut seen = self.inner.seen.lock();
         for layer in &image.layers {
             let where_ = (r.registry.clone(), r.repository.clone());
-            let list = seen.entry(layer.digest.clone()).or_default();
+            let list = seen.entry(layer.digest).or_default();
             if !list.contains(&where_) {
                 list.push(where_);
             }
@@ -530,7 +530,7 @@ impl ImageFetcher for Registry {
         let bad = self.inner.bad.lock();
         let mut ordered: Vec<Arc<Conn>> = conns.iter().filter(|c| c.entry.pull).cloned().collect();
         // Hosts that served wrong bytes for this digest go last (stable otherwise).
-        ordered.sort_by_key(|c| bad.contains(&(layer.digest.clone(), c.host().to_string())));
+        ordered.sort_by_key(|c| bad.contains(&(layer.digest, c.host().to_string())));
         drop(bad);
         if ordered.is_empty() {
             return Err(Error::Unsupported {
