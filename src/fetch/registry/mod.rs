@@ -344,12 +344,19 @@ impl Registry {
                     headers: vec![("accept", ACCEPT.to_string())],
                     op: format!("HEAD {}/{rest}", conn.entry.path),
                 };
-                let head = self.inner.client.send(conn, &x, observer, retry)?;
-                let size = header(&head, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-                if let Some(n) = size.filter(|&n| n > MAX_JSON_BYTES) {
-                    return Err(too_big(conn, &x.op, n));
-                }
-                match header(&head, "docker-content-digest").and_then(|d| d.trim().parse::<Digest>().ok()) {
+                let digest = match self.inner.client.send(conn, &x, observer, retry) {
+                    Ok(head) => {
+                        let size = header(&head, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                        if let Some(n) = size.filter(|&n| n > MAX_JSON_BYTES) {
+                            return Err(too_big(conn, &x.op, n));
+                        }
+                        header(&head, "docker-content-digest").and_then(|d| d.trim().parse::<Digest>().ok())
+                    }
+                    // A server without HEAD for manifests: GET by tag instead.
+                    Err(Error::Registry { status: Some(405 | 501), .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                match digest {
                     Some(d) => self.get_manifest(conn, repo, &d.to_string(), Some(&d), None, observer, retry)?,
                     None => self.get_manifest(conn, repo, &tag, None, None, observer, retry)?,
                 }

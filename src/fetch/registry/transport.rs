@@ -183,15 +183,18 @@ impl Client {
                         404 => {
                             return Err(Error::NotFound { what: format!("{} on {}", x.op, conn.host()) });
                         }
-                        408 | 429 | 500..=599 => Failure {
-                            reason: format!("HTTP {status}{}", error_detail_ref(&resp)),
-                            status: Some(status),
-                            retry_after: header(&resp, "retry-after")
-                                .and_then(|v| parse_retry_after(&v, SystemTime::now())),
-                            retryable: true,
-                        },
+                        408 | 429 | 500..=599 => {
+                            let retry_after =
+                                header(&resp, "retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now()));
+                            Failure {
+                                reason: format!("HTTP {status}{}", error_detail(resp)),
+                                status: Some(status),
+                                retry_after,
+                                retryable: true,
+                            }
+                        }
                         _ => Failure {
-                            reason: format!("unexpected HTTP {status}{}", error_detail_ref(&resp)),
+                            reason: format!("unexpected HTTP {status}{}", error_detail(resp)),
                             status: Some(status),
                             retry_after: None,
                             retryable: false,
@@ -459,10 +462,6 @@ fn error_detail(resp: Response<ureq::Body>) -> String {
     let mut body = Vec::new();
     let _ = resp.into_body().into_reader().take(512).read_to_end(&mut body);
     detail_text(&body)
-}
-
-fn error_detail_ref(_resp: &Response<ureq::Body>) -> String {
-    String::new()
 }
 
 fn detail_text(body: &[u8]) -> String {
