@@ -595,3 +595,45 @@ impl ImageFetcher for Registry {
         Err(combine(failures, format!("resolve {r}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_is_send_sync_and_cheap_to_clone() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Registry>();
+        let r = Registry::new(RegistryOptions::default()).unwrap();
+        let c = r.clone();
+        assert!(Arc::ptr_eq(&r.inner, &c.inner));
+    }
+
+    #[test]
+    fn unknown_blob_is_not_found_and_bad_reference_is_typed() {
+        let r = Registry::new(RegistryOptions::default().with_auth_files(false)).unwrap();
+        let d = Descriptor { digest: Digest::of(b"x"), size: 1, media_type: String::new() };
+        assert!(matches!(r.open_blob(&d), Err(Error::NotFound { .. })));
+        assert!(matches!(r.resolve("Not/Valid"), Err(Error::InvalidReference { .. })));
+    }
+
+    #[test]
+    fn failures_combine_into_one_error() {
+        let nf = |h: &str| (h.to_string(), Error::NotFound { what: format!("x on {h}") });
+        let reg = |h: &str| {
+            (
+                h.to_string(),
+                Error::Registry { host: h.into(), op: "GET /v2/".into(), status: Some(503), reason: "HTTP 503".into() },
+            )
+        };
+        assert!(matches!(combine(vec![reg("a")], "w".into()), Error::Registry { .. }));
+        match combine(vec![nf("a"), nf("b")], "blob x".into()) {
+            Error::NotFound { what } => assert!(what.contains("a, b"), "{what}"),
+            e => panic!("{e}"),
+        }
+        let e = combine(vec![nf("a"), reg("b")], "resolve r".into());
+        let text = e.to_string();
+        assert!(matches!(e, Error::AllHostsFailed { ref failures, .. } if failures.len() == 2));
+        assert!(text.contains("[a] not found") && text.contains("[b] registry b: GET /v2/: HTTP 503"), "{text}");
+    }
+}
