@@ -348,12 +348,9 @@ impl BlobReader {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::net::TcpListener;
-    use std::sync::Mutex;
-
     use super::*;
     use crate::fetch::registry::hosts::default_host;
+    use crate::fetch::registry::testutil::{Events, range_start, response, server};
     use crate::fetch::registry::{Registry, RegistryOptions};
 
     #[test]
@@ -362,62 +359,6 @@ mod tests {
         assert_eq!(parse_content_range_start("bytes 0-0/*"), Some(0));
         assert_eq!(parse_content_range_start("bytes */200"), None);
         assert_eq!(parse_content_range_start("items 1-2/3"), None);
-    }
-
-    /// A loopback HTTP server answering each connection with `answer(n, request head)`
-    /// (the whole response, then close), `n` counting connections from 0. Returns its
-    /// address and the request heads it saw.
-    fn server(answer: impl Fn(usize, &str) -> Vec<u8> + Send + 'static) -> (String, Arc<Mutex<Vec<String>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            for (n, conn) in listener.incoming().enumerate() {
-                let Ok(mut conn) = conn else { return };
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|k| k == 1) {
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let reply = answer(n, &head);
-                log.lock().unwrap().push(head);
-                let _ = conn.write_all(&reply);
-            }
-        });
-        (addr, seen)
-    }
-
-    fn response(status: &str, headers: &[(&str, String)], body: &[u8], content_length: usize) -> Vec<u8> {
-        let mut r = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {content_length}\r\n");
-        for (k, v) in headers {
-            r.push_str(&format!("{k}: {v}\r\n"));
-        }
-        r.push_str("\r\n");
-        let mut r = r.into_bytes();
-        r.extend_from_slice(body);
-        r
-    }
-
-    fn range_start(head: &str) -> Option<usize> {
-        head.lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string))
-            .map(|r| r.trim_end_matches('-').parse().unwrap())
-    }
-
-    #[derive(Default)]
-    struct Events(Mutex<Vec<String>>);
-    impl FetchObserver for Events {
-        fn retry(&self, host: &str, reason: &str) {
-            self.0.lock().unwrap().push(format!("retry {host} {reason}"));
-        }
-        fn resumed(&self, host: &str, offset: u64) {
-            self.0.lock().unwrap().push(format!("resumed {host} {offset}"));
-        }
-        fn fallback(&self, host: &str, reason: &str) {
-            self.0.lock().unwrap().push(format!("fallback {host} {reason}"));
-        }
     }
 
     fn blob() -> (Vec<u8>, Descriptor) {

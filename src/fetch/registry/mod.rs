@@ -17,6 +17,8 @@ mod auth;
 mod blob;
 mod hosts;
 mod reference;
+#[cfg(test)]
+mod testutil;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
