@@ -635,6 +635,52 @@ fn token_auth_access_token_field_and_anonymous_tokens() {
     assert!(tokens.requests.lock().unwrap().iter().any(|r| r.header("authorization").is_none()));
 }
 
+/// A cached token the registry rejects is replaced once (a fresh token is fetched and the
+/// request retried); a fresh token that is rejected is `Unauthorized` at once (as
+/// containerd does), after a bounded number of token requests.
+#[test]
+fn rejected_token_is_fetched_again_once() {
+    let test = "rejected_token_is_fetched_again_once";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    let tokens =
+        TokenServer::start(TokenPolicy { creds: Some(("bob".into(), "hunter2".into())), ..TokenPolicy::default() });
+    let f = fill(RegistryServer::start(RegistryConfig::plain().token(tokens.registry_config())), 25);
+    let proxy = FaultProxy::start(f.reg.addr());
+    let reference = format!("{}/test/mixed:v1", proxy.host());
+    // The token (cached since the manifest requests) is refused for one blob, as a
+    // registry does after a key rotation.
+    let challenge = format!(
+        r#"Bearer realm="http://{}/token",service="{}",scope="repository:test/mixed:pull""#,
+        tokens.addr, tokens.service
+    );
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::Status(401, vec![("WWW-Authenticate".into(), challenge)]), Some(1));
+    let before = tokens.request_count();
+    let r = Registry::new(with_creds(options(), &proxy.host(), "bob", "hunter2")).unwrap();
+    f.ensure_mixed(&f.cache, &r, &reference);
+    let n = tokens.request_count() - before;
+    assert_eq!(n, 2, "token requests: one, then one for the rejected token");
+    assert_eq!(proxy.count("GET", &big.digest), 2);
+    let with_token = proxy
+        .requests()
+        .iter()
+        .filter(|q| q.path().contains(&big.digest))
+        .all(|q| q.header("authorization").is_some_and(|a| a.starts_with("Bearer ")));
+    assert!(with_token, "{:#?}", proxy.requests());
+    // Every token rejected (signed by an issuer the registry does not trust):
+    // Unauthorized, naming the registry, after a bounded number of token requests.
+    tokens.set_bad_tokens(usize::MAX);
+    let before = tokens.request_count();
+    let r = Registry::new(with_creds(options(), &proxy.host(), "bob", "hunter2")).unwrap();
+    let e = must_fail(f.new_cache("c2").ensure(&r, &reference), "every token rejected");
+    assert!(matches!(registry_error(&e), Some(Error::Unauthorized { .. })), "{e:?}");
+    assert_registry_error_naming(&e, &proxy.host());
+    let n = tokens.request_count() - before;
+    assert!((1..=2).contains(&n), "{n} token requests when every token is rejected");
+}
+
 /// Credentials from `$REGISTRY_AUTH_FILE` (podman's auth.json format), in a child
 /// process of this test binary so the environment of the other tests is left alone.
 #[test]
@@ -819,6 +865,62 @@ fn lying_mirror_next_host_used_nothing_wrong_cached() {
         panic!("wrong bytes from a mirror failed the ensure instead of moving on to the next host: {e}");
     }
     assert!(r.events.fallbacks().iter().any(|(h, _)| h == &mirror.host()), "{:?}", r.events);
+}
+
+/// A mirror that wants credentials gets none of the registry's: it fails (401) and the
+/// registry, with its own credentials, serves everything.
+#[test]
+fn mirror_never_gets_the_registrys_credentials() {
+    let Some(f) =
+        fixture("mirror_never_gets_the_registrys_credentials", RegistryConfig::plain().htpasswd("alice", "s3cret"), 46)
+    else {
+        return;
+    };
+    let mirror = FaultProxy::start(f.reg.addr());
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(mirror.url())]));
+    let r = Observed::new(with_creds(with_hosts_dir(options(), &hosts.dir), &upstream.host(), "alice", "s3cret"));
+    f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", upstream.host()));
+    let reqs = mirror.requests();
+    assert!(!reqs.is_empty());
+    for q in &reqs {
+        assert!(q.header("authorization").is_none(), "credentials sent to the mirror: {q:?}");
+    }
+    assert!(r.events.fallbacks().iter().any(|(h, _)| h == &mirror.host()), "{:?}", r.events);
+}
+
+/// hosts.toml `header` entries reach the host they are for; a mirror with only the
+/// `pull` capability is not asked to resolve the tag but serves the blobs; `_default`
+/// applies to registries without a directory of their own.
+#[test]
+fn hosts_toml_headers_capabilities_and_default() {
+    let Some(f) = fixture("hosts_toml_headers_capabilities_and_default", RegistryConfig::plain(), 47) else {
+        return;
+    };
+    let mirror = FaultProxy::start(f.reg.addr());
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(
+        "_default",
+        &harness::hosts_toml(
+            None,
+            &[HostEntry::new(mirror.url()).capabilities(&["pull"]).header("X-Test-Mirror", "yes")],
+        ),
+    );
+    let r = Observed::new(with_hosts_dir(options(), &hosts.dir));
+    f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", upstream.host()));
+    let reqs = mirror.requests();
+    for q in &reqs {
+        assert_eq!(q.header("x-test-mirror"), Some("yes"), "{q:?}");
+        assert!(!q.path().ends_with("/manifests/v1"), "a pull-only mirror asked for a tag: {q:?}");
+    }
+    for l in &f.mixed.layers {
+        assert_eq!(mirror.count("GET", &l.digest), 1, "{reqs:#?}");
+        assert_eq!(upstream.count("GET", &l.digest), 0);
+    }
+    assert!(upstream.requests().iter().any(|q| q.path().ends_with("/manifests/v1")));
+    assert!(upstream.requests().iter().all(|q| q.header("x-test-mirror").is_none()));
 }
 
 /// A mirror serving a wrong manifest: read whole and checked, so the next host answers.
@@ -1106,6 +1208,36 @@ fn stalled_or_cut_manifest_body_is_retried() {
     assert!(failures.is_empty(), "manifest body faults not retried:\n{}", failures.join("\n"));
 }
 
+/// A tag that does not exist, and a blob deleted from the registry's storage: typed
+/// errors naming the host, and the cache is usable afterwards.
+#[test]
+fn missing_tag_and_deleted_blob_are_typed_errors() {
+    let Some(f) = fixture("missing_tag_and_deleted_blob_are_typed_errors", RegistryConfig::plain(), 58) else {
+        return;
+    };
+    let r = Registry::new(options()).unwrap();
+    let e = must_fail(f.cache.ensure(&r, &format!("{}/test/mixed:nope", f.reg.host())), "a missing tag");
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    assert!(e.to_string().contains(&f.reg.host()), "{e}");
+    let e = must_fail(f.cache.ensure(&r, &format!("{}/test/absent:v1", f.reg.host())), "a missing repository");
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    // Delete a layer blob from the registry (the API, delete is enabled).
+    let big = big_layer(&f).clone();
+    let mut s = std::net::TcpStream::connect(f.reg.addr()).unwrap();
+    use std::io::{Read as _, Write as _};
+    write!(s, "DELETE /v2/test/mixed/blobs/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", big.digest).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let e = must_fail(f.cache.ensure(&r, &format!("{}/test/mixed:v1", f.reg.host())), "a deleted blob");
+    let text = e.to_string();
+    assert!(text.contains(&f.reg.host()) && text.contains(&big.digest), "{text}");
+    assert!(matches!(&e, Error::Layer { source, .. } if matches!(**source, Error::NotFound { .. })), "{e:?}");
+    // Pushed again: the same cache completes the image.
+    f.reg.push(&f.layout.dir, "mixed", "test/mixed", "v1", None, &[]);
+    f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", f.reg.host()));
+}
+
 // ---------------------------------------------------------------------------------------
 // Concurrency
 
@@ -1158,4 +1290,28 @@ fn eight_threads_one_download_per_layer() {
     for d in distinct {
         assert_eq!(proxy.count("GET", d), 1, "downloads of {d}: {:#?}", proxy.requests());
     }
+}
+
+/// 8 threads, one image, its big layer cut once mid-download: one download plus one
+/// resumed request for that layer, one for the others.
+#[test]
+fn eight_threads_with_a_cut_download() {
+    let Some((f, proxy, reference)) = behind_proxy("eight_threads_with_a_cut_download", 61) else { return };
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::CutAfter(120_000), Some(1));
+    let r = Observed::new(options());
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let rootfs = f.cache.ensure(&r, &reference).unwrap_or_else(|e| panic!("{reference}: {e}"));
+                assert_eq!(rootfs.layers().len(), 3);
+            });
+        }
+    });
+    assert_eq!(proxy.count("GET", &big.digest), 2, "{:#?}", proxy.requests());
+    for l in f.mixed.layers.iter().filter(|l| l.digest != big.digest) {
+        assert_eq!(proxy.count("GET", &l.digest), 1);
+    }
+    assert_eq!(r.events.resumed().len(), 1, "{:?}", r.events);
+    f.ensure_mixed(&f.cache, &r, &reference);
 }

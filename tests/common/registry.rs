@@ -928,11 +928,14 @@ pub struct TokenPolicy {
     pub expires_in: u64,
     /// Name the token under `access_token` instead of `token`.
     pub access_token_field: bool,
+    /// Sign the first this many tokens with a key the registry does not trust (it
+    /// rejects them with 401); see also [`TokenServer::set_bad_tokens`].
+    pub bad_tokens: usize,
 }
 
 impl Default for TokenPolicy {
     fn default() -> Self {
-        TokenPolicy { creds: None, anonymous_pull: false, expires_in: 300, access_token_field: false }
+        TokenPolicy { creds: None, anonymous_pull: false, expires_in: 300, access_token_field: false, bad_tokens: 0 }
     }
 }
 
@@ -947,6 +950,7 @@ pub struct TokenServer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Every request the endpoint got.
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
+    bad_tokens: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _dir: tempfile::TempDir,
 }
 
@@ -964,6 +968,19 @@ impl TokenServer {
             .arg(&cert));
         let der = run(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert));
         let x5c = base64(&der);
+        // A second issuer the registry does not know, for rejected tokens.
+        let bad_key = dir.path().join("bad.key");
+        let bad_cert = dir.path().join("bad.crt");
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2"])
+            .args(["-subj", "/CN=an issuer nobody trusts"])
+            .arg("-keyout")
+            .arg(&bad_key)
+            .arg("-out")
+            .arg(&bad_cert));
+        let bad_x5c = base64(&run(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&bad_cert)));
+        let bad_tokens = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(policy.bad_tokens));
+        let bad_left = bad_tokens.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1008,6 +1025,12 @@ impl TokenServer {
                 access.push(format!(r#"{{"type":"{typ}","name":"{name}","actions":[{}]}}"#, actions.join(",")));
             }
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let bad = bad_left
+                .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                    n.checked_sub(1)
+                })
+                .is_ok();
+            let (key, x5c) = if bad { (&bad_key, &bad_x5c) } else { (&key, &x5c) };
             let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{x5c}"]}}"#);
             let claims = format!(
                 r#"{{"iss":"{iss}","sub":"{subject}","aud":"{svc}","exp":{},"nbf":{},"iat":{now},"jti":"{now}-{}","access":[{}]}}"#,
@@ -1017,13 +1040,13 @@ impl TokenServer {
                 access.join(",")
             );
             let signing_input = format!("{}.{}", base64url(header.as_bytes()), base64url(claims.as_bytes()));
-            let sig = sign_rs256(&key, signing_input.as_bytes());
+            let sig = sign_rs256(key, signing_input.as_bytes());
             let jwt = format!("{signing_input}.{}", base64url(&sig));
             let field = if policy.access_token_field { "access_token" } else { "token" };
             let body = format!(r#"{{"{field}":"{jwt}","expires_in":{}}}"#, policy.expires_in);
             write_response(&mut s, 200, "OK", &[("Content-Type", "application/json".into())], body.as_bytes());
         });
-        TokenServer { addr, service, issuer, cert, stop, requests, _dir: dir }
+        TokenServer { addr, service, issuer, cert, stop, requests, bad_tokens, _dir: dir }
     }
 
     /// The registry's `auth.token` settings for this issuer.
@@ -1034,6 +1057,11 @@ impl TokenServer {
             issuer: self.issuer.clone(),
             root_cert_bundle: self.cert.clone(),
         }
+    }
+
+    /// Sign the next `n` tokens with the untrusted key.
+    pub fn set_bad_tokens(&self, n: usize) {
+        self.bad_tokens.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Requests the endpoint got so far.
