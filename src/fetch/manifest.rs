@@ -42,7 +42,7 @@ pub(crate) const DOCKER_SCHEMA1: &[&str] = &[
 /// The operating system, CPU architecture and (optionally) variant an image is built for,
 /// as spelled in OCI image indexes (`linux`, `amd64`, `v8`: Go's `GOOS`/`GOARCH` names).
 ///
-/// Used by [`OciLayout`] to choose one manifest from an index. The default is
+/// Used by [`OciLayout`](super::OciLayout) (and the registry fetcher) to choose one manifest from an index. The default is
 /// [`Platform::host`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -399,7 +399,7 @@ pub(crate) fn step(
                 .iter()
                 .map(|l| layer(l, &entry.digest, path))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Step::Image(ImageManifest { digest: entry.digest.clone(), layers }))
+            Ok(Step::Image(ImageManifest { digest: entry.digest, layers }))
         }
     }
 }

@@ -302,7 +302,7 @@ impl ImageFetcher for OciLayout {
     ///   contradicting the descriptor's (or none, with fields that do not tell), a
     ///   malformed digest in a document, a blob that is not a regular file, indexes
     ///   nested more than 8 deep;
-    /// - [`Error::Unsupported`]: a layer media type outside [`LAYER_MEDIA_TYPES`] (foreign /
+    /// - [`Error::Unsupported`]: a layer media type outside [`LAYER_MEDIA_TYPES`](super::LAYER_MEDIA_TYPES) (foreign /
     ///   non-distributable layers included; the message names the type and the layer), a
     ///   manifest type that is not an image manifest or index, a digest algorithm other
     ///   than sha256 in a document;

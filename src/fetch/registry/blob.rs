@@ -42,6 +42,7 @@ pub(crate) struct RangeBody {
 /// # Errors
 /// As [`super::transport::Client::send`]; [`Error::Registry`] for a `Content-Range` that
 /// does not start at `offset`, or a body shorter than `offset` when skipping.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn get_range(
     inner: &Inner,
     conn: &Conn,
@@ -133,8 +134,10 @@ pub(crate) struct BlobReader {
     last_progress: Instant,
     /// The next open resumes a broken download.
     resuming: bool,
-    /// Verified and finished, or failed for good.
+    /// Verified and finished.
     done: bool,
+    /// Failed for good: every later read fails the same way (never a clean EOF).
+    failed: Option<String>,
 }
 
 impl BlobReader {
@@ -163,6 +166,7 @@ impl BlobReader {
             last_progress: Instant::now(),
             resuming: false,
             done: false,
+            failed: None,
         };
         r.connect()?;
         Ok(r)
@@ -272,7 +276,7 @@ impl BlobReader {
         }
         let mut bad = self.inner.bad.lock();
         for h in &self.served_by {
-            bad.insert((self.desc.digest.clone(), h.clone()));
+            bad.insert((self.desc.digest, h.clone()));
         }
         drop(bad);
         let host = self.served_by.join(", ");
@@ -282,7 +286,7 @@ impl BlobReader {
         Err(Error::ContentMismatch {
             host,
             what: format!("blob of {}", self.repository),
-            expected: self.desc.digest.clone(),
+            expected: self.desc.digest,
             found,
         })
     }
@@ -290,19 +294,32 @@ impl BlobReader {
 
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(why) = &self.failed {
+            return Err(io::Error::other(format!("{why} (reading on after the failure)")));
+        }
         if self.done || buf.is_empty() {
             return Ok(0);
         }
+        self.read_inner(buf).map_err(|e| {
+            self.failed = Some(e.to_string());
+            self.body = None;
+            io::Error::other(e)
+        })
+    }
+}
+
+impl BlobReader {
+    fn read_inner(&mut self, buf: &mut [u8]) -> Result<usize> {
         loop {
             let want = (self.desc.size - self.offset).min(buf.len() as u64) as usize;
             if want == 0 {
                 // An empty blob: nothing to read, only to verify.
                 self.done = true;
-                self.verify().map_err(io::Error::other)?;
+                self.verify()?;
                 return Ok(0);
             }
             if self.body.is_none() {
-                self.connect().map_err(io::Error::other)?;
+                self.connect()?;
             }
             let body = self.body.as_mut().expect("connected");
             match body.read(&mut buf[..want]) {
@@ -318,7 +335,7 @@ impl Read for BlobReader {
                         self.done = true;
                         self.body = None;
                         // Checked before the last chunk is handed out.
-                        self.verify().map_err(io::Error::other)?;
+                        self.verify()?;
                     }
                     return Ok(n);
                 }
@@ -331,7 +348,13 @@ impl Read for BlobReader {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::fetch::registry::hosts::default_host;
+    use crate::fetch::registry::{Registry, RegistryOptions};
 
     #[test]
     fn content_range() {
@@ -339,5 +362,180 @@ mod tests {
         assert_eq!(parse_content_range_start("bytes 0-0/*"), Some(0));
         assert_eq!(parse_content_range_start("bytes */200"), None);
         assert_eq!(parse_content_range_start("items 1-2/3"), None);
+    }
+
+    /// A loopback HTTP server answering each connection with `answer(n, request head)`
+    /// (the whole response, then close), `n` counting connections from 0. Returns its
+    /// address and the request heads it saw.
+    fn server(answer: impl Fn(usize, &str) -> Vec<u8> + Send + 'static) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|k| k == 1) {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let reply = answer(n, &head);
+                log.lock().unwrap().push(head);
+                let _ = conn.write_all(&reply);
+            }
+        });
+        (addr, seen)
+    }
+
+    fn response(status: &str, headers: &[(&str, String)], body: &[u8], content_length: usize) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {content_length}\r\n");
+        for (k, v) in headers {
+            r.push_str(&format!("{k}: {v}\r\n"));
+        }
+        r.push_str("\r\n");
+        let mut r = r.into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn range_start(head: &str) -> Option<usize> {
+        head.lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string))
+            .map(|r| r.trim_end_matches('-').parse().unwrap())
+    }
+
+    #[derive(Default)]
+    struct Events(Mutex<Vec<String>>);
+    impl FetchObserver for Events {
+        fn retry(&self, host: &str, reason: &str) {
+            self.0.lock().unwrap().push(format!("retry {host} {reason}"));
+        }
+        fn resumed(&self, host: &str, offset: u64) {
+            self.0.lock().unwrap().push(format!("resumed {host} {offset}"));
+        }
+        fn fallback(&self, host: &str, reason: &str) {
+            self.0.lock().unwrap().push(format!("fallback {host} {reason}"));
+        }
+    }
+
+    fn blob() -> (Vec<u8>, Descriptor) {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let desc = Descriptor { digest: Digest::of(&data), size: data.len() as u64, media_type: String::new() };
+        (data, desc)
+    }
+
+    fn reader(hosts: &[&str], desc: &Descriptor, events: Arc<Events>) -> Result<(Registry, BlobReader)> {
+        let opts = RegistryOptions::default()
+            .with_auth_files(false)
+            .with_max_retries(3)
+            .with_read_timeout(std::time::Duration::from_secs(5));
+        let registry = Registry::new(opts.clone())?;
+        let conns = hosts.iter().map(|h| Arc::new(Conn::new(default_host(h, false), &opts).unwrap())).collect();
+        let r = BlobReader::open(Arc::clone(&registry.inner), conns, "r".into(), desc.clone(), events)?;
+        Ok((registry, r))
+    }
+
+    #[test]
+    fn a_broken_download_resumes_with_range_or_by_skipping() {
+        let (data, desc) = blob();
+        for honour_range in [true, false] {
+            let body = data.clone();
+            // 1st connection: cut at 70 000 bytes; then ranges (or the whole blob).
+            let (host, seen) = server(move |n, head| {
+                let from = if honour_range { range_start(head).unwrap_or(0) } else { 0 };
+                let rest = &body[from..];
+                let status = if from > 0 { "206 Partial Content" } else { "200 OK" };
+                let headers: Vec<(&str, String)> = if from > 0 {
+                    vec![("Content-Range", format!("bytes {from}-{}/{}", body.len() - 1, body.len()))]
+                } else {
+                    vec![]
+                };
+                let sent = if n == 0 { &rest[..70_000] } else { rest };
+                response(status, &headers, sent, rest.len())
+            });
+            let events = Arc::new(Events::default());
+            let (_reg, mut r) = reader(&[&host], &desc, Arc::clone(&events)).unwrap();
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).unwrap();
+            assert!(got == data, "honour_range={honour_range}: {} bytes", got.len());
+            let heads = seen.lock().unwrap().clone();
+            assert_eq!(heads.len(), 2, "{heads:?}");
+            assert_eq!(range_start(&heads[1]), Some(70_000));
+            let ev = events.0.lock().unwrap().clone();
+            assert!(ev.iter().any(|e| e == &format!("resumed {host} 70000")), "{ev:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_bytes_fail_before_the_last_chunk_and_demote_the_host() {
+        let (data, desc) = blob();
+        let mut bad = data.clone();
+        bad[1234] ^= 0xff;
+        let (liar, _) = server(move |_, _| response("200 OK", &[], &bad, bad.len()));
+        let good_body = data.clone();
+        let (good, _) = server(move |_, _| response("200 OK", &[], &good_body, good_body.len()));
+        let events = Arc::new(Events::default());
+        let (reg, mut r) = reader(&[&liar, &good], &desc, Arc::clone(&events)).unwrap();
+        let mut handed = 0usize;
+        let mut buf = vec![0u8; 8192];
+        let err = loop {
+            match r.read(&mut buf) {
+                Ok(0) => panic!("clean EOF after wrong bytes"),
+                Ok(n) => handed += n,
+                Err(e) => break e,
+            }
+        };
+        // The last chunk was withheld; the error names the host; reading on fails again.
+        assert!(handed < data.len(), "{handed}");
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<Error>()).expect("a crate error inside");
+        match inner {
+            Error::ContentMismatch { host, expected, .. } => {
+                assert_eq!(host, &liar);
+                assert_eq!(expected, &desc.digest);
+            }
+            e => panic!("{e}"),
+        }
+        assert!(r.read(&mut buf).is_err());
+        assert!(events.0.lock().unwrap().iter().any(|e| e.starts_with(&format!("fallback {liar}"))));
+        assert!(reg.inner.bad.lock().contains(&(desc.digest, liar.clone())));
+    }
+
+    #[test]
+    fn a_size_contradicting_the_descriptor_moves_on_before_reading() {
+        let (data, desc) = blob();
+        let short = data[..1000].to_vec();
+        let (liar, liar_seen) = server(move |_, _| response("200 OK", &[], &short, short.len()));
+        let body = data.clone();
+        let (good, _) = server(move |_, _| response("200 OK", &[], &body, body.len()));
+        let events = Arc::new(Events::default());
+        let (_reg, mut r) = reader(&[&liar, &good], &desc, Arc::clone(&events)).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert!(got == data);
+        assert_eq!(liar_seen.lock().unwrap().len(), 1);
+        let ev = events.0.lock().unwrap().clone();
+        assert!(
+            ev.iter().any(|e| e.starts_with(&format!("fallback {liar}")) && e.contains("serves 1000 bytes")),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn every_host_failing_is_one_error_naming_each() {
+        let (_, desc) = blob();
+        let (a, _) = server(|_, _| response("404 Not Found", &[], b"", 0));
+        let (b, _) = server(|_, _| response("400 Bad Request", &[], b"no", 2));
+        match reader(&[&a, &b], &desc, Arc::new(Events::default())) {
+            Err(Error::AllHostsFailed { failures, .. }) => {
+                assert_eq!(failures.len(), 2);
+                assert_eq!(failures[0].0, a);
+                assert!(matches!(failures[0].1, Error::NotFound { .. }));
+                assert!(matches!(failures[1].1, Error::Registry { status: Some(400), .. }), "{}", failures[1].1);
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened"),
+        }
     }
 }

@@ -1,116 +1,17 @@
-//! [`Registry`]: an [`ImageFetcher`] over the OCI Distribution API (Docker Hub, GHCR,
-//! ECR, Harbor, `docker-registry`, a node-local mirror), synchronous, behind the default
-//! cargo feature `registry`.
+//! The registry client: [`Registry`], an [`ImageFetcher`] over the OCI Distribution API.
 //!
-//! ```no_run
-//! use rootfs_cache::{CacheOptions, Registry, RegistryOptions, RootfsCache};
-//! # fn main() -> rootfs_cache::Result<()> {
-//! let registry = Registry::new(RegistryOptions::default().with_hosts_dir("/etc/containerd/certs.d"))?;
-//! let cache = RootfsCache::open("/var/lib/rootfs-cache", CacheOptions::default())?;
-//! let rootfs = cache.ensure(&registry, "docker.io/library/alpine:3.20")?;
-//! # let _ = rootfs; Ok(()) }
-//! ```
+//! The user-facing documentation (usage, hosts.toml, credentials, security, the choice
+//! not to use `oci-spec`) is on [`Registry`], since this module is private and its types
+//! are re-exported at the crate root. Layout of the code, one concern per file:
 //!
-//! # What it does
-//! - **References** in the docker grammar ([`Reference`]): `ubuntu` is
-//!   `docker.io/library/ubuntu:latest`, served by `registry-1.docker.io`; a leading
-//!   `docker://` is accepted.
-//! - **Resolution**: `HEAD <host>/v2/<repo>/manifests/<tag>` with an `Accept` list of the
-//!   OCI manifest and index and the Docker schema 2 manifest and manifest list; its
-//!   `Docker-Content-Digest` names the manifest, which is then fetched by digest (without
-//!   the header, by tag, and hashed). Manifests over 4 MiB are refused; every manifest is
-//!   checked against its digest (and its size, when a descriptor gives one); an index is
-//!   resolved to the entry for [`RegistryOptions::platform`] with the same rules as
-//!   [`OciLayout`](crate::OciLayout) (one shared implementation). A digest reference is
-//!   fetched by digest directly. The blobs of every manifest resolved are remembered
-//!   (digest → repository) for [`open_blob`](ImageFetcher::open_blob).
-//! - **Blobs**: `GET <host>/v2/<repo>/blobs/<digest>`, redirects followed (to object
-//!   storage, without credentials), a broken download resumed with `Range: bytes=N-`
-//!   (bytes skipped when the server ignores `Range`), retried with exponential backoff
-//!   and jitter, verified against the digest while streaming (see below).
-//! - **Auth**: anonymous first; on `401` the `WWW-Authenticate` challenge is answered:
-//!   Bearer (a token from the realm for `repository:<repo>:pull`, with Basic credentials
-//!   when there are some, an identity token as an OAuth2 refresh token; `token` or
-//!   `access_token`; cached per host and scope until `expires_in`; one fresh token when a
-//!   cached one is rejected) or Basic.
-//! - **Hosts and mirrors** from containerd's `hosts.toml` ([`RegistryOptions::hosts_dir`],
-//!   e.g. `/etc/containerd/certs.d`): see below.
-//!
-//! # hosts.toml
-//! For a reference to `REGISTRY`, the first of `<dir>/<host>_<port>_/hosts.toml`
-//! (containerd's spelling of `host:port`), `<dir>/REGISTRY/hosts.toml`,
-//! `<dir>/_default/hosts.toml` that exists is read; a directory without `hosts.toml`
-//! contributes its `*.crt` files as CAs. Supported: `server` (the registry itself, tried
-//! last; default `https://REGISTRY`, `registry-1.docker.io` for `docker.io`), ordered
-//! `[host."URL"]` entries (mirrors, tried first, in file order) with `capabilities`
-//! (`resolve`: may answer tags; `pull`: blobs and digests), `ca` (a file or a list,
-//! relative to the directory), `skip_verify`, `header` (extra headers, a value or a list),
-//! `override_path` (the URL's path is the API root instead of `<path>/v2`), `dial_timeout`
-//! (`"500ms"`). Mirrors get `?ns=REGISTRY` on every request, as containerd sends, so one
-//! mirror can serve several registries. Client certificates (`client`) are refused rather
-//! than ignored. Files are read once per registry per `Registry` value.
-//!
-//! Hosts are tried in order: a dead host, an error status, a missing manifest, wrong bytes
-//! move on to the next; when all fail, the error is [`Error::AllHostsFailed`] naming each
-//! host and its failure ([`Error::NotFound`] when every host answered 404, the host's own
-//! error when there was only one). Retries happen on the last host only (see
-//! `transport`): a mirror that fails is left at once, as containerd does.
-//! [`FetchObserver::retry`], [`FetchObserver::resumed`] and [`FetchObserver::fallback`]
-//! report each event (through `resolve_observed` / `open_blob_observed`).
-//!
-//! # Wrong bytes
-//! A manifest is read whole before use, so a host serving a wrong one is simply left for
-//! the next. A blob is streamed to the caller while it is hashed; its digest can only be
-//! known at the end, when the caller has consumed most of it. The reader checks it before
-//! handing out the last chunk, and on a mismatch fails with [`Error::ContentMismatch`]
-//! naming the host, and demotes that host for that digest, so the next `open_blob` of it
-//! (the cache's retry, or the next `ensure`) starts at the next host. Nothing wrong is
-//! cached: the cache verifies every layer's digest too and keeps nothing of a failed
-//! extraction. (containerd has the same limit: its fetcher moves to the next host only
-//! on request errors, and a digest mismatch fails the ingest commit.) A host whose
-//! `Content-Length` contradicts the descriptor is left before anything is read.
-//!
-//! # Credentials
-//! Looked up by the host actually contacted, once per host: the embedder's
-//! ([`RegistryOptions::with_credential`]), then, unless
-//! [`RegistryOptions::auth_files`] is off, `$REGISTRY_AUTH_FILE`,
-//! `$XDG_RUNTIME_DIR/containers/auth.json`, and `$DOCKER_CONFIG/config.json` (else
-//! `~/.docker/config.json`), including `credHelpers` and `credsStore` (the helper
-//! programs are run), through the `docker_credential` crate.
-//!
-//! # Security
-//! - TLS by default (rustls; the compiled-in webpki roots, or the system bundle plus the
-//!   host's `ca` files when `ca` is set). Plain HTTP only for a `hosts.toml` entry that
-//!   says `http://`, with [`RegistryOptions::plain_http`], or for a loopback registry
-//!   (127.0.0.0/8, `::1`, `localhost`, not on port 443), as docker and containerd allow.
-//!   `skip_verify` is honoured only where a `hosts.toml` sets it.
-//! - Credentials go only to the host they are for: never to another mirror, never across
-//!   a redirect to another host (redirects are followed here, not by the HTTP library,
-//!   and lose `Authorization` and the `hosts.toml` headers when they leave the host), and
-//!   to a Bearer realm only over HTTPS (or loopback, or the host itself).
-//! - Everything read is bounded: manifests 4 MiB, token answers 1 MiB, error bodies 512
-//!   bytes; blobs exactly their descriptor's size. Every manifest and blob is verified
-//!   against its digest.
-//! - Retries are bounded in count ([`RegistryOptions::max_retries`]) and time
-//!   ([`RegistryOptions::max_retry_time`]); connects and stalled reads time out.
-//!
-//! # Why not `oci-spec`
-//! The manifest and index types come from the crate's own `fetch::manifest` module, shared
-//! with [`OciLayout`](crate::OciLayout), not from `oci-spec`: what is needed is a
-//! descriptor (digest, size, media type, platform) and the fields that tell an index from
-//! a manifest, read leniently where registries differ (`null` lists, Docker schema 2 media
-//! types, absent `mediaType`) and strictly where it matters (digest syntax, size,
-//! media-type contradictions, schema version). `oci-spec` models the whole image spec with
-//! builders, getters and its own error type, pulls `derive_builder`, `getset`, `strum` and
-//! `thiserror` 1 into a crate that would use a tenth of it, and its strict enums reject
-//! documents the rules above accept on purpose. Keeping one small module also keeps the
-//! selection logic (platform matching, `arm64` = `arm64/v8`) identical for both fetchers.
-//!
-//! # Concurrency
-//! A `Registry` is `Send + Sync` and cheap to clone (an `Arc` inside); clones share the
-//! token cache, the host configuration, the digest → repository map and the demoted
-//! hosts. Any number of threads may resolve and download at once; each blob reader owns
-//! its connection. The library never prints.
+//! | file | concern |
+//! |---|---|
+//! | `reference.rs` | the docker reference grammar and Docker Hub normalisation (pure) |
+//! | `hosts.rs` | containerd's `hosts.toml`: hosts per registry, in order (pure parse + file lookup) |
+//! | `auth.rs` | credentials (embedder, auth files, helpers), `WWW-Authenticate`, token cache |
+//! | `transport.rs` | one request: auth, redirects by hand, retries with backoff, `Retry-After` |
+//! | `blob.rs` | `get_range` (blob bytes from an offset) and the resuming, verifying blob reader |
+//! | `mod.rs` | options, resolution (HEAD/GET manifests, index walk), host fallback |
 
 mod auth;
 mod blob;
@@ -251,9 +152,124 @@ impl RegistryOptions {
     }
 }
 
-/// An [`ImageFetcher`] over the OCI Distribution API; see the [module docs](self) for
-/// hosts, auth, retries and security.
+/// An [`ImageFetcher`] over the OCI Distribution API (Docker Hub, GHCR,
+/// ECR, Harbor, `docker-registry`, a node-local mirror), synchronous, behind the default
+/// cargo feature `registry`.
 ///
+/// ```no_run
+/// use rootfs_cache::{CacheOptions, Registry, RegistryOptions, RootfsCache};
+/// # fn main() -> rootfs_cache::Result<()> {
+/// let registry = Registry::new(RegistryOptions::default().with_hosts_dir("/etc/containerd/certs.d"))?;
+/// let cache = RootfsCache::open("/var/lib/rootfs-cache", CacheOptions::default())?;
+/// let rootfs = cache.ensure(&registry, "docker.io/library/alpine:3.20")?;
+/// # let _ = rootfs; Ok(()) }
+/// ```
+///
+/// # What it does
+/// - **References** in the docker grammar ([`Reference`]): `ubuntu` is
+///   `docker.io/library/ubuntu:latest`, served by `registry-1.docker.io`; a leading
+///   `docker://` is accepted.
+/// - **Resolution**: `HEAD <host>/v2/<repo>/manifests/<tag>` with an `Accept` list of the
+///   OCI manifest and index and the Docker schema 2 manifest and manifest list; its
+///   `Docker-Content-Digest` names the manifest, which is then fetched by digest (without
+///   the header, by tag, and hashed). Manifests over 4 MiB are refused; every manifest is
+///   checked against its digest (and its size, when a descriptor gives one); an index is
+///   resolved to the entry for [`RegistryOptions::platform`] with the same rules as
+///   [`OciLayout`](crate::OciLayout) (one shared implementation). A digest reference is
+///   fetched by digest directly. The blobs of every manifest resolved are remembered
+///   (digest → repository) for [`open_blob`](ImageFetcher::open_blob).
+/// - **Blobs**: `GET <host>/v2/<repo>/blobs/<digest>`, redirects followed (to object
+///   storage, without credentials), a broken download resumed with `Range: bytes=N-`
+///   (bytes skipped when the server ignores `Range`), retried with exponential backoff
+///   and jitter, verified against the digest while streaming (see below).
+/// - **Auth**: anonymous first; on `401` the `WWW-Authenticate` challenge is answered:
+///   Bearer (a token from the realm for `repository:<repo>:pull`, with Basic credentials
+///   when there are some, an identity token as an OAuth2 refresh token; `token` or
+///   `access_token`; cached per host and scope until `expires_in`; one fresh token when a
+///   cached one is rejected) or Basic.
+/// - **Hosts and mirrors** from containerd's `hosts.toml` ([`RegistryOptions::hosts_dir`],
+///   e.g. `/etc/containerd/certs.d`): see below.
+///
+/// # hosts.toml
+/// For a reference to `REGISTRY`, the first of `<dir>/<host>_<port>_/hosts.toml`
+/// (containerd's spelling of `host:port`), `<dir>/REGISTRY/hosts.toml`,
+/// `<dir>/_default/hosts.toml` that exists is read; a directory without `hosts.toml`
+/// contributes its `*.crt` files as CAs. Supported: `server` (the registry itself, tried
+/// last; default `https://REGISTRY`, `registry-1.docker.io` for `docker.io`), ordered
+/// `[host."URL"]` entries (mirrors, tried first, in file order) with `capabilities`
+/// (`resolve`: may answer tags; `pull`: blobs and digests), `ca` (a file or a list,
+/// relative to the directory), `skip_verify`, `header` (extra headers, a value or a list),
+/// `override_path` (the URL's path is the API root instead of `<path>/v2`), `dial_timeout`
+/// (`"500ms"`). Mirrors get `?ns=REGISTRY` on every request, as containerd sends, so one
+/// mirror can serve several registries. Client certificates (`client`) are refused rather
+/// than ignored. Files are read once per registry per `Registry` value.
+///
+/// Hosts are tried in order: a dead host, an error status, a missing manifest, wrong bytes
+/// move on to the next; when all fail, the error is [`Error::AllHostsFailed`] naming each
+/// host and its failure ([`Error::NotFound`] when every host answered 404, the host's own
+/// error when there was only one). A request that fails on a host followed by others (a
+/// mirror) moves on at once, as containerd does, rather than spend the retry budget on a
+/// mirror that is down; on the last host (usually the registry itself) connection errors,
+/// timeouts, 408, 429 (after `Retry-After`) and 5xx are retried. A blob download broken
+/// midway is resumed on the host that was serving it, whichever it is.
+/// [`FetchObserver::retry`], [`FetchObserver::resumed`] and [`FetchObserver::fallback`]
+/// report each event (through `resolve_observed` / `open_blob_observed`).
+///
+/// # Wrong bytes
+/// A manifest is read whole before use, so a host serving a wrong one is simply left for
+/// the next. A blob is streamed to the caller while it is hashed; its digest can only be
+/// known at the end, when the caller has consumed most of it. The reader checks it before
+/// handing out the last chunk, and on a mismatch fails with [`Error::ContentMismatch`]
+/// naming the host, and demotes that host for that digest, so the next `open_blob` of it
+/// (the cache's retry, or the next `ensure`) starts at the next host. Nothing wrong is
+/// cached: the cache verifies every layer's digest too and keeps nothing of a failed
+/// extraction. (containerd has the same limit: its fetcher moves to the next host only
+/// on request errors, and a digest mismatch fails the ingest commit.) A host whose
+/// `Content-Length` contradicts the descriptor is left before anything is read.
+///
+/// # Credentials
+/// Looked up by the host actually contacted, once per host: the embedder's
+/// ([`RegistryOptions::with_credential`]), then, unless
+/// [`RegistryOptions::auth_files`] is off, `$REGISTRY_AUTH_FILE`,
+/// `$XDG_RUNTIME_DIR/containers/auth.json`, and `$DOCKER_CONFIG/config.json` (else
+/// `~/.docker/config.json`), including `credHelpers` and `credsStore` (the helper
+/// programs are run), through the `docker_credential` crate.
+///
+/// # Security
+/// - TLS by default (rustls; the compiled-in webpki roots, or the system bundle plus the
+///   host's `ca` files when `ca` is set). Plain HTTP only for a `hosts.toml` entry that
+///   says `http://`, with [`RegistryOptions::plain_http`], or for a loopback registry
+///   (127.0.0.0/8, `::1`, `localhost`, not on port 443), as docker and containerd allow.
+///   `skip_verify` is honoured only where a `hosts.toml` sets it.
+/// - Credentials go only to the host they are for: never to another mirror, never across
+///   a redirect to another host (redirects are followed here, not by the HTTP library,
+///   and lose `Authorization` and the `hosts.toml` headers when they leave the host), and
+///   to a Bearer realm only over HTTPS (or loopback, or the host itself).
+/// - Everything read is bounded: manifests 4 MiB, token answers 1 MiB, error bodies 512
+///   bytes; blobs exactly their descriptor's size. Every manifest and blob is verified
+///   against its digest.
+/// - Retries are bounded in count ([`RegistryOptions::max_retries`]) and time
+///   ([`RegistryOptions::max_retry_time`]); connects and stalled reads time out.
+///
+/// # Why not `oci-spec`
+/// The manifest and index types come from the crate's own `fetch::manifest` module, shared
+/// with [`OciLayout`](crate::OciLayout), not from `oci-spec`: what is needed is a
+/// descriptor (digest, size, media type, platform) and the fields that tell an index from
+/// a manifest, read leniently where registries differ (`null` lists, Docker schema 2 media
+/// types, absent `mediaType`) and strictly where it matters (digest syntax, size,
+/// media-type contradictions, schema version). `oci-spec` models the whole image spec with
+/// builders, getters and its own error type, pulls `derive_builder`, `getset`, `strum` and
+/// `thiserror` 1 into a crate that would use a tenth of it, and its strict enums reject
+/// documents the rules above accept on purpose. Keeping one small module also keeps the
+/// selection logic (platform matching, `arm64` = `arm64/v8`) identical for both fetchers.
+///
+/// # Concurrency
+/// A `Registry` is `Send + Sync` and cheap to clone (an `Arc` inside); clones share the
+/// token cache, the host configuration, the digest → repository map and the demoted
+/// hosts. Any number of threads may resolve and download at once; each blob reader owns
+/// its connection. The library never prints.
+///
+/// # Example: one fetcher, used directly
 /// ```no_run
 /// use rootfs_cache::{ImageFetcher, Registry, RegistryOptions};
 /// # fn main() -> rootfs_cache::Result<()> {
@@ -344,12 +360,19 @@ impl Registry {
                     headers: vec![("accept", ACCEPT.to_string())],
                     op: format!("HEAD {}/{rest}", conn.entry.path),
                 };
-                let head = self.inner.client.send(conn, &x, observer, retry)?;
-                let size = header(&head, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-                if let Some(n) = size.filter(|&n| n > MAX_JSON_BYTES) {
-                    return Err(too_big(conn, &x.op, n));
-                }
-                match header(&head, "docker-content-digest").and_then(|d| d.trim().parse::<Digest>().ok()) {
+                let digest = match self.inner.client.send(conn, &x, observer, retry) {
+                    Ok(head) => {
+                        let size = header(&head, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                        if let Some(n) = size.filter(|&n| n > MAX_JSON_BYTES) {
+                            return Err(too_big(conn, &x.op, n));
+                        }
+                        header(&head, "docker-content-digest").and_then(|d| d.trim().parse::<Digest>().ok())
+                    }
+                    // A server without HEAD for manifests: GET by tag instead.
+                    Err(Error::Registry { status: Some(405 | 501), .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                match digest {
                     Some(d) => self.get_manifest(conn, repo, &d.to_string(), Some(&d), None, observer, retry)?,
                     None => self.get_manifest(conn, repo, &tag, None, None, observer, retry)?,
                 }
@@ -440,7 +463,7 @@ impl Registry {
                 return Err(Error::ContentMismatch {
                     host: conn.host().to_string(),
                     what: format!("manifest {object} of {repo}"),
-                    expected: want.clone(),
+                    expected: *want,
                     found,
                 });
             }
@@ -458,7 +481,7 @@ impl Registry {
         let mut seen = self.inner.seen.lock();
         for layer in &image.layers {
             let where_ = (r.registry.clone(), r.repository.clone());
-            let list = seen.entry(layer.digest.clone()).or_default();
+            let list = seen.entry(layer.digest).or_default();
             if !list.contains(&where_) {
                 list.push(where_);
             }
@@ -530,7 +553,7 @@ impl ImageFetcher for Registry {
         let bad = self.inner.bad.lock();
         let mut ordered: Vec<Arc<Conn>> = conns.iter().filter(|c| c.entry.pull).cloned().collect();
         // Hosts that served wrong bytes for this digest go last (stable otherwise).
-        ordered.sort_by_key(|c| bad.contains(&(layer.digest.clone(), c.host().to_string())));
+        ordered.sort_by_key(|c| bad.contains(&(layer.digest, c.host().to_string())));
         drop(bad);
         if ordered.is_empty() {
             return Err(Error::Unsupported {
@@ -570,5 +593,47 @@ impl ImageFetcher for Registry {
             }
         }
         Err(combine(failures, format!("resolve {r}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_is_send_sync_and_cheap_to_clone() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Registry>();
+        let r = Registry::new(RegistryOptions::default()).unwrap();
+        let c = r.clone();
+        assert!(Arc::ptr_eq(&r.inner, &c.inner));
+    }
+
+    #[test]
+    fn unknown_blob_is_not_found_and_bad_reference_is_typed() {
+        let r = Registry::new(RegistryOptions::default().with_auth_files(false)).unwrap();
+        let d = Descriptor { digest: Digest::of(b"x"), size: 1, media_type: String::new() };
+        assert!(matches!(r.open_blob(&d), Err(Error::NotFound { .. })));
+        assert!(matches!(r.resolve("Not/Valid"), Err(Error::InvalidReference { .. })));
+    }
+
+    #[test]
+    fn failures_combine_into_one_error() {
+        let nf = |h: &str| (h.to_string(), Error::NotFound { what: format!("x on {h}") });
+        let reg = |h: &str| {
+            (
+                h.to_string(),
+                Error::Registry { host: h.into(), op: "GET /v2/".into(), status: Some(503), reason: "HTTP 503".into() },
+            )
+        };
+        assert!(matches!(combine(vec![reg("a")], "w".into()), Error::Registry { .. }));
+        match combine(vec![nf("a"), nf("b")], "blob x".into()) {
+            Error::NotFound { what } => assert!(what.contains("a, b"), "{what}"),
+            e => panic!("{e}"),
+        }
+        let e = combine(vec![nf("a"), reg("b")], "resolve r".into());
+        let text = e.to_string();
+        assert!(matches!(e, Error::AllHostsFailed { ref failures, .. } if failures.len() == 2));
+        assert!(text.contains("[a] not found") && text.contains("[b] registry b: GET /v2/: HTTP 503"), "{text}");
     }
 }

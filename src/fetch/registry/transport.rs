@@ -85,7 +85,13 @@ pub(crate) fn build_agent(entry: Option<&HostEntry>, opts: &RegistryOptions) -> 
         }
     }
     let connect = entry.and_then(|e| e.dial_timeout).unwrap_or(opts.connect_timeout);
-    let config = Agent::config_builder()
+    let mut config = Agent::config_builder();
+    // Proxies from the environment (`HTTPS_PROXY`, `NO_PROXY`), except for loopback
+    // hosts, which no proxy can reach (Go's ProxyFromEnvironment makes the same exception).
+    if entry.is_some_and(|e| is_loopback(&e.authority)) {
+        config = config.proxy(None);
+    }
+    let config = config
         .http_status_as_error(false)
         .max_redirects(0)
         .user_agent(opts.user_agent.as_str())
@@ -183,15 +189,18 @@ impl Client {
                         404 => {
                             return Err(Error::NotFound { what: format!("{} on {}", x.op, conn.host()) });
                         }
-                        408 | 429 | 500..=599 => Failure {
-                            reason: format!("HTTP {status}{}", error_detail_ref(&resp)),
-                            status: Some(status),
-                            retry_after: header(&resp, "retry-after")
-                                .and_then(|v| parse_retry_after(&v, SystemTime::now())),
-                            retryable: true,
-                        },
+                        408 | 429 | 500..=599 => {
+                            let retry_after =
+                                header(&resp, "retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now()));
+                            Failure {
+                                reason: format!("HTTP {status}{}", error_detail(resp)),
+                                status: Some(status),
+                                retry_after,
+                                retryable: true,
+                            }
+                        }
                         _ => Failure {
-                            reason: format!("unexpected HTTP {status}{}", error_detail_ref(&resp)),
+                            reason: format!("unexpected HTTP {status}{}", error_detail(resp)),
                             status: Some(status),
                             retry_after: None,
                             retryable: false,
@@ -404,16 +413,8 @@ impl Client {
         for _ in 0..=MAX_REDIRECTS {
             let same = origin(&url) == home;
             let mut req = http::Request::builder().method(method.clone()).uri(url.as_str());
-            for (k, v) in headers {
-                req = req.header(*k, v.as_str());
-            }
-            if same {
-                for (k, v) in &conn.entry.headers {
-                    req = req.header(k.as_str(), v.as_str());
-                }
-                if let Some(a) = auth {
-                    req = req.header("authorization", a);
-                }
+            for (k, v) in hop_headers(same, headers, &conn.entry.headers, auth) {
+                req = req.header(k, v);
             }
             let agent = if same { &conn.agent } else { &self.foreign };
             let resp = match body {
@@ -434,6 +435,25 @@ impl Client {
         }
         Err(ureq::Error::TooManyRedirects)
     }
+}
+
+/// The headers of one hop: the request's own (`Accept`, `Range`) always; the host's
+/// `hosts.toml` headers and `Authorization` only while the URL is on the host the request
+/// was for (`same_origin`), never after a redirect to another one.
+fn hop_headers<'a>(
+    same_origin: bool,
+    request: &'a [(&'static str, String)],
+    host: &'a [(String, String)],
+    auth: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut out: Vec<(&str, &str)> = request.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    if same_origin {
+        out.extend(host.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some(a) = auth {
+            out.push(("authorization", a));
+        }
+    }
+    out
 }
 
 /// Classify a transport error.
@@ -459,10 +479,6 @@ fn error_detail(resp: Response<ureq::Body>) -> String {
     let mut body = Vec::new();
     let _ = resp.into_body().into_reader().take(512).read_to_end(&mut body);
     detail_text(&body)
-}
-
-fn error_detail_ref(_resp: &Response<ureq::Body>) -> String {
-    String::new()
 }
 
 fn detail_text(body: &[u8]) -> String {
@@ -636,6 +652,30 @@ mod tests {
         assert_ne!(origin(&resolve_location(base, "http://reg.example/x").unwrap()), home);
         assert_eq!(origin(&resolve_location(base, "/x").unwrap()), home);
         assert_eq!(origin(&resolve_location(base, "https://REG.example:443/x").unwrap()), home);
+    }
+
+    #[test]
+    fn credentials_do_not_cross_redirects() {
+        let request = vec![("accept", "application/json".to_string()), ("range", "bytes=10-".to_string())];
+        let host = vec![("x-mirror-token".to_string(), "t".to_string())];
+        let base = "https://reg.example/v2/a/blobs/sha256:1";
+        for (location, same) in [
+            ("/v2/a/blobs/sha256:1?retry", true),
+            ("https://reg.example:443/elsewhere", true),
+            ("https://s3.example/bucket/blob?sig=x", false),
+            ("http://reg.example/v2/a/blobs/sha256:1", false),
+            ("https://reg.example:8443/v2/", false),
+            ("//reg.example.evil/x", false),
+        ] {
+            let next = resolve_location(base, location).unwrap();
+            let is_same = origin(&next) == origin(base);
+            assert_eq!(is_same, same, "{location}");
+            let sent = hop_headers(is_same, &request, &host, Some("Bearer secret"));
+            let names: Vec<&str> = sent.iter().map(|(k, _)| *k).collect();
+            assert!(names.contains(&"accept") && names.contains(&"range"), "{location}: {names:?}");
+            assert_eq!(names.contains(&"authorization"), same, "{location}: {names:?}");
+            assert_eq!(names.contains(&"x-mirror-token"), same, "{location}: {names:?}");
+        }
     }
 
     #[test]
