@@ -438,28 +438,18 @@ impl Registry {
         if let Some(n) = size.filter(|&n| n > MAX_JSON_BYTES) {
             return Err(too_big(conn, &x.op, n));
         }
-        let resp = self.inner.client.send(conn, &x, observer, retry)?;
-        if let Some(n) = header(&resp, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
-            if n > MAX_JSON_BYTES {
-                return Err(too_big(conn, &x.op, n));
-            }
-        }
-        let media_type = header(&resp, "content-type")
+        let (parts, bytes) = self.inner.client.fetch_small(conn, &x, observer, retry, MAX_JSON_BYTES, "manifest")?;
+        let media_type = parts
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
             .map(|t| t.split(';').next().unwrap_or("").trim().to_string())
             .filter(|t| [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST].contains(&t.as_str()));
-        let server_digest = header(&resp, "docker-content-digest").and_then(|d| d.trim().parse::<Digest>().ok());
-        let mut bytes = Vec::new();
-        resp.into_body().into_reader().take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(|e| {
-            Error::Registry {
-                host: conn.host().to_string(),
-                op: x.op.clone(),
-                status: None,
-                reason: format!("reading: {e}"),
-            }
-        })?;
-        if bytes.len() as u64 > MAX_JSON_BYTES {
-            return Err(too_big(conn, &x.op, bytes.len() as u64));
-        }
+        let server_digest = parts
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| d.trim().parse::<Digest>().ok());
         let found = Digest::of(&bytes);
         if let Some(want) = expected.or(server_digest.as_ref()) {
             if *want != found {

@@ -230,6 +230,55 @@ impl Client {
         }
     }
 
+    /// [`send`](Client::send) and read the whole body, at most `max` bytes (`what` names
+    /// it in errors): a body that breaks or stalls is asked for again, within the same
+    /// retry bounds. Returns the response head and the body.
+    ///
+    /// # Errors
+    /// As `send`; [`Error::Registry`] for a body over `max` bytes, or one that kept
+    /// breaking.
+    pub(crate) fn fetch_small(
+        &self,
+        conn: &Conn,
+        x: &Exchange<'_>,
+        observer: &dyn FetchObserver,
+        retry: bool,
+        max: u64,
+        what: &str,
+    ) -> Result<(http::response::Parts, Vec<u8>)> {
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        let fail =
+            |reason: String| Error::Registry { host: conn.host().to_string(), op: x.op.clone(), status: None, reason };
+        let too_big = |n: u64| fail(format!("{what} of {n} bytes, more than the {max} allowed"));
+        loop {
+            let (parts, body) = self.send(conn, x, observer, retry)?.into_parts();
+            let length = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+            if let Some(n) = length.filter(|&n| n > max) {
+                return Err(too_big(n));
+            }
+            let mut bytes = Vec::new();
+            match body.into_reader().take(max + 1).read_to_end(&mut bytes) {
+                Ok(_) if bytes.len() as u64 > max => return Err(too_big(bytes.len() as u64)),
+                Ok(_) => return Ok((parts, bytes)),
+                Err(e) => {
+                    let reason = format!("reading the {what}: {e}");
+                    let delay = backoff(attempt);
+                    if !retry
+                        || attempt >= self.opts.max_retries
+                        || started.elapsed() + delay > self.opts.max_retry_time
+                    {
+                        let tries = if attempt > 0 { format!(" (after {attempt} retries)") } else { String::new() };
+                        return Err(fail(format!("{reason}{tries}")));
+                    }
+                    observer.retry(conn.host(), &reason);
+                    std::thread::sleep(delay);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
     /// The `Authorization` value to send to `conn` for `scope`, from what the host asked
     /// for before: none until it challenges, then Basic credentials or a (cached, else
     /// fetched) Bearer token.
