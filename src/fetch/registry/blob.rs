@@ -483,7 +483,10 @@ mod tests {
 
     /// A blob of `len` bytes served correctly by one server (with Range) and with byte
     /// `flip` flipped by another.
-    fn liar_and_good(len: usize, flip: usize) -> (Vec<u8>, Descriptor, String, String, Arc<Mutex<Vec<String>>>) {
+    /// What the good server saw.
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn liar_and_good(len: usize, flip: usize) -> (Vec<u8>, Descriptor, String, String, Log) {
         let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let desc = Descriptor { digest: Digest::of(&data), size: data.len() as u64, media_type: String::new() };
         let mut bad = data.clone();
