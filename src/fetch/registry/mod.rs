@@ -219,16 +219,24 @@ impl RegistryOptions {
 /// report each event (through `resolve_observed` / `open_blob_observed`).
 ///
 /// # Wrong bytes
-/// A manifest is read whole before use, so a host serving a wrong one is simply left for
-/// the next. A blob is streamed to the caller while it is hashed; its digest can only be
-/// known at the end, when the caller has consumed most of it. The reader checks it before
-/// handing out the last chunk, and on a mismatch fails with [`Error::ContentMismatch`]
-/// naming the host, and demotes that host for that digest, so the next `open_blob` of it
-/// (the cache's retry, or the next `ensure`) starts at the next host. Nothing wrong is
-/// cached: the cache verifies every layer's digest too and keeps nothing of a failed
-/// extraction. (containerd has the same limit: its fetcher moves to the next host only
-/// on request errors, and a digest mismatch fails the ingest commit.) A host whose
-/// `Content-Length` contradicts the descriptor is left before anything is read.
+/// A manifest is read whole and checked before use, so a host serving a wrong one is
+/// simply left for the next. A blob is streamed to the caller while it is hashed, and its
+/// digest can only be checked once every byte is in. So the reader holds back the last
+/// MiB it received until the check: a blob up to 1 MiB is handed out only once verified,
+/// a larger one only up to its last MiB. On a mismatch the held bytes are dropped, the
+/// host is demoted for that digest (tried last by every later `open_blob` of it, and
+/// reported to [`FetchObserver::fallback`]), and the download continues on the next
+/// host from the number of bytes handed out; the digest is checked again at the end.
+/// So wrong bytes within the held-back tail (any corruption of a small blob, a truncated
+/// or wrong tail of a large one) never reach the caller and the same read succeeds from
+/// the next host. Wrong bytes already handed out (early in a large blob) cannot be taken
+/// back: the read fails with [`Error::ContentMismatch`] naming the host(s), and the next
+/// `open_blob` of that digest starts at a host that has not lied about it. Nothing wrong
+/// is cached either way: the cache verifies every layer's digest too and keeps nothing of
+/// a failed extraction. (containerd's fetcher moves to the next host only on request
+/// errors; a digest mismatch fails its ingest commit. This reader does better where it
+/// can, at the cost of 1 MiB of buffer per open blob.) A host whose `Content-Length`
+/// contradicts the descriptor is left before anything is read from it.
 ///
 /// # Credentials
 /// Looked up by the host actually contacted, once per host: the embedder's
