@@ -635,6 +635,38 @@ fn token_auth_access_token_field_and_anonymous_tokens() {
     assert!(tokens.requests.lock().unwrap().iter().any(|r| r.header("authorization").is_none()));
 }
 
+/// Tokens are cached per host and scope until `expires_in`: a second pull of the same
+/// repository through the same `Registry` asks for no token while it is valid, and for a
+/// new one once it expired (the registry itself allows a minute of leeway, so only the
+/// client's cache is tested here).
+#[test]
+fn token_cached_until_expiry() {
+    let test = "token_cached_until_expiry";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    for (expires_in, want_new) in [(300, false), (1, true)] {
+        let tokens = TokenServer::start(TokenPolicy {
+            creds: Some(("bob".into(), "hunter2".into())),
+            expires_in,
+            ..TokenPolicy::default()
+        });
+        let f = fill(RegistryServer::start(RegistryConfig::plain().token(tokens.registry_config())), 26);
+        let reference = format!("{}/test/mixed:v1", f.reg.host());
+        let r = Registry::new(with_creds(options(), &f.reg.host(), "bob", "hunter2")).unwrap();
+        f.ensure_mixed(&f.cache, &r, &reference);
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = tokens.request_count();
+        f.ensure_mixed(&f.new_cache("c2"), &r, &reference);
+        let n = tokens.request_count() - before;
+        if want_new {
+            assert!(n >= 1, "expires_in {expires_in}: an expired token reused");
+        } else {
+            assert_eq!(n, 0, "expires_in {expires_in}: a valid token fetched again");
+        }
+    }
+}
+
 /// A cached token the registry rejects is replaced once (a fresh token is fetched and the
 /// request retried); a fresh token that is rejected is `Unauthorized` at once (as
 /// containerd does), after a bounded number of token requests.
@@ -921,6 +953,27 @@ fn hosts_toml_headers_capabilities_and_default() {
     }
     assert!(upstream.requests().iter().any(|q| q.path().ends_with("/manifests/v1")));
     assert!(upstream.requests().iter().all(|q| q.header("x-test-mirror").is_none()));
+}
+
+/// A registry name that is not loopback (and does not resolve), served by the hosts.toml
+/// `server` it maps to over plain HTTP (the entry says `http://`); without the hosts dir,
+/// a typed error naming the host.
+#[test]
+fn hosts_toml_server_for_a_registry_name() {
+    let Some(f) = fixture("hosts_toml_server_for_a_registry_name", RegistryConfig::plain(), 48) else { return };
+    let server = FaultProxy::start(f.reg.addr());
+    let name = "registry.rootfs-cache.invalid:5000";
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(name, &harness::hosts_toml(Some(&server.url()), &[]));
+    let reference = format!("{name}/test/mixed:v1");
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir)).unwrap();
+    f.ensure_mixed(&f.cache, &r, &reference);
+    // A host other than the registry named gets `?ns=` (containerd's `isProxy`: any host
+    // whose name differs from the reference's, `server` included).
+    assert!(server.requests().iter().all(|q| q.query_all("ns") == [name]), "{:#?}", server.requests());
+    let r = Registry::new(options()).unwrap();
+    let e = must_fail(f.new_cache("c2").ensure(&r, &reference), "an unresolvable registry name");
+    assert_registry_error_naming(&e, name);
 }
 
 /// A mirror serving a wrong manifest: read whole and checked, so the next host answers.
