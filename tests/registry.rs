@@ -1227,6 +1227,37 @@ fn stalled_read_times_out_and_is_retried() {
     assert!(!r.events.resumed().is_empty() || !r.events.retries().is_empty(), "{:?}", r.events);
 }
 
+/// A connection closed without an answer (on the tag's HEAD) is retried; a host where
+/// nothing listens is a typed error naming it, soon; a `Retry-After` longer than
+/// `max_retry_time` is not waited for.
+#[test]
+fn hangups_dead_hosts_and_long_retry_after() {
+    let Some((f, proxy, reference)) = behind_proxy("hangups_dead_hosts_and_long_retry_after", 59) else { return };
+    proxy.add(harness::Rule {
+        method: Some("HEAD".into()),
+        path_contains: "/manifests/".into(),
+        fault: Fault::Hangup,
+        times: Some(1),
+    });
+    let r = Observed::new(options());
+    f.ensure_mixed(&f.cache, &r, &reference);
+    assert_eq!(r.events.retries().len(), 1, "{:?}", r.events);
+    // Nothing listening.
+    let dead = harness::dead_addr();
+    let start = Instant::now();
+    let e = must_fail(f.new_cache("c2").ensure(&r, &format!("{dead}/test/mixed:v1")), "a dead registry");
+    assert_registry_error_naming(&e, &dead.to_string());
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    // Retry-After: one hour.
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::Status(429, vec![("Retry-After".into(), "3600".into())]), None);
+    let start = Instant::now();
+    let e = must_fail(f.new_cache("c3").ensure(&r, &reference), "429 for an hour");
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    assert_registry_error_naming(&e, &proxy.host());
+    assert!(e.to_string().contains("429"), "{e}");
+}
+
 /// A manifest body that stalls (headers sent, then nothing) or is cut short: retried
 /// like any other request, within `max_retries`.
 #[test]
