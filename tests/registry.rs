@@ -3,6 +3,11 @@
 //! hosts.toml mirrors and a fault-injecting proxy; pulled trees compared with
 //! `umoci unpack` of the same image.
 //!
+//! Every test starts its own registry (and proxies, token endpoint) on free loopback
+//! ports, with short timeouts and backoffs ([`options`]), so the suite runs in parallel in
+//! well under a minute. The fetcher's events are recorded by wrapping it ([`Observed`]),
+//! so the tests do not depend on the cache's counters.
+//!
 //! Needs root (umoci unpack, overlay mounts) and the tools in [`harness::TOOLS`]; without
 //! them each test skips with a message, or fails when `CI` is set.
 
@@ -11,14 +16,23 @@ mod support;
 #[path = "common/registry.rs"]
 mod harness;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use harness::{Comp, Layout, RegistryConfig, RegistryServer};
+use harness::{
+    Comp, Fault, FaultProxy, HostEntry, HostsDir, ImageInfo, Layout, RegistryConfig, RegistryServer, TokenPolicy,
+    TokenServer,
+};
+use rootfs_cache::{
+    CacheOptions, Credential, Descriptor, Error, FetchObserver, ImageFetcher, ImageManifest, Platform, Registry,
+    RegistryOptions, RootfsCache,
+};
 
 /// A layout with a 3-layer image `mixed` (gzip, zstd, gzip), a multi-platform index
 /// `multi` (amd64 + arm64, each also tagged `multi-<arch>`).
-fn test_layout(dir: &std::path::Path, seed: u64) -> (Layout, harness::ImageInfo, harness::ImageInfo) {
+fn test_layout(dir: &Path, seed: u64) -> (Layout, harness::ImageInfo, harness::ImageInfo) {
     let mut l = Layout::create(dir);
     let tars = harness::image_layers(seed, 300_000);
     let mixed = l.add_image(
@@ -253,26 +267,27 @@ fn harness_layout_through_cache_matches_umoci() {
 // =======================================================================================
 // The `Registry` fetcher
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use harness::{Fault, FaultProxy, HostEntry, HostsDir, ImageInfo, TokenPolicy, TokenServer};
-use rootfs_cache::{
-    CacheOptions, Credential, Descriptor, Error, FetchObserver, ImageFetcher, ImageManifest, Platform, Registry,
-    RegistryOptions, RootfsCache,
-};
-
-/// Options with short timeouts and backoffs, so that a failing case ends in seconds.
+/// Options with short timeouts and backoffs, so that a failing case ends in seconds. The
+/// read timeout leaves room for a loaded machine (a spurious timeout would add requests
+/// that some tests count).
 fn options() -> RegistryOptions {
-    let mut o = RegistryOptions::default();
-    o.connect_timeout = Duration::from_secs(2);
-    o.read_timeout = Duration::from_millis(700);
-    o.max_retries = 3;
-    o.max_retry_time = Duration::from_secs(8);
-    // Never the auth files of whoever runs the tests.
-    o.auth_files = false;
-    o
+    RegistryOptions::default()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_read_timeout(Duration::from_secs(2))
+        .with_max_retries(3)
+        .with_max_retry_time(Duration::from_secs(8))
+        // Never the auth files of whoever runs the tests.
+        .with_auth_files(false)
+}
+
+/// Whole downloads of `digest` through `proxy`: GETs without `Range` (a resumed request
+/// is not a new download).
+fn downloads(proxy: &FaultProxy, digest: &str) -> usize {
+    proxy
+        .requests()
+        .iter()
+        .filter(|q| q.method == "GET" && q.path().contains(digest) && q.header("range").is_none())
+        .count()
 }
 
 fn with_creds(o: RegistryOptions, host: &str, user: &str, pass: &str) -> RegistryOptions {
@@ -1372,7 +1387,7 @@ fn eight_threads_one_download_per_layer() {
     distinct.dedup();
     assert_eq!(distinct.len(), 1 + 2 + 4);
     for d in distinct {
-        assert_eq!(proxy.count("GET", d), 1, "downloads of {d}: {:#?}", proxy.requests());
+        assert_eq!(downloads(&proxy, d), 1, "downloads of {d}: {:#?}", proxy.requests());
     }
 }
 
@@ -1392,10 +1407,10 @@ fn eight_threads_with_a_cut_download() {
             });
         }
     });
-    assert_eq!(proxy.count("GET", &big.digest), 2, "{:#?}", proxy.requests());
-    for l in f.mixed.layers.iter().filter(|l| l.digest != big.digest) {
-        assert_eq!(proxy.count("GET", &l.digest), 1);
+    for l in &f.mixed.layers {
+        assert_eq!(downloads(&proxy, &l.digest), 1, "{:#?}", proxy.requests());
     }
-    assert_eq!(r.events.resumed().len(), 1, "{:?}", r.events);
+    assert!(proxy.count("GET", &big.digest) >= 2, "{:#?}", proxy.requests());
+    assert!(!r.events.resumed().is_empty(), "{:?}", r.events);
     f.ensure_mixed(&f.cache, &r, &reference);
 }
