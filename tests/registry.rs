@@ -533,8 +533,17 @@ fn pull_docker_v2s2_and_recompressed_zstd() {
         None,
         &["--dest-compress-format", "zstd", "--dest-compress"],
     );
-    let r = Registry::new(options()).unwrap();
-    for repo in ["test/docker", "test/zstd"] {
+    // A Docker manifest list (of the gzip twin and the arm64 image).
+    let mut layout = Layout::create(&f.scratch().join("L2"));
+    let tars = harness::image_layers(11, 300_000);
+    let twin = layout.add_reference_twin("amd", "amd64", &tars);
+    let arm = layout.add_image(Some("arm"), "arm64", &[(harness::small_layer("arm", 3), Comp::Gzip)]);
+    layout.add_index("list", &[&twin, &arm]);
+    f.reg.push(&layout.dir, "list", "test/list", "v1", None, &["--format", "v2s2"]);
+    let raw = f.reg.inspect_raw("test/list", "v1", None);
+    assert!(raw.contains("application/vnd.docker.distribution.manifest.list.v2+json"), "{raw}");
+    let r = Registry::new(with_platform(options(), "amd64")).unwrap();
+    for repo in ["test/docker", "test/zstd", "test/list"] {
         let reference = format!("{}/{repo}:v1", f.reg.host());
         let rootfs = f.cache.ensure(&r, &reference).unwrap_or_else(|e| panic!("{reference}: {e}"));
         harness::assert_same_tree(&reference, &f.reference, rootfs.lowers(), f.scratch());
@@ -577,6 +586,15 @@ fn cached_digest_reference_makes_no_request() {
     let again = f.cache.ensure(&r, &format!("{}/test/mixed:v1@{}", proxy.host(), f.mixed.manifest.digest)).unwrap();
     assert_eq!(again.lowers(), first.lowers());
     assert!(proxy.requests().is_empty(), "requests for a cached digest: {:?}", proxy.requests());
+    // Not cached: tag and digest, the digest wins (the tag is never asked for).
+    let c2 = f.new_cache("c2");
+    let reference = format!("{}/test/mixed:no-such-tag@{}", proxy.host(), f.mixed.manifest.digest);
+    f.ensure_mixed(&c2, &fresh, &reference);
+    let reqs = proxy.requests();
+    assert!(!reqs.is_empty() && reqs.iter().all(|q| !q.path().contains("no-such-tag")), "{reqs:#?}");
+    // `localhost` is loopback too: plain HTTP.
+    let c3 = f.new_cache("c3");
+    f.ensure_mixed(&c3, &fresh, &format!("localhost:{}/test/mixed:v1", f.reg.port));
 }
 
 // ---------------------------------------------------------------------------------------
