@@ -700,6 +700,41 @@ fn token_cached_until_expiry() {
     }
 }
 
+/// The token service fails transiently (503, a connection closed without an answer, a
+/// 429 with `Retry-After`): retried like any other request, and the pull succeeds.
+#[test]
+fn token_service_faults_are_retried() {
+    let test = "token_service_faults_are_retried";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    let tokens =
+        TokenServer::start(TokenPolicy { creds: Some(("bob".into(), "hunter2".into())), ..TokenPolicy::default() });
+    // The registry sends clients to the token service through a fault proxy.
+    let token_proxy = FaultProxy::start(tokens.addr);
+    let mut config = tokens.registry_config();
+    config.realm = format!("{}/token", token_proxy.url());
+    let f = fill(RegistryServer::start(RegistryConfig::plain().token(config)), 27);
+    let reference = format!("{}/test/mixed:v1", f.reg.host());
+    let mut failures = Vec::new();
+    let faults =
+        [Fault::Status(503, vec![]), Fault::Hangup, Fault::Status(429, vec![("Retry-After".into(), "1".into())])];
+    for (i, fault) in faults.into_iter().enumerate() {
+        token_proxy.clear();
+        token_proxy.on_get("/token", fault.clone(), Some(1));
+        let r = Observed::new(with_creds(options(), &f.reg.host(), "bob", "hunter2"));
+        let cache = f.new_cache(&format!("c{i}"));
+        match cache.ensure(&r, &reference) {
+            Ok(rootfs) => harness::assert_same_tree(&reference, &f.reference, rootfs.lowers(), f.scratch()),
+            Err(e) => {
+                assert_registry_error_naming(&e, &f.reg.host());
+                failures.push(format!("{fault:?}: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "token service faults not retried:\n{}", failures.join("\n"));
+}
+
 /// A cached token the registry rejects is replaced once (a fresh token is fetched and the
 /// request retried); a fresh token that is rejected is `Unauthorized` at once (as
 /// containerd does), after a bounded number of token requests.
