@@ -862,6 +862,30 @@ fn redirect_to_another_host_gets_no_credentials() {
     assert!(front.requests().iter().any(|r| r.header("authorization").is_some()));
 }
 
+/// Redirects that never end, and a redirect to a host that is down: typed errors naming
+/// the registry, and the cache is usable afterwards.
+#[test]
+fn redirect_loops_and_dead_redirect_targets() {
+    let Some((f, proxy, reference)) = behind_proxy("redirect_loops_and_dead_redirect_targets", 28) else { return };
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::Redirect(proxy.url()), None);
+    let r = Registry::new(options()).unwrap();
+    let start = Instant::now();
+    let e = must_fail(f.cache.ensure(&r, &reference), "a redirect loop");
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    assert_registry_error_naming(&e, &proxy.host());
+    let n = proxy.count("GET", &big.digest);
+    assert!(n <= 50, "{n} requests in a redirect loop");
+    proxy.clear();
+    let dead = harness::dead_addr();
+    proxy.on_get(&big.digest, Fault::Redirect(format!("http://{dead}")), None);
+    let e = must_fail(f.cache.ensure(&r, &reference), "a redirect to a dead host");
+    assert!(registry_error(&e).is_some(), "{e:?}");
+    assert!(e.to_string().contains(&proxy.host()) || e.to_string().contains(&dead.to_string()), "{e}");
+    proxy.clear();
+    f.ensure_mixed(&f.cache, &r, &reference);
+}
+
 // ---------------------------------------------------------------------------------------
 // TLS
 
@@ -1044,6 +1068,25 @@ fn hosts_toml_server_for_a_registry_name() {
     assert_registry_error_naming(&e, name);
 }
 
+/// A mirror without the blob (404) hands it to the next host.
+#[test]
+fn mirror_missing_a_blob_next_host_used() {
+    let Some(f) = fixture("mirror_missing_a_blob_next_host_used", RegistryConfig::plain(), 49) else { return };
+    let mirror = FaultProxy::start(f.reg.addr());
+    let upstream = FaultProxy::start(f.reg.addr());
+    let big = big_layer(&f).clone();
+    mirror.on_get(&big.digest, Fault::Status(404, vec![]), None);
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(mirror.url())]));
+    let r = Observed::new(with_hosts_dir(options(), &hosts.dir));
+    f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", upstream.host()));
+    assert_eq!(downloads(&upstream, &big.digest), 1);
+    for l in f.mixed.layers.iter().filter(|l| l.digest != big.digest) {
+        assert_eq!(downloads(&mirror, &l.digest), 1);
+        assert_eq!(downloads(&upstream, &l.digest), 0);
+    }
+}
+
 /// A mirror serving a wrong manifest: read whole and checked, so the next host answers.
 #[test]
 fn lying_mirror_manifest_next_host_used() {
@@ -1199,6 +1242,21 @@ fn cut_mid_blob_is_resumed() {
         proxy.requests().into_iter().filter(|q| q.method == "GET" && q.path().contains(&big.digest)).collect();
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1].header("range"), Some(format!("bytes={}-", resumed[0].1).as_str()), "{gets:?}");
+}
+
+/// Every response cut after 60 000 bytes, `Range` honoured: each request makes progress,
+/// so the download completes however many requests it takes (the retry budget is per
+/// stretch without progress).
+#[test]
+fn progressive_cuts_complete() {
+    let Some((f, proxy, reference)) = behind_proxy("progressive_cuts_complete", 62) else { return };
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::CutAfter(60_000), None);
+    let r = Observed::new(options());
+    f.ensure_mixed(&f.cache, &r, &reference);
+    let n = proxy.count("GET", &big.digest) as u64;
+    assert_eq!(n, big.size.div_ceil(60_000), "requests for {} bytes", big.size);
+    assert_eq!(r.events.resumed().len() as u64, n - 1, "{:?}", r.events);
 }
 
 #[test]
