@@ -11,6 +11,8 @@
 //! Needs root (umoci unpack, overlay mounts) and the tools in [`harness::TOOLS`]; without
 //! them each test skips with a message, or fails when `CI` is set.
 
+#![cfg(feature = "registry")]
+
 mod support;
 
 #[path = "common/registry.rs"]
