@@ -1138,6 +1138,73 @@ fn lying_only_host_fails_typed_and_caches_nothing() {
     }
 }
 
+/// Wrong bytes early in a blob larger than anything a fetcher can hold back (3 MiB): the
+/// bytes reach extraction before the digest can be known. Alone, the host must still end
+/// in a typed error naming it (not the decompressor's or the tar parser's complaint), and
+/// behind a mirror the pull must end with the next host's bytes; nothing wrong is cached
+/// either way, and the cache stays usable.
+#[test]
+fn wrong_bytes_early_in_a_big_blob() {
+    let Some(f) = fixture("wrong_bytes_early_in_a_big_blob", RegistryConfig::plain(), 63) else { return };
+    let mut layout = Layout::create(&f.scratch().join("LB"));
+    let tars = harness::image_layers(63, 3 << 20);
+    let layers: Vec<(Vec<u8>, Comp)> = tars.iter().map(|t| (t.clone(), Comp::Gzip)).collect();
+    let image = layout.add_image(Some("big"), "amd64", &layers);
+    let big = image.layers.iter().max_by_key(|l| l.size).unwrap().clone();
+    assert!(big.size > 2 << 20, "{}", big.size);
+    f.reg.push(&layout.dir, "big", "test/big", "v1", None, &[]);
+    let reference_tree = layout.umoci_unpack("big", &f.scratch().join("ref-big"));
+    let check = |cache: &RootfsCache, r: &dyn ImageFetcher, reference: &str| {
+        let rootfs = cache.ensure(r, reference).unwrap_or_else(|e| panic!("{reference}: {e}"));
+        harness::assert_same_tree(reference, &reference_tree, rootfs.lowers(), f.scratch());
+    };
+    let only_ours = |cache: &RootfsCache| {
+        for (d, _, _) in cache.layers() {
+            assert!(image.layers.iter().any(|l| l.digest == d.to_string()), "unexpected layer {d}");
+        }
+    };
+    let mut problems = Vec::new();
+    // One host, lying.
+    let liar = FaultProxy::start(f.reg.addr());
+    liar.on_get(&big.digest, Fault::Corrupt(5000), None);
+    let reference = format!("{}/test/big:v1", liar.host());
+    let cache = f.new_cache("alone");
+    let r = Registry::new(options()).unwrap();
+    match cache.ensure(&r, &reference) {
+        Ok(_) => problems.push("alone: wrong bytes accepted".to_string()),
+        Err(e) => {
+            if registry_error(&e).is_none() || !e.to_string().contains(&liar.host()) {
+                problems.push(format!("alone: not a typed error naming {}: {e}", liar.host()));
+            }
+        }
+    }
+    only_ours(&cache);
+    liar.clear();
+    check(&cache, &r, &reference);
+    // Behind a mirror that lies.
+    let mirror = FaultProxy::start(f.reg.addr());
+    mirror.on_get(&big.digest, Fault::Corrupt(5000), None);
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts-big"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(mirror.url())]));
+    let reference = format!("{}/test/big:v1", upstream.host());
+    let cache = f.new_cache("mirrored");
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir)).unwrap();
+    match cache.ensure(&r, &reference) {
+        Ok(rootfs) => harness::assert_same_tree(&reference, &reference_tree, rootfs.lowers(), f.scratch()),
+        Err(e) => {
+            problems.push(format!("mirrored: the next host was not used: {e}"));
+            only_ours(&cache);
+            // At least the next ensure must get past the lying mirror.
+            if let Err(e) = cache.ensure(&r, &reference) {
+                problems.push(format!("mirrored, second ensure: the lying mirror was asked again: {e}"));
+            }
+            only_ours(&cache);
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn mirror_with_override_path_and_ns_parameter() {
     let Some(f) = fixture("mirror_with_override_path_and_ns_parameter", RegistryConfig::plain(), 43) else { return };
