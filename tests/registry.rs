@@ -783,58 +783,102 @@ fn rejected_token_is_fetched_again_once() {
     assert!((1..=2).contains(&n), "{n} token requests when every token is rejected");
 }
 
-/// Credentials from `$REGISTRY_AUTH_FILE` (podman's auth.json format), in a child
-/// process of this test binary so the environment of the other tests is left alone.
+/// Credentials from the auth files, in a child process of this test binary per case so
+/// the environment of the other tests is left alone: `$REGISTRY_AUTH_FILE`,
+/// `$XDG_RUNTIME_DIR/containers/auth.json` (podman), `$DOCKER_CONFIG/config.json`,
+/// `~/.docker/config.json`, a credential helper (`credHelpers`) and a store
+/// (`credsStore`) run from `PATH`; and none of them: refused.
 #[test]
-fn credentials_from_registry_auth_file() {
-    let test = "credentials_from_registry_auth_file";
+fn credentials_from_auth_files_and_helpers() {
+    let test = "credentials_from_auth_files_and_helpers";
     if let Ok(reference) = std::env::var("ROOTFS_CACHE_TEST_CHILD_REF") {
-        // The child: only the auth file can authorise this pull.
+        // The child: only the auth files can authorise this pull.
         let r = Registry::new(options().with_auth_files(true)).unwrap();
         let cache = RootfsCache::open(std::env::var("ROOTFS_CACHE_TEST_CHILD_CACHE").unwrap(), CacheOptions::default())
             .unwrap();
-        let rootfs = cache.ensure(&r, &reference).unwrap_or_else(|e| panic!("child ensure {reference}: {e}"));
-        println!("CHILD-OK {}", rootfs.manifest_digest());
+        match cache.ensure(&r, &reference) {
+            Ok(rootfs) => println!("CHILD-OK {}", rootfs.manifest_digest()),
+            Err(e) => println!("CHILD-ERR {e}"),
+        }
         return;
     }
     let Some(f) = fixture(test, RegistryConfig::plain().htpasswd("carol", "pa55"), 23) else { return };
-    let auth = f.scratch().join("auth.json");
+    let host = f.reg.host();
+    let auths = format!(r#"{{"auths":{{"{host}":{{"auth":"{}"}}}}}}"#, harness::base64(b"carol:pa55"));
+    let case_dir = |name: &str| {
+        let d = f.scratch().join("cases").join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    // A credential helper: `docker-credential-rctest get` reads the server on stdin.
+    let bin = case_dir("bin");
+    let helper = bin.join("docker-credential-rctest");
     std::fs::write(
-        &auth,
-        format!(r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#, f.reg.host(), harness::base64(b"carol:pa55")),
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\n[ \"$server\" = \"{host}\" ] || \
+             {{ echo 'credentials not found in native keychain'; exit 1; }}\n\
+             echo '{{\"ServerURL\":\"{host}\",\"Username\":\"carol\",\"Secret\":\"pa55\"}}'\n"
+        ),
     )
     .unwrap();
-    let home = f.scratch().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    // The child opens caches of its own (this process holds the lock of `f.cache`).
-    let child = |auth_file: Option<&Path>| {
+    support::chmod(&helper, 0o755);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cases: Vec<(&str, Vec<(&str, PathBuf)>, bool)> = Vec::new();
+    let home = case_dir("empty-home");
+    cases.push(("nothing", vec![("HOME", home.clone())], false));
+    let d = case_dir("registry-auth-file");
+    std::fs::write(d.join("auth.json"), &auths).unwrap();
+    cases.push(("REGISTRY_AUTH_FILE", vec![("HOME", home.clone()), ("REGISTRY_AUTH_FILE", d.join("auth.json"))], true));
+    let d = case_dir("xdg");
+    std::fs::create_dir_all(d.join("containers")).unwrap();
+    std::fs::write(d.join("containers/auth.json"), &auths).unwrap();
+    cases.push(("XDG_RUNTIME_DIR", vec![("HOME", home.clone()), ("XDG_RUNTIME_DIR", d)], true));
+    let d = case_dir("docker-config");
+    std::fs::write(d.join("config.json"), &auths).unwrap();
+    cases.push(("DOCKER_CONFIG", vec![("HOME", home.clone()), ("DOCKER_CONFIG", d)], true));
+    let d = case_dir("home");
+    std::fs::create_dir_all(d.join(".docker")).unwrap();
+    std::fs::write(d.join(".docker/config.json"), &auths).unwrap();
+    cases.push(("~/.docker/config.json", vec![("HOME", d)], true));
+    let d = case_dir("cred-helpers");
+    std::fs::write(d.join("config.json"), format!(r#"{{"credHelpers":{{"{host}":"rctest"}}}}"#)).unwrap();
+    cases.push(("credHelpers", vec![("HOME", home.clone()), ("DOCKER_CONFIG", d)], true));
+    let d = case_dir("creds-store");
+    std::fs::write(d.join("config.json"), r#"{"credsStore":"rctest"}"#).unwrap();
+    cases.push(("credsStore", vec![("HOME", home.clone()), ("DOCKER_CONFIG", d)], true));
+    let mut problems = Vec::new();
+    for (i, (name, env, should_pull)) in cases.iter().enumerate() {
+        // The child opens caches of its own (this process holds the lock of `f.cache`).
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        let cache = f.scratch().join(format!("child-cache-{}", auth_file.is_some()));
         cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env("ROOTFS_CACHE_TEST_CHILD_REF", format!("{}/test/mixed:v1", f.reg.host()))
-            .env("ROOTFS_CACHE_TEST_CHILD_CACHE", cache)
-            .env("HOME", &home)
+            .env("ROOTFS_CACHE_TEST_CHILD_REF", format!("{host}/test/mixed:v1"))
+            .env("ROOTFS_CACHE_TEST_CHILD_CACHE", f.scratch().join(format!("child-cache-{i}")))
+            .env("PATH", &path)
             .env_remove("DOCKER_CONFIG")
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("REGISTRY_AUTH_FILE");
-        if let Some(a) = auth_file {
-            cmd.env("REGISTRY_AUTH_FILE", a);
+        for (k, v) in env {
+            cmd.env(k, v);
         }
-        cmd.output().unwrap()
-    };
-    let out = child(None);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("CHILD-OK"), "pulled without credentials: {stdout}");
-    let out = child(Some(&auth));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains(&format!("CHILD-OK {}", f.mixed.manifest.digest)),
-        "child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let ok = stdout.contains(&format!("CHILD-OK {}", f.mixed.manifest.digest));
+        let refused = stdout.contains("CHILD-ERR");
+        match (should_pull, ok, refused) {
+            (true, true, _) | (false, false, true) => {}
+            _ => problems.push(format!(
+                "{name}: expected {}: {}{}",
+                if *should_pull { "a pull" } else { "a refusal" },
+                stdout.lines().filter(|l| l.starts_with("CHILD")).collect::<Vec<_>>().join(" "),
+                if ok || refused { String::new() } else { String::from_utf8_lossy(&out.stderr).into_owned() }
+            )),
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
     // Without credentials, this process cannot pull.
     let anon = Registry::new(options()).unwrap();
-    assert!(f.cache.ensure(&anon, &format!("{}/test/mixed:v1", f.reg.host())).is_err());
+    assert!(f.cache.ensure(&anon, &format!("{host}/test/mixed:v1")).is_err());
 }
 
 /// A blob GET answered with a redirect to another host (object storage): the pull
