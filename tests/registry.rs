@@ -824,7 +824,9 @@ fn credentials_from_auth_files_and_helpers() {
     .unwrap();
     support::chmod(&helper, 0o755);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-    let mut cases: Vec<(&str, Vec<(&str, PathBuf)>, bool)> = Vec::new();
+    // (name, environment of the child, whether it can pull)
+    type Case<'a> = (&'a str, Vec<(&'a str, PathBuf)>, bool);
+    let mut cases: Vec<Case> = Vec::new();
     let home = case_dir("empty-home");
     cases.push(("nothing", vec![("HOME", home.clone())], false));
     let d = case_dir("registry-auth-file");
