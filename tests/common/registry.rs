@@ -2,12 +2,30 @@
 //! free loopback port, with optional htpasswd, TLS (a CA and server cert made here with
 //! the `openssl` CLI) and token auth; OCI image layouts generated here (gzip and zstd
 //! layers, multi-platform indexes) and pushed with `skopeo`; containerd-style hosts
-//! dirs. Included with `#[path = "common/registry.rs"] mod registry;` next to
+//! dirs. Included with `#[path = "common/registry.rs"] mod harness;` next to
 //! `mod support;`.
+//!
+//! - [`RegistryServer`]: the registry process ([`RegistryConfig`]: htpasswd, TLS, token).
+//! - [`TokenServer`]: a token endpoint the registry trusts (`auth.token`): checks Basic
+//!   credentials, grants the requested scopes, signs RS256 JWTs with `openssl dgst` and
+//!   sends the signing certificate as the `x5c` header (distribution 2.8 verifies it
+//!   against its `rootcertbundle`; a `kid` would have to be the libtrust key id).
+//! - [`FaultProxy`]: a plain-HTTP proxy (thread per connection, one request per
+//!   connection) that logs every request and injects [`Fault`]s by [`Rule`]: cut a body
+//!   after N bytes, answer a status (503, 429 + `Retry-After`, 401 + a challenge), stall,
+//!   drop `Range`, flip a byte, redirect, hang up, refuse; also an "object store" on
+//!   another loopback address (`127.0.0.2`) and a mirror under a path prefix.
+//! - [`Layout`]: OCI image layouts written by hand (umoci cannot write zstd layers or
+//!   indexes), [`image_layers`] for contents with files, dirs, symlinks, hardlinks, a
+//!   fifo, whiteouts and an opaque dir; `umoci unpack` of an all-gzip twin is the
+//!   reference tree, compared through a read-only overlay mount ([`assert_same_tree`]).
+//! - [`HostsDir`], [`hosts_toml`]: containerd's `<dir>/<host:port>/hosts.toml`.
 //!
 //! # Ownership
 //! A [`RegistryServer`] owns its process and its temp dir (config, storage, certs):
-//! Drop kills the process (SIGKILL, then waits for it) and removes the dir.
+//! Drop kills the process (SIGKILL, then waits for it) and removes the dir. A
+//! [`TokenServer`] or [`FaultProxy`] stops accepting on drop; connections in flight run
+//! to their end on their own threads.
 //!
 //! Tools: `docker-registry`, `skopeo`, `htpasswd` (apache2-utils), `openssl`; the
 //! reference unpacks use `umoci`. [`require`] skips (or fails under `CI`) without them.
