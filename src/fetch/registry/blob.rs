@@ -314,11 +314,13 @@ impl BlobReader {
                 bad.insert((self.desc.digest, h.clone()));
             }
         }
-        for h in &self.served_by {
-            self.observer.fallback(h, "blob digest mismatch");
-        }
         let next =
             (self.idx + 1..self.conns.len()).find(|&i| !self.served_by.iter().any(|h| h == self.conns[i].host()));
+        if next.is_some() {
+            for h in &self.served_by {
+                self.observer.fallback(h, "blob digest mismatch");
+            }
+        }
         let mismatch = Error::ContentMismatch {
             host: self.served_by.join(", "),
             what: format!("blob of {}", self.repository),
