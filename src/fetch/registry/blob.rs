@@ -153,6 +153,8 @@ pub(crate) struct BlobReader {
     verified: bool,
     /// Hosts that served bytes of this stream.
     served_by: Vec<String>,
+    /// After wrong bytes: the hosts that served them (and so what was handed out).
+    liars: Option<Vec<String>>,
     /// Hosts given up on, and why.
     failures: Vec<(String, Error)>,
     /// Retries since the last byte arrived, and when that was.
@@ -189,6 +191,7 @@ impl BlobReader {
             hasher: Hasher::new(),
             verified: false,
             served_by: Vec::new(),
+            liars: None,
             failures: Vec::new(),
             retries: 0,
             last_progress: Instant::now(),
@@ -308,12 +311,23 @@ impl BlobReader {
     /// The stream hashed to `found`: demote the hosts that served it, and continue from
     /// the bytes handed out on a host that has not served it yet; or fail.
     fn wrong_bytes(&mut self, found: Digest) -> Result<()> {
+        if let Some(liars) = &self.liars {
+            // Wrong again with a new tail: the bytes handed out before were wrong, and they
+            // came from the hosts already demoted. The new host is not blamed.
+            return Err(Error::ContentMismatch {
+                host: liars.join(", "),
+                what: format!("blob of {}", self.repository),
+                expected: self.desc.digest,
+                found,
+            });
+        }
         {
             let mut bad = self.inner.bad.lock();
             for h in &self.served_by {
                 bad.insert((self.desc.digest, h.clone()));
             }
         }
+        self.liars = Some(self.served_by.clone());
         let next =
             (self.idx + 1..self.conns.len()).find(|&i| !self.served_by.iter().any(|h| h == self.conns[i].host()));
         if next.is_some() {
@@ -571,18 +585,21 @@ mod tests {
         // cannot make it right.
         let (data, desc, liar, good, _) = liar_and_good(3 * HOLD, 100);
         let events = Arc::new(Events::default());
-        let (_reg, mut r) = reader(&[&liar, &good], &desc, Arc::clone(&events)).unwrap();
+        let (reg, mut r) = reader(&[&liar, &good], &desc, Arc::clone(&events)).unwrap();
         let (got, err) = read_all(&mut r);
         let err = err.expect("an error");
         assert!(got.len() < data.len() - HOLD + CHUNK, "{}", got.len());
         let inner = err.get_ref().and_then(|e| e.downcast_ref::<Error>()).expect("a crate error inside");
         match inner {
             Error::ContentMismatch { host, expected, .. } => {
-                assert!(host.contains(&liar), "{host}");
+                // The host whose bytes were handed out, not the one asked for the tail.
+                assert_eq!(host, &liar);
                 assert_eq!(expected, &desc.digest);
             }
             e => panic!("{e}"),
         }
+        assert!(reg.inner.bad.lock().contains(&(desc.digest, liar.clone())));
+        assert!(!reg.inner.bad.lock().contains(&(desc.digest, good.clone())));
         let mut buf = [0u8; 10];
         assert!(r.read(&mut buf).is_err());
         // The only host lying about a small blob: nothing at all is handed out.
