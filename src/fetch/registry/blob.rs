@@ -22,8 +22,9 @@
 //! already handed out cannot be taken back: the check then fails again and the read
 //! fails with [`Error::ContentMismatch`] naming the hosts, before anything past them is
 //! handed out; the consumer (the cache verifies each layer's digest too and keeps nothing
-//! of a failed extraction) fails that layer, and its next `open_blob` of the digest starts
-//! at a host that has not lied about it. A stream its consumer drops midway (a
+//! of a failed extraction, reads the rest of a blob whose data made extraction fail to
+//! learn this cause, and then tries the layer once more) gets the next `open_blob` of the
+//! digest from a host that has not lied about it. A stream its consumer drops midway (a
 //! decompressor or tar parser choking on wrong bytes early in a large blob gives up long
 //! before the digest could tell) demotes its hosts the same way. A host whose
 //! `Content-Length` contradicts the descriptor is left before any byte is read from it.

@@ -231,9 +231,13 @@ impl RegistryOptions {
 /// or wrong tail of a large one) never reach the caller and the same read succeeds from
 /// the next host. Wrong bytes already handed out (early in a large blob) cannot be taken
 /// back: the read fails with [`Error::ContentMismatch`] naming the host(s), and the next
-/// `open_blob` of that digest starts at a host that has not lied about it. Nothing wrong
-/// is cached either way: the cache verifies every layer's digest too and keeps nothing of
-/// a failed extraction. (containerd's fetcher moves to the next host only on request
+/// `open_blob` of that digest starts at a host that has not lied about it (a stream its
+/// reader drops midway demotes its hosts too). [`RootfsCache`](crate::RootfsCache) does
+/// its part: when an extraction fails on the data (the decompressor usually trips over
+/// wrong bytes long before the digest could tell) it reads the rest of the blob, so the
+/// error is this `ContentMismatch` naming the host, and fetches the layer once more, which
+/// now starts at the next host. Nothing wrong is cached either way: the cache verifies
+/// every layer's digest too and keeps nothing of a failed extraction. (containerd's fetcher moves to the next host only on request
 /// errors; a digest mismatch fails its ingest commit. This reader does better where it
 /// can, at the cost of 1 MiB of buffer per open blob.) A host whose `Content-Length`
 /// contradicts the descriptor is left before anything is read from it.
