@@ -1468,6 +1468,34 @@ fn stalled_read_times_out_and_is_retried() {
     assert!(!r.events.resumed().is_empty() || !r.events.retries().is_empty(), "{:?}", r.events);
 }
 
+/// Registries that answer HEAD on manifests with 405, or without `Docker-Content-Digest`:
+/// the tag is fetched with GET and hashed.
+#[test]
+fn head_refused_or_without_digest_header() {
+    let Some((f, proxy, reference)) = behind_proxy("head_refused_or_without_digest_header", 64) else { return };
+    let mut problems = Vec::new();
+    let cases = [
+        ("no Docker-Content-Digest", None, Fault::StripResponseHeader("Docker-Content-Digest".into())),
+        ("HEAD answered 405", Some("HEAD".to_string()), Fault::Status(405, vec![])),
+    ];
+    for (i, (name, method, fault)) in cases.into_iter().enumerate() {
+        proxy.clear();
+        proxy.reset_log();
+        proxy.add(harness::Rule { method, path_contains: "/manifests/".into(), fault, times: None });
+        let cache = f.new_cache(&format!("c{i}"));
+        let r = Registry::new(options()).unwrap();
+        match cache.ensure(&r, &reference) {
+            Ok(rootfs) => {
+                harness::assert_same_tree(&reference, &f.reference, rootfs.lowers(), f.scratch());
+                assert_eq!(rootfs.manifest_digest().to_string(), f.mixed.manifest.digest);
+                assert!(proxy.count("GET", "/manifests/v1") >= 1, "{name}: {:#?}", proxy.requests());
+            }
+            Err(e) => problems.push(format!("{name}: {e}\n{:#?}", proxy.requests())),
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 /// A connection closed without an answer (on the tag's HEAD) is retried; a host where
 /// nothing listens is a typed error naming it, soon; a `Retry-After` longer than
 /// `max_retry_time` is not waited for.

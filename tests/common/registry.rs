@@ -1136,6 +1136,8 @@ pub enum Fault {
     Redirect(String),
     /// Close the connection without answering.
     Hangup,
+    /// Forward, removing this header (any case) from the response.
+    StripResponseHeader(String),
 }
 
 /// A fault for requests whose method is `method` (any when `None`) and whose path
@@ -1260,6 +1262,7 @@ struct Effects {
     cut: Option<usize>,
     stall: Option<(usize, Duration)>,
     corrupt: Option<usize>,
+    strip: Vec<String>,
 }
 
 /// The faults for `req`: the first matching rule that answers by itself, if any (and
@@ -1300,6 +1303,10 @@ fn take_faults(state: &ProxyState, req: &Request) -> Effects {
                 fx.corrupt = Some(*at);
                 true
             }
+            Fault::StripResponseHeader(name) => {
+                fx.strip.push(name.to_ascii_lowercase());
+                true
+            }
             _ => false,
         };
         if used {
@@ -1323,7 +1330,9 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
     match &fx.answer {
         Some(Fault::Status(code, headers)) => {
             let h: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            write_response(&mut client, *code, "Injected", &h, b"injected by the test proxy\n");
+            // A HEAD answer has no body (its Content-Length would be the GET's).
+            let body: &[u8] = if req.method == "HEAD" { b"" } else { b"injected by the test proxy\n" };
+            write_response(&mut client, *code, "Injected", &h, body);
             return;
         }
         Some(Fault::Redirect(base)) => {
@@ -1397,7 +1406,19 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    if client.write_all(&buf[..end]).is_err() {
+    let head: Vec<u8> = if fx.strip.is_empty() {
+        buf[..end].to_vec()
+    } else {
+        let text = String::from_utf8_lossy(&buf[..end]);
+        text.split_inclusive("\r\n")
+            .filter(|line| {
+                let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+                !fx.strip.contains(&name)
+            })
+            .collect::<String>()
+            .into_bytes()
+    };
+    if client.write_all(&head).is_err() {
         return;
     }
     let mut body = buf[end..].to_vec();
