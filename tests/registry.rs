@@ -984,6 +984,43 @@ fn tls_unknown_ca_is_a_typed_error_and_skip_verify_works() {
     f.ensure_mixed(&f.cache, &r, &reference);
 }
 
+/// TLS and token auth together (the token endpoint on plain HTTP on loopback), the
+/// registry named `localhost` (the certificate's DNS name), the CA from hosts.toml.
+#[test]
+fn tls_token_auth_by_localhost_name() {
+    let test = "tls_token_auth_by_localhost_name";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    let tokens =
+        TokenServer::start(TokenPolicy { creds: Some(("bob".into(), "hunter2".into())), ..TokenPolicy::default() });
+    let f = fill(RegistryServer::start(RegistryConfig::plain().tls().token(tokens.registry_config())), 32);
+    let name = format!("localhost:{}", f.reg.port);
+    let url = format!("https://{name}");
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&name, &harness::hosts_toml(Some(&url), &[HostEntry::new(url.clone()).ca(f.reg.ca_path().unwrap())]));
+    let r = Registry::new(with_creds(with_hosts_dir(options(), &hosts.dir), &name, "bob", "hunter2")).unwrap();
+    f.ensure_mixed(&f.cache, &r, &format!("{name}/test/mixed:v1"));
+    assert!(tokens.request_count() > 0);
+}
+
+/// A hosts entry without a scheme: HTTPS unless the embedder allows plain HTTP
+/// (`plain_http`); against a plain-HTTP server the HTTPS attempt is a typed error.
+#[test]
+fn hosts_entry_without_scheme_and_plain_http() {
+    let Some(f) = fixture("hosts_entry_without_scheme_and_plain_http", RegistryConfig::plain(), 33) else { return };
+    let name = "registry.rootfs-cache.invalid:5000";
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(name, &harness::hosts_toml(None, &[HostEntry::new(f.reg.host())]));
+    let reference = format!("{name}/test/mixed:v1");
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir).with_plain_http(true)).unwrap();
+    f.ensure_mixed(&f.cache, &r, &reference);
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir)).unwrap();
+    let e = must_fail(f.new_cache("c2").ensure(&r, &reference), "HTTPS to a plain-HTTP server");
+    assert!(e.to_string().contains(&f.reg.host()), "{e}");
+    assert!(registry_error(&e).is_some(), "{e:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // hosts.toml mirrors
 
