@@ -650,6 +650,48 @@ fn token_auth_bearer_from_basic() {
     assert!(reqs.len() <= 2, "{} token requests for one repository: {reqs:?}", reqs.len());
 }
 
+/// Token auth with two repositories sharing layers, through one `Registry`: each pull
+/// asks for its own repository's scope, and a blob already pulled from the first is not
+/// downloaded again for the second.
+#[test]
+fn token_auth_two_repositories_sharing_layers() {
+    let test = "token_auth_two_repositories_sharing_layers";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    let tokens =
+        TokenServer::start(TokenPolicy { creds: Some(("bob".into(), "hunter2".into())), ..TokenPolicy::default() });
+    let f = fill(RegistryServer::start(RegistryConfig::plain().token(tokens.registry_config())), 29);
+    // The same image under a second name.
+    f.reg.push(&f.layout.dir, "mixed", "other/copy", "v2", Some("bob:hunter2"), &[]);
+    let proxy = FaultProxy::start(f.reg.addr());
+    let r = Registry::new(with_creds(options(), &proxy.host(), "bob", "hunter2")).unwrap();
+    let before = tokens.request_count();
+    let first = f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", proxy.host()));
+    let second = f.ensure_mixed(&f.cache, &r, &format!("{}/other/copy:v2", proxy.host()));
+    assert_eq!(first.lowers(), second.lowers());
+    for l in &f.mixed.layers {
+        assert_eq!(downloads(&proxy, &l.digest), 1);
+    }
+    let reqs: Vec<harness::Request> = tokens.requests.lock().unwrap()[before..].to_vec();
+    let scopes: Vec<String> = reqs.iter().flat_map(|q| q.query_all("scope")).collect();
+    assert!(scopes.iter().any(|s| s == "repository:test/mixed:pull"), "{scopes:?}");
+    assert!(scopes.iter().any(|s| s == "repository:other/copy:pull"), "{scopes:?}");
+    // A digest no manifest listed: NotFound, no request.
+    proxy.reset_log();
+    let unknown = Descriptor {
+        digest: rootfs_cache::Digest::of(b"not a blob"),
+        size: 10,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+    };
+    match r.open_blob(&unknown) {
+        Err(Error::NotFound { .. }) => {}
+        Err(e) => panic!("not NotFound: {e:?}"),
+        Ok(_) => panic!("a blob no manifest listed was opened"),
+    }
+    assert!(proxy.requests().is_empty(), "{:#?}", proxy.requests());
+}
+
 /// Token servers that answer `access_token` (OAuth style) instead of `token`, and a
 /// registry whose token endpoint gives anonymous pulls.
 #[test]
