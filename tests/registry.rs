@@ -1081,10 +1081,11 @@ fn dead_mirror_then_upstream() {
 /// A mirror serving wrong bytes for a blob: the next host (the registry) serves it within
 /// the same `ensure`, and nothing of the mirror's bytes is cached.
 ///
-/// Today the wrong blob fails the `ensure` (`ContentMismatch` naming the mirror): the
-/// `Registry` demotes the mirror for that digest and counts on its caller to open the blob
-/// again, and the cache does not. The test then checks what holds anyway (typed error,
-/// nothing wrong cached, the next `ensure` goes to the registry) before failing.
+/// The blob is smaller than the tail the `Registry` holds back until the digest is
+/// checked, so the wrong bytes never reach extraction; for wrong bytes that do (a bigger
+/// blob), see `wrong_bytes_early_in_a_big_blob`. Should the `ensure` fail, the test checks
+/// what must hold anyway (a typed error naming the mirror, nothing wrong cached, the next
+/// `ensure` served by the registry) before failing.
 #[test]
 fn lying_mirror_next_host_used_nothing_wrong_cached() {
     let Some(f) = fixture("lying_mirror_next_host_used_nothing_wrong_cached", RegistryConfig::plain(), 41) else {
