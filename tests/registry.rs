@@ -1231,8 +1231,8 @@ fn lying_mirror_manifest_next_host_used() {
 
 /// The only host serves wrong bytes for every blob: the pull fails, typed and naming the
 /// host, nothing of those bytes is cached, and the same cache pulls once the host is fixed.
-/// Twice: a byte flipped early (the decompressor trips over it long before the digest
-/// can be checked) and one near the end (only the digest shows it).
+/// Twice: a byte flipped early (where a decompressor would trip over it, were it handed
+/// out before the digest is checked) and one near the end (only the digest shows it).
 #[test]
 fn lying_only_host_fails_typed_and_caches_nothing() {
     let Some(f) = fixture("lying_only_host_fails_typed_and_caches_nothing", RegistryConfig::plain(), 42) else {
