@@ -1576,6 +1576,35 @@ fn head_refused_or_without_digest_header() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// A host that never answers the connect (SYNs dropped): the connect timeout ends it, a
+/// typed error naming the host, in a bounded time; behind it as a mirror, the registry
+/// serves the pull.
+#[test]
+fn connect_timeout_on_a_blackholed_host() {
+    let Some(f) = fixture("connect_timeout_on_a_blackholed_host", RegistryConfig::plain(), 65) else { return };
+    let hole = harness::Blackhole::start();
+    assert!(hole.hangs(Duration::from_millis(300)), "the blackhole accepts connections");
+    let opts = || options().with_connect_timeout(Duration::from_millis(500));
+    let r = Registry::new(opts()).unwrap();
+    let start = Instant::now();
+    let e = must_fail(f.cache.ensure(&r, &format!("{}/test/mixed:v1", hole.addr)), "a blackholed registry");
+    let took = start.elapsed();
+    assert_registry_error_naming(&e, &hole.addr.to_string());
+    // Connect timeout 0.5 s, max_retry_time 8 s.
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(15), "{took:?}");
+    // As a mirror: left for the registry (mirrors are not retried).
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(format!("http://{}", hole.addr))]));
+    // Every request tries the mirror first and waits out its connect timeout (as
+    // containerd does): 4 requests here.
+    let r = Observed::new(with_hosts_dir(opts(), &hosts.dir));
+    let start = Instant::now();
+    f.ensure_mixed(&f.new_cache("c2"), &r, &format!("{}/test/mixed:v1", upstream.host()));
+    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    assert!(r.events.fallbacks().iter().any(|(h, _)| h == &hole.addr.to_string()), "{:?}", r.events);
+}
+
 /// A connection closed without an answer (on the tag's HEAD) is retried; a host where
 /// nothing listens is a typed error naming it, soon; a `Retry-After` longer than
 /// `max_retry_time` is not waited for.

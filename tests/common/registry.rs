@@ -1522,3 +1522,47 @@ pub fn assert_same_tree(what: &str, reference: &Path, lowers: &[PathBuf], scratc
     let got = merged_snapshot(lowers, scratch);
     support::assert_no_diffs(&format!("{what}: pulled vs umoci unpack"), &support::diff_trees(&want, &got, &cmp));
 }
+
+// ---------------------------------------------------------------------------------------
+// A host that never completes a connection
+
+/// A listening socket whose accept queue is full and never drained: the kernel drops
+/// further SYNs, so a connect to [`Blackhole::addr`] hangs until the client's connect
+/// timeout (a host behind a firewall that drops packets). Closed on drop.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    fd: std::os::fd::OwnedFd,
+    _fillers: Vec<TcpStream>,
+}
+
+impl Blackhole {
+    pub fn start() -> Blackhole {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // SAFETY: listen(2) on a socket we own; a backlog of 0 leaves room for one
+        // pending connection.
+        let r = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+        assert_eq!(r, 0, "listen: {}", std::io::Error::last_os_error());
+        let mut fillers = Vec::new();
+        // Fill the accept queue: connects complete until it is full, then hang.
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => break,
+            }
+        }
+        // SAFETY: into_raw_fd hands over ownership of the listening socket.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
+        Blackhole { addr, fd, _fillers: fillers }
+    }
+
+    /// Whether a connect now hangs (for `timeout`) rather than completing or failing.
+    pub fn hangs(&self, timeout: Duration) -> bool {
+        let _ = &self.fd;
+        match TcpStream::connect_timeout(&self.addr, timeout) {
+            Err(e) => e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
+}
