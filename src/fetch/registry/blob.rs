@@ -23,8 +23,10 @@
 //! fails with [`Error::ContentMismatch`] naming the hosts, before anything past them is
 //! handed out; the consumer (the cache verifies each layer's digest too and keeps nothing
 //! of a failed extraction) fails that layer, and its next `open_blob` of the digest starts
-//! at a host that has not lied about it. A host whose `Content-Length` contradicts the
-//! descriptor is left before any byte is read from it.
+//! at a host that has not lied about it. A stream its consumer drops midway (a
+//! decompressor or tar parser choking on wrong bytes early in a large blob gives up long
+//! before the digest could tell) demotes its hosts the same way. A host whose
+//! `Content-Length` contradicts the descriptor is left before any byte is read from it.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -312,11 +314,13 @@ impl BlobReader {
                 bad.insert((self.desc.digest, h.clone()));
             }
         }
-        for h in &self.served_by {
-            self.observer.fallback(h, "blob digest mismatch");
-        }
         let next =
             (self.idx + 1..self.conns.len()).find(|&i| !self.served_by.iter().any(|h| h == self.conns[i].host()));
+        if next.is_some() {
+            for h in &self.served_by {
+                self.observer.fallback(h, "blob digest mismatch");
+            }
+        }
         let mismatch = Error::ContentMismatch {
             host: self.served_by.join(", "),
             what: format!("blob of {}", self.repository),
@@ -353,6 +357,24 @@ impl Read for BlobReader {
             self.hold = Vec::new();
             io::Error::other(e)
         })
+    }
+}
+
+impl Drop for BlobReader {
+    /// A stream dropped after bytes were handed out but before its end, without an error
+    /// of ours: its consumer gave up, almost always because the bytes made no sense (a
+    /// decompressor or tar error on wrong bytes early in a large blob, which the digest
+    /// would only have shown at the end). With other hosts to turn to, the hosts that
+    /// served it go last for this digest, so the consumer's retry (or the next pull) starts
+    /// elsewhere; the next stream is verified as always. Nothing is read or sent here.
+    fn drop(&mut self) {
+        let abandoned = !self.verified && self.failed.is_none() && self.handed > 0;
+        if abandoned && self.conns.len() > 1 {
+            let mut bad = self.inner.bad.lock();
+            for h in &self.served_by {
+                bad.insert((self.desc.digest, h.clone()));
+            }
+        }
     }
 }
 
@@ -568,6 +590,24 @@ mod tests {
         let (_reg, mut r) = reader(&[&liar], &desc, Arc::new(Events::default())).unwrap();
         let (got, err) = read_all(&mut r);
         assert!(got.is_empty() && err.is_some());
+    }
+
+    #[test]
+    fn a_stream_abandoned_midway_demotes_its_host() {
+        let (_, desc, liar, good, _) = liar_and_good(3 * HOLD, 100);
+        let (reg, mut r) = reader(&[&liar, &good], &desc, Arc::new(Events::default())).unwrap();
+        let mut buf = vec![0u8; 4096];
+        while r.read(&mut buf).unwrap() > 0 && r.handed == 0 {}
+        drop(r);
+        assert!(reg.inner.bad.lock().contains(&(desc.digest, liar.clone())));
+        // Dropped before anything was handed out, or with one host only: no demotion.
+        let (reg, r) = reader(&[&liar, &good], &desc, Arc::new(Events::default())).unwrap();
+        drop(r);
+        assert!(reg.inner.bad.lock().is_empty());
+        let (reg, mut r) = reader(&[&good], &desc, Arc::new(Events::default())).unwrap();
+        while r.read(&mut buf).unwrap() > 0 && r.handed == 0 {}
+        drop(r);
+        assert!(reg.inner.bad.lock().is_empty());
     }
 
     #[test]

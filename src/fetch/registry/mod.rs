@@ -264,15 +264,18 @@ impl RegistryOptions {
 ///
 /// # Why not `oci-spec`
 /// The manifest and index types come from the crate's own `fetch::manifest` module, shared
-/// with [`OciLayout`](crate::OciLayout), not from `oci-spec`: what is needed is a
-/// descriptor (digest, size, media type, platform) and the fields that tell an index from
-/// a manifest, read leniently where registries differ (`null` lists, Docker schema 2 media
-/// types, absent `mediaType`) and strictly where it matters (digest syntax, size,
-/// media-type contradictions, schema version). `oci-spec` models the whole image spec with
-/// builders, getters and its own error type, pulls `derive_builder`, `getset`, `strum` and
-/// `thiserror` 1 into a crate that would use a tenth of it, and its strict enums reject
-/// documents the rules above accept on purpose. Keeping one small module also keeps the
-/// selection logic (platform matching, `arm64` = `arm64/v8`) identical for both fetchers.
+/// with [`OciLayout`](crate::OciLayout), not from `oci-spec` (0.10, evaluated): what is
+/// needed is a descriptor (digest, size, media type, platform) and the fields that tell an
+/// index from a manifest, read leniently where registries and tools differ (a `null` list,
+/// as Go writes an empty slice; an absent `mediaType`, or a manifest without a `config`
+/// when only its layers matter) and strictly where it matters (sha256 digests only,
+/// sizes, a `mediaType` contradicting its descriptor, the schema version). `oci-spec`
+/// models the whole image, runtime and distribution specs with builders and getters,
+/// pulls `derive_builder`, `getset`, `strum`, `regex` and `const_format` into a crate that
+/// would use a tenth of it, makes `config` and the lists mandatory, and would still need
+/// converting into this crate's [`Digest`] and [`Descriptor`]. One small module also keeps
+/// platform selection (`arm64` = `arm64/v8`, the unplatformed fallback) identical for both
+/// fetchers.
 ///
 /// # Concurrency
 /// A `Registry` is `Send + Sync` and cheap to clone (an `Arc` inside); clones share the

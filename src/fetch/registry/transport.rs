@@ -168,7 +168,7 @@ impl Client {
         let mut unauthorized = 0;
         let scope = pull_scope(x.repository);
         loop {
-            let auth = self.authorization(conn, &scope, observer)?;
+            let auth = self.authorization(conn, &scope, observer, retry)?;
             let failure = match self.send_once(conn, &x.method, &x.url, &x.headers, auth.as_deref(), None) {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -176,7 +176,8 @@ impl Client {
                         200..=299 => return Ok(resp),
                         401 => {
                             unauthorized += 1;
-                            self.on_unauthorized(conn, x, &scope, &resp, auth.is_some(), unauthorized, observer)?;
+                            let sent = auth.is_some();
+                            self.on_unauthorized(conn, x, &scope, &resp, sent, unauthorized, observer, retry)?;
                             continue;
                         }
                         403 => {
@@ -189,41 +190,19 @@ impl Client {
                         404 => {
                             return Err(Error::NotFound { what: format!("{} on {}", x.op, conn.host()) });
                         }
-                        408 | 429 | 500..=599 => {
-                            let retry_after =
-                                header(&resp, "retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now()));
-                            Failure {
-                                reason: format!("HTTP {status}{}", error_detail(resp)),
-                                status: Some(status),
-                                retry_after,
-                                retryable: true,
-                            }
-                        }
-                        _ => Failure {
-                            reason: format!("unexpected HTTP {status}{}", error_detail(resp)),
-                            status: Some(status),
-                            retry_after: None,
-                            retryable: false,
-                        },
+                        _ => status_failure(resp),
                     }
                 }
                 Err(e) => transport_failure(e),
             };
-            let elapsed = started.elapsed();
-            let delay = failure.retry_after.unwrap_or_else(|| backoff(attempt));
-            let may_retry = retry
-                && failure.retryable
-                && attempt < self.opts.max_retries
-                && elapsed + delay <= self.opts.max_retry_time;
-            if !may_retry {
-                let tries = if attempt > 0 { format!(" (after {attempt} retries)") } else { String::new() };
+            let Some(delay) = self.may_retry(retry, &failure, attempt, started) else {
                 return Err(Error::Registry {
                     host: conn.host().to_string(),
                     op: x.op.clone(),
                     status: failure.status,
-                    reason: format!("{}{tries}", failure.reason),
+                    reason: with_tries(&failure.reason, attempt),
                 });
-            }
+            };
             observer.retry(conn.host(), &failure.reason);
             std::thread::sleep(delay);
             attempt += 1;
@@ -263,14 +242,10 @@ impl Client {
                 Ok(_) => return Ok((parts, bytes)),
                 Err(e) => {
                     let reason = format!("reading the {what}: {e}");
-                    let delay = backoff(attempt);
-                    if !retry
-                        || attempt >= self.opts.max_retries
-                        || started.elapsed() + delay > self.opts.max_retry_time
-                    {
-                        let tries = if attempt > 0 { format!(" (after {attempt} retries)") } else { String::new() };
-                        return Err(fail(format!("{reason}{tries}")));
-                    }
+                    let failure = Failure { reason: reason.clone(), status: None, retry_after: None, retryable: true };
+                    let Some(delay) = self.may_retry(retry, &failure, attempt, started) else {
+                        return Err(fail(with_tries(&reason, attempt)));
+                    };
                     observer.retry(conn.host(), &reason);
                     std::thread::sleep(delay);
                     attempt += 1;
@@ -282,7 +257,13 @@ impl Client {
     /// The `Authorization` value to send to `conn` for `scope`, from what the host asked
     /// for before: none until it challenges, then Basic credentials or a (cached, else
     /// fetched) Bearer token.
-    fn authorization(&self, conn: &Conn, scope: &str, observer: &dyn FetchObserver) -> Result<Option<String>> {
+    fn authorization(
+        &self,
+        conn: &Conn,
+        scope: &str,
+        observer: &dyn FetchObserver,
+        retry: bool,
+    ) -> Result<Option<String>> {
         match self.auth.challenge(conn.host()) {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(self.credentials(conn)?.and_then(|c| c.basic_header())),
@@ -290,7 +271,7 @@ impl Client {
                 if let Some(t) = self.auth.token(conn.host(), scope) {
                     return Ok(Some(t));
                 }
-                self.fetch_token(conn, &challenge, scope, None, observer).map(Some)
+                self.fetch_token(conn, &challenge, scope, None, observer, retry).map(Some)
             }
         }
     }
@@ -311,6 +292,7 @@ impl Client {
         sent_auth: bool,
         count: u32,
         observer: &dyn FetchObserver,
+        retry: bool,
     ) -> Result<()> {
         let host = conn.host();
         let denied = |reason: String| Error::Unauthorized { host: host.to_string(), op: x.op.clone(), reason };
@@ -351,7 +333,7 @@ impl Client {
                     Challenge::Bearer { scope: Some(s), .. } if s != scope => Some(s.as_str()),
                     _ => None,
                 };
-                self.fetch_token(conn, &challenge, scope, extra, observer)?;
+                self.fetch_token(conn, &challenge, scope, extra, observer, retry)?;
                 return Ok(());
             }
         }
@@ -369,9 +351,9 @@ impl Client {
         scope: &str,
         extra: Option<&str>,
         observer: &dyn FetchObserver,
+        retry: bool,
     ) -> Result<String> {
         let Challenge::Bearer { realm, service, .. } = challenge else { unreachable!("fetch_token on Basic") };
-        let _ = observer;
         let host = conn.host();
         let op = format!("token from {realm}");
         let fail = |status: Option<u16>, reason: String| Error::Registry {
@@ -414,30 +396,48 @@ impl Client {
             Some(_) => vec![("content-type", "application/x-www-form-urlencoded".into())],
             None => Vec::new(),
         };
-        let resp = self
-            .send_once(conn, &method, &url, &headers, auth.as_deref(), body.as_deref())
-            .map_err(|e| fail(None, transport_failure(e).reason))?;
-        let status = resp.status().as_u16();
-        match status {
-            200 => {}
-            401 | 403 => {
-                return Err(Error::Unauthorized {
-                    host: host.to_string(),
-                    op,
-                    reason: format!(
-                        "the token service answered {status}{}",
-                        if creds.is_some() { " to this host's credentials" } else { " (no credentials for this host)" }
-                    ),
-                });
-            }
-            s => return Err(fail(Some(s), format!("HTTP {s}"))),
-        }
-        let mut body = Vec::new();
-        resp.into_body()
-            .into_reader()
-            .take(MAX_TOKEN_BYTES)
-            .read_to_end(&mut body)
-            .map_err(|e| fail(None, format!("reading the token: {e}")))?;
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        let body = loop {
+            let failure = match self.send_once(conn, &method, &url, &headers, auth.as_deref(), body.as_deref()) {
+                Ok(resp) => match resp.status().as_u16() {
+                    200 => {
+                        let mut bytes = Vec::new();
+                        match resp.into_body().into_reader().take(MAX_TOKEN_BYTES).read_to_end(&mut bytes) {
+                            Ok(_) => break bytes,
+                            Err(e) => Failure {
+                                reason: format!("reading the token: {e}"),
+                                status: None,
+                                retry_after: None,
+                                retryable: true,
+                            },
+                        }
+                    }
+                    status @ (401 | 403) => {
+                        return Err(Error::Unauthorized {
+                            host: host.to_string(),
+                            op,
+                            reason: format!(
+                                "the token service answered {status}{}",
+                                if creds.is_some() {
+                                    " to this host's credentials"
+                                } else {
+                                    " (no credentials for this host)"
+                                }
+                            ),
+                        });
+                    }
+                    _ => status_failure(resp),
+                },
+                Err(e) => transport_failure(e),
+            };
+            let Some(delay) = self.may_retry(retry, &failure, attempt, started) else {
+                return Err(fail(failure.status, with_tries(&failure.reason, attempt)));
+            };
+            observer.retry(host, &format!("token service: {}", failure.reason));
+            std::thread::sleep(delay);
+            attempt += 1;
+        };
         let (token, lifetime) = parse_token_response(&body).map_err(|r| fail(None, r))?;
         let header = format!("Bearer {token}");
         self.auth.set_token(host, scope, header.clone(), lifetime);
@@ -503,6 +503,39 @@ fn hop_headers<'a>(
         }
     }
     out
+}
+
+impl Client {
+    /// The delay before another attempt, if one may start: the caller allows retries,
+    /// the failure is transient, and neither the count nor the time bound is reached.
+    fn may_retry(&self, retry: bool, failure: &Failure, attempt: u32, started: Instant) -> Option<Duration> {
+        let delay = failure.retry_after.unwrap_or_else(|| backoff(attempt));
+        let ok = retry
+            && failure.retryable
+            && attempt < self.opts.max_retries
+            && started.elapsed() + delay <= self.opts.max_retry_time;
+        ok.then_some(delay)
+    }
+}
+
+/// `reason`, with the number of retries made when there were some.
+fn with_tries(reason: &str, attempt: u32) -> String {
+    if attempt > 0 { format!("{reason} (after {attempt} retries)") } else { reason.to_string() }
+}
+
+/// A non-2xx status other than 401/403/404 as a failure: 408, 429 (with its
+/// `Retry-After`) and 5xx are transient; the registry's explanation is kept.
+fn status_failure(resp: Response<ureq::Body>) -> Failure {
+    let status = resp.status().as_u16();
+    let retry_after = header(&resp, "retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now()));
+    let transient = matches!(status, 408 | 429 | 500..=599);
+    let what = if transient { "HTTP" } else { "unexpected HTTP" };
+    Failure {
+        reason: format!("{what} {status}{}", error_detail(resp)),
+        status: Some(status),
+        retry_after: retry_after.filter(|_| transient),
+        retryable: transient,
+    }
 }
 
 /// Classify a transport error.
