@@ -451,8 +451,8 @@ struct Fx {
 }
 
 /// Skip (or fail under `CI`) without root or the tools; else a registry run with
-/// `config`, holding `test/mixed:v1` (gzip, zstd, gzip layers) and `test/multi:v1` (an
-/// index: amd64 = mixed, arm64 = one layer).
+/// `config`, holding `test/mixed:v1` (gzip, zstd, gzip layers); the layout also has
+/// `multi` (an index: amd64 = mixed, arm64 = one layer) for the tests that push it.
 fn fixture(test: &str, config: RegistryConfig, seed: u64) -> Option<Fx> {
     if !support::require_root(test) || !harness::require(test) {
         return None;
@@ -470,7 +470,6 @@ fn fill(reg: RegistryServer, seed: u64) -> Fx {
         _ => None,
     };
     reg.push(&layout.dir, "mixed", "test/mixed", "v1", creds.as_deref(), &[]);
-    reg.push(&layout.dir, "multi", "test/multi", "v1", creds.as_deref(), &[]);
     let reference = layout.umoci_unpack("mixed-ref", &t.path().join("ref"));
     let cache = RootfsCache::open(t.path().join("cache"), CacheOptions::default()).unwrap();
     Fx { t, reg, layout, mixed, arm, reference, cache }
@@ -555,6 +554,7 @@ fn pull_docker_v2s2_and_recompressed_zstd() {
 #[test]
 fn multi_platform_index_chooses_the_platform() {
     let Some(f) = fixture("multi_platform_index_chooses_the_platform", RegistryConfig::plain(), 12) else { return };
+    f.reg.push(&f.layout.dir, "multi", "test/multi", "v1", None, &[]);
     let reference = format!("{}/test/multi:v1", f.reg.host());
     let amd = Registry::new(with_platform(options(), "amd64")).unwrap();
     f.ensure_mixed(&f.cache, &amd, &reference);
