@@ -451,8 +451,8 @@ struct Fx {
 }
 
 /// Skip (or fail under `CI`) without root or the tools; else a registry run with
-/// `config`, holding `test/mixed:v1` (gzip, zstd, gzip layers) and `test/multi:v1` (an
-/// index: amd64 = mixed, arm64 = one layer).
+/// `config`, holding `test/mixed:v1` (gzip, zstd, gzip layers); the layout also has
+/// `multi` (an index: amd64 = mixed, arm64 = one layer) for the tests that push it.
 fn fixture(test: &str, config: RegistryConfig, seed: u64) -> Option<Fx> {
     if !support::require_root(test) || !harness::require(test) {
         return None;
@@ -470,7 +470,6 @@ fn fill(reg: RegistryServer, seed: u64) -> Fx {
         _ => None,
     };
     reg.push(&layout.dir, "mixed", "test/mixed", "v1", creds.as_deref(), &[]);
-    reg.push(&layout.dir, "multi", "test/multi", "v1", creds.as_deref(), &[]);
     let reference = layout.umoci_unpack("mixed-ref", &t.path().join("ref"));
     let cache = RootfsCache::open(t.path().join("cache"), CacheOptions::default()).unwrap();
     Fx { t, reg, layout, mixed, arm, reference, cache }
@@ -555,6 +554,7 @@ fn pull_docker_v2s2_and_recompressed_zstd() {
 #[test]
 fn multi_platform_index_chooses_the_platform() {
     let Some(f) = fixture("multi_platform_index_chooses_the_platform", RegistryConfig::plain(), 12) else { return };
+    f.reg.push(&f.layout.dir, "multi", "test/multi", "v1", None, &[]);
     let reference = format!("{}/test/multi:v1", f.reg.host());
     let amd = Registry::new(with_platform(options(), "amd64")).unwrap();
     f.ensure_mixed(&f.cache, &amd, &reference);
@@ -648,6 +648,48 @@ fn token_auth_bearer_from_basic() {
     }
     // One token for the manifest and every blob of the repository (cached until expiry).
     assert!(reqs.len() <= 2, "{} token requests for one repository: {reqs:?}", reqs.len());
+}
+
+/// Token auth with two repositories sharing layers, through one `Registry`: each pull
+/// asks for its own repository's scope, and a blob already pulled from the first is not
+/// downloaded again for the second.
+#[test]
+fn token_auth_two_repositories_sharing_layers() {
+    let test = "token_auth_two_repositories_sharing_layers";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    let tokens =
+        TokenServer::start(TokenPolicy { creds: Some(("bob".into(), "hunter2".into())), ..TokenPolicy::default() });
+    let f = fill(RegistryServer::start(RegistryConfig::plain().token(tokens.registry_config())), 29);
+    // The same image under a second name.
+    f.reg.push(&f.layout.dir, "mixed", "other/copy", "v2", Some("bob:hunter2"), &[]);
+    let proxy = FaultProxy::start(f.reg.addr());
+    let r = Registry::new(with_creds(options(), &proxy.host(), "bob", "hunter2")).unwrap();
+    let before = tokens.request_count();
+    let first = f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", proxy.host()));
+    let second = f.ensure_mixed(&f.cache, &r, &format!("{}/other/copy:v2", proxy.host()));
+    assert_eq!(first.lowers(), second.lowers());
+    for l in &f.mixed.layers {
+        assert_eq!(downloads(&proxy, &l.digest), 1);
+    }
+    let reqs: Vec<harness::Request> = tokens.requests.lock().unwrap()[before..].to_vec();
+    let scopes: Vec<String> = reqs.iter().flat_map(|q| q.query_all("scope")).collect();
+    assert!(scopes.iter().any(|s| s == "repository:test/mixed:pull"), "{scopes:?}");
+    assert!(scopes.iter().any(|s| s == "repository:other/copy:pull"), "{scopes:?}");
+    // A digest no manifest listed: NotFound, no request.
+    proxy.reset_log();
+    let unknown = Descriptor {
+        digest: rootfs_cache::Digest::of(b"not a blob"),
+        size: 10,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+    };
+    match r.open_blob(&unknown) {
+        Err(Error::NotFound { .. }) => {}
+        Err(e) => panic!("not NotFound: {e:?}"),
+        Ok(_) => panic!("a blob no manifest listed was opened"),
+    }
+    assert!(proxy.requests().is_empty(), "{:#?}", proxy.requests());
 }
 
 /// Token servers that answer `access_token` (OAuth style) instead of `token`, and a
@@ -984,6 +1026,43 @@ fn tls_unknown_ca_is_a_typed_error_and_skip_verify_works() {
     f.ensure_mixed(&f.cache, &r, &reference);
 }
 
+/// TLS and token auth together (the token endpoint on plain HTTP on loopback), the
+/// registry named `localhost` (the certificate's DNS name), the CA from hosts.toml.
+#[test]
+fn tls_token_auth_by_localhost_name() {
+    let test = "tls_token_auth_by_localhost_name";
+    if !support::require_root(test) || !harness::require(test) {
+        return;
+    }
+    let tokens =
+        TokenServer::start(TokenPolicy { creds: Some(("bob".into(), "hunter2".into())), ..TokenPolicy::default() });
+    let f = fill(RegistryServer::start(RegistryConfig::plain().tls().token(tokens.registry_config())), 32);
+    let name = format!("localhost:{}", f.reg.port);
+    let url = format!("https://{name}");
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&name, &harness::hosts_toml(Some(&url), &[HostEntry::new(url.clone()).ca(f.reg.ca_path().unwrap())]));
+    let r = Registry::new(with_creds(with_hosts_dir(options(), &hosts.dir), &name, "bob", "hunter2")).unwrap();
+    f.ensure_mixed(&f.cache, &r, &format!("{name}/test/mixed:v1"));
+    assert!(tokens.request_count() > 0);
+}
+
+/// A hosts entry without a scheme: HTTPS unless the embedder allows plain HTTP
+/// (`plain_http`); against a plain-HTTP server the HTTPS attempt is a typed error.
+#[test]
+fn hosts_entry_without_scheme_and_plain_http() {
+    let Some(f) = fixture("hosts_entry_without_scheme_and_plain_http", RegistryConfig::plain(), 33) else { return };
+    let name = "registry.rootfs-cache.invalid:5000";
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(name, &harness::hosts_toml(None, &[HostEntry::new(f.reg.host())]));
+    let reference = format!("{name}/test/mixed:v1");
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir).with_plain_http(true)).unwrap();
+    f.ensure_mixed(&f.cache, &r, &reference);
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir)).unwrap();
+    let e = must_fail(f.new_cache("c2").ensure(&r, &reference), "HTTPS to a plain-HTTP server");
+    assert!(e.to_string().contains(&f.reg.host()), "{e}");
+    assert!(registry_error(&e).is_some(), "{e:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // hosts.toml mirrors
 
@@ -1002,10 +1081,11 @@ fn dead_mirror_then_upstream() {
 /// A mirror serving wrong bytes for a blob: the next host (the registry) serves it within
 /// the same `ensure`, and nothing of the mirror's bytes is cached.
 ///
-/// Today the wrong blob fails the `ensure` (`ContentMismatch` naming the mirror): the
-/// `Registry` demotes the mirror for that digest and counts on its caller to open the blob
-/// again, and the cache does not. The test then checks what holds anyway (typed error,
-/// nothing wrong cached, the next `ensure` goes to the registry) before failing.
+/// The blob is smaller than the tail the `Registry` holds back until the digest is
+/// checked, so the wrong bytes never reach extraction; for wrong bytes that do (a bigger
+/// blob), see `wrong_bytes_early_in_a_big_blob`. Should the `ensure` fail, the test checks
+/// what must hold anyway (a typed error naming the mirror, nothing wrong cached, the next
+/// `ensure` served by the registry) before failing.
 #[test]
 fn lying_mirror_next_host_used_nothing_wrong_cached() {
     let Some(f) = fixture("lying_mirror_next_host_used_nothing_wrong_cached", RegistryConfig::plain(), 41) else {
@@ -1151,8 +1231,8 @@ fn lying_mirror_manifest_next_host_used() {
 
 /// The only host serves wrong bytes for every blob: the pull fails, typed and naming the
 /// host, nothing of those bytes is cached, and the same cache pulls once the host is fixed.
-/// Twice: a byte flipped early (the decompressor trips over it long before the digest
-/// can be checked) and one near the end (only the digest shows it).
+/// Twice: a byte flipped early (where a decompressor would trip over it, were it handed
+/// out before the digest is checked) and one near the end (only the digest shows it).
 #[test]
 fn lying_only_host_fails_typed_and_caches_nothing() {
     let Some(f) = fixture("lying_only_host_fails_typed_and_caches_nothing", RegistryConfig::plain(), 42) else {
@@ -1466,6 +1546,63 @@ fn stalled_read_times_out_and_is_retried() {
     assert!(start.elapsed() < Duration::from_secs(15), "a stalled read was waited out: {:?}", start.elapsed());
     assert_eq!(proxy.count("GET", &big.digest), 2);
     assert!(!r.events.resumed().is_empty() || !r.events.retries().is_empty(), "{:?}", r.events);
+}
+
+/// Registries that answer HEAD on manifests with 405, or without `Docker-Content-Digest`:
+/// the tag is fetched with GET and hashed.
+#[test]
+fn head_refused_or_without_digest_header() {
+    let Some((f, proxy, reference)) = behind_proxy("head_refused_or_without_digest_header", 64) else { return };
+    let mut problems = Vec::new();
+    let cases = [
+        ("no Docker-Content-Digest", None, Fault::StripResponseHeader("Docker-Content-Digest".into())),
+        ("HEAD answered 405", Some("HEAD".to_string()), Fault::Status(405, vec![])),
+    ];
+    for (i, (name, method, fault)) in cases.into_iter().enumerate() {
+        proxy.clear();
+        proxy.reset_log();
+        proxy.add(harness::Rule { method, path_contains: "/manifests/".into(), fault, times: None });
+        let cache = f.new_cache(&format!("c{i}"));
+        let r = Registry::new(options()).unwrap();
+        match cache.ensure(&r, &reference) {
+            Ok(rootfs) => {
+                harness::assert_same_tree(&reference, &f.reference, rootfs.lowers(), f.scratch());
+                assert_eq!(rootfs.manifest_digest().to_string(), f.mixed.manifest.digest);
+                assert!(proxy.count("GET", "/manifests/v1") >= 1, "{name}: {:#?}", proxy.requests());
+            }
+            Err(e) => problems.push(format!("{name}: {e}\n{:#?}", proxy.requests())),
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A host that never answers the connect (SYNs dropped): the connect timeout ends it, a
+/// typed error naming the host, in a bounded time; behind it as a mirror, the registry
+/// serves the pull.
+#[test]
+fn connect_timeout_on_a_blackholed_host() {
+    let Some(f) = fixture("connect_timeout_on_a_blackholed_host", RegistryConfig::plain(), 65) else { return };
+    let hole = harness::Blackhole::start();
+    assert!(hole.hangs(Duration::from_millis(300)), "the blackhole accepts connections");
+    let opts = || options().with_connect_timeout(Duration::from_millis(500));
+    let r = Registry::new(opts()).unwrap();
+    let start = Instant::now();
+    let e = must_fail(f.cache.ensure(&r, &format!("{}/test/mixed:v1", hole.addr)), "a blackholed registry");
+    let took = start.elapsed();
+    assert_registry_error_naming(&e, &hole.addr.to_string());
+    // Connect timeout 0.5 s, max_retry_time 8 s.
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(15), "{took:?}");
+    // As a mirror: left for the registry (mirrors are not retried).
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(format!("http://{}", hole.addr))]));
+    // Every request tries the mirror first and waits out its connect timeout (as
+    // containerd does): 4 requests here.
+    let r = Observed::new(with_hosts_dir(opts(), &hosts.dir));
+    let start = Instant::now();
+    f.ensure_mixed(&f.new_cache("c2"), &r, &format!("{}/test/mixed:v1", upstream.host()));
+    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    assert!(r.events.fallbacks().iter().any(|(h, _)| h == &hole.addr.to_string()), "{:?}", r.events);
 }
 
 /// A connection closed without an answer (on the tag's HEAD) is retried; a host where

@@ -1136,6 +1136,8 @@ pub enum Fault {
     Redirect(String),
     /// Close the connection without answering.
     Hangup,
+    /// Forward, removing this header (any case) from the response.
+    StripResponseHeader(String),
 }
 
 /// A fault for requests whose method is `method` (any when `None`) and whose path
@@ -1260,6 +1262,7 @@ struct Effects {
     cut: Option<usize>,
     stall: Option<(usize, Duration)>,
     corrupt: Option<usize>,
+    strip: Vec<String>,
 }
 
 /// The faults for `req`: the first matching rule that answers by itself, if any (and
@@ -1300,6 +1303,10 @@ fn take_faults(state: &ProxyState, req: &Request) -> Effects {
                 fx.corrupt = Some(*at);
                 true
             }
+            Fault::StripResponseHeader(name) => {
+                fx.strip.push(name.to_ascii_lowercase());
+                true
+            }
             _ => false,
         };
         if used {
@@ -1323,7 +1330,9 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
     match &fx.answer {
         Some(Fault::Status(code, headers)) => {
             let h: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            write_response(&mut client, *code, "Injected", &h, b"injected by the test proxy\n");
+            // A HEAD answer has no body (its Content-Length would be the GET's).
+            let body: &[u8] = if req.method == "HEAD" { b"" } else { b"injected by the test proxy\n" };
+            write_response(&mut client, *code, "Injected", &h, body);
             return;
         }
         Some(Fault::Redirect(base)) => {
@@ -1397,7 +1406,19 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    if client.write_all(&buf[..end]).is_err() {
+    let head: Vec<u8> = if fx.strip.is_empty() {
+        buf[..end].to_vec()
+    } else {
+        let text = String::from_utf8_lossy(&buf[..end]);
+        text.split_inclusive("\r\n")
+            .filter(|line| {
+                let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+                !fx.strip.contains(&name)
+            })
+            .collect::<String>()
+            .into_bytes()
+    };
+    if client.write_all(&head).is_err() {
         return;
     }
     let mut body = buf[end..].to_vec();
@@ -1500,4 +1521,48 @@ pub fn assert_same_tree(what: &str, reference: &Path, lowers: &[PathBuf], scratc
     assert!(want.len() > 15, "reference tree suspiciously small: {} entries", want.len());
     let got = merged_snapshot(lowers, scratch);
     support::assert_no_diffs(&format!("{what}: pulled vs umoci unpack"), &support::diff_trees(&want, &got, &cmp));
+}
+
+// ---------------------------------------------------------------------------------------
+// A host that never completes a connection
+
+/// A listening socket whose accept queue is full and never drained: the kernel drops
+/// further SYNs, so a connect to [`Blackhole::addr`] hangs until the client's connect
+/// timeout (a host behind a firewall that drops packets). Closed on drop.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    fd: std::os::fd::OwnedFd,
+    _fillers: Vec<TcpStream>,
+}
+
+impl Blackhole {
+    pub fn start() -> Blackhole {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // SAFETY: listen(2) on a socket we own; a backlog of 0 leaves room for one
+        // pending connection.
+        let r = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+        assert_eq!(r, 0, "listen: {}", std::io::Error::last_os_error());
+        let mut fillers = Vec::new();
+        // Fill the accept queue: connects complete until it is full, then hang.
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => break,
+            }
+        }
+        // SAFETY: into_raw_fd hands over ownership of the listening socket.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
+        Blackhole { addr, fd, _fillers: fillers }
+    }
+
+    /// Whether a connect now hangs (for `timeout`) rather than completing or failing.
+    pub fn hangs(&self, timeout: Duration) -> bool {
+        let _ = &self.fd;
+        match TcpStream::connect_timeout(&self.addr, timeout) {
+            Err(e) => e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
 }
