@@ -42,8 +42,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use rootfs_cache::{
-    CacheOptions, Compression, DiffOptions, ImageFetcher, MountBackend, Rootfs, RootfsCache, UnpackOptions,
-    WhiteoutMode, Workspace, WorkspaceOptions, unpack,
+    CacheOptions, Compression, DiffOptions, EnsureOptions, EnsureProgress, ImageFetcher, LayerProgress, LayerState,
+    MountBackend, Rootfs, RootfsCache, UnpackOptions, WhiteoutMode, Workspace, WorkspaceOptions, unpack,
 };
 
 const USAGE: &str = "usage:
@@ -494,9 +494,58 @@ fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
-/// `cache.ensure`, with a progress bar on stderr when it is a terminal.
+/// `cache.ensure`, with a progress bar on stderr when it is a terminal (nothing otherwise).
 fn ensure(cache: &RootfsCache, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs, Fail> {
-    Ok(cache.ensure(fetcher, reference)?)
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return Ok(cache.ensure(fetcher, reference)?);
+    }
+    let bar = ProgressBar::default();
+    let result = cache.ensure_with(fetcher, reference, &EnsureOptions::new().with_progress(&bar));
+    bar.finish();
+    Ok(result?)
+}
+
+/// One bar for a whole `ensure`: blob bytes downloaded of the missing layers' total, and
+/// layers ready of all.
+#[derive(Default)]
+struct ProgressBar {
+    bar: std::sync::OnceLock<indicatif::ProgressBar>,
+    /// index -> (downloaded, total, final)
+    layers: std::sync::Mutex<std::collections::BTreeMap<usize, (u64, u64, bool)>>,
+}
+
+impl ProgressBar {
+    fn finish(&self) {
+        if let Some(b) = self.bar.get() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl EnsureProgress for ProgressBar {
+    fn layer(&self, l: &LayerProgress) {
+        let bar = self.bar.get_or_init(|| {
+            let b = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let done = matches!(l.state, LayerState::Cached | LayerState::Done | LayerState::Failed);
+        let total = if l.state == LayerState::Cached { 0 } else { l.total };
+        layers.insert(l.index, (l.downloaded, total, done));
+        let (got, all) = layers.values().fold((0, 0), |(g, a), (d, t, _)| (g + d.min(t), a + t));
+        let ready = layers.values().filter(|v| v.2).count();
+        bar.set_length(all);
+        bar.set_position(got);
+        bar.set_message(format!("{ready}/{} layers", layers.len()));
+    }
 }
 
 /// `--flag VALUE` taken out of `args`; the rest.
