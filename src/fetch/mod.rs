@@ -9,15 +9,23 @@
 //! Fetchers provided here:
 //! - [`OciLayout`]: a local OCI image layout directory (`skopeo copy … oci:DIR:TAG`),
 //!   choosing one manifest per index by [`Platform`].
+//! - `Registry` (feature `registry`, on by default): the OCI Distribution API, with
+//!   containerd's `hosts.toml` mirrors, registry auth, retries and resumed downloads.
 
+mod manifest;
 mod oci_layout;
+#[cfg(feature = "registry")]
+mod registry;
 
 use std::io::Read;
 
 use crate::digest::Digest;
 use crate::error::Result;
 
-pub use oci_layout::{OciLayout, Platform};
+pub use manifest::Platform;
+pub use oci_layout::OciLayout;
+#[cfg(feature = "registry")]
+pub use registry::{Credential, Reference, Registry, RegistryOptions};
 
 /// What a manifest says about one blob.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
