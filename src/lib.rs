@@ -110,7 +110,8 @@
 //! - `lockfile`: exclusive `flock` locks that name their holder's pid ([`Error::Busy`]);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
-//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
+//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`],
+//!   [`EnsureOptions`] with an [`EnsureProgress`] observer ([`LayerProgress`], [`LayerState`]);
 //! - `mount`: [`MountBackend`], [`OverlaySpec`], [`OverlayOptions`], [`KernelOverlay`]
 //!   ([`MountApi`]), [`CopyBackend`], [`OverlayMount`], [`detect()`] ([`Detection`],
 //!   [`BackendKind`], [`DetectReason`]);
@@ -136,7 +137,9 @@ mod sys;
 mod unpack;
 mod workspace;
 
-pub use cache::{CacheOptions, CacheStats, GcReport, Rootfs, RootfsCache};
+pub use cache::{
+    CacheOptions, CacheStats, EnsureOptions, EnsureProgress, GcReport, LayerProgress, LayerState, Rootfs, RootfsCache,
+};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 #[cfg(feature = "registry")]
