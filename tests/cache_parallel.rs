@@ -116,11 +116,13 @@ fn plain_layer(id: u32, files: usize, size: usize) -> Layer {
 /// its archive, a whiteout under an omitted parent and an omitted parent no lower has.
 fn metadata_image() -> Vec<Layer> {
     let big = vec![7u8; 256 * 1024];
+    // Too large to live in an ext4 inode: a directory given it takes a block more.
+    let big_xattr = vec![b'x'; 1500];
     vec![
         make_layer(
             &[
                 E::Dir("./", 0o751, 0, 0, 1_500_000_000, &[("user.root", b"r0")]),
-                E::Dir("a/", 0o750, 12, 34, 1_500_000_100, &[("user.a", b"a0")]),
+                E::Dir("a/", 0o750, 12, 34, 1_500_000_100, &[("user.a", &big_xattr[..])]),
                 E::Dir("a/b/", 0o711, 56, 78, 1_500_000_200, &[]),
                 E::File("a/b/base", b"base"),
                 E::Dir("opt/", 0o700, 5, 5, 1_500_000_300, &[]),
@@ -425,7 +427,29 @@ fn upper_layers_extracted_first_get_the_lower_parent_metadata() {
             assert_same_meta(lower, expected, since, &format!("bound {bound}, layer {i}"));
         }
         assert_eq!(names(&root.join("tmp")), Vec::<String>::new());
+        for (d, size, _) in cache.layers() {
+            let fs = root.join("layers").join(d.hex()).join("fs");
+            assert_eq!(size, disk_usage(&fs), "recorded size of {d}");
+        }
     }
+}
+
+/// Allocated bytes of a tree, hardlinked inodes once (what the cache records).
+fn disk_usage(p: &Path) -> u64 {
+    fn go(p: &Path, seen: &mut std::collections::BTreeSet<u64>) -> u64 {
+        let md = std::fs::symlink_metadata(p).unwrap();
+        let mut total = 0;
+        if md.is_dir() || md.nlink() == 1 || seen.insert(md.ino()) {
+            total += md.blocks() * 512;
+        }
+        if md.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                total += go(&e.unwrap().path(), seen);
+            }
+        }
+        total
+    }
+    go(p, &mut Default::default())
 }
 
 /// Downloads overlap, never more than the bound at once; a bound of 1 reads one blob at

@@ -161,6 +161,8 @@ struct Job<'m> {
 /// A layer extracted into `tmp/`, not yet ready.
 struct Extracted {
     tmp: std::path::PathBuf,
+    /// Disk usage of its `fs/`, before parents it omits get their metadata.
+    size: u64,
     implicit: Vec<Vec<u8>>,
     diff_id: Option<Digest>,
 }
@@ -481,7 +483,9 @@ impl RootfsCache {
                 let d = std::fs::File::open(&tmp).map_err(io("open", &tmp))?;
                 nix::unistd::syncfs(&d).map_err(|e| Error::io("syncfs", &tmp, e))?;
             }
-            Ok(Extracted { tmp: tmp.clone(), implicit, diff_id: stats.diff_id })
+            // Measured here, in parallel; `make_ready` adds what it changes.
+            let size = disk_usage(&fs_dir)?;
+            Ok(Extracted { tmp: tmp.clone(), size, implicit, diff_id: stats.diff_id })
         })();
         if result.is_err() && tmp.exists() {
             // Best effort: `open` empties tmp/ anyway.
@@ -500,9 +504,9 @@ impl RootfsCache {
             // The layers below, top first, as `UnpackOptions::parent_lowers` takes them.
             let lowers: Vec<_> =
                 layers[..job.index].iter().rev().map(|l| layout::layer_fs(&inner.root, &l.digest)).collect();
-            apply_implicit_parents(&fs_dir, &ex.implicit, &lowers, &inner.opts.unpack)?;
-            let meta =
-                LayerMeta { size: disk_usage(&fs_dir)?, diff_id: ex.diff_id, created: now_nanos() / 1_000_000_000 };
+            let grown = apply_implicit_parents(&fs_dir, &ex.implicit, &lowers, &inner.opts.unpack)?;
+            let size = ex.size.saturating_add_signed(grown);
+            let meta = LayerMeta { size, diff_id: ex.diff_id, created: now_nanos() / 1_000_000_000 };
             write_atomic(&tmp.join(layout::META), meta.encode().as_bytes())?;
             if inner.opts.sync {
                 let d = std::fs::File::open(tmp).map_err(io("open", tmp))?;

@@ -1022,17 +1022,18 @@ impl<'a> Extractor<'a> {
 /// without listing them (`implicit`, from [`Extractor::take_implicit`]) the metadata the
 /// same directories have in `lowers` (top first), exactly as [`Extractor::new`] with
 /// [`UnpackOptions::parent_lowers`] would have during extraction. Directories no lower
-/// has keep what creation gave them. Returns the xattrs skipped under
-/// [`UnpackOptions::ignore_xattr_errors`].
+/// has keep what creation gave them. Returns how many bytes of disk the directories
+/// use more than before (xattrs may take a block of their own).
 pub(crate) fn apply_implicit_parents(
     dest: &std::path::Path,
     implicit: &[Vec<u8>],
     lowers: &[PathBuf],
     opts: &UnpackOptions,
-) -> Result<u64> {
+) -> Result<i64> {
     let mut skipped = 0;
+    let mut grown = 0i64;
     if implicit.is_empty() || lowers.is_empty() {
-        return Ok(skipped);
+        return Ok(grown);
     }
     let root = Root::open(dest)?;
     let lowers: Vec<Root> = lowers.iter().filter_map(|p| Root::open(p).ok()).collect();
@@ -1045,9 +1046,14 @@ pub(crate) fn apply_implicit_parents(
             None => continue,
         };
         let display = root.display(&comps);
+        let blocks = |fd: &OwnedFd| {
+            nix::sys::stat::fstat(fd).map(|st| st.st_blocks).map_err(|e| Error::io("fstat", &display, e))
+        };
+        let before = blocks(&fd)?;
         meta.apply_fd(fd.as_fd(), &d.header(), d.created, &display, d.xattrs.is_some(), &mut skipped)?;
+        grown += (blocks(&fd)? - before) * 512;
     }
-    Ok(skipped)
+    Ok(grown)
 }
 
 /// The image xattrs of a directory in an extracted layer (overlay's own metadata left
