@@ -27,13 +27,13 @@
 mod image_ref;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use image_ref::{ImageRef, RegistryFlags};
 use rootfs_cache::{
-    BackendKind, CacheOptions, Digest, ImageFetcher, MountBackend, OciLayout, RootfsCache, UnpackOptions, WhiteoutMode,
-    Workspace, WorkspaceOptions, detect, unpack,
+    BackendKind, CacheOptions, Digest, ImageFetcher, MountBackend, RootfsCache, UnpackOptions, WhiteoutMode, Workspace,
+    WorkspaceOptions, detect, unpack,
 };
 
 const WARM_RUNS: usize = 100;
