@@ -2,12 +2,30 @@
 //! free loopback port, with optional htpasswd, TLS (a CA and server cert made here with
 //! the `openssl` CLI) and token auth; OCI image layouts generated here (gzip and zstd
 //! layers, multi-platform indexes) and pushed with `skopeo`; containerd-style hosts
-//! dirs. Included with `#[path = "common/registry.rs"] mod registry;` next to
+//! dirs. Included with `#[path = "common/registry.rs"] mod harness;` next to
 //! `mod support;`.
+//!
+//! - [`RegistryServer`]: the registry process ([`RegistryConfig`]: htpasswd, TLS, token).
+//! - [`TokenServer`]: a token endpoint the registry trusts (`auth.token`): checks Basic
+//!   credentials, grants the requested scopes, signs RS256 JWTs with `openssl dgst` and
+//!   sends the signing certificate as the `x5c` header (distribution 2.8 verifies it
+//!   against its `rootcertbundle`; a `kid` would have to be the libtrust key id).
+//! - [`FaultProxy`]: a plain-HTTP proxy (thread per connection, one request per
+//!   connection) that logs every request and injects [`Fault`]s by [`Rule`]: cut a body
+//!   after N bytes, answer a status (503, 429 + `Retry-After`, 401 + a challenge), stall,
+//!   drop `Range`, flip a byte, redirect, hang up, refuse; also an "object store" on
+//!   another loopback address (`127.0.0.2`) and a mirror under a path prefix.
+//! - [`Layout`]: OCI image layouts written by hand (umoci cannot write zstd layers or
+//!   indexes), [`image_layers`] for contents with files, dirs, symlinks, hardlinks, a
+//!   fifo, whiteouts and an opaque dir; `umoci unpack` of an all-gzip twin is the
+//!   reference tree, compared through a read-only overlay mount ([`assert_same_tree`]).
+//! - [`HostsDir`], [`hosts_toml`]: containerd's `<dir>/<host:port>/hosts.toml`.
 //!
 //! # Ownership
 //! A [`RegistryServer`] owns its process and its temp dir (config, storage, certs):
-//! Drop kills the process (SIGKILL, then waits for it) and removes the dir.
+//! Drop kills the process (SIGKILL, then waits for it) and removes the dir. A
+//! [`TokenServer`] or [`FaultProxy`] stops accepting on drop; connections in flight run
+//! to their end on their own threads.
 //!
 //! Tools: `docker-registry`, `skopeo`, `htpasswd` (apache2-utils), `openssl`; the
 //! reference unpacks use `umoci`. [`require`] skips (or fails under `CI`) without them.
@@ -928,11 +946,14 @@ pub struct TokenPolicy {
     pub expires_in: u64,
     /// Name the token under `access_token` instead of `token`.
     pub access_token_field: bool,
+    /// Sign the first this many tokens with a key the registry does not trust (it
+    /// rejects them with 401); see also [`TokenServer::set_bad_tokens`].
+    pub bad_tokens: usize,
 }
 
 impl Default for TokenPolicy {
     fn default() -> Self {
-        TokenPolicy { creds: None, anonymous_pull: false, expires_in: 300, access_token_field: false }
+        TokenPolicy { creds: None, anonymous_pull: false, expires_in: 300, access_token_field: false, bad_tokens: 0 }
     }
 }
 
@@ -947,6 +968,7 @@ pub struct TokenServer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Every request the endpoint got.
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
+    bad_tokens: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _dir: tempfile::TempDir,
 }
 
@@ -964,6 +986,19 @@ impl TokenServer {
             .arg(&cert));
         let der = run(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert));
         let x5c = base64(&der);
+        // A second issuer the registry does not know, for rejected tokens.
+        let bad_key = dir.path().join("bad.key");
+        let bad_cert = dir.path().join("bad.crt");
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2"])
+            .args(["-subj", "/CN=an issuer nobody trusts"])
+            .arg("-keyout")
+            .arg(&bad_key)
+            .arg("-out")
+            .arg(&bad_cert));
+        let bad_x5c = base64(&run(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&bad_cert)));
+        let bad_tokens = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(policy.bad_tokens));
+        let bad_left = bad_tokens.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1008,6 +1043,12 @@ impl TokenServer {
                 access.push(format!(r#"{{"type":"{typ}","name":"{name}","actions":[{}]}}"#, actions.join(",")));
             }
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let bad = bad_left
+                .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                    n.checked_sub(1)
+                })
+                .is_ok();
+            let (key, x5c) = if bad { (&bad_key, &bad_x5c) } else { (&key, &x5c) };
             let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{x5c}"]}}"#);
             let claims = format!(
                 r#"{{"iss":"{iss}","sub":"{subject}","aud":"{svc}","exp":{},"nbf":{},"iat":{now},"jti":"{now}-{}","access":[{}]}}"#,
@@ -1017,13 +1058,13 @@ impl TokenServer {
                 access.join(",")
             );
             let signing_input = format!("{}.{}", base64url(header.as_bytes()), base64url(claims.as_bytes()));
-            let sig = sign_rs256(&key, signing_input.as_bytes());
+            let sig = sign_rs256(key, signing_input.as_bytes());
             let jwt = format!("{signing_input}.{}", base64url(&sig));
             let field = if policy.access_token_field { "access_token" } else { "token" };
             let body = format!(r#"{{"{field}":"{jwt}","expires_in":{}}}"#, policy.expires_in);
             write_response(&mut s, 200, "OK", &[("Content-Type", "application/json".into())], body.as_bytes());
         });
-        TokenServer { addr, service, issuer, cert, stop, requests, _dir: dir }
+        TokenServer { addr, service, issuer, cert, stop, requests, bad_tokens, _dir: dir }
     }
 
     /// The registry's `auth.token` settings for this issuer.
@@ -1034,6 +1075,11 @@ impl TokenServer {
             issuer: self.issuer.clone(),
             root_cert_bundle: self.cert.clone(),
         }
+    }
+
+    /// Sign the next `n` tokens with the untrusted key.
+    pub fn set_bad_tokens(&self, n: usize) {
+        self.bad_tokens.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Requests the endpoint got so far.
@@ -1090,6 +1136,8 @@ pub enum Fault {
     Redirect(String),
     /// Close the connection without answering.
     Hangup,
+    /// Forward, removing this header (any case) from the response.
+    StripResponseHeader(String),
 }
 
 /// A fault for requests whose method is `method` (any when `None`) and whose path
@@ -1205,17 +1253,69 @@ impl Drop for FaultProxy {
     }
 }
 
-fn take_fault(state: &ProxyState, req: &Request) -> Option<Fault> {
+/// What the rules matching one request do to it.
+#[derive(Default)]
+struct Effects {
+    /// Answered by the proxy (`Status`, `Redirect`, `Hangup`): nothing is forwarded.
+    answer: Option<Fault>,
+    ignore_range: bool,
+    cut: Option<usize>,
+    stall: Option<(usize, Duration)>,
+    corrupt: Option<usize>,
+    strip: Vec<String>,
+}
+
+/// The faults for `req`: the first matching rule that answers by itself, if any (and
+/// only it is used up); otherwise every matching rule, one per kind (an `IgnoreRange`
+/// rule only matches requests that have a `Range`).
+fn take_faults(state: &ProxyState, req: &Request) -> Effects {
     let mut rules = state.rules.lock().unwrap();
-    let i = rules.iter().position(|r| {
+    let matches = |r: &Rule| {
         r.method.as_deref().is_none_or(|m| m == req.method)
             && req.path().contains(&r.path_contains)
             && r.times.is_none_or(|n| n > 0)
-    })?;
-    if let Some(n) = &mut rules[i].times {
-        *n -= 1;
+            && (!matches!(r.fault, Fault::IgnoreRange) || req.header("range").is_some())
+    };
+    let answers = |f: &Fault| matches!(f, Fault::Status(..) | Fault::Redirect(_) | Fault::Hangup);
+    let mut fx = Effects::default();
+    if let Some(i) = rules.iter().position(|r| matches(r) && answers(&r.fault)) {
+        if let Some(n) = &mut rules[i].times {
+            *n -= 1;
+        }
+        fx.answer = Some(rules[i].fault.clone());
+        return fx;
     }
-    Some(rules[i].fault.clone())
+    for r in rules.iter_mut().filter(|r| matches(r)) {
+        let used = match &r.fault {
+            Fault::IgnoreRange if !fx.ignore_range => {
+                fx.ignore_range = true;
+                true
+            }
+            Fault::CutAfter(n) if fx.cut.is_none() => {
+                fx.cut = Some(*n);
+                true
+            }
+            Fault::Stall { after, pause } if fx.stall.is_none() => {
+                fx.stall = Some((*after, *pause));
+                true
+            }
+            Fault::Corrupt(at) if fx.corrupt.is_none() => {
+                fx.corrupt = Some(*at);
+                true
+            }
+            Fault::StripResponseHeader(name) => {
+                fx.strip.push(name.to_ascii_lowercase());
+                true
+            }
+            _ => false,
+        };
+        if used {
+            if let Some(n) = &mut r.times {
+                *n -= 1;
+            }
+        }
+    }
+    fx
 }
 
 fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
@@ -1226,11 +1326,13 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
     let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
     let Some((req, rest)) = read_request(&mut client) else { return };
     state.log.lock().unwrap().push(req.clone());
-    let fault = take_fault(state, &req);
-    match &fault {
+    let fx = take_faults(state, &req);
+    match &fx.answer {
         Some(Fault::Status(code, headers)) => {
             let h: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            write_response(&mut client, *code, "Injected", &h, b"injected by the test proxy\n");
+            // A HEAD answer has no body (its Content-Length would be the GET's).
+            let body: &[u8] = if req.method == "HEAD" { b"" } else { b"injected by the test proxy\n" };
+            write_response(&mut client, *code, "Injected", &h, body);
             return;
         }
         Some(Fault::Redirect(base)) => {
@@ -1261,7 +1363,7 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
     }
     // The request as forwarded: one request per connection.
     let mut head = format!("{} {target} HTTP/1.1\r\n", req.method);
-    let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
+    let ignore_range = fx.ignore_range;
     for (k, v) in &req.headers {
         let skip = k == "connection"
             || (ignore_range && (k == "range" || k == "if-range"))
@@ -1304,43 +1406,53 @@ fn proxy_connection(state: &ProxyState, mut client: TcpStream) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    if client.write_all(&buf[..end]).is_err() {
+    let head: Vec<u8> = if fx.strip.is_empty() {
+        buf[..end].to_vec()
+    } else {
+        let text = String::from_utf8_lossy(&buf[..end]);
+        text.split_inclusive("\r\n")
+            .filter(|line| {
+                let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+                !fx.strip.contains(&name)
+            })
+            .collect::<String>()
+            .into_bytes()
+    };
+    if client.write_all(&head).is_err() {
         return;
     }
     let mut body = buf[end..].to_vec();
     let mut sent = 0usize;
+    let mut stall = fx.stall;
     loop {
         if !body.is_empty() {
-            match &fault {
-                Some(Fault::Corrupt(at)) if *at >= sent && *at < sent + body.len() => body[*at - sent] ^= 0xff,
-                _ => {}
+            if let Some(at) = fx.corrupt {
+                if at >= sent && at < sent + body.len() {
+                    body[at - sent] ^= 0xff;
+                }
             }
             let mut piece: &[u8] = &body;
-            match &fault {
-                Some(Fault::CutAfter(n)) if sent + piece.len() >= *n => {
-                    let _ = client.write_all(&piece[..*n - sent]);
+            if let Some(n) = fx.cut {
+                if sent + piece.len() >= n {
+                    let _ = client.write_all(&piece[..n - sent]);
                     let _ = client.flush();
                     let _ = client.shutdown(std::net::Shutdown::Both);
                     return;
                 }
-                Some(Fault::Stall { after, pause }) if sent <= *after && sent + piece.len() > *after => {
-                    let k = *after - sent;
+            }
+            if let Some((after, pause)) = stall {
+                if sent <= after && sent + piece.len() > after {
+                    let k = after - sent;
                     if client.write_all(&piece[..k]).is_err() {
                         return;
                     }
                     let _ = client.flush();
-                    std::thread::sleep(*pause);
+                    std::thread::sleep(pause);
                     sent += k;
                     piece = &piece[k..];
                     // The pause happens once.
-                    if client.write_all(piece).is_err() {
-                        return;
-                    }
-                    sent += piece.len();
-                    body.clear();
-                    continue;
+                    stall = None;
                 }
-                _ => {}
             }
             if client.write_all(piece).is_err() {
                 return;
@@ -1366,9 +1478,12 @@ pub fn merged_snapshot(lowers: &[PathBuf], scratch: &Path) -> std::collections::
     let mnt = scratch.join(format!("merged-{}", free_port()));
     std::fs::create_dir_all(&mnt).unwrap();
     let mut lowers = lowers.to_vec();
-    // One lower alone cannot be mounted without an upper: repeat it.
+    // One lower alone cannot be mounted without an upper (nor twice): add an empty one
+    // below it.
     if lowers.len() == 1 {
-        lowers.push(lowers[0].clone());
+        let empty = scratch.join(format!("empty-lower-{}", free_port()));
+        std::fs::create_dir_all(&empty).unwrap();
+        lowers.push(empty);
     }
     let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
     let opts = format!("ro,lowerdir={}", lowerdir.join(":"));
@@ -1406,4 +1521,48 @@ pub fn assert_same_tree(what: &str, reference: &Path, lowers: &[PathBuf], scratc
     assert!(want.len() > 15, "reference tree suspiciously small: {} entries", want.len());
     let got = merged_snapshot(lowers, scratch);
     support::assert_no_diffs(&format!("{what}: pulled vs umoci unpack"), &support::diff_trees(&want, &got, &cmp));
+}
+
+// ---------------------------------------------------------------------------------------
+// A host that never completes a connection
+
+/// A listening socket whose accept queue is full and never drained: the kernel drops
+/// further SYNs, so a connect to [`Blackhole::addr`] hangs until the client's connect
+/// timeout (a host behind a firewall that drops packets). Closed on drop.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    fd: std::os::fd::OwnedFd,
+    _fillers: Vec<TcpStream>,
+}
+
+impl Blackhole {
+    pub fn start() -> Blackhole {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // SAFETY: listen(2) on a socket we own; a backlog of 0 leaves room for one
+        // pending connection.
+        let r = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+        assert_eq!(r, 0, "listen: {}", std::io::Error::last_os_error());
+        let mut fillers = Vec::new();
+        // Fill the accept queue: connects complete until it is full, then hang.
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => break,
+            }
+        }
+        // SAFETY: into_raw_fd hands over ownership of the listening socket.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
+        Blackhole { addr, fd, _fillers: fillers }
+    }
+
+    /// Whether a connect now hangs (for `timeout`) rather than completing or failing.
+    pub fn hangs(&self, timeout: Duration) -> bool {
+        let _ = &self.fd;
+        match TcpStream::connect_timeout(&self.addr, timeout) {
+            Err(e) => e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
 }

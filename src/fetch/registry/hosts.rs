@@ -25,8 +25,9 @@
 //!
 //! Without a file the registry's own host is the only one. A directory without
 //! `hosts.toml` contributes its `*.crt` files as CAs of the registry's own host (the
-//! Docker `certs.d` layout, as containerd). Mirrors get `?ns=<registry>` on every request
-//! so that one mirror can serve several upstreams. Parsing is pure; reading the files is
+//! Docker `certs.d` layout, as containerd). Hosts other than the registry itself (mirrors,
+//! a `server` elsewhere) get `?ns=<registry>` on every request, as containerd sends, so
+//! that one mirror can serve several upstreams. Parsing is pure; reading the files is
 //! [`load`].
 
 use std::fmt;
@@ -63,7 +64,7 @@ pub(crate) struct HostEntry {
     pub(crate) headers: Vec<(String, String)>,
     /// Connect timeout for this host (`dial_timeout`).
     pub(crate) dial_timeout: Option<Duration>,
-    /// The registry name to send as `?ns=` (mirrors only).
+    /// The registry name to send as `?ns=` (hosts other than the registry itself).
     pub(crate) ns: Option<String>,
 }
 

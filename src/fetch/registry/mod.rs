@@ -17,6 +17,8 @@ mod auth;
 mod blob;
 mod hosts;
 mod reference;
+#[cfg(test)]
+mod testutil;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -200,7 +202,8 @@ impl RegistryOptions {
 /// (`resolve`: may answer tags; `pull`: blobs and digests), `ca` (a file or a list,
 /// relative to the directory), `skip_verify`, `header` (extra headers, a value or a list),
 /// `override_path` (the URL's path is the API root instead of `<path>/v2`), `dial_timeout`
-/// (`"500ms"`). Mirrors get `?ns=REGISTRY` on every request, as containerd sends, so one
+/// (`"500ms"`). Every host other than the registry itself (a mirror, or a `server`
+/// elsewhere) gets `?ns=REGISTRY` on every request, as containerd sends, so that one
 /// mirror can serve several registries. Client certificates (`client`) are refused rather
 /// than ignored. Files are read once per registry per `Registry` value.
 ///
@@ -216,16 +219,24 @@ impl RegistryOptions {
 /// report each event (through `resolve_observed` / `open_blob_observed`).
 ///
 /// # Wrong bytes
-/// A manifest is read whole before use, so a host serving a wrong one is simply left for
-/// the next. A blob is streamed to the caller while it is hashed; its digest can only be
-/// known at the end, when the caller has consumed most of it. The reader checks it before
-/// handing out the last chunk, and on a mismatch fails with [`Error::ContentMismatch`]
-/// naming the host, and demotes that host for that digest, so the next `open_blob` of it
-/// (the cache's retry, or the next `ensure`) starts at the next host. Nothing wrong is
-/// cached: the cache verifies every layer's digest too and keeps nothing of a failed
-/// extraction. (containerd has the same limit: its fetcher moves to the next host only
-/// on request errors, and a digest mismatch fails the ingest commit.) A host whose
-/// `Content-Length` contradicts the descriptor is left before anything is read.
+/// A manifest is read whole and checked before use, so a host serving a wrong one is
+/// simply left for the next. A blob is streamed to the caller while it is hashed, and its
+/// digest can only be checked once every byte is in. So the reader holds back the last
+/// MiB it received until the check: a blob up to 1 MiB is handed out only once verified,
+/// a larger one only up to its last MiB. On a mismatch the held bytes are dropped, the
+/// host is demoted for that digest (tried last by every later `open_blob` of it, and
+/// reported to [`FetchObserver::fallback`]), and the download continues on the next
+/// host from the number of bytes handed out; the digest is checked again at the end.
+/// So wrong bytes within the held-back tail (any corruption of a small blob, a truncated
+/// or wrong tail of a large one) never reach the caller and the same read succeeds from
+/// the next host. Wrong bytes already handed out (early in a large blob) cannot be taken
+/// back: the read fails with [`Error::ContentMismatch`] naming the host(s), and the next
+/// `open_blob` of that digest starts at a host that has not lied about it. Nothing wrong
+/// is cached either way: the cache verifies every layer's digest too and keeps nothing of
+/// a failed extraction. (containerd's fetcher moves to the next host only on request
+/// errors; a digest mismatch fails its ingest commit. This reader does better where it
+/// can, at the cost of 1 MiB of buffer per open blob.) A host whose `Content-Length`
+/// contradicts the descriptor is left before anything is read from it.
 ///
 /// # Credentials
 /// Looked up by the host actually contacted, once per host: the embedder's
@@ -253,15 +264,18 @@ impl RegistryOptions {
 ///
 /// # Why not `oci-spec`
 /// The manifest and index types come from the crate's own `fetch::manifest` module, shared
-/// with [`OciLayout`](crate::OciLayout), not from `oci-spec`: what is needed is a
-/// descriptor (digest, size, media type, platform) and the fields that tell an index from
-/// a manifest, read leniently where registries differ (`null` lists, Docker schema 2 media
-/// types, absent `mediaType`) and strictly where it matters (digest syntax, size,
-/// media-type contradictions, schema version). `oci-spec` models the whole image spec with
-/// builders, getters and its own error type, pulls `derive_builder`, `getset`, `strum` and
-/// `thiserror` 1 into a crate that would use a tenth of it, and its strict enums reject
-/// documents the rules above accept on purpose. Keeping one small module also keeps the
-/// selection logic (platform matching, `arm64` = `arm64/v8`) identical for both fetchers.
+/// with [`OciLayout`](crate::OciLayout), not from `oci-spec` (0.10, evaluated): what is
+/// needed is a descriptor (digest, size, media type, platform) and the fields that tell an
+/// index from a manifest, read leniently where registries and tools differ (a `null` list,
+/// as Go writes an empty slice; an absent `mediaType`, or a manifest without a `config`
+/// when only its layers matter) and strictly where it matters (sha256 digests only,
+/// sizes, a `mediaType` contradicting its descriptor, the schema version). `oci-spec`
+/// models the whole image, runtime and distribution specs with builders and getters,
+/// pulls `derive_builder`, `getset`, `strum`, `regex` and `const_format` into a crate that
+/// would use a tenth of it, makes `config` and the lists mandatory, and would still need
+/// converting into this crate's [`Digest`] and [`Descriptor`]. One small module also keeps
+/// platform selection (`arm64` = `arm64/v8`, the unplatformed fallback) identical for both
+/// fetchers.
 ///
 /// # Concurrency
 /// A `Registry` is `Send + Sync` and cheap to clone (an `Arc` inside); clones share the
@@ -435,28 +449,18 @@ impl Registry {
         if let Some(n) = size.filter(|&n| n > MAX_JSON_BYTES) {
             return Err(too_big(conn, &x.op, n));
         }
-        let resp = self.inner.client.send(conn, &x, observer, retry)?;
-        if let Some(n) = header(&resp, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
-            if n > MAX_JSON_BYTES {
-                return Err(too_big(conn, &x.op, n));
-            }
-        }
-        let media_type = header(&resp, "content-type")
+        let (parts, bytes) = self.inner.client.fetch_small(conn, &x, observer, retry, MAX_JSON_BYTES, "manifest")?;
+        let media_type = parts
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
             .map(|t| t.split(';').next().unwrap_or("").trim().to_string())
             .filter(|t| [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST].contains(&t.as_str()));
-        let server_digest = header(&resp, "docker-content-digest").and_then(|d| d.trim().parse::<Digest>().ok());
-        let mut bytes = Vec::new();
-        resp.into_body().into_reader().take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(|e| {
-            Error::Registry {
-                host: conn.host().to_string(),
-                op: x.op.clone(),
-                status: None,
-                reason: format!("reading: {e}"),
-            }
-        })?;
-        if bytes.len() as u64 > MAX_JSON_BYTES {
-            return Err(too_big(conn, &x.op, bytes.len() as u64));
-        }
+        let server_digest = parts
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| d.trim().parse::<Digest>().ok());
         let found = Digest::of(&bytes);
         if let Some(want) = expected.or(server_digest.as_ref()) {
             if *want != found {
@@ -599,6 +603,180 @@ impl ImageFetcher for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use super::testutil::{Events, header_of, response, server, target};
+
+    const LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+    fn manifest(layer: &[u8]) -> Vec<u8> {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":2}},"layers":[{{"mediaType":"{LAYER}","digest":"{}","size":{}}}]}}"#,
+            Digest::of(b"{}"),
+            Digest::of(layer),
+            layer.len()
+        )
+        .into_bytes()
+    }
+
+    fn index(entries: &[(&[u8], &str)]) -> Vec<u8> {
+        let list: Vec<String> = entries
+            .iter()
+            .map(|(m, arch)| {
+                format!(
+                    r#"{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{},"platform":{{"os":"linux","architecture":"{arch}"}}}}"#,
+                    Digest::of(m),
+                    m.len()
+                )
+            })
+            .collect();
+        format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{}]}}"#, list.join(",")).into_bytes()
+    }
+
+    /// A registry serving `docs` (by digest, and `tag` → `docs[0]`) under `/v2/r/`, blobs
+    /// `blobs` by digest; `head_digest`: whether HEAD gives Docker-Content-Digest.
+    fn fake_registry(
+        tag: &'static str,
+        docs: Vec<(Vec<u8>, &'static str)>,
+        blobs: Vec<Vec<u8>>,
+        head_digest: bool,
+    ) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let (addr, _) = server(move |_, head| {
+            let t = target(head);
+            let method = head.split(' ').next().unwrap_or("").to_string();
+            log.lock().push(format!("{method} {t}"));
+            let path = t.split('?').next().unwrap_or("");
+            let doc = if path == format!("/v2/r/manifests/{tag}") {
+                docs.first()
+            } else {
+                docs.iter().find(|(d, _)| path == format!("/v2/r/manifests/{}", Digest::of(d)))
+            };
+            if let Some((d, media_type)) = doc {
+                assert!(header_of(head, "accept").is_some_and(|a| a.contains(OCI_INDEX)), "{head}");
+                let mut h = vec![("Content-Type", media_type.to_string())];
+                if head_digest || method == "GET" {
+                    h.push(("Docker-Content-Digest", Digest::of(d).to_string()));
+                }
+                let body: &[u8] = if method == "HEAD" { b"" } else { d };
+                return response("200 OK", &h, body, d.len());
+            }
+            if let Some(b) = blobs.iter().find(|b| path == format!("/v2/r/blobs/{}", Digest::of(b))) {
+                return response("200 OK", &[], b, b.len());
+            }
+            response("404 Not Found", &[], b"{}", 2)
+        });
+        (addr, seen)
+    }
+
+    fn registry(platform: &str) -> Registry {
+        Registry::new(RegistryOptions::default().with_auth_files(false).with_platform(platform.parse().unwrap()))
+            .unwrap()
+    }
+
+    #[test]
+    fn resolve_head_then_get_by_digest_and_walk_the_index() {
+        let (amd, arm) = (b"amd layer".to_vec(), b"arm layer".to_vec());
+        let (ma, mr) = (manifest(&amd), manifest(&arm));
+        let idx = index(&[(&ma, "amd64"), (&mr, "arm64")]);
+        let docs = vec![(idx.clone(), OCI_INDEX), (ma.clone(), OCI_MANIFEST), (mr.clone(), OCI_MANIFEST)];
+        let (host, log) = fake_registry("v1", docs, vec![amd.clone(), arm.clone()], true);
+        let r = registry("linux/arm64");
+        let image = r.resolve(&format!("docker://{host}/r:v1")).unwrap();
+        assert_eq!(image.digest, Digest::of(&mr));
+        assert_eq!(image.layers[0].digest, Digest::of(&arm));
+        assert_eq!(
+            *log.lock(),
+            [
+                "HEAD /v2/r/manifests/v1".to_string(),
+                format!("GET /v2/r/manifests/{}", Digest::of(&idx)),
+                format!("GET /v2/r/manifests/{}", Digest::of(&mr)),
+            ]
+        );
+        // The layer is now known: its blob streams, verified.
+        let mut got = Vec::new();
+        r.open_blob(&image.layers[0]).unwrap().read_to_end(&mut got).unwrap();
+        assert_eq!(got, arm);
+        // By digest: no HEAD.
+        log.lock().clear();
+        let image = r.resolve(&format!("{host}/r@{}", Digest::of(&ma))).unwrap();
+        assert_eq!(image.digest, Digest::of(&ma));
+        assert_eq!(*log.lock(), [format!("GET /v2/r/manifests/{}", Digest::of(&ma))]);
+        // No entry for the platform.
+        match registry("linux/s390x").resolve(&format!("{host}/r:v1")) {
+            Err(Error::NotFound { what }) => assert!(what.contains("linux/amd64, linux/arm64"), "{what}"),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn resolve_without_a_digest_header_gets_by_tag_and_hashes() {
+        let layer = b"x".to_vec();
+        let m = manifest(&layer);
+        let (host, log) = fake_registry("latest", vec![(m.clone(), OCI_MANIFEST)], vec![], false);
+        let image = registry("linux/amd64").resolve(&format!("{host}/r")).unwrap();
+        assert_eq!(image.digest, Digest::of(&m));
+        assert_eq!(*log.lock(), ["HEAD /v2/r/manifests/latest", "GET /v2/r/manifests/latest"]);
+    }
+
+    #[test]
+    fn a_mirror_with_a_wrong_manifest_or_none_is_left_for_the_next_host() {
+        let layer = b"layer".to_vec();
+        let m = manifest(&layer);
+        let (good, good_log) = fake_registry("v1", vec![(m.clone(), OCI_MANIFEST)], vec![layer.clone()], true);
+        // A mirror answering the digest with other bytes.
+        let wrong = Digest::of(&m).to_string();
+        let (liar, _) = server(move |_, head| {
+            let h = vec![("Docker-Content-Digest", wrong.clone()), ("Content-Type", OCI_MANIFEST.to_string())];
+            let full: &[u8] = br#"{"schemaVersion":2,"layers":[],"config":{}}"#;
+            let body: &[u8] = if head.starts_with("HEAD") { b"" } else { full };
+            response("200 OK", &h, body, full.len())
+        });
+        let (empty, empty_log) = server(|_, _| response("404 Not Found", &[], b"", 0));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("reg.example")).unwrap();
+        std::fs::write(
+            dir.path().join("reg.example/hosts.toml"),
+            format!("server = \"http://{good}\"\n[host.\"http://{empty}\"]\n[host.\"http://{liar}\"]\n"),
+        )
+        .unwrap();
+        let r = Registry::new(RegistryOptions::default().with_auth_files(false).with_hosts_dir(dir.path())).unwrap();
+        let ev = Events::default();
+        let image = r.resolve_observed("reg.example/r:v1", &ev).unwrap();
+        assert_eq!(image.digest, Digest::of(&m));
+        let events = ev.0.lock().unwrap().clone();
+        assert!(events[0].starts_with(&format!("fallback {empty} not found")), "{events:?}");
+        assert!(events[1].starts_with(&format!("fallback {liar}")) && events[1].contains("wrong bytes"), "{events:?}");
+        // Hosts other than the registry itself are asked with ?ns= (the server here too,
+        // as it is not reg.example; containerd does the same).
+        assert!(target(&empty_log.lock().unwrap()[0]).ends_with("?ns=reg.example"));
+        assert!(good_log.lock().iter().all(|l| l.ends_with("?ns=reg.example")), "{:?}", good_log.lock());
+        // Every host missing the tag: NotFound naming them all.
+        match r.resolve("reg.example/r:nope") {
+            Err(Error::AllHostsFailed { failures, .. }) => {
+                // The liar answers anything: its wrong bytes make it a failure of its own.
+                assert_eq!(failures.len(), 3);
+            }
+            Err(Error::NotFound { what }) => assert!(what.contains(&empty) && what.contains(&good), "{what}"),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_manifests_are_refused() {
+        let (host, _) = server(|_, head| {
+            let h = vec![("Content-Type", OCI_MANIFEST.to_string())];
+            if head.starts_with("HEAD") {
+                response("200 OK", &h, b"", 5 << 20)
+            } else {
+                response("200 OK", &h, b"{}", 2)
+            }
+        });
+        match registry("linux/amd64").resolve(&format!("{host}/r:big")) {
+            Err(Error::Registry { reason, .. }) => assert!(reason.contains("more than the 4194304"), "{reason}"),
+            r => panic!("{r:?}"),
+        }
+    }
 
     #[test]
     fn registry_is_send_sync_and_cheap_to_clone() {

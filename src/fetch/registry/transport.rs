@@ -168,7 +168,7 @@ impl Client {
         let mut unauthorized = 0;
         let scope = pull_scope(x.repository);
         loop {
-            let auth = self.authorization(conn, &scope, observer)?;
+            let auth = self.authorization(conn, &scope, observer, retry)?;
             let failure = match self.send_once(conn, &x.method, &x.url, &x.headers, auth.as_deref(), None) {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -176,7 +176,8 @@ impl Client {
                         200..=299 => return Ok(resp),
                         401 => {
                             unauthorized += 1;
-                            self.on_unauthorized(conn, x, &scope, &resp, auth.is_some(), unauthorized, observer)?;
+                            let sent = auth.is_some();
+                            self.on_unauthorized(conn, x, &scope, &resp, sent, unauthorized, observer, retry)?;
                             continue;
                         }
                         403 => {
@@ -189,51 +190,80 @@ impl Client {
                         404 => {
                             return Err(Error::NotFound { what: format!("{} on {}", x.op, conn.host()) });
                         }
-                        408 | 429 | 500..=599 => {
-                            let retry_after =
-                                header(&resp, "retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now()));
-                            Failure {
-                                reason: format!("HTTP {status}{}", error_detail(resp)),
-                                status: Some(status),
-                                retry_after,
-                                retryable: true,
-                            }
-                        }
-                        _ => Failure {
-                            reason: format!("unexpected HTTP {status}{}", error_detail(resp)),
-                            status: Some(status),
-                            retry_after: None,
-                            retryable: false,
-                        },
+                        _ => status_failure(resp),
                     }
                 }
                 Err(e) => transport_failure(e),
             };
-            let elapsed = started.elapsed();
-            let delay = failure.retry_after.unwrap_or_else(|| backoff(attempt));
-            let may_retry = retry
-                && failure.retryable
-                && attempt < self.opts.max_retries
-                && elapsed + delay <= self.opts.max_retry_time;
-            if !may_retry {
-                let tries = if attempt > 0 { format!(" (after {attempt} retries)") } else { String::new() };
+            let Some(delay) = self.may_retry(retry, &failure, attempt, started) else {
                 return Err(Error::Registry {
                     host: conn.host().to_string(),
                     op: x.op.clone(),
                     status: failure.status,
-                    reason: format!("{}{tries}", failure.reason),
+                    reason: with_tries(&failure.reason, attempt),
                 });
-            }
+            };
             observer.retry(conn.host(), &failure.reason);
             std::thread::sleep(delay);
             attempt += 1;
         }
     }
 
+    /// [`send`](Client::send) and read the whole body, at most `max` bytes (`what` names
+    /// it in errors): a body that breaks or stalls is asked for again, within the same
+    /// retry bounds. Returns the response head and the body.
+    ///
+    /// # Errors
+    /// As `send`; [`Error::Registry`] for a body over `max` bytes, or one that kept
+    /// breaking.
+    pub(crate) fn fetch_small(
+        &self,
+        conn: &Conn,
+        x: &Exchange<'_>,
+        observer: &dyn FetchObserver,
+        retry: bool,
+        max: u64,
+        what: &str,
+    ) -> Result<(http::response::Parts, Vec<u8>)> {
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        let fail =
+            |reason: String| Error::Registry { host: conn.host().to_string(), op: x.op.clone(), status: None, reason };
+        let too_big = |n: u64| fail(format!("{what} of {n} bytes, more than the {max} allowed"));
+        loop {
+            let (parts, body) = self.send(conn, x, observer, retry)?.into_parts();
+            let length = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+            if let Some(n) = length.filter(|&n| n > max) {
+                return Err(too_big(n));
+            }
+            let mut bytes = Vec::new();
+            match body.into_reader().take(max + 1).read_to_end(&mut bytes) {
+                Ok(_) if bytes.len() as u64 > max => return Err(too_big(bytes.len() as u64)),
+                Ok(_) => return Ok((parts, bytes)),
+                Err(e) => {
+                    let reason = format!("reading the {what}: {e}");
+                    let failure = Failure { reason: reason.clone(), status: None, retry_after: None, retryable: true };
+                    let Some(delay) = self.may_retry(retry, &failure, attempt, started) else {
+                        return Err(fail(with_tries(&reason, attempt)));
+                    };
+                    observer.retry(conn.host(), &reason);
+                    std::thread::sleep(delay);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
     /// The `Authorization` value to send to `conn` for `scope`, from what the host asked
     /// for before: none until it challenges, then Basic credentials or a (cached, else
     /// fetched) Bearer token.
-    fn authorization(&self, conn: &Conn, scope: &str, observer: &dyn FetchObserver) -> Result<Option<String>> {
+    fn authorization(
+        &self,
+        conn: &Conn,
+        scope: &str,
+        observer: &dyn FetchObserver,
+        retry: bool,
+    ) -> Result<Option<String>> {
         match self.auth.challenge(conn.host()) {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(self.credentials(conn)?.and_then(|c| c.basic_header())),
@@ -241,7 +271,7 @@ impl Client {
                 if let Some(t) = self.auth.token(conn.host(), scope) {
                     return Ok(Some(t));
                 }
-                self.fetch_token(conn, &challenge, scope, None, observer).map(Some)
+                self.fetch_token(conn, &challenge, scope, None, observer, retry).map(Some)
             }
         }
     }
@@ -262,6 +292,7 @@ impl Client {
         sent_auth: bool,
         count: u32,
         observer: &dyn FetchObserver,
+        retry: bool,
     ) -> Result<()> {
         let host = conn.host();
         let denied = |reason: String| Error::Unauthorized { host: host.to_string(), op: x.op.clone(), reason };
@@ -302,7 +333,7 @@ impl Client {
                     Challenge::Bearer { scope: Some(s), .. } if s != scope => Some(s.as_str()),
                     _ => None,
                 };
-                self.fetch_token(conn, &challenge, scope, extra, observer)?;
+                self.fetch_token(conn, &challenge, scope, extra, observer, retry)?;
                 return Ok(());
             }
         }
@@ -320,9 +351,9 @@ impl Client {
         scope: &str,
         extra: Option<&str>,
         observer: &dyn FetchObserver,
+        retry: bool,
     ) -> Result<String> {
         let Challenge::Bearer { realm, service, .. } = challenge else { unreachable!("fetch_token on Basic") };
-        let _ = observer;
         let host = conn.host();
         let op = format!("token from {realm}");
         let fail = |status: Option<u16>, reason: String| Error::Registry {
@@ -365,30 +396,48 @@ impl Client {
             Some(_) => vec![("content-type", "application/x-www-form-urlencoded".into())],
             None => Vec::new(),
         };
-        let resp = self
-            .send_once(conn, &method, &url, &headers, auth.as_deref(), body.as_deref())
-            .map_err(|e| fail(None, transport_failure(e).reason))?;
-        let status = resp.status().as_u16();
-        match status {
-            200 => {}
-            401 | 403 => {
-                return Err(Error::Unauthorized {
-                    host: host.to_string(),
-                    op,
-                    reason: format!(
-                        "the token service answered {status}{}",
-                        if creds.is_some() { " to this host's credentials" } else { " (no credentials for this host)" }
-                    ),
-                });
-            }
-            s => return Err(fail(Some(s), format!("HTTP {s}"))),
-        }
-        let mut body = Vec::new();
-        resp.into_body()
-            .into_reader()
-            .take(MAX_TOKEN_BYTES)
-            .read_to_end(&mut body)
-            .map_err(|e| fail(None, format!("reading the token: {e}")))?;
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        let body = loop {
+            let failure = match self.send_once(conn, &method, &url, &headers, auth.as_deref(), body.as_deref()) {
+                Ok(resp) => match resp.status().as_u16() {
+                    200 => {
+                        let mut bytes = Vec::new();
+                        match resp.into_body().into_reader().take(MAX_TOKEN_BYTES).read_to_end(&mut bytes) {
+                            Ok(_) => break bytes,
+                            Err(e) => Failure {
+                                reason: format!("reading the token: {e}"),
+                                status: None,
+                                retry_after: None,
+                                retryable: true,
+                            },
+                        }
+                    }
+                    status @ (401 | 403) => {
+                        return Err(Error::Unauthorized {
+                            host: host.to_string(),
+                            op,
+                            reason: format!(
+                                "the token service answered {status}{}",
+                                if creds.is_some() {
+                                    " to this host's credentials"
+                                } else {
+                                    " (no credentials for this host)"
+                                }
+                            ),
+                        });
+                    }
+                    _ => status_failure(resp),
+                },
+                Err(e) => transport_failure(e),
+            };
+            let Some(delay) = self.may_retry(retry, &failure, attempt, started) else {
+                return Err(fail(failure.status, with_tries(&failure.reason, attempt)));
+            };
+            observer.retry(host, &format!("token service: {}", failure.reason));
+            std::thread::sleep(delay);
+            attempt += 1;
+        };
         let (token, lifetime) = parse_token_response(&body).map_err(|r| fail(None, r))?;
         let header = format!("Bearer {token}");
         self.auth.set_token(host, scope, header.clone(), lifetime);
@@ -454,6 +503,39 @@ fn hop_headers<'a>(
         }
     }
     out
+}
+
+impl Client {
+    /// The delay before another attempt, if one may start: the caller allows retries,
+    /// the failure is transient, and neither the count nor the time bound is reached.
+    fn may_retry(&self, retry: bool, failure: &Failure, attempt: u32, started: Instant) -> Option<Duration> {
+        let delay = failure.retry_after.unwrap_or_else(|| backoff(attempt));
+        let ok = retry
+            && failure.retryable
+            && attempt < self.opts.max_retries
+            && started.elapsed() + delay <= self.opts.max_retry_time;
+        ok.then_some(delay)
+    }
+}
+
+/// `reason`, with the number of retries made when there were some.
+fn with_tries(reason: &str, attempt: u32) -> String {
+    if attempt > 0 { format!("{reason} (after {attempt} retries)") } else { reason.to_string() }
+}
+
+/// A non-2xx status other than 401/403/404 as a failure: 408, 429 (with its
+/// `Retry-After`) and 5xx are transient; the registry's explanation is kept.
+fn status_failure(resp: Response<ureq::Body>) -> Failure {
+    let status = resp.status().as_u16();
+    let retry_after = header(&resp, "retry-after").and_then(|v| parse_retry_after(&v, SystemTime::now()));
+    let transient = matches!(status, 408 | 429 | 500..=599);
+    let what = if transient { "HTTP" } else { "unexpected HTTP" };
+    Failure {
+        reason: format!("{what} {status}{}", error_detail(resp)),
+        status: Some(status),
+        retry_after: retry_after.filter(|_| transient),
+        retryable: transient,
+    }
 }
 
 /// Classify a transport error.
@@ -676,6 +758,183 @@ mod tests {
             assert_eq!(names.contains(&"authorization"), same, "{location}: {names:?}");
             assert_eq!(names.contains(&"x-mirror-token"), same, "{location}: {names:?}");
         }
+    }
+
+    use std::sync::{Arc, Mutex};
+
+    use super::super::auth::Credential;
+    use super::super::hosts::default_host;
+    use super::super::testutil::{Events, header_of, response, server, target};
+
+    fn client(creds: Option<(&str, Credential)>) -> (Client, RegistryOptions) {
+        let mut opts = RegistryOptions::default().with_auth_files(false).with_max_retries(3);
+        if let Some((h, c)) = creds {
+            opts = opts.with_credential(h, c);
+        }
+        (Client::new(opts.clone()).unwrap(), opts)
+    }
+
+    fn get<'a>(conn: &Conn, repo: &'a str) -> Exchange<'a> {
+        let rest = format!("{repo}/manifests/v1");
+        Exchange {
+            method: Method::GET,
+            url: conn.entry.url(&rest),
+            repository: repo,
+            headers: vec![],
+            op: format!("GET /v2/{rest}"),
+        }
+    }
+
+    /// A token service: Basic `u:p` gets token `tok-<n>` for the scope asked; counts requests.
+    fn token_service(lifetime: u64) -> (String, Arc<Mutex<Vec<String>>>) {
+        server(move |n, head| {
+            if header_of(head, "authorization").as_deref() != Some("Basic dTpw") {
+                return response("401 Unauthorized", &[], b"", 0);
+            }
+            let body = format!(r#"{{"token":"tok-{n}","expires_in":{lifetime}}}"#);
+            response("200 OK", &[("Content-Type", "application/json".into())], body.as_bytes(), body.len())
+        })
+    }
+
+    #[test]
+    fn bearer_tokens_are_fetched_with_credentials_cached_per_scope_and_refreshed_once() {
+        let (tokens, token_log) = token_service(300);
+        // The registry takes a token only for the repository it was issued for, and
+        // rejects `tok-0` once it has been used twice (a revoked token).
+        let issued: Arc<Mutex<Vec<String>>> = Arc::default();
+        let uses = Arc::new(Mutex::new(0));
+        let realm = format!("http://{tokens}/token");
+        let (issued2, uses2) = (Arc::clone(&issued), Arc::clone(&uses));
+        let (reg, reg_log) = server(move |_, head| {
+            let challenge = vec![("WWW-Authenticate", format!(r#"Bearer realm="{realm}",service="svc""#))];
+            match header_of(head, "authorization") {
+                Some(a) if a.starts_with("Bearer tok-") => {
+                    if a == "Bearer tok-0" {
+                        let mut u = uses2.lock().unwrap();
+                        *u += 1;
+                        if *u > 2 {
+                            return response("401 Unauthorized", &challenge, b"", 0);
+                        }
+                    }
+                    issued2.lock().unwrap().push(a);
+                    response("200 OK", &[], b"{}", 2)
+                }
+                _ => response("401 Unauthorized", &challenge, b"", 0),
+            }
+        });
+        let (c, opts) = client(Some((&reg, Credential::basic("u", "p"))));
+        let conn = Conn::new(default_host(&reg, false), &opts).unwrap();
+        let ev = Events::default();
+        // Anonymous, 401, token (with Basic), retried with it.
+        c.send(&conn, &get(&conn, "a"), &ev, true).unwrap();
+        assert_eq!(reg_log.lock().unwrap().len(), 2);
+        let t = token_log.lock().unwrap().clone();
+        assert_eq!(t.len(), 1);
+        assert!(
+            target(&t[0]).contains("service=svc") && target(&t[0]).contains("scope=repository%3Aa%3Apull"),
+            "{t:?}"
+        );
+        // Cached for the scope: no token request, no 401.
+        c.send(&conn, &get(&conn, "a"), &ev, true).unwrap();
+        assert_eq!((reg_log.lock().unwrap().len(), token_log.lock().unwrap().len()), (3, 1));
+        // Another repository: a token of its own, fetched up front (the host is known to
+        // want Bearer).
+        c.send(&conn, &get(&conn, "b"), &ev, true).unwrap();
+        assert_eq!((reg_log.lock().unwrap().len(), token_log.lock().unwrap().len()), (4, 2));
+        assert_eq!(issued.lock().unwrap().last().map(String::as_str), Some("Bearer tok-1"));
+        // tok-0 is now rejected: one fresh token, and the request goes through.
+        c.send(&conn, &get(&conn, "a"), &ev, true).unwrap();
+        assert_eq!(token_log.lock().unwrap().len(), 3);
+        assert_eq!(issued.lock().unwrap().last().map(String::as_str), Some("Bearer tok-2"));
+    }
+
+    #[test]
+    fn a_rejected_fresh_token_and_missing_credentials_are_unauthorized() {
+        let (tokens, token_log) = token_service(300);
+        let realm = format!("http://{tokens}/token");
+        let (reg, _) = server(move |_, _| {
+            response("401 Unauthorized", &[("WWW-Authenticate", format!(r#"Bearer realm="{realm}""#))], b"", 0)
+        });
+        let (c, opts) = client(Some((&reg, Credential::basic("u", "p"))));
+        let conn = Conn::new(default_host(&reg, false), &opts).unwrap();
+        match c.send(&conn, &get(&conn, "a"), &Events::default(), true) {
+            Err(Error::Unauthorized { host, .. }) => assert_eq!(host, reg),
+            r => panic!("{:?}", r.map(|_| ())),
+        }
+        assert!(token_log.lock().unwrap().len() <= 2, "{:?}", token_log.lock().unwrap());
+        // Without credentials the token service refuses: Unauthorized, naming the host.
+        let (c, opts) = client(None);
+        let conn = Conn::new(default_host(&reg, false), &opts).unwrap();
+        match c.send(&conn, &get(&conn, "a"), &Events::default(), true) {
+            Err(Error::Unauthorized { host, reason, .. }) => {
+                assert_eq!(host, reg);
+                assert!(reason.contains("no credentials"), "{reason}");
+            }
+            r => panic!("{:?}", r.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn basic_auth_and_no_credentials_across_a_redirect() {
+        let (store, store_log) = server(|_, _| response("200 OK", &[], b"blob", 4));
+        let store_url = format!("http://{store}");
+        let (reg, reg_log) = server(move |_, head| match header_of(head, "authorization") {
+            Some(a) if a == "Basic dTpw" => {
+                response("307 Temporary Redirect", &[("Location", format!("{store_url}/bucket/x?sig=1"))], b"", 0)
+            }
+            _ => response("401 Unauthorized", &[("WWW-Authenticate", r#"Basic realm="r""#.into())], b"", 0),
+        });
+        let (c, opts) = client(Some((&reg, Credential::basic("u", "p"))));
+        let mut entry = default_host(&reg, false);
+        entry.headers.push(("x-mirror-token".into(), "secret".into()));
+        let conn = Conn::new(entry, &opts).unwrap();
+        let mut resp = c.send(&conn, &get(&conn, "a"), &Events::default(), true).unwrap();
+        let mut body = String::new();
+        resp.body_mut().as_reader().read_to_string(&mut body).unwrap();
+        assert_eq!(body, "blob");
+        let reg_heads = reg_log.lock().unwrap().clone();
+        assert_eq!(reg_heads.len(), 2);
+        assert_eq!(header_of(&reg_heads[1], "x-mirror-token").as_deref(), Some("secret"));
+        let store_heads = store_log.lock().unwrap().clone();
+        assert_eq!(store_heads.len(), 1);
+        assert_eq!(target(&store_heads[0]), "/bucket/x?sig=1");
+        assert_eq!(header_of(&store_heads[0], "authorization"), None, "{}", store_heads[0]);
+        assert_eq!(header_of(&store_heads[0], "x-mirror-token"), None, "{}", store_heads[0]);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_retries_are_bounded() {
+        let (reg, log) = server(|n, _| match n {
+            0 => response("429 Too Many Requests", &[("Retry-After", "1".into())], b"", 0),
+            1 => response("503 Service Unavailable", &[], b"", 0),
+            _ => response("200 OK", &[], b"{}", 2),
+        });
+        let (c, opts) = client(None);
+        let conn = Conn::new(default_host(&reg, false), &opts).unwrap();
+        let ev = Events::default();
+        let start = Instant::now();
+        c.send(&conn, &get(&conn, "a"), &ev, true).unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(1));
+        assert_eq!(log.lock().unwrap().len(), 3);
+        let events = ev.0.lock().unwrap().clone();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events[0].contains("HTTP 429") && events[1].contains("HTTP 503"), "{events:?}");
+        // Always 500: max_retries (3) retries, then an error naming the host and status.
+        let (reg, log) = server(|_, _| response("500 Internal Server Error", &[], b"boom", 4));
+        let conn = Conn::new(default_host(&reg, false), &opts).unwrap();
+        match c.send(&conn, &get(&conn, "a"), &Events::default(), true) {
+            Err(Error::Registry { host, status: Some(500), reason, .. }) => {
+                assert_eq!(host, reg);
+                assert!(reason.contains("boom") && reason.contains("after 3 retries"), "{reason}");
+            }
+            r => panic!("{:?}", r.map(|_| ())),
+        }
+        assert_eq!(log.lock().unwrap().len(), 4);
+        // Not retried when the caller says so (a mirror with hosts after it).
+        let (reg, log) = server(|_, _| response("503 Service Unavailable", &[], b"", 0));
+        let conn = Conn::new(default_host(&reg, false), &opts).unwrap();
+        assert!(c.send(&conn, &get(&conn, "a"), &Events::default(), false).is_err());
+        assert_eq!(log.lock().unwrap().len(), 1);
     }
 
     #[test]
