@@ -61,7 +61,10 @@ impl ImageRef {
                 Ok((Box::new(Registry::new(opts)?), reference.clone()))
             }
             #[cfg(not(feature = "registry"))]
-            ImageRef::Docker(_) => unreachable!("parse refuses docker:// without the feature"),
+            ImageRef::Docker(_) => {
+                let _ = flags;
+                unreachable!("parse refuses docker:// without the feature")
+            }
         }
     }
 
