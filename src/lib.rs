@@ -142,6 +142,8 @@ pub use cache::{
 };
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
+#[cfg(feature = "registry")]
+pub use fetch::{Credential, Reference, Registry, RegistryOptions};
 pub use fetch::{Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, NoObserver};
 pub use fetch::{OciLayout, Platform};
 pub use immutable::cache_containing;

@@ -507,26 +507,47 @@ impl RootfsCache {
         let _cleanup = RemoveOnUnwind(&tmp);
         let result = (|| {
             let fs_dir = tmp.join(layout::FS);
-            std::fs::create_dir_all(&fs_dir).map_err(io("mkdir", &fs_dir))?;
-            let blob = fetcher.open_blob_observed(desc, inner.downloads.clone())?;
-            let blob = Metered {
-                inner: blob,
-                size: desc.size,
-                inner_counter: &inner.downloads.bytes,
-                downloaded: &downloaded,
-                extracted: &position,
-                reported: 0,
-                index: job.index,
-                cancel,
-                report,
+            let mut attempt = 0;
+            let (stats, implicit) = loop {
+                std::fs::create_dir_all(&fs_dir).map_err(io("mkdir", &fs_dir))?;
+                let blob = fetcher.open_blob_observed(desc, inner.downloads.clone())?;
+                let mut blob = Metered {
+                    inner: blob,
+                    size: desc.size,
+                    inner_counter: &inner.downloads.bytes,
+                    downloaded: &downloaded,
+                    extracted: &position,
+                    reported: 0,
+                    index: job.index,
+                    cancel,
+                    report,
+                };
+                let mut opts = inner.opts.unpack.clone();
+                opts.whiteouts = WhiteoutMode::Overlay;
+                opts.expected_digest = Some(desc.digest);
+                // Parents this layer omits get their metadata from the layers below once
+                // those are ready (`make_ready`), not now.
+                opts.parent_lowers = Vec::new();
+                match unpack_cache_entry(&mut blob, &fs_dir, &opts, &position) {
+                    Ok(done) => break done,
+                    Err(e) => {
+                        // Wrong bytes trip the decompressor or the tar parser before the
+                        // digest can tell: the source names the real cause (a registry
+                        // host that lied, which it then tries last for this digest)...
+                        let e = crate::fetch::blame_source(e, &mut blob, desc);
+                        // ...and one more try from a new `open_blob` goes to another host.
+                        if attempt == 0 && matches!(e, Error::ContentMismatch { .. }) && !cancel.above(job.index) {
+                            attempt += 1;
+                            drop(blob);
+                            remove_path(&tmp)?;
+                            downloaded.store(0, Ordering::Relaxed);
+                            position.store(0, Ordering::Relaxed);
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                }
             };
-            let mut opts = inner.opts.unpack.clone();
-            opts.whiteouts = WhiteoutMode::Overlay;
-            opts.expected_digest = Some(desc.digest);
-            // Parents this layer omits get their metadata from the layers below once
-            // those are ready (`make_ready`), not now.
-            opts.parent_lowers = Vec::new();
-            let (stats, implicit) = unpack_cache_entry(blob, &fs_dir, &opts, &position)?;
             position.store(stats.uncompressed_bytes, Ordering::Relaxed);
             if inner.opts.sync {
                 // The bulk of the data, flushed here in parallel; `make_ready` syncs again.
