@@ -178,7 +178,7 @@ pub(super) fn run_pipelined<R: Read + Send>(
             .spawn_scoped(s, move || {
                 let mut h = Hasher::new();
                 for c in hash_rx.iter() {
-                    h.update(&c.buf[..c.len]);
+                    h.update(c.bytes());
                     let _ = chunk_back_tx.send(c);
                 }
                 h
@@ -243,12 +243,31 @@ fn stopped() -> Error {
 /// A chunk of the blob, shared by the parser (reading it) and the hasher.
 struct Chunk {
     buf: Vec<u8>,
+    /// Where the chunk's bytes start in `buf`: the first page boundary (see [`Chunk::alloc`]).
+    start: usize,
     len: usize,
 }
 
+/// Alignment of chunk buffers, the destination of `read`.
+const CHUNK_ALIGN: usize = 4096;
+
 impl Chunk {
     fn new() -> Chunk {
-        Chunk { buf: Vec::new(), len: 0 }
+        Chunk { buf: Vec::new(), start: 0, len: 0 }
+    }
+
+    /// A chunk of [`CHUNK_BYTES`] starting on a page boundary. The kernel copies file data
+    /// into the buffer of `read`; with the destination 16 bytes past a page boundary (where
+    /// a large `Vec` starts) that copy ran ~3× slower on an AMD EPYC (~70 ms more of CPU for
+    /// a 211 MB plain tar), and aligned it costs what GNU tar's page-aligned reads cost.
+    fn alloc() -> Chunk {
+        let buf = vec![0; CHUNK_BYTES + CHUNK_ALIGN];
+        let start = buf.as_ptr().align_offset(CHUNK_ALIGN);
+        Chunk { buf, start, len: 0 }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
     }
 }
 
@@ -280,9 +299,10 @@ impl<R: Read + ?Sized> BufRead for TeeReader<'_, '_, R> {
             // Drop our reference first, so a chunk the hasher has returned is ours alone.
             self.cur = Arc::new(Chunk::new());
             let recycled = self.back.try_recv().ok().and_then(|c| Arc::try_unwrap(c).ok());
-            let mut chunk = recycled.unwrap_or_else(|| Chunk { buf: vec![0; CHUNK_BYTES], len: 0 });
+            let mut chunk = recycled.unwrap_or_else(Chunk::alloc);
+            let start = chunk.start;
             chunk.len = loop {
-                match self.inner.read(&mut chunk.buf) {
+                match self.inner.read(&mut chunk.buf[start..start + CHUNK_BYTES]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     r => break r?,
                 }
@@ -299,7 +319,7 @@ impl<R: Read + ?Sized> BufRead for TeeReader<'_, '_, R> {
                 self.cur = chunk;
             }
         }
-        Ok(&self.cur.buf[self.pos..self.cur.len])
+        Ok(&self.cur.bytes()[self.pos..])
     }
 
     fn consume(&mut self, n: usize) {
