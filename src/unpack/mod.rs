@@ -30,6 +30,7 @@
 //! destination as it is: the caller discards it. The cache extracts into `tmp/` and
 //! renames into place only on success, so partial layers are never visible.
 
+mod chunks;
 mod extract;
 mod pipeline;
 pub(crate) mod tar;

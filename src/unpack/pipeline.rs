@@ -22,8 +22,9 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, SyncSender};
 
+use super::chunks::{self, ChannelFeed, Chunk, ChunkSource, Feed, Pool, RawFeed};
 use super::extract::{Extractor, OpenFile, Writer};
 use super::tar::{self, Header, Limits, Source, TarReader};
 use super::{Compression, UnpackOptions};
@@ -48,6 +49,8 @@ enum Item {
     /// An entry the extractor handled completely.
     Done,
     Data(usize, usize),
+    /// File data in place in a chunk: the range of its [`Chunk::bytes`] ([`run_pipelined`]).
+    Shared(Arc<Chunk>, usize, usize),
     /// The current file's data: `(offset, length)` in the archive file, copied by the
     /// writer with `copy_file_range` ([`run_file`] only).
     Clone(u64, u64),
@@ -61,14 +64,20 @@ const BATCH_ITEMS: usize = 512;
 /// = 128 files, plus the extractor's directory cache.
 const BATCH_FILES: usize = 32;
 const WRITE_DEPTH: usize = 2;
-const CHUNK_BYTES: usize = 1024 * 1024;
+/// Bytes of chunk data a batch refers to before it is handed on ([`Item::Shared`]).
+const SHARED_BATCH_BYTES: usize = chunks::CHUNK_BYTES;
 const ZSTD_WINDOW_LOG_MAX: u32 = 25;
 const HASH_DEPTH: usize = 4;
+/// Decoded chunks queued for the parser.
+const DECODE_DEPTH: usize = 4;
 
 struct Batch {
     items: Vec<Item>,
     data: Vec<u8>,
+    /// Bytes of file data in the batch: copied into `data`, or referred to in chunks.
     used: usize,
+    /// Bound on `used`.
+    cap: usize,
     files: usize,
     /// Bytes of entry metadata (names, link targets, xattrs) held by `items`: each header
     /// may carry up to `max_header_bytes`, so this, not the item count, bounds memory.
@@ -77,12 +86,31 @@ struct Batch {
 
 impl Batch {
     fn new() -> Batch {
-        Batch { items: Vec::with_capacity(BATCH_ITEMS), data: vec![0; BATCH_BYTES], used: 0, files: 0, meta: 0 }
+        Batch {
+            items: Vec::with_capacity(BATCH_ITEMS),
+            data: vec![0; BATCH_BYTES],
+            used: 0,
+            cap: BATCH_BYTES,
+            files: 0,
+            meta: 0,
+        }
+    }
+
+    /// A batch whose file data stays in the chunks it was read into.
+    fn shared() -> Batch {
+        Batch {
+            items: Vec::with_capacity(BATCH_ITEMS),
+            data: Vec::new(),
+            used: 0,
+            cap: SHARED_BATCH_BYTES,
+            files: 0,
+            meta: 0,
+        }
     }
 
     fn full(&self) -> bool {
         self.items.len() >= BATCH_ITEMS
-            || self.used == self.data.len()
+            || self.used >= self.cap
             || self.files >= BATCH_FILES
             || self.meta >= BATCH_BYTES
     }
@@ -104,7 +132,7 @@ fn create(ex: &mut Extractor<'_>, b: &mut Batch) -> Result<()> {
 /// The write stage: fill the batch's files; the batch is left empty for reuse. `archive`
 /// is the archive file that [`Item::Clone`] ranges are copied from.
 fn write(w: &mut Writer, b: &mut Batch, archive: Option<&File>) -> Result<()> {
-    let Batch { items, data, used, files, meta } = b;
+    let Batch { items, data, used, files, meta, .. } = b;
     *files = 0;
     *meta = 0;
     for item in items.drain(..) {
@@ -112,6 +140,7 @@ fn write(w: &mut Writer, b: &mut Batch, archive: Option<&File>) -> Result<()> {
             (Item::File(f), _) => w.open(*f)?,
             (Item::Entry(_) | Item::Done, _) => w.close()?,
             (Item::Data(s, e), _) => w.data(&data[s..e])?,
+            (Item::Shared(c, s, e), _) => w.data(&c.bytes()[s..e])?,
             (Item::Clone(off, len), Some(src)) => w.clone_data(src, off, len)?,
             (Item::Clone(..), None) => unreachable!("clone ranges come only with an archive file"),
         }
@@ -170,7 +199,6 @@ pub(super) fn run_pipelined<R: Read + Send>(
 ) -> Result<Parsed> {
     std::thread::scope(|s| {
         let (hash_tx, hash_rx) = mpsc::sync_channel::<Arc<Chunk>>(HASH_DEPTH);
-        let (chunk_back_tx, chunk_back_rx) = mpsc::channel::<Arc<Chunk>>();
         let (write_tx, write_rx) = mpsc::sync_channel::<Batch>(WRITE_DEPTH);
         let (batch_back_tx, batch_back_rx) = mpsc::channel::<Batch>();
         let hasher = std::thread::Builder::new()
@@ -179,7 +207,6 @@ pub(super) fn run_pipelined<R: Read + Send>(
                 let mut h = Hasher::new();
                 for c in hash_rx.iter() {
                     h.update(c.bytes());
-                    let _ = chunk_back_tx.send(c);
                 }
                 h
             })
@@ -201,28 +228,20 @@ pub(super) fn run_pipelined<R: Read + Send>(
             })
             .map_err(|e| Error::io("spawn", "rootfs-write thread", e))?;
 
-        // Read, decompress, parse and create on this thread.
+        // Read (decompress on a thread of its own), parse and create on this thread.
         let mut failed = None;
         let parsed = {
-            let mut source = TeeReader {
-                inner: &mut input,
-                tx: hash_tx,
-                back: chunk_back_rx,
-                cur: Arc::new(Chunk::new()),
-                pos: 0,
-                progress,
-                total: 0,
-            };
-            parse(&mut source, opts, &mut |mut b| {
+            let raw = ChunkSource::new(RawFeed::new(&mut input, hash_tx, progress), None);
+            parse_chunks(s, raw, opts, &mut |mut b| {
                 if let Err(e) = create(ex, &mut b) {
                     failed = Some(e);
                     return Err(stopped());
                 }
                 // A send fails only when the writer has failed; its error is reported below.
                 write_tx.send(b).map_err(|_| stopped())?;
-                Ok(batch_back_rx.try_recv().unwrap_or_else(|_| Batch::new()))
+                Ok(batch_back_rx.try_recv().unwrap_or_else(|_| Batch::shared()))
             })
-            // `source` is dropped here, ending the hasher's input.
+            // The raw source is dropped by now, ending the hasher's input.
         };
         drop(write_tx);
         let written = writer.join().expect("rootfs-write thread panicked");
@@ -236,95 +255,155 @@ pub(super) fn run_pipelined<R: Read + Send>(
     })
 }
 
-fn stopped() -> Error {
-    Error::Read { what: "layer blob", source: io::Error::other("extraction stopped") }
-}
-
-/// A chunk of the blob, shared by the parser (reading it) and the hasher.
-struct Chunk {
-    buf: Vec<u8>,
-    /// Where the chunk's bytes start in `buf`: the first page boundary (see [`Chunk::alloc`]).
-    start: usize,
-    len: usize,
-}
-
-/// Alignment of chunk buffers, the destination of `read`.
-const CHUNK_ALIGN: usize = 4096;
-
-impl Chunk {
-    fn new() -> Chunk {
-        Chunk { buf: Vec::new(), start: 0, len: 0 }
+/// [`parse`] over chunks: detect the compression; a plain tar is parsed from the raw
+/// chunks on this thread, a compressed one is decoded on a scoped decode thread into
+/// chunks of its own. File data is passed on in place ([`Item::Shared`]).
+fn parse_chunks<'s, F: Feed + Send + 's>(
+    scope: &'s std::thread::Scope<'s, '_>,
+    mut raw: ChunkSource<F>,
+    opts: &UnpackOptions,
+    sink: &mut dyn FnMut(Batch) -> Result<Batch>,
+) -> Result<(Compression, u64, Option<Hasher>)> {
+    let head = raw.fill_buf().map_err(tar::read_err)?;
+    let compression = detect(&head[..head.len().min(6)])?;
+    let limits = Limits {
+        max_header_bytes: opts.max_header_bytes,
+        max_entries: opts.max_entries,
+        max_sparse_size: opts.max_uncompressed_bytes,
+        require_end: opts.require_end_of_archive,
+    };
+    if compression == Compression::None {
+        raw.set_limit(opts.max_uncompressed_bytes);
+        let mut tar = TarReader::new(raw, limits);
+        run_shared(&mut tar, sink)?;
+        // Whatever follows the end-of-archive marker is part of the digest.
+        let mut rest = tar.into_inner();
+        rest.drain().map_err(tar::read_err)?;
+        // A plain tar's diff_id is its digest: no second hash.
+        return Ok((compression, rest.count, None));
     }
-
-    /// A chunk of [`CHUNK_BYTES`] starting on a page boundary. The kernel copies file data
-    /// into the buffer of `read`; with the destination 16 bytes past a page boundary (where
-    /// a large `Vec` starts) that copy ran ~3× slower on an AMD EPYC (~70 ms more of CPU for
-    /// a 211 MB plain tar), and aligned it costs what GNU tar's page-aligned reads cost.
-    fn alloc() -> Chunk {
-        let buf = vec![0; CHUNK_BYTES + CHUNK_ALIGN];
-        let start = buf.as_ptr().align_offset(CHUNK_ALIGN);
-        Chunk { buf, start, len: 0 }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
-    }
+    let want_diff = opts.expected_diff_id.is_some() || opts.compute_diff_id;
+    let limit = opts.max_uncompressed_bytes;
+    let (tx, rx) = mpsc::sync_channel(DECODE_DEPTH);
+    let decoder = std::thread::Builder::new()
+        .name("rootfs-decode".into())
+        .spawn_scoped(scope, move || decode(raw, compression, want_diff, limit, &tx))
+        .map_err(|e| Error::io("spawn", "rootfs-decode thread", e))?;
+    let parsed = (|| {
+        let mut tar = TarReader::new(ChunkSource::new(ChannelFeed(rx), None), limits);
+        run_shared(&mut tar, sink)?;
+        // Read to the end: the decoder checks its trailers (gzip CRC, zstd checksum) and
+        // hashes the rest (tar writers pad to 10 KiB records) for the diff_id.
+        tar.into_inner().drain().map_err(tar::read_err)
+        // Dropping the receiver stops the decoder if we stopped early.
+    })();
+    let decoded = decoder.join().expect("rootfs-decode thread panicked");
+    parsed?;
+    // The parser read to the end of the channel, so the decoder finished: a failure of
+    // its own would have been sent to (and returned by) the parser.
+    let (count, diff) = decoded.expect("the decoder finished");
+    Ok((compression, count, diff))
 }
 
-/// Reads the blob in chunks for the parser, sending each chunk to the hash thread as
-/// well; the hasher hands chunks back, and a buffer is reused once both are done with it.
-struct TeeReader<'a, 'p, R: ?Sized> {
-    inner: &'a mut R,
-    tx: SyncSender<Arc<Chunk>>,
-    back: Receiver<Arc<Chunk>>,
-    cur: Arc<Chunk>,
-    pos: usize,
-    progress: Option<&'p mut (dyn FnMut(u64) + Send + 'p)>,
-    total: u64,
-}
-
-impl<R: Read + ?Sized> Read for TeeReader<'_, '_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = avail.len().min(buf.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
-    }
-}
-
-impl<R: Read + ?Sized> BufRead for TeeReader<'_, '_, R> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        if self.pos == self.cur.len {
-            // Drop our reference first, so a chunk the hasher has returned is ours alone.
-            self.cur = Arc::new(Chunk::new());
-            let recycled = self.back.try_recv().ok().and_then(|c| Arc::try_unwrap(c).ok());
-            let mut chunk = recycled.unwrap_or_else(Chunk::alloc);
-            let start = chunk.start;
-            chunk.len = loop {
-                match self.inner.read(&mut chunk.buf[start..start + CHUNK_BYTES]) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    r => break r?,
+/// The decode stage: decompress `raw` into chunks for the parser, counting (and, for the
+/// diff_id, hashing) them against the size bound; then read the blob to its end (bytes a
+/// decoder did not need are still part of its digest). Errors go to the parser; `None`
+/// if there was one or the parser stopped.
+fn decode<F: Feed>(
+    mut raw: ChunkSource<F>,
+    compression: Compression,
+    want_diff: bool,
+    limit: Option<u64>,
+    tx: &SyncSender<io::Result<Arc<Chunk>>>,
+) -> Option<(u64, Option<Hasher>)> {
+    let pool = Pool::new();
+    let mut diff = want_diff.then(Hasher::new);
+    let mut count = 0u64;
+    let mut run = || -> io::Result<bool> {
+        {
+            let mut dec: Box<dyn Read + '_> = match compression {
+                Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut raw)),
+                _ => {
+                    let mut d = zstd::stream::read::Decoder::with_buffer(&mut raw)?;
+                    // The decoder allocates the frame's window: without a cap a small blob
+                    // can ask for 128 MiB or more. 2^25 (32 MiB) covers every zstd level
+                    // through 19 and `--long` up to 25; larger windows are refused with a
+                    // read error.
+                    d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+                    Box::new(d)
                 }
             };
-            self.pos = 0;
-            if chunk.len > 0 {
-                self.total += chunk.len as u64;
-                if let Some(p) = &mut self.progress {
-                    p(self.total);
+            loop {
+                let mut c = pool.get();
+                chunks::fill(&mut dec, &mut c)?;
+                let n = c.bytes().len();
+                if n == 0 {
+                    break;
                 }
-                let chunk = Arc::new(chunk);
-                // The hasher only stops when this reader is dropped.
-                let _ = self.tx.send(chunk.clone());
-                self.cur = chunk;
+                count += n as u64;
+                if let Some(limit) = limit.filter(|&l| count > l) {
+                    return Err(io::Error::other(tar::LimitHit(limit)));
+                }
+                if let Some(h) = &mut diff {
+                    h.update(c.bytes());
+                }
+                if tx.send(Ok(Arc::new(c))).is_err() {
+                    return Ok(false);
+                }
             }
         }
-        Ok(&self.cur.bytes()[self.pos..])
+        raw.drain()?;
+        Ok(true)
+    };
+    match run() {
+        Ok(true) => Some((count, diff)),
+        Ok(false) => None,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            None
+        }
     }
+}
 
-    fn consume(&mut self, n: usize) {
-        self.pos = (self.pos + n).min(self.cur.len);
+/// [`run`] for chunked input: file data is referred to in place, not copied.
+fn run_shared<F: Feed>(
+    tar: &mut TarReader<ChunkSource<F>>,
+    sink: &mut dyn FnMut(Batch) -> Result<Batch>,
+) -> Result<()> {
+    let mut batch = Batch::shared();
+    while let Some(h) = tar.next_entry()? {
+        if h.kind == tar::Kind::File {
+            batch.files += 1;
+        }
+        batch.meta += h.path.len() + h.link.len() + h.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        batch.items.push(Item::Entry(Box::new(h)));
+        loop {
+            if batch.full() {
+                batch = sink(batch)?;
+            }
+            let left = tar.data_left();
+            if left == 0 {
+                break;
+            }
+            let want = left.min((batch.cap - batch.used) as u64) as usize;
+            match tar.source_mut().take(want).map_err(tar::read_err)? {
+                Some((c, a, b)) => {
+                    tar.consumed_data(b - a)?;
+                    batch.used += b - a;
+                    batch.items.push(Item::Shared(c, a, b));
+                }
+                None => tar.consumed_data(0)?,
+            }
+        }
     }
+    if !batch.items.is_empty() {
+        sink(batch)?;
+    }
+    Ok(())
+}
+
+fn stopped() -> Error {
+    Error::Read { what: "layer blob", source: io::Error::other("extraction stopped") }
 }
 
 /// Counts (and optionally hashes) the uncompressed stream, enforcing the size bound.
