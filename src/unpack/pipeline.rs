@@ -69,6 +69,7 @@ const WRITE_DEPTH: usize = 2;
 const SHARED_BATCH_BYTES: usize = chunks::CHUNK_BYTES;
 const ZSTD_WINDOW_LOG_MAX: u32 = 25;
 const HASH_DEPTH: usize = 4;
+const HASH_THEN_WRITE: bool = true;
 /// Decoded chunks queued for the parser.
 const DECODE_DEPTH: usize = 4;
 
@@ -356,6 +357,9 @@ impl Work {
                 self.cv.notify_all();
                 h.update(c.bytes());
                 drop(c);
+                if HASH_THEN_WRITE {
+                    self.write_one(false);
+                }
                 q = self.lock();
             } else if !q.batches.is_empty() && !q.failed {
                 drop(q);
