@@ -18,10 +18,10 @@
 //! caller's next send fails and it stops. Errors are reported in causal order: create,
 //! then write (the caller stops silently when the writer has gone), then read/parse.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::collections::VecDeque;
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 
