@@ -6,14 +6,15 @@
 //! whatever the layer size.
 //!
 //! ```text
-//!  calling thread                                           writer thread
-//!  read blob ─┬─ gunzip/unzstd ─ [sha256] ─ tar ─ openat… ══▶ write/fchown/futimens/close
-//!             └══▶ sha256 (hash thread)          (≤ 128 files, a few MiB in flight)
+//!  (decode thread, gzip/zstd)               calling thread            writer thread
+//!  read blob ─┬─ gunzip/unzstd ─ [sha256] ══▶ tar ─ openat… ══▶ write/fchown/futimens/close
+//!             └══▶ sha256 (hash thread)       (≤ 128 files, a few MiB in flight)
 //! ```
 //!
 //! With [`UnpackOptions::pipelined`] (the default on multi-core machines) hashing the
-//! blob and writing file data run on helper threads; without it, everything runs inline
-//! on the calling thread.
+//! blob, decompressing it and writing file data run on helper threads, and file data is
+//! written from the buffers it was read or decoded into; without it, everything runs
+//! inline on the calling thread.
 //!
 //! # Security
 //! Every entry is created by file descriptor inside the destination (see the `root`
