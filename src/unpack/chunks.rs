@@ -15,7 +15,7 @@
 
 use std::io::{self, BufRead, Read};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 
 use super::tar::{LimitHit, Source};
 
@@ -86,11 +86,20 @@ pub(super) trait Feed {
     fn next(&mut self) -> io::Result<Option<Arc<Chunk>>>;
 }
 
-/// Reads the blob into chunks, handing each to the hash thread as well.
+/// Where the blob's chunks go to be hashed.
+pub(super) trait HashSink: Sync {
+    /// Queue a chunk for hashing (may block, or do other work, while the queue is full).
+    fn push(&self, chunk: Arc<Chunk>);
+    /// No more chunks.
+    fn end(&self);
+}
+
+/// Reads the blob into chunks, handing each to the hash thread as well. Dropping it ends
+/// the hasher's input.
 pub(super) struct RawFeed<'a, 'p, R: ?Sized> {
     inner: &'a mut R,
     pool: Pool,
-    hash: SyncSender<Arc<Chunk>>,
+    hash: &'a dyn HashSink,
     progress: Option<&'p mut (dyn FnMut(u64) + Send + 'p)>,
     total: u64,
 }
@@ -98,10 +107,16 @@ pub(super) struct RawFeed<'a, 'p, R: ?Sized> {
 impl<'a, 'p, R: Read + ?Sized> RawFeed<'a, 'p, R> {
     pub(super) fn new(
         inner: &'a mut R,
-        hash: SyncSender<Arc<Chunk>>,
+        hash: &'a dyn HashSink,
         progress: Option<&'p mut (dyn FnMut(u64) + Send + 'p)>,
     ) -> Self {
         RawFeed { inner, pool: Pool::new(), hash, progress, total: 0 }
+    }
+}
+
+impl<R: ?Sized> Drop for RawFeed<'_, '_, R> {
+    fn drop(&mut self) {
+        self.hash.end();
     }
 }
 
@@ -124,8 +139,7 @@ impl<R: Read + ?Sized> Feed for RawFeed<'_, '_, R> {
             p(self.total);
         }
         let chunk = Arc::new(chunk);
-        // The hasher only stops when this feed is dropped.
-        let _ = self.hash.send(chunk.clone());
+        self.hash.push(chunk.clone());
         Ok(Some(chunk))
     }
 }

@@ -6,15 +6,15 @@
 //! whatever the layer size.
 //!
 //! ```text
-//!  (decode thread, gzip/zstd)               calling thread            writer thread
+//!  (decode thread, gzip/zstd)               calling thread       whichever thread is free
 //!  read blob ─┬─ gunzip/unzstd ─ [sha256] ══▶ tar ─ openat… ══▶ write/fchown/futimens/close
 //!             └══▶ sha256 (hash thread)       (≤ 128 files, a few MiB in flight)
 //! ```
 //!
-//! With [`UnpackOptions::pipelined`] (the default on multi-core machines) hashing the
-//! blob, decompressing it and writing file data run on helper threads, and file data is
-//! written from the buffers it was read or decoded into; without it, everything runs
-//! inline on the calling thread.
+//! With [`UnpackOptions::pipelined`] (the default on multi-core machines) hashing and
+//! decompressing the blob run on helper threads, file data is written by whichever
+//! thread is free, from the buffers it was read or decoded into; without it, everything
+//! runs inline on the calling thread.
 //!
 //! # Security
 //! Every entry is created by file descriptor inside the destination (see the `root`
