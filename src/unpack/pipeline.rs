@@ -219,6 +219,9 @@ pub(super) fn run_pipelined<R: Read + Send>(
             .name("rootfs-hash".into())
             .spawn_scoped(s, move || work.hash_and_help())
             .map_err(|e| Error::io("spawn", "rootfs-hash thread", e))?;
+        // Should this thread panic, the hash thread must still see the end of the batches
+        // (the scope waits for it before the panic goes on).
+        let _end = EndBatches(work);
 
         // Read (decompress on a thread of its own), parse and create on this thread.
         let mut failed = None;
@@ -270,6 +273,27 @@ struct Queues {
     batches_done: bool,
     /// Writing failed: the error is in the writer slot.
     failed: bool,
+    /// The hash thread has stopped (only early if it panicked): chunks are not queued.
+    hasher_gone: bool,
+}
+
+/// Ends the batches when dropped, on every way out of [`run_pipelined`]'s scope.
+struct EndBatches<'w>(&'w Work);
+
+impl Drop for EndBatches<'_> {
+    fn drop(&mut self) {
+        self.0.end_batches(false);
+    }
+}
+
+/// Marks the hash thread as gone when dropped, however it ends.
+struct HasherGone<'w>(&'w Work);
+
+impl Drop for HasherGone<'_> {
+    fn drop(&mut self) {
+        self.0.lock().hasher_gone = true;
+        self.0.cv.notify_all();
+    }
 }
 
 struct WriterSlot {
@@ -287,6 +311,7 @@ impl Work {
                 chunks_done: false,
                 batches_done: false,
                 failed: false,
+                hasher_gone: false,
             }),
             cv: Condvar::new(),
             writer: Mutex::new(WriterSlot { w, result: Ok(()) }),
@@ -361,6 +386,7 @@ impl Work {
     /// The hash thread: hash every chunk, and write batches while there is nothing to
     /// hash. Returns when the input has ended and no batches are left.
     fn hash_and_help(&self) -> Hasher {
+        let _gone = HasherGone(self);
         let mut h = Hasher::new();
         let mut q = self.lock();
         loop {
@@ -404,7 +430,10 @@ impl HashSink for Work {
     /// of waiting.
     fn push(&self, chunk: Arc<Chunk>) {
         let mut q = self.lock();
-        while q.hash.len() >= HASH_DEPTH {
+        if q.hasher_gone {
+            return; // it panicked: its join reports that
+        }
+        while q.hash.len() >= HASH_DEPTH && !q.hasher_gone {
             if !q.batches.is_empty() && !q.failed {
                 drop(q);
                 let wrote = self.write_one(false);
@@ -413,7 +442,7 @@ impl HashSink for Work {
                     continue;
                 }
             }
-            if q.hash.len() >= HASH_DEPTH {
+            if q.hash.len() >= HASH_DEPTH && !q.hasher_gone {
                 q = self.wait(q);
             }
         }
