@@ -18,7 +18,7 @@
 //!   too many batches wait. Hashing (~110 ms for a 211 MB tar) and reading, parsing and
 //!   creating (~80 ms) differ in cost, and the file writes (~110 ms, onto tmpfs) even
 //!   them out over two cores. A third thread for the writes, left to the kernel's fair
-//!   scheduler, measured 15–25% slower (three runnable threads on two cores give the
+//!   scheduler, measured 15–30% slower (three runnable threads on two cores give the
 //!   hash thread two thirds of a core while it needs four fifths).
 //!
 //! Bounded queues join them, so memory stays at a few MiB whatever the layer size
