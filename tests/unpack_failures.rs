@@ -230,3 +230,44 @@ fn write_stage_failure_stops_the_reader_promptly() {
         }
     });
 }
+
+/// An input whose `read` panics half-way.
+struct PanickingReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Read for PanickingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        assert!(self.pos < self.data.len() / 2, "input reader panics");
+        let n = buf.len().min(self.data.len() - self.pos).min(64 * 1024);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// A panic in a stage (here the input's `read`, on the caller's thread for a plain tar,
+/// on the decode thread for gzip and zstd) reaches the caller: the helper threads stop,
+/// nothing waits forever.
+#[test]
+fn panicking_input_propagates_not_a_hang() {
+    let tar = layer(200, 20_000);
+    for (name, blob) in variants(&tar) {
+        for pipelined in [true, false] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let blob = blob.clone();
+            std::thread::spawn(move || {
+                let dest = tempfile::tempdir().unwrap();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    unpack(PanickingReader { data: &blob, pos: 0 }, dest.path(), &opts(pipelined))
+                }));
+                let _ = tx.send(r.is_err());
+            });
+            let panicked = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{name} pipelined={pipelined}: hung after a panic in a stage"));
+            assert!(panicked, "{name} pipelined={pipelined}: the panic was swallowed");
+        }
+    }
+}

@@ -925,11 +925,19 @@ fn apply_into_lower_setgid_dir_uses_header_owner_and_mode() {
     let o = opts(WhiteoutMode::Apply);
     unpack_ok(&layer(&[Ent::dir("sg").mode(0o2775).owner(0, 50)]), d, &o);
     unpack_ok(
-        &layer(&[Ent::file("sg/f", b"f").owner(0, 0), Ent::dir("sg/sub").mode(0o755).owner(0, 0), Ent::fifo("sg/p")]),
+        &layer(&[
+            Ent::file("sg/f", b"f").owner(0, 0),
+            Ent::dir("sg/sub").mode(0o755).owner(0, 0),
+            Ent::fifo("sg/p"),
+            // Inside a directory this layer creates in the setgid one (itself setgid,
+            // group 50, from creation on): its entries still end with the header's owner.
+            Ent::file("sg/sub/f", b"f").owner(0, 0),
+            Ent::dir("sg/sub/d").mode(0o755).owner(0, 0),
+        ]),
         d,
         &o,
     );
-    for (p, mode) in [("sg/f", 0o644), ("sg/sub", 0o755), ("sg/p", 0o644)] {
+    for (p, mode) in [("sg/f", 0o644), ("sg/sub", 0o755), ("sg/p", 0o644), ("sg/sub/f", 0o644), ("sg/sub/d", 0o755)] {
         let n = node(&d.join(p));
         assert_eq!((n.mode, n.uid, n.gid), (mode, 0, 0), "{p}: mode {:o} owner {}:{}", n.mode, n.uid, n.gid);
     }

@@ -813,7 +813,14 @@ impl<'a> Extractor<'a> {
         // now on, which the archive did not ask for: it is set in the deferred pass.
         let (now, later): (Xattrs, Xattrs) = h.xattrs.iter().cloned().partition(|(k, _)| k != DEFAULT_ACL);
         self.meta.set_xattrs(fd.as_fd(), &now, &path, &mut self.counts.skipped_xattrs)?;
-        self.cache(Self::describe(fd, full.to_vec()));
+        let d = match created {
+            // What it passes on follows from its parent (no fstat, no fgetxattr): setgid
+            // and the group are inherited from a setgid parent, a default ACL from a
+            // parent with one (the archive's own is only set in the deferred pass).
+            Some(_) => Dir { fd, path: full.to_vec(), sgid: dir.sgid, acl: dir.acl },
+            None => Self::describe(fd, full.to_vec()),
+        };
+        self.cache(d);
         self.note_added(full.to_vec());
         let mut meta = DirMeta::new(&h, created, false);
         if !later.is_empty() {

@@ -6,14 +6,15 @@
 //! whatever the layer size.
 //!
 //! ```text
-//!  calling thread                                           writer thread
-//!  read blob ─┬─ gunzip/unzstd ─ [sha256] ─ tar ─ openat… ══▶ write/fchown/futimens/close
-//!             └══▶ sha256 (hash thread)          (≤ 128 files, a few MiB in flight)
+//!  (decode thread, gzip/zstd)               calling thread       whichever thread is free
+//!  read blob ─┬─ gunzip/unzstd ─ [sha256] ══▶ tar ─ openat… ══▶ write/fchown/futimens/close
+//!             └══▶ sha256 (hash thread)       (≤ 128 files, a few MiB in flight)
 //! ```
 //!
-//! With [`UnpackOptions::pipelined`] (the default on multi-core machines) hashing the
-//! blob and writing file data run on helper threads; without it, everything runs inline
-//! on the calling thread.
+//! With [`UnpackOptions::pipelined`] (the default on multi-core machines) hashing and
+//! decompressing the blob run on helper threads, file data is written by whichever
+//! thread is free, from the buffers it was read or decoded into; without it, everything
+//! runs inline on the calling thread.
 //!
 //! # Security
 //! Every entry is created by file descriptor inside the destination (see the `root`
@@ -30,6 +31,7 @@
 //! destination as it is: the caller discards it. The cache extracts into `tmp/` and
 //! renames into place only on success, so partial layers are never visible.
 
+mod chunks;
 mod extract;
 mod pipeline;
 pub(crate) mod tar;
