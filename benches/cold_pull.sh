@@ -86,7 +86,7 @@ start_containerd() {
 prepare() {
   local client=$1
   stop_containerd
-  if mountpoint -q "$CP_EXT"; then umount "$CP_EXT"; fi
+  if mountpoint -q "$CP_EXT"; then umount -R "$CP_EXT"; fi
   mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$CP_IMG"
   mount -o loop "$CP_IMG" "$CP_EXT"
   mkdir -p "$CP_EXT/containerd" "$CP_EXT/podman/tmp" "$CP_EXT/ours"
@@ -233,18 +233,24 @@ NS="coldpull$$"
 VH="cp$$h"
 VN="cp$$n"
 reg_pids=()
+child=""
 cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
+  if [[ -n "$child" ]]; then
+    kill -TERM -- "-$child" 2>/dev/null
+    for _ in $(seq 100); do kill -0 -- "-$child" 2>/dev/null || break; sleep 0.05; done
+    kill -KILL -- "-$child" 2>/dev/null
+  fi
   [[ -n "${CP_T:-}" ]] && stop_containerd
   for p in "${reg_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
   ip netns pids "$NS" 2>/dev/null | xargs -r kill 2>/dev/null
   ip link del "$VH" 2>/dev/null
   ip netns del "$NS" 2>/dev/null
-  if mountpoint -q "$T/ext4"; then umount "$T/ext4"; fi
   mountpoint -q /var/lib/containers/cache && umount /var/lib/containers/cache
-  mountpoint -q "$T" && umount "$T"
+  # podman's overlay driver bind-mounts its home on itself (left behind if it is killed).
+  mountpoint -q "$T" && { umount -R "$T" || umount -R -l "$T"; }
   rm -rf "$T"
   [[ -n "${IMG_DIR:-}" ]] && rm -f "$IMG_DIR/cold_pull.$$.img"
   exit $rc
@@ -351,6 +357,13 @@ if [[ " $cases " == *" shaped "* ]]; then
   ip netns exec "$NS" tc qdisc add dev "$VN" root tbf rate "$RATE" burst 1mb latency 20ms
   start_registry "10.213.7.2:$port" "$NS"
 fi
+# The links' throughput for one stream: the largest layer blob fetched with curl.
+big=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]+"/blobs/sha256/"+sys.argv[2][7:])); print(max(m["layers"], key=lambda l: l["size"])["digest"])' "$layout" "$manifest_digest")
+for case in $cases; do
+  if [[ "$case" == loopback ]]; then host="127.0.0.1:$port"; else host="10.213.7.2:$port"; fi
+  curl -sfo /dev/null -w "%{size_download} %{time_total}\n" "http://$host/v2/deb/blobs/$big" |
+    awk -v c="$case" '{ printf "cold_pull: %s link: one %.1f MB blob in %.3f s, %.0f MB/s\n", c, $1 / 1e6, $2, $1 / 1e6 / $2 }' >&2
+done
 
 # client_cmd CLIENT REF: the measured command line.
 client_cmd() {
@@ -388,18 +401,22 @@ for case in $cases; do
   for c in $CLIENTS; do
     cmd=$(client_cmd "$c" "$ref")
     prepare "$c"
-    # shellcheck disable=SC2086 # the command is a word list, as hyperfine -N splits it
-    $cmd >"$T/check.out" 2>&1 || { tail -20 "$T/check.out" >&2; die "$c failed: $cmd"; }
+    # eval: quotes in OURS split as hyperfine -N splits them (shell words).
+    eval "$cmd" >"$T/check.out" 2>&1 || { tail -20 "$T/check.out" >&2; die "$c failed: $cmd"; }
     verify "$c"
     args+=(--prepare "$self __prepare $c" -n "$c" "$cmd")
   done
   log "== $case: hyperfine, $RUNS runs + $WARMUP warm-up per client (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-  hyperfine -N -w "$WARMUP" -r "$RUNS" --export-json "$data/cold-pull-$case.json" "${args[@]}" >&2
+  # In its own process group, waited for in the background: a signal to this script
+  # runs the cleanup at once, and the cleanup stops hyperfine and the client it runs.
+  setsid hyperfine -N -w "$WARMUP" -r "$RUNS" --export-json "$data/cold-pull-$case.json" "${args[@]}" >&2 &
+  child=$!
+  wait "$child"
+  child=""
   rss=""
   if [[ " $CLIENTS " == *" ours "* ]]; then
     prepare ours
-    # shellcheck disable=SC2046
-    /usr/bin/time -f %M -o "$T/rss" $(client_cmd ours "$ref") >/dev/null 2>&1
+    eval "/usr/bin/time -f %M -o $T/rss $(client_cmd ours "$ref")" >/dev/null 2>&1
     rss=$(cat "$T/rss")
     log "  ours: peak RSS $((rss / 1024)) MiB"
   fi
