@@ -60,6 +60,8 @@ stop_containerd() {
   [[ -f "$pidf" ]] || return 0
   pid=$(cat "$pidf")
   rm -f "$pidf"
+  # The daemon's CPU time over its life (start, one pull), for the CPU figures.
+  awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$pid/stat" >>"$CP_T/ctd/cpu" 2>/dev/null || true
   kill -TERM "$pid" 2>/dev/null || return 0
   for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
   kill -KILL "$pid" 2>/dev/null || true
@@ -420,8 +422,10 @@ for case in $cases; do
     rss=$(cat "$T/rss")
     log "  ours: peak RSS $((rss / 1024)) MiB"
   fi
-  results+=("$case:$data/cold-pull-$case.json:$rss")
   stop_containerd
+  # containerd's CPU time in the timed runs (the last RUNS daemons stopped).
+  tail -n "$RUNS" "$T/ctd/cpu" 2>/dev/null | paste -sd, >"$data/cold-pull-$case.containerd-cpu"
+  results+=("$case:$data/cold-pull-$case.json:$rss:$data/cold-pull-$case.containerd-cpu")
 done
 
 load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -429,6 +433,7 @@ python3 - "$layout/layers.tsv" "$RUNS" "$RATE" "$load" "${results[@]}" <<'EOF' |
 import json, statistics, sys
 tsv, runs, rate, load = sys.argv[1:5]
 layers = [l.split("\t") for l in open(tsv).read().split("\n") if l]
+cpus = []
 names = {"loopback": "loopback (127.0.0.1)", "shaped": f"veth into a netns, tbf {rate} both ways"}
 print(f"Image: {len(layers)} gzip layers, " + ", ".join(
     f"{n} {int(raw) / 1e6:.1f} → {int(gz) / 1e6:.1f} MB ({e} entries)" for n, e, raw, gz in layers)
@@ -436,23 +441,31 @@ print(f"Image: {len(layers)} gzip layers, " + ", ".join(
 print("| registry link | `ctr images pull` | `podman pull` | `rootfsctl ensure` | faster peer / ours | ours: peak RSS |")
 print("|---|---:|---:|---:|---:|---:|")
 for arg in sys.argv[5:]:
-    case, path, rss = arg.split(":")
-    med = {r["command"]: statistics.median(r["times"]) for r in json.load(open(path))["results"]}
+    case, path, rss, ctd = arg.split(":")
+    res = json.load(open(path))["results"]
+    med = {r["command"]: statistics.median(r["times"]) for r in res}
+    cpu = {r["command"]: r["user"] + r["system"] for r in res}
+    ctd = [float(x) for x in open(ctd).read().strip().split(",") if x]
+    if "ctr" in cpu and ctd:
+        cpu["ctr"] += statistics.mean(ctd)
+    cpus.append(f"{names[case]}: " + ", ".join(f"{c} {cpu[c]:.2f} s" for c in ("ctr", "podman", "ours") if c in cpu))
     cell = lambda c: f"{med[c]:.2f} s" if c in med else "–"
     peers = [med[c] for c in ("ctr", "podman") if c in med]
     ratio = f"{min(peers) / med['ours']:.2f}x" if peers and "ours" in med else "–"
     mem = f"{int(rss) / 1024:.0f} MiB" if rss else "–"
     print(f"| {names[case]} | {cell('ctr')} | {cell('podman')} | {cell('ours')} | {ratio} | {mem} |")
+print("\nCPU time per pull (user + system, mean; ctr's includes the containerd daemon's, started"
+      " fresh for the run): " + "; ".join(cpus) + ".")
 EOF
 if [[ "$UPDATE_DOC" == 1 ]]; then
   python3 - "$data/cold-pull.md" BENCHMARKS.md <<'EOF'
 import re, sys
 table, doc = open(sys.argv[1]).read().strip(), sys.argv[2]
 text = open(doc).read()
-pat = re.compile(r"(<!-- coldpull:begin[^>]*-->\n).*?(\n<!-- coldpull:end -->)", re.S)
+pat = re.compile(r"(<!-- coldpull:begin[^>]*-->\n).*?(<!-- coldpull:end -->)", re.S)
 if not pat.search(text):
     sys.exit("cold_pull: no coldpull markers in " + doc)
-open(doc, "w").write(pat.sub(lambda m: m.group(1) + table + m.group(2), text))
+open(doc, "w").write(pat.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
 EOF
   log "table written into BENCHMARKS.md"
 fi
