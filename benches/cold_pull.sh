@@ -14,7 +14,7 @@
 #   SHAPED=1        also the shaped case (0: loopback only; 2: shaped only)
 #   RATE=1gbit      the shaped link's rate, each direction (tc tbf)
 #   CLIENTS="ctr podman ours"   which clients to measure, in this order
-#   OURS='{bin} --cache {cache} ensure --plain-http docker://{ref}'   our command;
+#   OURS='{bin} --cache {cache} --plain-http ensure docker://{ref}'   our command;
 #                   {bin} is the release rootfsctl (built when used), {cache} the cache dir
 #                   on the ext4 mount, {ref} HOST:PORT/deb:v1
 #   IMG_DIR=        where the ext4 image file lives (default: a tmpfs made by the script,
@@ -117,7 +117,7 @@ WARMUP="${WARMUP:-1}"
 SHAPED="${SHAPED:-1}"
 RATE="${RATE:-1gbit}"
 CLIENTS="${CLIENTS:-ctr podman ours}"
-OURS="${OURS:-"{bin} --cache {cache} ensure --plain-http docker://{ref}"}"
+OURS="${OURS:-"{bin} --cache {cache} --plain-http ensure docker://{ref}"}"
 UPDATE_DOC="${UPDATE_DOC:-1}"
 for c in $CLIENTS; do
   case "$c" in ctr | podman | ours) ;; *) die "unknown client $c (ctr, podman, ours)" ;; esac
