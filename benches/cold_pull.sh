@@ -123,7 +123,7 @@ for c in $CLIENTS; do
   case "$c" in ctr | podman | ours) ;; *) die "unknown client $c (ctr, podman, ours)" ;; esac
 done
 case "$SHAPED" in 0) cases=loopback ;; 1) cases="loopback shaped" ;; 2) cases=shaped ;; *) die "SHAPED must be 0, 1 or 2" ;; esac
-for t in hyperfine containerd ctr podman docker-registry skopeo ip tc python3 mkfs.ext4; do
+for t in hyperfine containerd ctr podman docker-registry skopeo ip tc curl python3 mkfs.ext4 unshare; do
   command -v "$t" >/dev/null || die "$t not found"
 done
 [[ -x /usr/bin/time ]] || die "/usr/bin/time not found (apt-get install time)"
