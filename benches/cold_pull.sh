@@ -93,6 +93,7 @@ prepare() {
   mount -o loop "$CP_IMG" "$CP_EXT"
   mkdir -p "$CP_EXT/containerd" "$CP_EXT/podman/tmp" "$CP_EXT/ours"
   find "$CP_T/bic" -mindepth 1 -delete
+  rm -f /dev/shm/libpod_lock # our private /dev/shm
   if [[ "$client" == ctr ]]; then start_containerd; fi
   sync
   sleep 0.2
@@ -236,6 +237,7 @@ VH="cp$$h"
 VN="cp$$n"
 reg_pids=()
 child=""
+shm=""
 cleanup() {
   local rc=$?
   set +e
@@ -251,6 +253,7 @@ cleanup() {
   ip link del "$VH" 2>/dev/null
   ip netns del "$NS" 2>/dev/null
   mountpoint -q /var/lib/containers/cache && umount /var/lib/containers/cache
+  [[ -n "$shm" ]] && umount /dev/shm
   # podman's overlay driver bind-mounts its home on itself (left behind if it is killed).
   mountpoint -q "$T" && { umount -R "$T" || umount -R -l "$T"; }
   rm -rf "$T"
@@ -269,6 +272,9 @@ truncate -s 4G "$CP_IMG"
 # give it an empty private one (this mount namespace only), emptied before every run.
 mkdir -p /var/lib/containers/cache
 mount --bind "$T/bic" /var/lib/containers/cache
+# podman's lock segment (/dev/shm/libpod_lock) would outlive us: a private /dev/shm.
+mount -t tmpfs -o size=64m,mode=1777 tmpfs /dev/shm
+shm=1
 
 # containerd: everything on the ext4 mount but the sockets; no CRI, overlayfs snapshotter.
 cat >"$T/ctd/config.toml" <<EOF
@@ -286,7 +292,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [metrics]
   address = ""
 EOF
-# podman: storage and the blob copy directory (default /var/tmp) on the ext4 mount.
+# podman: storage, the blob copy directory (default /var/tmp) and its run-time directory
+# (default /run/libpod) on the ext4 mount.
 cat >"$T/pod/storage.conf" <<EOF
 [storage]
 driver = "overlay"
@@ -297,6 +304,7 @@ cat >"$T/pod/containers.conf" <<EOF
 [engine]
 events_logger = "file"
 image_copy_tmp_dir = "$CP_EXT/podman/tmp"
+tmp_dir = "$CP_EXT/podman/libpod"
 EOF
 export CONTAINERS_CONF="$T/pod/containers.conf" CONTAINERS_STORAGE_CONF="$T/pod/storage.conf"
 
