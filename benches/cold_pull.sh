@@ -276,7 +276,8 @@ mount --bind "$T/bic" /var/lib/containers/cache
 mount -t tmpfs -o size=64m,mode=1777 tmpfs /dev/shm
 shm=1
 
-# containerd: everything on the ext4 mount but the sockets; no CRI, overlayfs snapshotter.
+# containerd: everything on the ext4 mount but the sockets (also its "opt" dir, by default
+# /opt/containerd); no CRI, overlayfs snapshotter.
 cat >"$T/ctd/config.toml" <<EOF
 version = 2
 root = "$CP_EXT/containerd/root"
@@ -291,6 +292,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   level = "warn"
 [metrics]
   address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$CP_EXT/containerd/opt"
 EOF
 # podman: storage, the blob copy directory (default /var/tmp) and its run-time directory
 # (default /run/libpod) on the ext4 mount.
