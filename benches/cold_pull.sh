@@ -270,6 +270,7 @@ truncate -s 4G "$CP_IMG"
 
 # podman (as root) keeps a blob-info cache in /var/lib/containers/cache, outside --root:
 # give it an empty private one (this mount namespace only), emptied before every run.
+# (The directory is made on the host if missing: an empty mount point.)
 mkdir -p /var/lib/containers/cache
 mount --bind "$T/bic" /var/lib/containers/cache
 # podman's lock segment (/dev/shm/libpod_lock) would outlive us: a private /dev/shm.
@@ -365,7 +366,8 @@ if [[ " $cases " == *" shaped "* ]]; then
   ip -n "$NS" addr add 10.213.7.2/30 dev "$VN"
   ip -n "$NS" link set "$VN" up
   ip -n "$NS" link set lo up
-  # Token bucket: RATE sustained; a 1 MiB bucket (above the 64 KiB GSO bursts at HZ ticks).
+  # Token bucket at RATE. The bucket (1 MiB) must hold more than one timer tick's worth of
+  # bytes (1 Gbit/s / HZ 250 = 0.5 MB), or the link falls short of RATE; checked below.
   tc qdisc add dev "$VH" root tbf rate "$RATE" burst 1mb latency 20ms
   ip netns exec "$NS" tc qdisc add dev "$VN" root tbf rate "$RATE" burst 1mb latency 20ms
   start_registry "10.213.7.2:$port" "$NS"
