@@ -117,10 +117,11 @@ pub enum Error {
 
     /// An image description (`oci-layout`, `index.json`, an index, a manifest) is
     /// malformed, a blob does not match its descriptor, or a state file of this crate (the
-    /// [`CopyBackend`](crate::CopyBackend)'s) is corrupt.
+    /// [`CopyBackend`](crate::CopyBackend)'s) is corrupt. For a document read from a
+    /// registry, `path` is its URL.
     #[error("invalid image data in {}: {reason}", path.display())]
     InvalidImage {
-        /// The file holding it.
+        /// The file holding it (or, from a registry, the URL it was read from).
         path: PathBuf,
         /// What is wrong.
         reason: String,
@@ -192,6 +193,79 @@ pub enum Error {
         op: &'static str,
         /// The cache layer's `fs` directory.
         path: PathBuf,
+    },
+
+    /// A registry request failed on one host: a connection error or timeout (after the
+    /// retries it was allowed), an error status, a malformed or oversized answer.
+    /// Missing manifests and blobs (404) are [`Error::NotFound`] instead; refused
+    /// credentials are [`Error::Unauthorized`].
+    #[error("registry {host}: {op}: {reason}")]
+    Registry {
+        /// The host (`HOST[:PORT]`) that failed.
+        host: String,
+        /// What was asked (`GET /v2/library/alpine/manifests/3.20`, `token from https://auth…`).
+        op: String,
+        /// The HTTP status, when the failure is one.
+        status: Option<u16>,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A registry (or its token service) refused access: no credentials where they are
+    /// required, credentials rejected, or a token rejected even when fresh.
+    #[error("registry {host}: {op}: unauthorized: {reason}")]
+    Unauthorized {
+        /// The host (`HOST[:PORT]`) that refused.
+        host: String,
+        /// What was asked.
+        op: String,
+        /// The server's explanation, or ours (`no credentials for this host`).
+        reason: String,
+    },
+
+    /// Content served by a registry host (a manifest, a blob) does not hash to the digest
+    /// it was asked for. Nothing of it is cached; the host is tried last for that digest
+    /// from then on, so a retry goes to the next host.
+    #[error("registry {host}: {what} hashes to {found}, not {expected} (wrong bytes from this host)")]
+    ContentMismatch {
+        /// The host (`HOST[:PORT]`) that served it.
+        host: String,
+        /// What it was (`blob sha256:… of library/alpine`).
+        what: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of the bytes served.
+        found: Digest,
+    },
+
+    /// Every host configured for a registry (mirrors from `hosts.toml`, then the registry
+    /// itself) failed; each host's own error, in the order they were tried.
+    #[error("{what}: every host failed: {}", failures.iter().map(|(h, e)| format!("[{h}] {e}")).collect::<Vec<_>>().join("; "))]
+    AllHostsFailed {
+        /// What was asked (`resolve docker.io/library/alpine:3.20`, `blob sha256:…`).
+        what: String,
+        /// `(host, error)` per host tried, in order.
+        failures: Vec<(String, Error)>,
+    },
+
+    /// An image reference does not follow the docker grammar
+    /// (`[HOST[:PORT]/]REPOSITORY[:TAG][@sha256:HEX]`).
+    #[error("invalid image reference {input:?}: {reason}")]
+    InvalidReference {
+        /// The rejected input (truncated to 300 characters).
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A configuration file read by the crate (a containerd `hosts.toml`, a CA file it
+    /// names, a Docker or podman auth file) is malformed or unusable.
+    #[error("invalid configuration in {}: {reason}", path.display())]
+    InvalidConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
     },
 
     /// A mount or workspace description is unusable as given (no lowers, a lower listed

@@ -110,7 +110,8 @@
 //! - `lockfile`: exclusive `flock` locks that name their holder's pid ([`Error::Busy`]);
 //! - `unpack`: [`unpack()`], [`UnpackOptions`], [`UnpackStats`], whiteout modes;
 //! - `fetch`: [`ImageFetcher`], [`Descriptor`], [`ImageManifest`], [`OciLayout`];
-//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`];
+//! - `cache`: [`RootfsCache`], [`Rootfs`], [`CacheOptions`], [`CacheStats`], [`GcReport`],
+//!   [`EnsureOptions`] with an [`EnsureProgress`] observer ([`LayerProgress`], [`LayerState`]);
 //! - `mount`: [`MountBackend`], [`OverlaySpec`], [`OverlayOptions`], [`KernelOverlay`]
 //!   ([`MountApi`]), [`CopyBackend`], [`OverlayMount`], [`detect()`] ([`Detection`],
 //!   [`BackendKind`], [`DetectReason`]);
@@ -136,9 +137,13 @@ mod sys;
 mod unpack;
 mod workspace;
 
-pub use cache::{CacheOptions, CacheStats, GcReport, Rootfs, RootfsCache};
+pub use cache::{
+    CacheOptions, CacheStats, EnsureOptions, EnsureProgress, GcReport, LayerProgress, LayerState, Rootfs, RootfsCache,
+};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
+#[cfg(feature = "registry")]
+pub use fetch::{Credential, Reference, Registry, RegistryOptions};
 pub use fetch::{Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, NoObserver};
 pub use fetch::{OciLayout, Platform};
 pub use immutable::cache_containing;

@@ -16,6 +16,14 @@
 //!   under the lock (it is then no longer served), deleted after the lock is released.
 //! - A leased layer is never evicted, even over budget.
 //!
+//! # The cold path
+//! A cold [`RootfsCache::ensure`] streams every missing layer at once, up to
+//! [`CacheOptions::concurrent_layers`] per call: blob bytes from the fetcher → digest →
+//! decompression → extraction into `tmp/`, never landing a blob on disk whole. A layer
+//! finished before the ones below it waits in `tmp/` until they are ready, then the
+//! parent directories it omits get the lower layers' metadata and it is renamed into
+//! `layers/`; layers become ready bottom first. See `ensure.rs` for the scheduling.
+//!
 //! # Concurrency
 //! One process owns a cache directory (`flock` on `LOCK`; a second [`RootfsCache::open`],
 //! from any process, gets [`Error::Busy`]). Within it, every method takes `&self` and is
@@ -23,16 +31,19 @@
 //! during extraction or deletion. Concurrent [`RootfsCache::ensure`] calls needing the
 //! same missing layer (for the same image or different ones) wait for a single
 //! extraction; if it fails, every waiter gets the same error (as [`Error::Layer`]) and
-//! nothing is cached, so the next call retries.
+//! nothing is cached, so the next call retries. `ensure` runs its downloads on scoped
+//! worker threads (named `rootfs-ensure`), all joined before it returns.
 
+mod ensure;
 mod layout;
+mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,10 +54,12 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::fetch::{ImageFetcher, ImageManifest};
+use crate::fetch::{FetchObserver, ImageFetcher};
 use crate::fsutil::{list_dir, remove_tree};
-use crate::unpack::{UnpackOptions, WhiteoutMode, unpack_cache_entry};
+use crate::unpack::UnpackOptions;
 use layout::{ImageRecord, LayerMeta};
+
+pub use ensure::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
 
 /// Options for [`RootfsCache::open`].
 #[derive(Clone, Debug)]
@@ -63,15 +76,21 @@ pub struct CacheOptions {
     /// leave a ready layer with missing data. Process crashes are safe without it.
     /// Default: false.
     pub sync: bool,
+    /// How many missing layers one [`RootfsCache::ensure`] downloads and extracts at
+    /// once (per call, like containerd's `max_concurrent_downloads`); each also uses the
+    /// extraction's own helper threads ([`UnpackOptions::pipelined`]). 0 counts as 1.
+    /// Default: 3.
+    pub concurrent_layers: usize,
 }
 
 impl Default for CacheOptions {
     fn default() -> Self {
-        CacheOptions { max_bytes: u64::MAX, unpack: UnpackOptions::default(), sync: false }
+        CacheOptions { max_bytes: u64::MAX, unpack: UnpackOptions::default(), sync: false, concurrent_layers: 3 }
     }
 }
 
-/// Counters and gauges of a [`RootfsCache`], read with [`RootfsCache::stats`].
+/// Counters and gauges of a [`RootfsCache`], read with [`RootfsCache::stats`];
+/// [`CacheStats::prometheus`] renders them for a metrics endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -98,6 +117,16 @@ pub struct CacheStats {
     pub over_budget_bytes: u64,
     /// Automatic eviction passes (after an extraction) that failed; `gc()` tells why.
     pub failed_gc_passes: u64,
+    /// Bytes of layer blobs read from fetchers (compressed, as stored), failed
+    /// downloads included.
+    pub bytes_downloaded: u64,
+    /// Requests a fetcher retried on the same host ([`FetchObserver::retry`]).
+    pub download_retries: u64,
+    /// Broken blob downloads a fetcher resumed ([`FetchObserver::resumed`]).
+    pub resumed_downloads: u64,
+    /// Times a fetcher gave up on a host and tried the next one
+    /// ([`FetchObserver::fallback`]).
+    pub host_fallbacks: u64,
 }
 
 /// What an eviction pass did.
@@ -128,6 +157,10 @@ struct Layer {
 /// One extraction in progress; waiters read its outcome under the state lock.
 struct Flight {
     outcome: OnceLock<std::result::Result<(), Arc<Error>>>,
+    /// Leases that callers waiting for it want: its owner takes them for them when it
+    /// publishes the layer, so it cannot be evicted before they see it. Changed only
+    /// under the state lock.
+    waiters: AtomicU32,
 }
 
 #[derive(Default)]
@@ -183,12 +216,36 @@ struct Counters {
     failed_gc: AtomicU64,
 }
 
+/// The download counters, fed by fetchers through [`FetchObserver`] (and by the cache
+/// for bytes). Shared with fetchers by `Arc`, apart from the rest of the cache, so a
+/// fetcher holding on to it does not keep the cache open.
+#[derive(Default)]
+struct Downloads {
+    bytes: AtomicU64,
+    retries: AtomicU64,
+    resumed: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+impl FetchObserver for Downloads {
+    fn retry(&self, _host: &str, _reason: &str) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    fn resumed(&self, _host: &str, _offset: u64) {
+        self.resumed.fetch_add(1, Ordering::Relaxed);
+    }
+    fn fallback(&self, _host: &str, _reason: &str) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 struct Inner {
     root: PathBuf,
     opts: CacheOptions,
     state: Mutex<State>,
     done: Condvar,
     counters: Counters,
+    downloads: Arc<Downloads>,
     seq: AtomicU64,
     _lock: crate::lockfile::LockFile,
 }
@@ -218,6 +275,8 @@ struct Inner {
 /// threads; no lock is held while extracting or deleting. Concurrent
 /// [`RootfsCache::ensure`] calls needing the same missing layer wait for one extraction;
 /// if it fails they all get the same cause (as [`Error::Layer`]) and nothing is cached.
+/// One `ensure` downloads and extracts up to [`CacheOptions::concurrent_layers`] layers
+/// at once on its own scoped threads, joined before it returns.
 pub struct RootfsCache {
     inner: Arc<Inner>,
 }
@@ -404,6 +463,7 @@ impl RootfsCache {
             state: Mutex::new(st),
             done: Condvar::new(),
             counters: Counters::default(),
+            downloads: Arc::default(),
             seq: AtomicU64::new(0),
             _lock: lock,
         });
@@ -416,24 +476,49 @@ impl RootfsCache {
         &self.inner.root
     }
 
-    /// Make `reference` ready and lease its layers.
+    /// Make `reference` ready and lease its layers: [`RootfsCache::ensure_with`] with
+    /// the default [`EnsureOptions`] (no progress observer).
+    ///
+    /// # Errors
+    /// As [`RootfsCache::ensure_with`].
+    pub fn ensure(&self, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs> {
+        self.ensure_with(fetcher, reference, &EnsureOptions::default())
+    }
+
+    /// Make `reference` ready and lease its layers, reporting progress per layer to
+    /// [`EnsureOptions::progress`].
     ///
     /// `reference` is a tag or `@sha256:<hex>` (meaning whatever `fetcher` accepts). A
     /// digest reference whose image and layers are all cached is answered from memory,
-    /// without calling `fetcher` at all. Otherwise the reference is resolved, and each
-    /// missing layer's blob is fetched and extracted once, bottom layer first (each with
-    /// the layers below it as `parent_lowers`), waiting for any extraction of the same
-    /// layer already in progress. An eviction pass follows when anything was extracted
-    /// (its failure is counted in [`CacheStats::failed_gc_passes`], not returned).
+    /// without calling `fetcher` at all. Otherwise the reference is resolved
+    /// ([`ImageFetcher::resolve_observed`]), and every missing layer is fetched
+    /// ([`ImageFetcher::open_blob_observed`]) and extracted once, streamed (no blob is
+    /// stored whole), up to [`CacheOptions::concurrent_layers`] layers at once on worker
+    /// threads, bottom layers first; an extraction of the same layer already in
+    /// progress (another caller's) is waited for instead. A layer that finishes before
+    /// the ones below it waits, in `tmp/`, until they are ready: parent directories it
+    /// omits then get their metadata (mode, owner, xattrs, mtime) from the layers below,
+    /// as if they had been extracted in order, and it is renamed into `layers/`. Layers
+    /// are leased as they become ready, and released if the call fails. An eviction pass
+    /// follows when anything was extracted (its failure is counted in
+    /// [`CacheStats::failed_gc_passes`], not returned).
+    ///
+    /// The progress observer is called from the calling thread and from the worker
+    /// threads, several at once (see [`EnsureProgress`]). All worker threads have ended
+    /// when this returns, whatever the outcome.
     ///
     /// # Errors
     /// - the fetcher's errors from [`ImageFetcher::resolve`], unchanged;
     /// - [`Error::Layer`] naming the layer when its blob cannot be fetched
     ///   ([`ImageFetcher::open_blob`]) or extracted ([`Error::DigestMismatch`],
     ///   [`Error::PathEscape`], a full disk...; see [`unpack`](crate::unpack())), the same
-    ///   error for every caller waiting on that extraction ([`Error::root`] gives the cause);
+    ///   error for every caller waiting on that extraction ([`Error::root`] gives the
+    ///   cause). When several layers fail, the lowest one is reported; the layers below
+    ///   it are made ready (and cached), none above it is, and nothing is left in `tmp/`.
+    ///   Callers waiting for a layer above a failed one get an [`Error::Layer`] naming
+    ///   their layer, caused by an [`Error::Layer`] naming the failed one;
     /// - [`Error::Io`] if the image record cannot be written.
-    pub fn ensure(&self, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs> {
+    pub fn ensure_with(&self, fetcher: &dyn ImageFetcher, reference: &str, opts: &EnsureOptions<'_>) -> Result<Rootfs> {
         let _span = span!("ensure", reference);
         let inner = &self.inner;
         if let Some(d) = layout::digest_ref(reference) {
@@ -450,19 +535,28 @@ impl RootfsCache {
                     inner.counters.hits.fetch_add(layers.len() as u64, Ordering::Relaxed);
                     inner.publish(&st);
                     drop(st);
+                    if let Some(p) = opts.progress {
+                        // Sizes of blobs are not recorded: `total` is unknown (0) here.
+                        let mut seen = HashSet::new();
+                        for (index, digest) in layers.iter().enumerate().filter(|(_, d)| seen.insert(**d)) {
+                            p.layer(&LayerProgress {
+                                index,
+                                digest: *digest,
+                                state: LayerState::Cached,
+                                downloaded: 0,
+                                extracted: 0,
+                                total: 0,
+                            });
+                        }
+                    }
                     return Ok(Rootfs::new(inner.clone(), manifest, layers));
                 }
             }
         }
-        let manifest = fetcher.resolve(reference)?;
-        // Leases are taken as layers become ready, so eviction cannot take a layer of
-        // this image while later ones extract; `partial` gives them back on error.
-        let mut partial = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
+        let manifest = fetcher.resolve_observed(reference, &*inner.downloads)?;
         let before = inner.counters.extractions.load(Ordering::Relaxed);
-        for (i, desc) in manifest.layers.iter().enumerate() {
-            self.ensure_layer(fetcher, &manifest, i)?;
-            partial.layers.push(desc.digest);
-        }
+        let mut partial = self.ensure_layers(fetcher, &manifest, opts)?;
+        // Anything extracted meanwhile, by this call or another one.
         if inner.counters.extractions.load(Ordering::Relaxed) != before {
             // The automatic eviction pass after extracting. Its failure (say, a `trash/`
             // entry that cannot be deleted) must not fail a restore whose layers are
@@ -501,106 +595,6 @@ impl RootfsCache {
         }
         partial.lowers = lowers_of(&inner.root, &partial.layers);
         Ok(partial)
-    }
-
-    /// Make layer `i` of `manifest` ready and lease it.
-    fn ensure_layer(&self, fetcher: &dyn ImageFetcher, manifest: &ImageManifest, i: usize) -> Result<()> {
-        let inner = &self.inner;
-        let digest = manifest.layers[i].digest;
-        let mut waited = false;
-        loop {
-            let mut st = inner.state.lock();
-            if let Some(layer) = st.layers.get_mut(&digest) {
-                layer.last_use = now_nanos();
-                st.lease(&digest);
-                if !waited {
-                    inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-                }
-                inner.publish(&st);
-                return Ok(());
-            }
-            if let Some(flight) = st.inflight.get(&digest).cloned() {
-                if !waited {
-                    inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-                    inner.counters.dedup_waits.fetch_add(1, Ordering::Relaxed);
-                    waited = true;
-                }
-                while flight.outcome.get().is_none() {
-                    inner.done.wait(&mut st);
-                }
-                if let Some(Err(e)) = flight.outcome.get() {
-                    return Err(Error::Layer { digest, source: e.clone() });
-                }
-                continue; // ready now (or evicted already: go round again)
-            }
-            let flight = Arc::new(Flight { outcome: OnceLock::new() });
-            st.inflight.insert(digest, flight.clone());
-            if !waited {
-                inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(st);
-
-            let result = self.extract(fetcher, manifest, i);
-            let mut st = inner.state.lock();
-            st.inflight.remove(&digest);
-            let outcome = match result {
-                Ok((meta, blob_bytes)) => {
-                    st.bytes += meta.size;
-                    let now = now_nanos();
-                    // Our lease, plus persisted leases naming this layer (it may have been
-                    // lost and extracted again since they were made).
-                    // (`persist` leases every occurrence: an image may list a layer twice.)
-                    let pins = st.pins.values().flatten().filter(|d| **d == digest).count() as u32;
-                    st.layers.insert(digest, Layer { meta, last_use: now, persisted_use: now, leases: 1 + pins });
-                    st.leased += 1;
-                    inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
-                    inner.counters.bytes_extracted.fetch_add(blob_bytes, Ordering::Relaxed);
-                    Ok(())
-                }
-                Err(e) => Err(Arc::new(e)),
-            };
-            let _ = flight.outcome.set(outcome.clone());
-            inner.done.notify_all();
-            inner.publish(&st);
-            drop(st);
-            return outcome.map_err(|e| Error::Layer { digest, source: e });
-        }
-    }
-
-    /// Fetch and extract layer `i` into `tmp/`, then rename it into `layers/`.
-    fn extract(&self, fetcher: &dyn ImageFetcher, manifest: &ImageManifest, i: usize) -> Result<(LayerMeta, u64)> {
-        let inner = &self.inner;
-        let desc = &manifest.layers[i];
-        let _span = span!("extract", digest = %desc.digest, size = desc.size);
-        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = inner.root.join(layout::TMP).join(format!("{}.{seq}", desc.digest.hex()));
-        let result = (|| {
-            let fs_dir = tmp.join(layout::FS);
-            fs::create_dir_all(&fs_dir).map_err(io("mkdir", &fs_dir))?;
-            let blob = fetcher.open_blob(desc)?;
-            let mut opts = inner.opts.unpack.clone();
-            opts.whiteouts = WhiteoutMode::Overlay;
-            opts.expected_digest = Some(desc.digest);
-            // The layers below, top first: parents this layer omits take their metadata.
-            opts.parent_lowers =
-                manifest.layers[..i].iter().rev().map(|l| layout::layer_fs(&inner.root, &l.digest)).collect();
-            let stats = unpack_cache_entry(blob, &fs_dir, &opts)?;
-            let meta =
-                LayerMeta { size: disk_usage(&fs_dir)?, diff_id: stats.diff_id, created: now_nanos() / 1_000_000_000 };
-            write_atomic(&tmp.join(layout::META), meta.encode().as_bytes())?;
-            if inner.opts.sync {
-                let d = File::open(&tmp).map_err(io("open", &tmp))?;
-                nix::unistd::syncfs(&d).map_err(|e| Error::io("syncfs", &tmp, e))?;
-            }
-            let dest = layout::layer_dir(&inner.root, &desc.digest);
-            fs::rename(&tmp, &dest).map_err(io("rename", &dest))?;
-            Ok((meta, stats.compressed_bytes))
-        })();
-        if result.is_err() && tmp.exists() {
-            // Best effort: `open` empties tmp/ anyway.
-            let _ = remove_path(&tmp);
-        }
-        result
     }
 
     /// Evict least-recently-used unleased layers until the cache fits its budget, then
@@ -699,6 +693,10 @@ impl RootfsCache {
             leased_entries: c.leased.load(Ordering::Relaxed),
             over_budget_bytes: c.over_budget.load(Ordering::Relaxed),
             failed_gc_passes: c.failed_gc.load(Ordering::Relaxed),
+            bytes_downloaded: self.inner.downloads.bytes.load(Ordering::Relaxed),
+            download_retries: self.inner.downloads.retries.load(Ordering::Relaxed),
+            resumed_downloads: self.inner.downloads.resumed.load(Ordering::Relaxed),
+            host_fallbacks: self.inner.downloads.fallbacks.load(Ordering::Relaxed),
         }
     }
 

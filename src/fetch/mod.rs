@@ -9,15 +9,23 @@
 //! Fetchers provided here:
 //! - [`OciLayout`]: a local OCI image layout directory (`skopeo copy … oci:DIR:TAG`),
 //!   choosing one manifest per index by [`Platform`].
+//! - `Registry` (feature `registry`, on by default): the OCI Distribution API, with
+//!   containerd's `hosts.toml` mirrors, registry auth, retries and resumed downloads.
 
+mod manifest;
 mod oci_layout;
+#[cfg(feature = "registry")]
+mod registry;
 
 use std::io::Read;
 
 use crate::digest::Digest;
 use crate::error::Result;
 
-pub use oci_layout::{OciLayout, Platform};
+pub use manifest::Platform;
+pub use oci_layout::OciLayout;
+#[cfg(feature = "registry")]
+pub use registry::{Credential, Reference, Registry, RegistryOptions};
 
 /// What a manifest says about one blob.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -120,6 +128,44 @@ pub struct NoObserver;
 
 impl FetchObserver for NoObserver {}
 
+/// The cause of a failed extraction of `layer`, according to the blob's source.
+///
+/// - `err` came from the blob reader itself (an `io::Error` carrying one of the crate's
+///   errors, such as [`Error::ContentMismatch`](crate::Error::ContentMismatch) from a
+///   `Registry` stream): that error, unwrapped.
+/// - `err` is a complaint about the data (a decompressor or tar error, a digest
+///   mismatch): wrong bytes early in a blob trip the decompressor long before the digest
+///   could be known, so the rest of the blob (at most `layer.size` bytes) is read, and if
+///   the reader then fails with a crate error (a `Registry` stream ends in
+///   `ContentMismatch` naming the host that served the bytes, and demotes that host for
+///   the digest), that is the cause.
+/// - Anything else (a local I/O error, say), or a blob whose rest reads cleanly: `err`.
+///
+/// For the cache, which passes the blob to extraction by `&mut` so that it can ask here,
+/// and tries a layer once more from a new `open_blob` when the cause is a
+/// `ContentMismatch` (the next host serves it).
+pub(crate) fn blame_source(err: crate::error::Error, blob: &mut dyn Read, layer: &Descriptor) -> crate::error::Error {
+    use crate::error::Error;
+    let err = match err {
+        Error::Read { what, source } => match source.get_ref().is_some_and(|i| i.is::<Error>()) {
+            true => return source.into_inner().and_then(|i| i.downcast::<Error>().ok()).map(|b| *b).expect("checked"),
+            false => Error::Read { what, source },
+        },
+        e => e,
+    };
+    if !matches!(err, Error::Read { .. } | Error::InvalidArchive { .. } | Error::DigestMismatch { .. }) {
+        return err;
+    }
+    let mut rest = blob.take(layer.size.saturating_add(1));
+    match std::io::copy(&mut rest, &mut std::io::sink()) {
+        Ok(_) => err,
+        Err(e) => match e.into_inner().map(|i| i.downcast::<Error>()) {
+            Some(Ok(cause)) => *cause,
+            _ => err,
+        },
+    }
+}
+
 /// Media types of layers the cache can extract (tar, tar+gzip, tar+zstd; OCI and Docker).
 pub const LAYER_MEDIA_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar",
@@ -129,3 +175,49 @@ pub const LAYER_MEDIA_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.diff.tar.zstd",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    struct Failing(Option<Error>);
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.take() {
+                Some(e) => Err(std::io::Error::other(e)),
+                None => Err(std::io::Error::other("plain io error")),
+            }
+        }
+    }
+
+    fn mismatch() -> Error {
+        Error::ContentMismatch {
+            host: "mirror:5000".into(),
+            what: "blob".into(),
+            expected: Digest::of(b"x"),
+            found: Digest::of(b"y"),
+        }
+    }
+
+    #[test]
+    fn the_source_names_the_cause_of_an_extraction_failure() {
+        let layer = Descriptor { digest: Digest::of(b"x"), size: 10, media_type: String::new() };
+        let data_error = || Error::InvalidArchive { offset: 0, reason: "header checksum mismatch".into() };
+        let named = |e: Error| matches!(e, Error::ContentMismatch { ref host, .. } if host == "mirror:5000");
+        // The rest of the blob fails with the source's own error: that is the cause.
+        assert!(named(blame_source(data_error(), &mut Failing(Some(mismatch())), &layer)));
+        // The extraction error already carries it (the reader failed first).
+        let carried = Error::Read { what: "layer blob", source: std::io::Error::other(mismatch()) };
+        assert!(named(blame_source(carried, &mut std::io::empty(), &layer)));
+        // Otherwise the extraction error stands.
+        assert!(matches!(blame_source(data_error(), &mut Failing(None), &layer), Error::InvalidArchive { .. }));
+        assert!(matches!(
+            blame_source(data_error(), &mut std::io::Cursor::new(vec![0u8; 100]), &layer),
+            Error::InvalidArchive { .. }
+        ));
+        // A local error is not blamed on the source, and the blob is not read for it.
+        let local = Error::io("openat", "/x", std::io::Error::from_raw_os_error(28));
+        assert!(matches!(blame_source(local, &mut Failing(Some(mismatch())), &layer), Error::Io { .. }));
+    }
+}

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
@@ -95,6 +96,10 @@ struct DirMeta {
     /// Xattrs to set in the deferred pass (only the root entry's: others are set at
     /// creation).
     xattrs: Option<Box<Xattrs>>,
+    /// A parent directory this layer created without an entry, whose metadata comes from
+    /// the lower layers later ([`Extractor::for_cache`]): not applied by the deferred
+    /// pass, handed back by [`Extractor::take_implicit`].
+    implicit: bool,
 }
 
 impl DirMeta {
@@ -107,7 +112,37 @@ impl DirMeta {
             mtime_nsec: h.mtime_nsec,
             created,
             xattrs: (with_xattrs && !h.xattrs.is_empty()).then(|| Box::new(h.xattrs.clone())),
+            implicit: false,
         }
+    }
+
+    /// The metadata of the directory at `comps` in the first of `lowers` (top first) that
+    /// has one there, for a directory a layer creates implicitly in its place; `None`
+    /// when no lower has it, or a whiteout, file or symlink in a lower hides the ones
+    /// below.
+    fn from_lowers(lowers: &[Root], comps: &[&[u8]]) -> Option<DirMeta> {
+        let mut found = None;
+        for lower in lowers {
+            match lower.open_dir(comps, None, b"", &mut Vec::new()) {
+                Ok(Some(fd)) => {
+                    found = nix::sys::stat::fstat(&fd).ok().map(|st| (st, image_xattrs(fd.as_fd())));
+                    break;
+                }
+                Ok(None) => continue, // not in this layer: look further down
+                Err(_) => break,      // a whiteout, file or symlink hides lower ones
+            }
+        }
+        let (st, xattrs) = found?;
+        Some(DirMeta {
+            mode: st.st_mode & 0o7777,
+            uid: u64::from(st.st_uid),
+            gid: u64::from(st.st_gid),
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec as u32,
+            created: None,
+            xattrs: (!xattrs.is_empty()).then(|| Box::new(xattrs)),
+            implicit: false,
+        })
     }
 
     /// The header `MetaPolicy::apply_fd` takes, rebuilt for the deferred pass.
@@ -180,6 +215,11 @@ pub(crate) struct Extractor<'a> {
     unlocked: Vec<(Vec<u8>, u32)>,
     /// [`UnpackOptions::parent_lowers`], opened on first use.
     lowers: Option<Vec<Root>>,
+    /// Record implicit parents instead of looking them up ([`Extractor::for_cache`]).
+    record_implicit: bool,
+    /// Where the cache reads how far extraction got: the tar stream offset of the
+    /// entry being created.
+    position: Option<&'a AtomicU64>,
     pub counts: Counts,
     meta: MetaPolicy,
 }
@@ -399,6 +439,18 @@ fn comps_of(path: &[u8]) -> Vec<&[u8]> {
 
 impl<'a> Extractor<'a> {
     pub(crate) fn new(root: &'a Root, opts: &'a UnpackOptions) -> Self {
+        Self::build(root, opts, None)
+    }
+
+    /// An extractor for the cache, which may extract a layer before the layers below it
+    /// are ready: parents the layer omits are recorded (see [`Self::take_implicit`])
+    /// instead of being looked up in [`UnpackOptions::parent_lowers`], and the tar offset
+    /// of each entry is stored in `position` as it is created (progress).
+    pub(crate) fn for_cache(root: &'a Root, opts: &'a UnpackOptions, position: &'a AtomicU64) -> Self {
+        Self::build(root, opts, Some(position))
+    }
+
+    fn build(root: &'a Root, opts: &'a UnpackOptions, position: Option<&'a AtomicU64>) -> Self {
         let mut ex = Extractor {
             root,
             opts,
@@ -409,6 +461,8 @@ impl<'a> Extractor<'a> {
             cleared: HashSet::new(),
             unlocked: Vec::new(),
             lowers: None,
+            record_implicit: position.is_some(),
+            position,
             counts: Counts::default(),
             meta: MetaPolicy::new(opts),
         };
@@ -456,35 +510,42 @@ impl<'a> Extractor<'a> {
     /// the image's lower layers have for it (what applying the layer through the merged
     /// overlay view, as containerd does, would show), applied in the deferred pass.
     fn implicit_parent(&mut self, comps: &[&[u8]]) {
+        if self.record_implicit {
+            // A placeholder: replaced if an entry for the directory follows, dropped if
+            // the directory is removed, like any deferred metadata.
+            let meta = DirMeta {
+                mode: IMPLICIT_DIR_MODE,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                created: None,
+                xattrs: None,
+                implicit: true,
+            };
+            self.defer(join(comps), meta);
+            return;
+        }
         if self.opts.parent_lowers.is_empty() {
             return;
         }
         let lowers = self
             .lowers
             .get_or_insert_with(|| self.opts.parent_lowers.iter().filter_map(|p| Root::open(p).ok()).collect());
-        let mut found = None;
-        for lower in lowers.iter() {
-            match lower.open_dir(comps, None, b"", &mut Vec::new()) {
-                Ok(Some(fd)) => {
-                    found = nix::sys::stat::fstat(&fd).ok().map(|st| (st, image_xattrs(fd.as_fd())));
-                    break;
-                }
-                Ok(None) => continue, // not in this layer: look further down
-                Err(_) => break,      // a whiteout, file or symlink hides lower ones
-            }
+        if let Some(meta) = DirMeta::from_lowers(lowers, comps) {
+            self.defer(join(comps), meta);
         }
-        let Some((st, xattrs)) = found else { return };
-        let path = join(comps);
-        let meta = DirMeta {
-            mode: st.st_mode & 0o7777,
-            uid: u64::from(st.st_uid),
-            gid: u64::from(st.st_gid),
-            mtime: st.st_mtime,
-            mtime_nsec: st.st_mtime_nsec as u32,
-            created: None,
-            xattrs: (!xattrs.is_empty()).then(|| Box::new(xattrs)),
-        };
-        self.defer(path, meta);
+    }
+
+    /// The parent directories this layer created without ever listing them (relative
+    /// paths, `""` for the root), sorted; they are left out of [`Self::finish`]. Only an
+    /// extractor made with [`Self::for_cache`] records them.
+    pub(crate) fn take_implicit(&mut self) -> Vec<Vec<u8>> {
+        let paths: Vec<Vec<u8>> = self.deferred.iter().filter(|(_, d)| d.implicit).map(|(p, _)| p.clone()).collect();
+        for p in &paths {
+            self.deferred.remove(p);
+        }
+        paths
     }
 
     /// Forget cached descriptors at or under `path` (it is about to be removed or replaced).
@@ -561,6 +622,9 @@ impl<'a> Extractor<'a> {
     /// Create one entry. A regular file is returned open, for a [`Writer`] to fill.
     pub(crate) fn begin(&mut self, h: Box<Header>) -> Result<Option<OpenFile>> {
         self.counts.entries += 1;
+        if let Some(p) = self.position {
+            p.store(h.offset, Ordering::Relaxed);
+        }
         let path_bytes = h.path.clone();
         let comps = split_path(&path_bytes).map_err(|r| escape(&h.path, r))?;
         let Some((name, parent)) = comps.split_last() else {
@@ -611,6 +675,9 @@ impl<'a> Extractor<'a> {
             }
         }
         for (path, d) in std::mem::take(&mut self.deferred) {
+            if d.implicit {
+                continue; // the cache applies lower metadata once the lowers are ready
+            }
             let comps = comps_of(&path);
             // Removed or replaced by a later entry: nothing to apply.
             let fd = match self.root.open_dir(&comps, None, &path, &mut Vec::new()) {
@@ -949,6 +1016,44 @@ impl<'a> Extractor<'a> {
             }
         }
     }
+}
+
+/// Give the parent directories a layer extracted by an [`Extractor::for_cache`] created
+/// without listing them (`implicit`, from [`Extractor::take_implicit`]) the metadata the
+/// same directories have in `lowers` (top first), exactly as [`Extractor::new`] with
+/// [`UnpackOptions::parent_lowers`] would have during extraction. Directories no lower
+/// has keep what creation gave them. Returns how many bytes of disk the directories
+/// use more than before (xattrs may take a block of their own).
+pub(crate) fn apply_implicit_parents(
+    dest: &std::path::Path,
+    implicit: &[Vec<u8>],
+    lowers: &[PathBuf],
+    opts: &UnpackOptions,
+) -> Result<i64> {
+    let mut skipped = 0;
+    let mut grown = 0i64;
+    if implicit.is_empty() || lowers.is_empty() {
+        return Ok(grown);
+    }
+    let root = Root::open(dest)?;
+    let lowers: Vec<Root> = lowers.iter().filter_map(|p| Root::open(p).ok()).collect();
+    let meta = MetaPolicy::new(opts);
+    for path in implicit {
+        let comps = comps_of(path);
+        let Some(d) = DirMeta::from_lowers(&lowers, &comps) else { continue };
+        let fd = match root.open_dir(&comps, None, path, &mut Vec::new())? {
+            Some(fd) => fd,
+            None => continue,
+        };
+        let display = root.display(&comps);
+        let blocks = |fd: &OwnedFd| {
+            nix::sys::stat::fstat(fd).map(|st| st.st_blocks).map_err(|e| Error::io("fstat", &display, e))
+        };
+        let before = blocks(&fd)?;
+        meta.apply_fd(fd.as_fd(), &d.header(), d.created, &display, d.xattrs.is_some(), &mut skipped)?;
+        grown += (blocks(&fd)? - before) * 512;
+    }
+    Ok(grown)
 }
 
 /// The image xattrs of a directory in an extracted layer (overlay's own metadata left

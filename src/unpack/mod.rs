@@ -260,14 +260,26 @@ pub struct UnpackStats {
 /// [`UnpackOptions::max_header_bytes`].
 pub fn unpack<R: Read + Send>(input: R, dest: &Path, opts: &UnpackOptions) -> Result<UnpackStats> {
     refuse_cache_layer(dest)?;
-    unpack_inner(input, dest, opts, None)
+    unpack_inner(input, dest, opts, None, None).map(|(stats, _)| stats)
 }
 
 /// [`unpack`] by the cache itself, into its own `tmp/<entry>/fs` (which callers
 /// outside the cache may not write: see [`refuse_cache_layer`]).
-pub(crate) fn unpack_cache_entry<R: Read + Send>(input: R, dest: &Path, opts: &UnpackOptions) -> Result<UnpackStats> {
-    unpack_inner(input, dest, opts, None)
+///
+/// The layers below may not be ready yet, so [`UnpackOptions::parent_lowers`] is not
+/// used: the parent directories the layer creates without listing them are returned
+/// instead (relative paths, sorted), for [`apply_implicit_parents`] once they are.
+/// `position` follows the tar stream offset of the entry being created (progress).
+pub(crate) fn unpack_cache_entry<R: Read + Send>(
+    input: R,
+    dest: &Path,
+    opts: &UnpackOptions,
+    position: &std::sync::atomic::AtomicU64,
+) -> Result<(UnpackStats, Vec<Vec<u8>>)> {
+    unpack_inner(input, dest, opts, None, Some(position))
 }
+
+pub(crate) use extract::apply_implicit_parents;
 
 /// Rule 4: nothing is extracted into a cache layer (a ready one, or one the cache is
 /// extracting or evicting), whichever path names it.
@@ -294,7 +306,7 @@ pub fn unpack_with_progress<R: Read + Send>(
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<UnpackStats> {
     refuse_cache_layer(dest)?;
-    unpack_inner(input, dest, opts, Some(progress))
+    unpack_inner(input, dest, opts, Some(progress), None).map(|(stats, _)| stats)
 }
 
 /// What [`unpack_file`] did.
@@ -351,18 +363,23 @@ fn unpack_inner<R: Read + Send>(
     dest: &Path,
     opts: &UnpackOptions,
     progress: Option<&mut (dyn FnMut(u64) + Send)>,
-) -> Result<UnpackStats> {
+    position: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<(UnpackStats, Vec<Vec<u8>>)> {
     let _span = span!("unpack", dest = %dest.display());
     let root = Root::open(dest)?;
-    let mut ex = extract::Extractor::new(&root, opts);
+    let mut ex = match position {
+        Some(p) => extract::Extractor::for_cache(&root, opts, p),
+        None => extract::Extractor::new(&root, opts),
+    };
     let parsed = if opts.pipelined {
         pipeline::run_pipelined(input, opts, progress, &mut ex)?
     } else {
         pipeline::run_inline(input, opts, progress, &mut ex)?
     };
+    let implicit = ex.take_implicit();
     let c = ex.finish()?;
     event!(entries = c.entries, file_bytes = c.file_bytes, compressed_bytes = parsed.compressed_bytes, digest = %parsed.digest, "unpacked");
-    Ok(UnpackStats {
+    let stats = UnpackStats {
         entries: c.entries,
         files: c.files,
         dirs: c.dirs,
@@ -378,5 +395,6 @@ fn unpack_inner<R: Read + Send>(
         compression: parsed.compression,
         skipped_devices: c.skipped_devices,
         skipped_xattrs: c.skipped_xattrs,
-    })
+    };
+    Ok((stats, implicit))
 }
