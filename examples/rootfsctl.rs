@@ -48,7 +48,7 @@ use rootfs_cache::{
 
 const USAGE: &str = "usage:
   rootfsctl unpack [--apply] [--rootless] [--single-thread] [--digest DIGEST] [--diff-id DIGEST] LAYER_BLOB DEST_DIR
-  rootfsctl --cache DIR [--max-bytes N] [--hosts-dir DIR] [--plain-http] ensure REF
+  rootfsctl --cache DIR [--max-bytes N] [--hosts-dir DIR] [--plain-http] [--sync] ensure REF
   rootfsctl --cache DIR ls | stats [--prometheus] | gc [--max-bytes N]
   rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR
   rootfsctl mount [--backend kernel|copy|auto] WS_DIR | unmount WS_DIR
@@ -73,11 +73,12 @@ extract one layer blob (tar, tar.gz or tar.zst, detected) into DEST_DIR (created
 missing), digests verified when given. Whiteouts become overlay whiteouts unless --apply,
 which deletes the whited-out paths from DEST_DIR instead (flattening, like `umoci unpack`).
 Prints entries=… files=… … digest=… diff_id=…",
-        "ensure" => "rootfsctl --cache DIR [--hosts-dir DIR] [--plain-http] ensure REF
+        "ensure" => "rootfsctl --cache DIR [--hosts-dir DIR] [--plain-http] [--sync] ensure REF
 make REF ready in the cache (pulling and extracting missing layers once, in parallel) and
 print its lower directories, top layer first. REF: OCI_LAYOUT_DIR[:TAG|@sha256:...],
 oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@sha256:...]. A progress bar is drawn on stderr
-when it is a terminal.",
+when it is a terminal. --sync: each layer is flushed to disk (syncfs) before it is made
+visible, so a power loss cannot leave a ready layer with missing data.",
         "ls" => "rootfsctl --cache DIR ls
 the cached layers: digest, bytes, leased or -.",
         "stats" => "rootfsctl --cache DIR stats [--prometheus]
@@ -168,6 +169,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
     let mut cache_dir: Option<PathBuf> = None;
     let mut max_bytes: Option<u64> = None;
     let mut flags = RegistryFlags::default();
+    let mut sync = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -181,6 +183,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
             }
             "--plain-http" => {
                 flags.plain_http = true;
+                i += 1;
+            }
+            "--sync" => {
+                sync = true;
                 i += 1;
             }
             "--cache" => {
@@ -219,6 +225,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
         if let Some(m) = max_bytes {
             opts.max_bytes = m;
         }
+        opts.sync = sync;
         Ok(RootfsCache::open(dir, opts)?)
     };
     match (cmd, rest.as_slice()) {
