@@ -1076,6 +1076,8 @@ fn dead_mirror_then_upstream() {
     f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", f.reg.host()));
     let fb = r.events.fallbacks();
     assert!(fb.iter().any(|(h, _)| h == &dead.to_string()), "no fallback from the dead mirror: {fb:?}");
+    let stats = f.cache.stats();
+    assert_eq!(stats.host_fallbacks, fb.len() as u64, "{stats:?}");
 }
 
 /// A mirror serving wrong bytes for a blob: the next host (the registry) serves it within
@@ -1437,6 +1439,12 @@ fn cut_mid_blob_is_resumed() {
         proxy.requests().into_iter().filter(|q| q.method == "GET" && q.path().contains(&big.digest)).collect();
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1].header("range"), Some(format!("bytes={}-", resumed[0].1).as_str()), "{gets:?}");
+    // The cache's own counters saw it too; every byte downloaded once.
+    let stats = f.cache.stats();
+    assert_eq!(stats.resumed_downloads, 1, "{stats:?}");
+    assert!(stats.download_retries >= 1, "{stats:?}");
+    assert_eq!(stats.bytes_downloaded, f.mixed.layers.iter().map(|l| l.size).sum::<u64>(), "{stats:?}");
+    assert!(stats.prometheus().contains("rootfs_cache_resumed_downloads_total 1\n"), "{}", stats.prometheus());
 }
 
 /// Every response cut after 60 000 bytes, `Range` honoured: each request makes progress,
@@ -1497,6 +1505,9 @@ fn status_503_is_retried() {
     assert_eq!(proxy.count("GET", &big.digest), 3);
     assert!(r.events.retries().len() >= 3, "{:?}", r.events);
     assert!(r.events.retries().iter().all(|(h, _)| h == &proxy.host()));
+    let stats = f.cache.stats();
+    assert_eq!(stats.download_retries, r.events.retries().len() as u64, "{stats:?}");
+    assert_eq!(stats.resumed_downloads, 0, "{stats:?}");
 }
 
 #[test]
