@@ -1788,3 +1788,46 @@ fn eight_threads_with_a_cut_download() {
     assert!(!r.events.resumed().is_empty(), "{:?}", r.events);
     f.ensure_mixed(&f.cache, &r, &reference);
 }
+
+/// 8 threads ensure an image with a 3 MiB layer through a mirror that corrupts that
+/// layer early (past anything held back): every thread gets the right image, the
+/// mirror is asked for the layer once and the registry once, and it is extracted once.
+#[test]
+fn eight_threads_lying_mirror_big_blob() {
+    let Some(f) = fixture("eight_threads_lying_mirror_big_blob", RegistryConfig::plain(), 66) else { return };
+    let mut layout = Layout::create(&f.scratch().join("LB"));
+    let tars = harness::image_layers(66, 3 << 20);
+    let layers: Vec<(Vec<u8>, Comp)> = tars.iter().map(|t| (t.clone(), Comp::Gzip)).collect();
+    let image = layout.add_image(Some("big"), "amd64", &layers);
+    let big = image.layers.iter().max_by_key(|l| l.size).unwrap().clone();
+    assert!(big.size > 2 << 20, "{}", big.size);
+    f.reg.push(&layout.dir, "big", "test/big", "v1", None, &[]);
+    let reference_tree = layout.umoci_unpack("big", &f.scratch().join("ref-big"));
+    let mirror = FaultProxy::start(f.reg.addr());
+    mirror.on_get(&big.digest, Fault::Corrupt(5000), None);
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(mirror.url())]));
+    let reference = format!("{}/test/big:v1", upstream.host());
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir)).unwrap();
+    let lowers: Vec<Vec<PathBuf>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let rootfs = f.cache.ensure(&r, &reference).unwrap_or_else(|e| panic!("{reference}: {e}"));
+                    rootfs.lowers().to_vec()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(lowers.windows(2).all(|w| w[0] == w[1]));
+    harness::assert_same_tree(&reference, &reference_tree, &lowers[0], f.scratch());
+    assert_eq!(downloads(&mirror, &big.digest), 1, "{:#?}", mirror.requests());
+    assert_eq!(downloads(&upstream, &big.digest), 1, "{:#?}", upstream.requests());
+    let stats = f.cache.stats();
+    assert_eq!(stats.extractions, image.layers.len() as u64, "{stats:?}");
+    for (d, _, _) in f.cache.layers() {
+        assert!(image.layers.iter().any(|l| l.digest == d.to_string()), "unexpected layer {d}");
+    }
+}
