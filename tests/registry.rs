@@ -1462,6 +1462,48 @@ fn progressive_cuts_complete() {
     assert_eq!(r.events.resumed().len() as u64, n - 1, "{:?}", r.events);
 }
 
+/// Progress through a cut, a resume that the server answers from byte 0 (Range ignored)
+/// and a 503: per layer, `downloaded` only grows, ends at `total` and
+/// never passes it; the final state is `Done`.
+#[test]
+fn progress_through_faults_ends_at_total() {
+    use rootfs_cache::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
+    #[derive(Default)]
+    struct Log(Mutex<Vec<LayerProgress>>);
+    impl EnsureProgress for Log {
+        fn layer(&self, l: &LayerProgress) {
+            self.0.lock().unwrap().push(l.clone());
+        }
+    }
+    let Some((f, proxy, reference)) = behind_proxy("progress_through_faults_ends_at_total", 67) else { return };
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::CutAfter(100_000), Some(1));
+    proxy.on_get(&big.digest, Fault::IgnoreRange, Some(1));
+    let small = f.mixed.layers.iter().min_by_key(|l| l.size).unwrap().clone();
+    proxy.on_get(&small.digest, Fault::Status(503, vec![]), Some(1));
+    let log = Log::default();
+    let r = Registry::new(options()).unwrap();
+    let rootfs = f
+        .cache
+        .ensure_with(&r, &reference, &EnsureOptions::new().with_progress(&log))
+        .unwrap_or_else(|e| panic!("{reference}: {e}"));
+    harness::assert_same_tree(&reference, &f.reference, rootfs.lowers(), f.scratch());
+    let events = log.0.into_inner().unwrap();
+    for l in &f.mixed.layers {
+        let mine: Vec<&LayerProgress> = events.iter().filter(|e| e.digest.to_string() == l.digest).collect();
+        assert!(!mine.is_empty(), "no progress for {}", l.digest);
+        let mut last = 0;
+        for e in &mine {
+            assert!(e.downloaded >= last, "{}: downloaded went back: {mine:#?}", l.digest);
+            assert!(e.downloaded <= l.size, "{}: more than the blob: {mine:#?}", l.digest);
+            assert_eq!(e.total, l.size, "{}", l.digest);
+            last = e.downloaded;
+        }
+        let end = mine.last().unwrap();
+        assert_eq!((end.state, end.downloaded), (LayerState::Done, l.size), "{}: {mine:#?}", l.digest);
+    }
+}
+
 #[test]
 fn server_ignoring_range_is_skipped_forward() {
     let Some((f, proxy, reference)) = behind_proxy("server_ignoring_range_is_skipped_forward", 51) else { return };
