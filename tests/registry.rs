@@ -275,7 +275,7 @@ fn harness_layout_through_cache_matches_umoci() {
 fn options() -> RegistryOptions {
     RegistryOptions::default()
         .with_connect_timeout(Duration::from_secs(2))
-        .with_read_timeout(Duration::from_secs(2))
+        .with_read_timeout(Duration::from_secs(5))
         .with_max_retries(3)
         .with_max_retry_time(Duration::from_secs(8))
         // Never the auth files of whoever runs the tests.
