@@ -1217,6 +1217,39 @@ fn mirror_missing_a_blob_next_host_used() {
     }
 }
 
+/// Docker Hub names through a node-local mirror (as Spegel or a pull-through cache is
+/// set up): `busy:v1` is `docker.io/library/busy:v1`, asked of the mirror as
+/// `/v2/library/busy/...?ns=docker.io`; Docker Hub itself is never contacted.
+#[test]
+fn docker_hub_names_through_a_mirror() {
+    let Some(f) = fixture("docker_hub_names_through_a_mirror", RegistryConfig::plain(), 68) else { return };
+    f.reg.push(&f.layout.dir, "mixed", "library/busy", "v1", None, &[]);
+    f.reg.push(&f.layout.dir, "mixed", "someone/tool", "v2", None, &[]);
+    let mirror = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    // The server is an address where nothing listens: reaching it would fail the pull.
+    let dead = harness::dead_addr();
+    hosts.write("docker.io", &harness::hosts_toml(Some(&format!("http://{dead}")), &[HostEntry::new(mirror.url())]));
+    let r = Observed::new(with_hosts_dir(options(), &hosts.dir));
+    for (reference, repo) in [
+        ("busy:v1", "library/busy"),
+        ("docker.io/library/busy:v1", "library/busy"),
+        ("someone/tool:v2", "someone/tool"),
+    ] {
+        mirror.reset_log();
+        let cache = f.new_cache(&format!("c-{}", repo.replace('/', "-")));
+        f.ensure_mixed(&cache, &r, reference);
+        let reqs = mirror.requests();
+        // Manifests from the repository named; blobs from a repository where the
+        // `Registry` saw them (the first one pulled, here).
+        let manifests = reqs.iter().filter(|q| q.path().contains("/manifests/"));
+        assert!(manifests.clone().count() > 0, "{reference}: {reqs:#?}");
+        assert!(manifests.clone().all(|q| q.path().starts_with(&format!("/v2/{repo}/"))), "{reference}: {reqs:#?}");
+        assert!(reqs.iter().all(|q| q.query_all("ns") == ["docker.io"]), "{reference}: {reqs:#?}");
+    }
+    assert!(r.events.fallbacks().is_empty(), "{:?}", r.events);
+}
+
 /// A mirror serving a wrong manifest: read whole and checked, so the next host answers.
 #[test]
 fn lying_mirror_manifest_next_host_used() {
@@ -1721,6 +1754,58 @@ fn stalled_or_cut_manifest_body_is_retried() {
         }
     }
     assert!(failures.is_empty(), "manifest body faults not retried:\n{}", failures.join("\n"));
+}
+
+/// Blobs are fetched through a repository where the `Registry` saw them. When that
+/// repository no longer serves one (its link deleted, as after a `DELETE` or a
+/// retention policy), the pull of another repository holding the same blob must still
+/// succeed through its own repository; and a pull from a second registry must not
+/// depend on the first one (gone here) because it served the same blob before.
+#[test]
+fn blob_gone_from_the_first_repository_is_fetched_from_the_image_own() {
+    let Some(f) =
+        fixture("blob_gone_from_the_first_repository_is_fetched_from_the_image_own", RegistryConfig::plain(), 69)
+    else {
+        return;
+    };
+    f.reg.push(&f.layout.dir, "mixed", "other/copy", "v2", None, &[]);
+    let proxy = FaultProxy::start(f.reg.addr());
+    let r = Registry::new(options()).unwrap();
+    f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", proxy.host()));
+    // test/mixed loses its link to the big layer; other/copy keeps its own.
+    let big = big_layer(&f).clone();
+    let mut s = std::net::TcpStream::connect(f.reg.addr()).unwrap();
+    use std::io::{Read as _, Write as _};
+    write!(s, "DELETE /v2/test/mixed/blobs/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", big.digest).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let r2 = harness::http_get(f.reg.addr(), &format!("/v2/other/copy/blobs/{}", big.digest), &[]).unwrap();
+    assert_eq!(r2.status, 200, "other/copy lost the blob too");
+    proxy.reset_log();
+    let c2 = f.new_cache("c2");
+    let result = c2.ensure(&r, &format!("{}/other/copy:v2", proxy.host()));
+    let tried: Vec<String> =
+        proxy.requests().iter().filter(|q| q.path().contains("/blobs/")).map(|q| q.path().to_string()).collect();
+    let mut problems = Vec::new();
+    match result {
+        Ok(rootfs) => harness::assert_same_tree("other/copy", &f.reference, rootfs.lowers(), f.scratch()),
+        Err(e) => problems.push(format!("the image's own repository was not tried: {e}\nblob requests: {tried:#?}")),
+    }
+    // Across registries: the same image on a second registry, the first one gone.
+    let second = RegistryServer::start(RegistryConfig::plain());
+    second.push(&f.layout.dir, "mixed", "test/mixed", "v1", None, &[]);
+    let first_host = proxy.host();
+    drop(proxy);
+    let c3 = f.new_cache("c3");
+    match c3.ensure(&r, &format!("{}/test/mixed:v1", second.host())) {
+        Ok(rootfs) => harness::assert_same_tree("second registry", &f.reference, rootfs.lowers(), f.scratch()),
+        Err(e) => problems.push(format!(
+            "a pull from {} fetched blobs from {first_host}, where the Registry saw them first: {e}",
+            second.host()
+        )),
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// A tag that does not exist, and a blob deleted from the registry's storage: typed
