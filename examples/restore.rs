@@ -1,10 +1,12 @@
-//! The README's "run it" command: `cargo run --release --example restore [OCI_DIR[:TAG]]`.
+//! The README's "run it" command: `cargo run --release --example restore [REF]`.
 //!
 //! Without an argument it writes a demo image as an OCI layout in a temp dir (no network,
 //! no external tool): a base layer of ~12,000 files (~80 MB, between a minimal distro
 //! rootfs and a language runtime image), an update layer that rewrites files and deletes a file and a directory
-//! (whiteouts), and a layer with an opaque directory. With `OCI_DIR[:TAG]` it restores
-//! that image instead (TAG defaults to `latest`; `OCI_DIR@sha256:...` works too).
+//! (whiteouts), and a layer with an opaque directory. With `REF` it restores that image
+//! instead: `OCI_DIR[:TAG]` (TAG defaults to `latest`), `OCI_DIR@sha256:...`, `oci:DIR[:TAG]`,
+//! or `docker://HOST/REPO[:TAG|@sha256:...]` (pulled from a registry; credentials from the
+//! usual auth files; plain HTTP only to a loopback registry).
 //!
 //! Then it shows the point of the crate, each phase timed:
 //! 1. one cold restore: `RootfsCache::ensure` extracts every layer once (digests
@@ -21,16 +23,17 @@
 //! is the summary for scripts:
 //! `cold_ms=… warm_p50_ms=… warm_p99_ms=… speedup=…x backend=kernel|copy`.
 
-#[path = "common/oci_ref.rs"]
-mod oci_ref;
+#[path = "common/image_ref.rs"]
+mod image_ref;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use image_ref::{ImageRef, RegistryFlags};
 use rootfs_cache::{
-    BackendKind, CacheOptions, Digest, ImageFetcher, MountBackend, OciLayout, RootfsCache, UnpackOptions, WhiteoutMode,
-    Workspace, WorkspaceOptions, detect, unpack,
+    BackendKind, CacheOptions, Digest, ImageFetcher, MountBackend, RootfsCache, UnpackOptions, WhiteoutMode, Workspace,
+    WorkspaceOptions, detect, unpack,
 };
 
 const WARM_RUNS: usize = 100;
@@ -172,23 +175,25 @@ fn warm_restore(
 fn main() {
     let arg = std::env::args().nth(1);
     if matches!(arg.as_deref(), Some("-h" | "--help")) {
-        println!("usage: restore [OCI_DIR[:TAG] | OCI_DIR@sha256:...]   (no argument: a generated demo image)");
+        println!(
+            "usage: restore [OCI_DIR[:TAG] | OCI_DIR@sha256:... | oci:DIR[:TAG] | docker://HOST/REPO[:TAG|@sha256:...]]\n\
+             (no argument: a generated demo image)"
+        );
         return;
     }
     let root = nix::unistd::geteuid().is_root() && !rootfs_cache::in_user_namespace();
     let work = tempfile::tempdir().expect("temp dir");
-    let (layout, reference) = match &arg {
-        Some(r) => {
-            let (l, t) = oci_ref::split_ref(r);
-            (PathBuf::from(l), t)
-        }
+    let image = match &arg {
+        Some(r) => ImageRef::parse(r).unwrap_or_else(|e| panic!("{e}")),
         None => {
-            let l = work.path().join("demo-layout");
-            write_demo_layout(&l);
-            (l, "demo".to_string())
+            let dir = work.path().join("demo-layout");
+            write_demo_layout(&dir);
+            ImageRef::Layout { dir, reference: "demo".to_string() }
         }
     };
-    let fetcher = OciLayout::open(&layout).unwrap_or_else(|e| panic!("{}: {e}", layout.display()));
+    let (fetcher, reference) =
+        image.fetcher(&RegistryFlags::default()).unwrap_or_else(|e| panic!("{}: {e}", image.describe()));
+    let fetcher = fetcher.as_ref();
 
     // The backend: a real probe mount on the filesystem the uppers go to.
     let sandboxes = work.path().join("sandboxes");
@@ -197,8 +202,8 @@ fn main() {
     let kernel = found.kind == BackendKind::Kernel;
     let backend = || found.backend();
     println!(
-        "rootfs-cache restore demo: image {}:{reference}, backend {} ({:?}){}",
-        layout.display(),
+        "rootfs-cache restore demo: image {}, backend {} ({:?}){}",
+        image.describe(),
         if kernel { "kernel overlay" } else { "copy (overlay not mountable here)" },
         found.reason,
         if root { "" } else { ", unprivileged: rootless extraction" }
@@ -209,9 +214,9 @@ fn main() {
 
     // 1. Cold: extract every layer, then a first sandbox.
     let t = Instant::now();
-    let rootfs = cache.ensure(&fetcher, &reference).expect("cold ensure");
+    let rootfs = cache.ensure(fetcher, &reference).expect("cold ensure");
     let extract = t.elapsed();
-    let by_digest = format!("@{}", rootfs.manifest_digest());
+    let by_digest = image.pinned(&rootfs.manifest_digest());
     let layers = rootfs.lowers().to_vec();
     let t = Instant::now();
     let mut ws = Workspace::create(sandboxes.join("cold"), rootfs, WorkspaceOptions::default()).expect("create");
@@ -237,7 +242,7 @@ fn main() {
     let mut bare_runs = Vec::with_capacity(WARM_RUNS);
     let mut bare_ok = true;
     for i in 0..WARM_RUNS {
-        let p = warm_restore(&cache, &fetcher, &by_digest, &sandboxes.join(format!("s{i}")), &backend);
+        let p = warm_restore(&cache, fetcher, &by_digest, &sandboxes.join(format!("s{i}")), &backend);
         totals.push(p.iter().sum::<Duration>());
         for (v, d) in phases.iter_mut().zip(p) {
             v.push(d);

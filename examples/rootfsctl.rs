@@ -4,7 +4,7 @@
 //! rootfsctl unpack [--apply] [--rootless] [--digest sha256:...] [--diff-id sha256:...] LAYER_BLOB DEST_DIR
 //! rootfsctl --cache DIR [--max-bytes N] ensure REF    # prints the lower dirs, top layer first
 //! rootfsctl --cache DIR ls                           # layers: digest, bytes, leased
-//! rootfsctl --cache DIR stats                        # key=value counters
+//! rootfsctl --cache DIR stats [--prometheus]         # key=value counters
 //! rootfsctl --cache DIR gc [--max-bytes N]           # evicted=… bytes_in_use=…
 //! rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR   # a workspace, not mounted
 //! rootfsctl mount WS_DIR                             # prints the merged dir
@@ -23,28 +23,33 @@
 //! same workspace from another process fails with "in use by another process (pid N)".
 //!
 //! `REF` is `OCI_LAYOUT_DIR[:TAG]` or `OCI_LAYOUT_DIR@sha256:...` (TAG defaults to
-//! `latest`). Success prints only what is listed, exit 0; failure prints one line on
+//! `latest`), or skopeo's spellings `oci:DIR[:TAG]` and `docker://HOST/REPO[:TAG|@sha256:...]`
+//! (a registry; global options `--hosts-dir DIR`, containerd's hosts directory for mirrors,
+//! TLS and auth headers, and `--plain-http`; credentials come from the usual auth files).
+//! `ensure` and `create` draw a progress bar on stderr when it is a terminal. Success prints only what is listed, exit 0; failure prints one line on
 //! stderr and exits 1 (2 for a usage error). `COMMAND --help` explains each command.
 //!
 //! A workspace made by `create` outlives the command: its description is in
 //! `WS_DIR/workspace.json` (`Workspace::open` reads it), and the cache keeps its image
 //! with a persisted lease named after `WS_DIR` until `destroy` or `detach` releases it.
 
-#[path = "common/oci_ref.rs"]
-mod oci_ref;
+#[path = "common/image_ref.rs"]
+mod image_ref;
+
+use image_ref::{ImageRef, RegistryFlags};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use rootfs_cache::{
-    CacheOptions, Compression, DiffOptions, MountBackend, OciLayout, RootfsCache, UnpackOptions, WhiteoutMode,
-    Workspace, WorkspaceOptions, unpack,
+    CacheOptions, Compression, DiffOptions, EnsureOptions, EnsureProgress, ImageFetcher, LayerProgress, LayerState,
+    MountBackend, Rootfs, RootfsCache, UnpackOptions, WhiteoutMode, Workspace, WorkspaceOptions, unpack,
 };
 
 const USAGE: &str = "usage:
   rootfsctl unpack [--apply] [--rootless] [--single-thread] [--digest DIGEST] [--diff-id DIGEST] LAYER_BLOB DEST_DIR
-  rootfsctl --cache DIR [--max-bytes N] ensure REF
-  rootfsctl --cache DIR ls | stats | gc [--max-bytes N]
+  rootfsctl --cache DIR [--max-bytes N] [--hosts-dir DIR] [--plain-http] ensure REF
+  rootfsctl --cache DIR ls | stats [--prometheus] | gc [--max-bytes N]
   rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR
   rootfsctl mount [--backend kernel|copy|auto] WS_DIR | unmount WS_DIR
   rootfsctl [--cache DIR] destroy WS_DIR
@@ -55,7 +60,9 @@ const USAGE: &str = "usage:
   rootfsctl reset WS_DIR
   rootfsctl --cache DIR leases | release ID
 
-REF is OCI_LAYOUT_DIR[:TAG] (TAG defaults to latest) or OCI_LAYOUT_DIR@sha256:...
+REF is OCI_LAYOUT_DIR[:TAG] (TAG defaults to latest), OCI_LAYOUT_DIR@sha256:...,
+oci:DIR[:TAG], or docker://HOST/REPO[:TAG|@sha256:...] (a registry: --hosts-dir DIR is
+containerd's hosts directory, --plain-http allows http:// to every registry).
 Run `rootfsctl COMMAND --help` for one command.";
 
 /// Per-command help, printed by `COMMAND --help`.
@@ -66,13 +73,15 @@ extract one layer blob (tar, tar.gz or tar.zst, detected) into DEST_DIR (created
 missing), digests verified when given. Whiteouts become overlay whiteouts unless --apply,
 which deletes the whited-out paths from DEST_DIR instead (flattening, like `umoci unpack`).
 Prints entries=… files=… … digest=… diff_id=…",
-        "ensure" => "rootfsctl --cache DIR ensure REF
-make REF ready in the cache (extracting missing layers once) and print its lower
-directories, top layer first.",
+        "ensure" => "rootfsctl --cache DIR [--hosts-dir DIR] [--plain-http] ensure REF
+make REF ready in the cache (pulling and extracting missing layers once, in parallel) and
+print its lower directories, top layer first. REF: OCI_LAYOUT_DIR[:TAG|@sha256:...],
+oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@sha256:...]. A progress bar is drawn on stderr
+when it is a terminal.",
         "ls" => "rootfsctl --cache DIR ls
 the cached layers: digest, bytes, leased or -.",
-        "stats" => "rootfsctl --cache DIR stats
-the cache's counters as key=value.",
+        "stats" => "rootfsctl --cache DIR stats [--prometheus]
+the cache's counters as key=value, or with --prometheus in the Prometheus text format.",
         "gc" => "rootfsctl --cache DIR gc [--max-bytes N]
 evict unleased layers, least recently used first, down to the budget.",
         "create" => "rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR
@@ -155,12 +164,25 @@ fn usage(msg: impl Into<String>) -> Fail {
 }
 
 fn run(args: &[String]) -> Result<(), Fail> {
-    // Global options first: --cache DIR, --max-bytes N.
+    // Global options first: --cache DIR, --max-bytes N, --hosts-dir DIR, --plain-http.
     let mut cache_dir: Option<PathBuf> = None;
     let mut max_bytes: Option<u64> = None;
+    let mut flags = RegistryFlags::default();
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
+            "--hosts-dir" => {
+                let d = args.get(i + 1).ok_or_else(|| usage("--hosts-dir needs a directory"))?;
+                if !Path::new(d).is_dir() {
+                    return Err(usage(format!("--hosts-dir: {d}: not a directory")));
+                }
+                flags.hosts_dir = Some(PathBuf::from(d));
+                i += 2;
+            }
+            "--plain-http" => {
+                flags.plain_http = true;
+                i += 1;
+            }
             "--cache" => {
                 cache_dir = Some(PathBuf::from(args.get(i + 1).ok_or_else(|| usage("--cache needs a directory"))?));
                 i += 2;
@@ -202,9 +224,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
     match (cmd, rest.as_slice()) {
         ("unpack", _) => cmd_unpack(&args[i + 1..]),
         ("ensure", [r]) => {
+            let image = ImageRef::parse(r).map_err(usage)?;
             let cache = open_cache()?;
-            let (layout, reference) = oci_ref::split_ref(r);
-            let rootfs = cache.ensure(&OciLayout::open(layout)?, &reference)?;
+            let (fetcher, reference) = image.fetcher(&flags)?;
+            let rootfs = ensure(&cache, fetcher.as_ref(), &reference)?;
             for l in rootfs.lowers() {
                 println!("{}", l.display());
             }
@@ -214,6 +237,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
             for (d, bytes, leased) in open_cache()?.layers() {
                 println!("{d} {bytes} {}", if leased { "leased" } else { "-" });
             }
+            Ok(())
+        }
+        ("stats", ["--prometheus"]) => {
+            print!("{}", open_cache()?.stats().prometheus());
             Ok(())
         }
         ("stats", []) => {
@@ -264,11 +291,11 @@ fn run(args: &[String]) -> Result<(), Fail> {
             // A lease of its own, never one a workspace made here before (and moved away
             // since) still holds.
             let id = new_lease_id(Path::new(ws_dir))?;
+            let image = ImageRef::parse(r).map_err(usage)?;
             let cache = open_cache()?;
-            let (layout, reference) = oci_ref::split_ref(r);
-            let fetcher = OciLayout::open(layout)?;
-            let rootfs = cache.ensure(&fetcher, &reference)?;
-            let digest = rootfs.manifest_digest();
+            let (fetcher, reference) = image.fetcher(&flags)?;
+            let rootfs = ensure(&cache, fetcher.as_ref(), &reference)?;
+            let pinned = image.pinned(&rootfs.manifest_digest());
             // The workspace first, then its record and description, the persisted lease
             // last: a create killed midway leaves no lease (a retry reuses the dirs it
             // finds), and a failure undoes all of it.
@@ -276,7 +303,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 let target = ws.target().to_path_buf();
                 let done = LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id)
                     .and_then(|()| ws.describe().map_err(Fail::from))
-                    .and_then(|()| Ok(cache.ensure(&fetcher, &format!("@{digest}"))?.persist(&id)?));
+                    .and_then(|()| Ok(cache.ensure(fetcher.as_ref(), &pinned)?.persist(&id)?));
                 match done {
                     Ok(()) => ws.keep().map(|()| target).map_err(Fail::from),
                     Err(e) => {
@@ -465,6 +492,60 @@ fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
         _ => return Err(bad()),
     };
     n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// `cache.ensure`, with a progress bar on stderr when it is a terminal (nothing otherwise).
+fn ensure(cache: &RootfsCache, fetcher: &dyn ImageFetcher, reference: &str) -> Result<Rootfs, Fail> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return Ok(cache.ensure(fetcher, reference)?);
+    }
+    let bar = ProgressBar::default();
+    let result = cache.ensure_with(fetcher, reference, &EnsureOptions::new().with_progress(&bar));
+    bar.finish();
+    Ok(result?)
+}
+
+/// One bar for a whole `ensure`: blob bytes downloaded of the missing layers' total, and
+/// layers ready of all.
+#[derive(Default)]
+struct ProgressBar {
+    bar: std::sync::OnceLock<indicatif::ProgressBar>,
+    /// index -> (downloaded, total, final)
+    layers: std::sync::Mutex<std::collections::BTreeMap<usize, (u64, u64, bool)>>,
+}
+
+impl ProgressBar {
+    fn finish(&self) {
+        if let Some(b) = self.bar.get() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl EnsureProgress for ProgressBar {
+    fn layer(&self, l: &LayerProgress) {
+        let bar = self.bar.get_or_init(|| {
+            let b = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let done = matches!(l.state, LayerState::Cached | LayerState::Done | LayerState::Failed);
+        let total = if l.state == LayerState::Cached { 0 } else { l.total };
+        layers.insert(l.index, (l.downloaded, total, done));
+        let (got, all) = layers.values().fold((0, 0), |(g, a), (d, t, _)| (g + d.min(t), a + t));
+        let ready = layers.values().filter(|v| v.2).count();
+        bar.set_length(all);
+        bar.set_position(got);
+        bar.set_message(format!("{ready}/{} layers", layers.len()));
+    }
 }
 
 /// `--flag VALUE` taken out of `args`; the rest.
