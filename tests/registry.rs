@@ -275,7 +275,7 @@ fn harness_layout_through_cache_matches_umoci() {
 fn options() -> RegistryOptions {
     RegistryOptions::default()
         .with_connect_timeout(Duration::from_secs(2))
-        .with_read_timeout(Duration::from_secs(2))
+        .with_read_timeout(Duration::from_secs(5))
         .with_max_retries(3)
         .with_max_retry_time(Duration::from_secs(8))
         // Never the auth files of whoever runs the tests.
@@ -1076,6 +1076,8 @@ fn dead_mirror_then_upstream() {
     f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", f.reg.host()));
     let fb = r.events.fallbacks();
     assert!(fb.iter().any(|(h, _)| h == &dead.to_string()), "no fallback from the dead mirror: {fb:?}");
+    let stats = f.cache.stats();
+    assert_eq!(stats.host_fallbacks, fb.len() as u64, "{stats:?}");
 }
 
 /// A mirror serving wrong bytes for a blob: the next host (the registry) serves it within
@@ -1213,6 +1215,39 @@ fn mirror_missing_a_blob_next_host_used() {
         assert_eq!(downloads(&mirror, &l.digest), 1);
         assert_eq!(downloads(&upstream, &l.digest), 0);
     }
+}
+
+/// Docker Hub names through a node-local mirror (as Spegel or a pull-through cache is
+/// set up): `busy:v1` is `docker.io/library/busy:v1`, asked of the mirror as
+/// `/v2/library/busy/...?ns=docker.io`; Docker Hub itself is never contacted.
+#[test]
+fn docker_hub_names_through_a_mirror() {
+    let Some(f) = fixture("docker_hub_names_through_a_mirror", RegistryConfig::plain(), 68) else { return };
+    f.reg.push(&f.layout.dir, "mixed", "library/busy", "v1", None, &[]);
+    f.reg.push(&f.layout.dir, "mixed", "someone/tool", "v2", None, &[]);
+    let mirror = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    // The server is an address where nothing listens: reaching it would fail the pull.
+    let dead = harness::dead_addr();
+    hosts.write("docker.io", &harness::hosts_toml(Some(&format!("http://{dead}")), &[HostEntry::new(mirror.url())]));
+    let r = Observed::new(with_hosts_dir(options(), &hosts.dir));
+    for (reference, repo) in [
+        ("busy:v1", "library/busy"),
+        ("docker.io/library/busy:v1", "library/busy"),
+        ("someone/tool:v2", "someone/tool"),
+    ] {
+        mirror.reset_log();
+        let cache = f.new_cache(&format!("c-{}", repo.replace('/', "-")));
+        f.ensure_mixed(&cache, &r, reference);
+        let reqs = mirror.requests();
+        // Manifests from the repository named; blobs from a repository where the
+        // `Registry` saw them (the first one pulled, here).
+        let manifests = reqs.iter().filter(|q| q.path().contains("/manifests/"));
+        assert!(manifests.clone().count() > 0, "{reference}: {reqs:#?}");
+        assert!(manifests.clone().all(|q| q.path().starts_with(&format!("/v2/{repo}/"))), "{reference}: {reqs:#?}");
+        assert!(reqs.iter().all(|q| q.query_all("ns") == ["docker.io"]), "{reference}: {reqs:#?}");
+    }
+    assert!(r.events.fallbacks().is_empty(), "{:?}", r.events);
 }
 
 /// A mirror serving a wrong manifest: read whole and checked, so the next host answers.
@@ -1437,6 +1472,12 @@ fn cut_mid_blob_is_resumed() {
         proxy.requests().into_iter().filter(|q| q.method == "GET" && q.path().contains(&big.digest)).collect();
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1].header("range"), Some(format!("bytes={}-", resumed[0].1).as_str()), "{gets:?}");
+    // The cache's own counters saw it too; every byte downloaded once.
+    let stats = f.cache.stats();
+    assert_eq!(stats.resumed_downloads, 1, "{stats:?}");
+    assert!(stats.download_retries >= 1, "{stats:?}");
+    assert_eq!(stats.bytes_downloaded, f.mixed.layers.iter().map(|l| l.size).sum::<u64>(), "{stats:?}");
+    assert!(stats.prometheus().contains("rootfs_cache_resumed_downloads_total 1\n"), "{}", stats.prometheus());
 }
 
 /// Every response cut after 60 000 bytes, `Range` honoured: each request makes progress,
@@ -1452,6 +1493,48 @@ fn progressive_cuts_complete() {
     let n = proxy.count("GET", &big.digest) as u64;
     assert_eq!(n, big.size.div_ceil(60_000), "requests for {} bytes", big.size);
     assert_eq!(r.events.resumed().len() as u64, n - 1, "{:?}", r.events);
+}
+
+/// Progress through a cut, a resume that the server answers from byte 0 (Range ignored)
+/// and a 503: per layer, `downloaded` only grows, ends at `total` and
+/// never passes it; the final state is `Done`.
+#[test]
+fn progress_through_faults_ends_at_total() {
+    use rootfs_cache::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
+    #[derive(Default)]
+    struct Log(Mutex<Vec<LayerProgress>>);
+    impl EnsureProgress for Log {
+        fn layer(&self, l: &LayerProgress) {
+            self.0.lock().unwrap().push(l.clone());
+        }
+    }
+    let Some((f, proxy, reference)) = behind_proxy("progress_through_faults_ends_at_total", 67) else { return };
+    let big = big_layer(&f).clone();
+    proxy.on_get(&big.digest, Fault::CutAfter(100_000), Some(1));
+    proxy.on_get(&big.digest, Fault::IgnoreRange, Some(1));
+    let small = f.mixed.layers.iter().min_by_key(|l| l.size).unwrap().clone();
+    proxy.on_get(&small.digest, Fault::Status(503, vec![]), Some(1));
+    let log = Log::default();
+    let r = Registry::new(options()).unwrap();
+    let rootfs = f
+        .cache
+        .ensure_with(&r, &reference, &EnsureOptions::new().with_progress(&log))
+        .unwrap_or_else(|e| panic!("{reference}: {e}"));
+    harness::assert_same_tree(&reference, &f.reference, rootfs.lowers(), f.scratch());
+    let events = log.0.into_inner().unwrap();
+    for l in &f.mixed.layers {
+        let mine: Vec<&LayerProgress> = events.iter().filter(|e| e.digest.to_string() == l.digest).collect();
+        assert!(!mine.is_empty(), "no progress for {}", l.digest);
+        let mut last = 0;
+        for e in &mine {
+            assert!(e.downloaded >= last, "{}: downloaded went back: {mine:#?}", l.digest);
+            assert!(e.downloaded <= l.size, "{}: more than the blob: {mine:#?}", l.digest);
+            assert_eq!(e.total, l.size, "{}", l.digest);
+            last = e.downloaded;
+        }
+        let end = mine.last().unwrap();
+        assert_eq!((end.state, end.downloaded), (LayerState::Done, l.size), "{}: {mine:#?}", l.digest);
+    }
 }
 
 #[test]
@@ -1497,6 +1580,9 @@ fn status_503_is_retried() {
     assert_eq!(proxy.count("GET", &big.digest), 3);
     assert!(r.events.retries().len() >= 3, "{:?}", r.events);
     assert!(r.events.retries().iter().all(|(h, _)| h == &proxy.host()));
+    let stats = f.cache.stats();
+    assert_eq!(stats.download_retries, r.events.retries().len() as u64, "{stats:?}");
+    assert_eq!(stats.resumed_downloads, 0, "{stats:?}");
 }
 
 #[test]
@@ -1670,6 +1756,58 @@ fn stalled_or_cut_manifest_body_is_retried() {
     assert!(failures.is_empty(), "manifest body faults not retried:\n{}", failures.join("\n"));
 }
 
+/// Blobs are fetched through a repository where the `Registry` saw them. When that
+/// repository no longer serves one (its link deleted, as after a `DELETE` or a
+/// retention policy), the pull of another repository holding the same blob must still
+/// succeed through its own repository; and a pull from a second registry must not
+/// depend on the first one (gone here) because it served the same blob before.
+#[test]
+fn blob_gone_from_the_first_repository_is_fetched_from_the_image_own() {
+    let Some(f) =
+        fixture("blob_gone_from_the_first_repository_is_fetched_from_the_image_own", RegistryConfig::plain(), 69)
+    else {
+        return;
+    };
+    f.reg.push(&f.layout.dir, "mixed", "other/copy", "v2", None, &[]);
+    let proxy = FaultProxy::start(f.reg.addr());
+    let r = Registry::new(options()).unwrap();
+    f.ensure_mixed(&f.cache, &r, &format!("{}/test/mixed:v1", proxy.host()));
+    // test/mixed loses its link to the big layer; other/copy keeps its own.
+    let big = big_layer(&f).clone();
+    let mut s = std::net::TcpStream::connect(f.reg.addr()).unwrap();
+    use std::io::{Read as _, Write as _};
+    write!(s, "DELETE /v2/test/mixed/blobs/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", big.digest).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let r2 = harness::http_get(f.reg.addr(), &format!("/v2/other/copy/blobs/{}", big.digest), &[]).unwrap();
+    assert_eq!(r2.status, 200, "other/copy lost the blob too");
+    proxy.reset_log();
+    let c2 = f.new_cache("c2");
+    let result = c2.ensure(&r, &format!("{}/other/copy:v2", proxy.host()));
+    let tried: Vec<String> =
+        proxy.requests().iter().filter(|q| q.path().contains("/blobs/")).map(|q| q.path().to_string()).collect();
+    let mut problems = Vec::new();
+    match result {
+        Ok(rootfs) => harness::assert_same_tree("other/copy", &f.reference, rootfs.lowers(), f.scratch()),
+        Err(e) => problems.push(format!("the image's own repository was not tried: {e}\nblob requests: {tried:#?}")),
+    }
+    // Across registries: the same image on a second registry, the first one gone.
+    let second = RegistryServer::start(RegistryConfig::plain());
+    second.push(&f.layout.dir, "mixed", "test/mixed", "v1", None, &[]);
+    let first_host = proxy.host();
+    drop(proxy);
+    let c3 = f.new_cache("c3");
+    match c3.ensure(&r, &format!("{}/test/mixed:v1", second.host())) {
+        Ok(rootfs) => harness::assert_same_tree("second registry", &f.reference, rootfs.lowers(), f.scratch()),
+        Err(e) => problems.push(format!(
+            "a pull from {} fetched blobs from {first_host}, where the Registry saw them first: {e}",
+            second.host()
+        )),
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 /// A tag that does not exist, and a blob deleted from the registry's storage: typed
 /// errors naming the host, and the cache is usable afterwards.
 #[test]
@@ -1776,4 +1914,47 @@ fn eight_threads_with_a_cut_download() {
     assert!(proxy.count("GET", &big.digest) >= 2, "{:#?}", proxy.requests());
     assert!(!r.events.resumed().is_empty(), "{:?}", r.events);
     f.ensure_mixed(&f.cache, &r, &reference);
+}
+
+/// 8 threads ensure an image with a 3 MiB layer through a mirror that corrupts that
+/// layer early (past anything held back): every thread gets the right image, the
+/// mirror is asked for the layer once and the registry once, and it is extracted once.
+#[test]
+fn eight_threads_lying_mirror_big_blob() {
+    let Some(f) = fixture("eight_threads_lying_mirror_big_blob", RegistryConfig::plain(), 66) else { return };
+    let mut layout = Layout::create(&f.scratch().join("LB"));
+    let tars = harness::image_layers(66, 3 << 20);
+    let layers: Vec<(Vec<u8>, Comp)> = tars.iter().map(|t| (t.clone(), Comp::Gzip)).collect();
+    let image = layout.add_image(Some("big"), "amd64", &layers);
+    let big = image.layers.iter().max_by_key(|l| l.size).unwrap().clone();
+    assert!(big.size > 2 << 20, "{}", big.size);
+    f.reg.push(&layout.dir, "big", "test/big", "v1", None, &[]);
+    let reference_tree = layout.umoci_unpack("big", &f.scratch().join("ref-big"));
+    let mirror = FaultProxy::start(f.reg.addr());
+    mirror.on_get(&big.digest, Fault::Corrupt(5000), None);
+    let upstream = FaultProxy::start(f.reg.addr());
+    let hosts = HostsDir::new(&f.scratch().join("hosts"));
+    hosts.write(&upstream.host(), &harness::hosts_toml(None, &[HostEntry::new(mirror.url())]));
+    let reference = format!("{}/test/big:v1", upstream.host());
+    let r = Registry::new(with_hosts_dir(options(), &hosts.dir)).unwrap();
+    let lowers: Vec<Vec<PathBuf>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let rootfs = f.cache.ensure(&r, &reference).unwrap_or_else(|e| panic!("{reference}: {e}"));
+                    rootfs.lowers().to_vec()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(lowers.windows(2).all(|w| w[0] == w[1]));
+    harness::assert_same_tree(&reference, &reference_tree, &lowers[0], f.scratch());
+    assert_eq!(downloads(&mirror, &big.digest), 1, "{:#?}", mirror.requests());
+    assert_eq!(downloads(&upstream, &big.digest), 1, "{:#?}", upstream.requests());
+    let stats = f.cache.stats();
+    assert_eq!(stats.extractions, image.layers.len() as u64, "{stats:?}");
+    for (d, _, _) in f.cache.layers() {
+        assert!(image.layers.iter().any(|l| l.digest == d.to_string()), "unexpected layer {d}");
+    }
 }

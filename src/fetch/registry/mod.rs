@@ -179,7 +179,9 @@ impl RegistryOptions {
 ///   resolved to the entry for [`RegistryOptions::platform`] with the same rules as
 ///   [`OciLayout`](crate::OciLayout) (one shared implementation). A digest reference is
 ///   fetched by digest directly. The blobs of every manifest resolved are remembered
-///   (digest → repository) for [`open_blob`](ImageFetcher::open_blob).
+///   (digest → the registries and repositories that listed it) for
+///   [`open_blob`](ImageFetcher::open_blob), which tries the most recently resolved
+///   first and the others when it fails there.
 /// - **Blobs**: `GET <host>/v2/<repo>/blobs/<digest>`, redirects followed (to object
 ///   storage, without credentials), a broken download resumed with `Range: bytes=N-`
 ///   (bytes skipped when the server ignores `Range`), retried with exponential backoff
@@ -485,14 +487,39 @@ impl Registry {
         Ok((bytes, media_type, found))
     }
 
+    /// The blob reader for `layer` from `repository` of `registry`, on its hosts that may
+    /// pull (those that served wrong bytes for this digest last).
+    fn open_blob_at(
+        &self,
+        registry: String,
+        repository: String,
+        layer: &Descriptor,
+        observer: Arc<dyn FetchObserver>,
+    ) -> Result<Box<dyn Read + Send>> {
+        let r = Reference { registry, repository: repository.clone(), tag: None, digest: None };
+        let conns = self.conns(&r)?;
+        let bad = self.inner.bad.lock();
+        let mut ordered: Vec<Arc<Conn>> = conns.iter().filter(|c| c.entry.pull).cloned().collect();
+        // Hosts that served wrong bytes for this digest go last (stable otherwise).
+        ordered.sort_by_key(|c| bad.contains(&(layer.digest, c.host().to_string())));
+        drop(bad);
+        if ordered.is_empty() {
+            return Err(Error::Unsupported {
+                what: format!("no host configured for registry {} has the pull capability", r.registry),
+            });
+        }
+        let reader = blob::BlobReader::open(Arc::clone(&self.inner), ordered, repository, layer.clone(), observer)?;
+        Ok(Box::new(reader))
+    }
+
     fn remember(&self, r: &Reference, image: &ImageManifest) {
         let mut seen = self.inner.seen.lock();
         for layer in &image.layers {
             let where_ = (r.registry.clone(), r.repository.clone());
             let list = seen.entry(layer.digest).or_default();
-            if !list.contains(&where_) {
-                list.push(where_);
-            }
+            // The most recently resolved place last: `open_blob` tries it first.
+            list.retain(|p| *p != where_);
+            list.push(where_);
         }
     }
 }
@@ -551,25 +578,25 @@ impl ImageFetcher for Registry {
 
     fn open_blob_observed(&self, layer: &Descriptor, observer: Arc<dyn FetchObserver>) -> Result<Box<dyn Read + Send>> {
         let places = self.inner.seen.lock().get(&layer.digest).cloned().unwrap_or_default();
-        let Some((registry, repository)) = places.into_iter().next() else {
+        if places.is_empty() {
             return Err(Error::NotFound {
                 what: format!("blob {}: not in any manifest this Registry resolved", layer.digest),
             });
-        };
-        let r = Reference { registry, repository: repository.clone(), tag: None, digest: None };
-        let conns = self.conns(&r)?;
-        let bad = self.inner.bad.lock();
-        let mut ordered: Vec<Arc<Conn>> = conns.iter().filter(|c| c.entry.pull).cloned().collect();
-        // Hosts that served wrong bytes for this digest go last (stable otherwise).
-        ordered.sort_by_key(|c| bad.contains(&(layer.digest, c.host().to_string())));
-        drop(bad);
-        if ordered.is_empty() {
-            return Err(Error::Unsupported {
-                what: format!("no host configured for registry {} has the pull capability", r.registry),
-            });
         }
-        let reader = blob::BlobReader::open(Arc::clone(&self.inner), ordered, repository, layer.clone(), observer)?;
-        Ok(Box::new(reader))
+        // Every registry and repository whose manifests listed the digest, the most
+        // recently resolved first (the image being ensured, as a rule: `open_blob` is not
+        // told which image asks): a repository that lost the blob, a registry that went
+        // away or credentials that do not reach a repository leave the others.
+        let mut first_error = None;
+        for (registry, repository) in places.into_iter().rev() {
+            match self.open_blob_at(registry, repository, layer, Arc::clone(&observer)) {
+                Ok(reader) => return Ok(reader),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one place was tried"))
     }
 
     fn resolve_observed(&self, reference: &str, observer: &dyn FetchObserver) -> Result<ImageManifest> {
