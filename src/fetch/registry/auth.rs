@@ -244,7 +244,10 @@ impl AuthState {
     /// Cache a token, a little short of its lifetime (so it is not used as it expires).
     pub(crate) fn set_token(&self, host: &str, scope: &str, header: String, lifetime: Duration) {
         let margin = (lifetime / 10).min(Duration::from_secs(10));
-        self.tokens.lock().insert((host.to_string(), scope.to_string()), (header, Instant::now() + lifetime - margin));
+        // A hostile `expires_in` (u64::MAX seconds) must not overflow `Instant`: a year.
+        let now = Instant::now();
+        let until = now.checked_add(lifetime - margin).unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
+        self.tokens.lock().insert((host.to_string(), scope.to_string()), (header, until));
     }
 
     pub(crate) fn forget_token(&self, host: &str, scope: &str) {

@@ -131,6 +131,10 @@ pub(crate) const HOLD: usize = 1 << 20;
 /// Largest read from the network at a time.
 const CHUNK: usize = 128 << 10;
 
+/// Bytes a connection must deliver before its breaks stop counting against the retry
+/// budget: progress, as opposed to a trickle.
+const PROGRESS: u64 = 1 << 20;
+
 /// The reader `open_blob` returns: see the module docs.
 pub(crate) struct BlobReader {
     inner: Arc<Inner>,
@@ -158,9 +162,12 @@ pub(crate) struct BlobReader {
     liars: Option<Vec<String>>,
     /// Hosts given up on, and why.
     failures: Vec<(String, Error)>,
-    /// Retries since the last byte arrived, and when that was.
+    /// Retries since the last real progress ([`PROGRESS`] bytes, or a new host), when
+    /// that was, and `received` then. A server that trickles a few bytes per connection
+    /// and stalls must not reset the budget for ever.
     retries: u32,
     last_progress: Instant,
+    progress_mark: u64,
     /// The next open resumes a broken download.
     resuming: bool,
     /// Failed for good: every later read fails the same way (never a clean EOF).
@@ -196,6 +203,7 @@ impl BlobReader {
             failures: Vec::new(),
             retries: 0,
             last_progress: Instant::now(),
+            progress_mark: 0,
             resuming: false,
             failed: None,
         };
@@ -274,6 +282,7 @@ impl BlobReader {
         self.idx += 1;
         self.retries = 0;
         self.last_progress = Instant::now();
+        self.progress_mark = self.received;
     }
 
     /// The body broke (an error, a stall, an early end): resume on this host after a
@@ -354,6 +363,7 @@ impl BlobReader {
         self.resuming = self.received > 0;
         self.retries = 0;
         self.last_progress = Instant::now();
+        self.progress_mark = self.received;
         Ok(())
     }
 }
@@ -443,8 +453,11 @@ impl BlobReader {
                 Ok(0) => self.broken("connection closed early".to_string()),
                 Ok(n) => {
                     self.received += n as u64;
-                    self.retries = 0;
-                    self.last_progress = Instant::now();
+                    if self.received - self.progress_mark >= PROGRESS {
+                        self.retries = 0;
+                        self.last_progress = Instant::now();
+                        self.progress_mark = self.received;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => self.broken(e.to_string()),

@@ -180,6 +180,11 @@ pub(crate) fn load(
 pub(crate) fn host_dirs(root: &Path, registry: &str) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let (host, Some(port)) = split_port(registry) {
+        // containerd 1.7.25+ splits with net.SplitHostPort (`[::1]:5000` → `::1_5000_`);
+        // earlier releases kept the brackets.
+        if let Some(bare) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            dirs.push(root.join(format!("{bare}_{port}_")));
+        }
         dirs.push(root.join(format!("{host}_{port}_")));
     }
     dirs.push(root.join(registry));

@@ -257,11 +257,14 @@ impl RegistryOptions {
 ///   host's `ca` files when `ca` is set). Plain HTTP only for a `hosts.toml` entry that
 ///   says `http://`, with [`RegistryOptions::plain_http`], or for a loopback registry
 ///   (127.0.0.0/8, `::1`, `localhost`, not on port 443), as docker and containerd allow.
-///   `skip_verify` is honoured only where a `hosts.toml` sets it.
+///   `skip_verify` (and `ca`) apply only to the host whose `hosts.toml` entry sets them:
+///   not to a redirect target or a token realm on another host (as containerd, whose
+///   token fetches use its default client).
 /// - Credentials go only to the host they are for: never to another mirror, never across
 ///   a redirect to another host (redirects are followed here, not by the HTTP library,
 ///   and lose `Authorization` and the `hosts.toml` headers when they leave the host), and
-///   to a Bearer realm only over HTTPS (or loopback, or the host itself).
+///   to a Bearer realm only over HTTPS (or loopback, or the host itself); a token realm
+///   never gets the `hosts.toml` headers, which are the host's own.
 /// - Everything read is bounded: manifests 4 MiB, token answers 1 MiB, error bodies 512
 ///   bytes; blobs exactly their descriptor's size. Every manifest and blob is verified
 ///   against its digest.

@@ -444,9 +444,11 @@ impl Client {
         Ok(header)
     }
 
-    /// One request, redirects followed by hand: `Authorization` and the host's
-    /// `hosts.toml` headers go only to the host itself; another host (object storage
-    /// behind a redirect) gets neither, through an agent with default TLS settings.
+    /// One request, redirects followed by hand: `Authorization` goes only to the origin
+    /// of `url` (the host, or a token realm), the host's `hosts.toml` headers and TLS
+    /// settings (`ca`, `skip_verify`) only to the host itself; another host (object
+    /// storage behind a redirect, a token realm elsewhere) gets an agent with default TLS
+    /// settings.
     pub(crate) fn send_once(
         &self,
         conn: &Conn,
@@ -456,16 +458,22 @@ impl Client {
         auth: Option<&str>,
         body: Option<&str>,
     ) -> std::result::Result<Response<ureq::Body>, ureq::Error> {
+        // `auth` is for the origin of the first URL (the host, or a token realm); the
+        // host's `hosts.toml` headers and TLS settings are for the host's own origin only,
+        // never for a token realm elsewhere (containerd's authorizer sees neither).
         let home = origin(url);
+        let own = origin(&conn.entry.base_url());
         let mut url = url.to_string();
         let mut method = method.clone();
         for _ in 0..=MAX_REDIRECTS {
-            let same = origin(&url) == home;
+            let here = origin(&url);
+            let (same, on_host) = (here == home, here == own);
             let mut req = http::Request::builder().method(method.clone()).uri(url.as_str());
-            for (k, v) in hop_headers(same, headers, &conn.entry.headers, auth) {
+            let host_headers: &[(String, String)] = if on_host { &conn.entry.headers } else { &[] };
+            for (k, v) in hop_headers(same, headers, host_headers, auth) {
                 req = req.header(k, v);
             }
-            let agent = if same { &conn.agent } else { &self.foreign };
+            let agent = if on_host { &conn.agent } else { &self.foreign };
             let resp = match body {
                 Some(b) => agent.run(req.body(b).map_err(ureq::Error::Http)?)?,
                 None => agent.run(req.body(()).map_err(ureq::Error::Http)?)?,
@@ -513,7 +521,7 @@ impl Client {
         let ok = retry
             && failure.retryable
             && attempt < self.opts.max_retries
-            && started.elapsed() + delay <= self.opts.max_retry_time;
+            && started.elapsed().saturating_add(delay) <= self.opts.max_retry_time;
         ok.then_some(delay)
     }
 }
@@ -650,7 +658,9 @@ fn parse_http_date(s: &str) -> Option<SystemTime> {
         .iter()
         .position(|m| *m == month)? as u64
         + 1;
-    let year: i64 = year.parse().ok()?;
+    // IMF-fixdate has four digits; a longer year is simply far in the future (and would
+    // overflow the arithmetic below).
+    let year: i64 = year.parse::<i64>().ok()?.min(9999);
     let hms: Vec<u64> = time.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
     let [h, m, sec] = hms[..] else { return None };
     if !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 || year < 1970 {
@@ -662,9 +672,10 @@ fn parse_http_date(s: &str) -> Option<SystemTime> {
     let yoe = y - era * 400;
     let doy = (153 * mo as i64 + 2) / 5 + day as i64 - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days as u64 * 86_400 + h * 3600 + m * 60 + sec;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    // A hostile year (`Retry-After: …, 9223372036854775807 …`) must not overflow.
+    let days = era.checked_mul(146_097)?.checked_add(doe - 719_468)?;
+    let secs = u64::try_from(days).ok()?.checked_mul(86_400)?.checked_add(h * 3600 + m * 60 + sec)?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 #[cfg(test)]
