@@ -399,9 +399,12 @@ impl Work {
             } else if !q.batches.is_empty() && !q.failed {
                 drop(q);
                 if !self.write_one(false) {
-                    // Another thread is writing: wait for news rather than spin.
+                    // Another thread is writing: wait for news rather than spin. Only while
+                    // a batch is still queued: the writer may have taken the last one and
+                    // ended the batches (notifying) before this lock was taken again, and
+                    // then nothing would wake this wait; re-check the state instead.
                     q = self.lock();
-                    if q.hash.is_empty() {
+                    if q.hash.is_empty() && !q.batches.is_empty() && !q.failed {
                         q = self.wait(q);
                     }
                     continue;
