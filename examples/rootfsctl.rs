@@ -10,6 +10,7 @@
 //! rootfsctl mount WS_DIR                             # prints the merged dir
 //! rootfsctl unmount WS_DIR
 //! rootfsctl --cache DIR destroy WS_DIR               # (--cache: release its lease)
+//! rootfsctl --cache DIR run [--keep] REF WS_DIR -- COMMAND [ARGS...]  # chrooted, in a fresh workspace
 //! rootfsctl convert DIR                              # DIR becomes an overlay over DIR.lower
 //! rootfsctl apply DIR|WS_DIR                         # flatten the writes into the lower
 //! rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
@@ -33,6 +34,8 @@
 //! `WS_DIR/workspace.json` (`Workspace::open` reads it), and the cache keeps its image
 //! with a persisted lease named after `WS_DIR` until `destroy` or `detach` releases it.
 
+#[path = "common/chroot_exec.rs"]
+mod chroot_exec;
 #[path = "common/image_ref.rs"]
 mod image_ref;
 
@@ -53,6 +56,7 @@ const USAGE: &str = "usage:
   rootfsctl --cache DIR create [--tmpfs SIZE] REF WS_DIR
   rootfsctl mount [--backend kernel|copy|auto] WS_DIR | unmount WS_DIR
   rootfsctl [--cache DIR] destroy WS_DIR
+  rootfsctl --cache DIR run [--keep] [--backend kernel|copy|auto] [--tmpfs SIZE] REF WS_DIR -- COMMAND [ARGS...]
   rootfsctl convert [--backend kernel|copy|auto] DIR | apply DIR
   rootfsctl diff export WS_DIR OUT_TAR [--aligned] [--zstd|--gzip]
   rootfsctl diff import WS_DIR IN_TAR
@@ -99,6 +103,23 @@ unmount the merged view (verified); the writes stay in the upper.",
 unmount and delete the workspace and release the image's persisted lease (the cache is
 recorded in WS_DIR by create; --cache, if given, must name the same one). Works on a
 workspace whose tmpfs upper is gone, and finishes a destroy that was killed midway.",
+        "run" => "rootfsctl --cache DIR run [--keep] [--backend kernel|copy|auto] [--tmpfs SIZE] REF WS_DIR -- COMMAND [ARGS...]
+make REF ready, a fresh workspace over it in WS_DIR (as create; WS_DIR must not exist or
+be empty), mount it (as mount), run COMMAND with the merged view as its root directory,
+then unmount and destroy the workspace. --keep: unmount it and keep it (mount, diff
+export, destroy work on it afterwards). COMMAND is looked up in the new root's PATH
+(/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin when PATH is unset),
+starts in /, and inherits stdin, stdout, stderr and the environment; nothing is mounted
+inside the view (no /proc, /dev). COMMAND gets a mount namespace of its own (and, when
+rootfsctl is not root, a user namespace mapping only the caller's uid and gid, so that
+it may chroot): mounts it makes stay there and go with it, while the view itself is
+mounted in rootfsctl's namespace, where unmount and destroy see it. SIGINT, SIGTERM and
+SIGHUP are passed on to COMMAND (a terminal's ^C reaches it directly), and rootfsctl
+tears down once it has ended; COMMAND is killed if rootfsctl dies, and a rootfsctl
+killed by SIGKILL leaves the workspace as create leaves it, for destroy. Prints nothing
+itself on stdout; exits with COMMAND's status (128+N when killed by signal N, 127 when
+it is not found, 126 when it cannot be executed); rootfsctl's own failures exit 1 with a
+`rootfsctl:` line on stderr (2 for usage errors).",
         "convert" => "rootfsctl convert [--backend kernel|copy|auto] DIR
 turn DIR into a workspace in place: DIR.lower holds the original, an overlay is mounted at DIR.",
         "apply" => "rootfsctl apply DIR
@@ -124,7 +145,7 @@ image, and release the image's persisted lease (as destroy finds it).",
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(Fail(msg, is_usage)) => {
             // One line on stderr, whatever happened (scripts read it); usage errors point
             // at the help instead of printing it.
@@ -164,7 +185,8 @@ fn usage(msg: impl Into<String>) -> Fail {
     Fail(msg.into(), true)
 }
 
-fn run(args: &[String]) -> Result<(), Fail> {
+/// The command line's work; the exit code (0, or `run`'s command's status).
+fn run(args: &[String]) -> Result<u8, Fail> {
     // Global options first: --cache DIR, --max-bytes N, --hosts-dir DIR, --plain-http.
     let mut cache_dir: Option<PathBuf> = None;
     let mut max_bytes: Option<u64> = None;
@@ -204,14 +226,19 @@ fn run(args: &[String]) -> Result<(), Fail> {
     let Some(cmd) = args.get(i).map(String::as_str) else {
         return Err(usage(format!("missing command\n{USAGE}")));
     };
-    let mut rest: Vec<&str> = args[i + 1..].iter().map(String::as_str).collect();
+    // `run ... -- COMMAND [ARGS...]`: everything after `--` is the command's.
+    let (ours, command) = match (cmd, args[i + 1..].iter().position(|a| a == "--")) {
+        ("run", Some(p)) => (&args[i + 1..i + 1 + p], &args[i + 2 + p..]),
+        _ => (&args[i + 1..], &[][..]),
+    };
+    let mut rest: Vec<&str> = ours.iter().map(String::as_str).collect();
     if matches!(cmd, "-h" | "--help" | "help") {
         println!("{USAGE}");
-        return Ok(());
+        return Ok(0);
     }
     if rest.iter().any(|a| matches!(*a, "-h" | "--help")) {
         println!("{}", help(cmd));
-        return Ok(());
+        return Ok(0);
     }
     // `gc --max-bytes N` also takes the budget after the command.
     if let Some(p) = rest.iter().position(|a| *a == "--max-bytes") {
@@ -228,7 +255,10 @@ fn run(args: &[String]) -> Result<(), Fail> {
         opts.sync = sync;
         Ok(RootfsCache::open(dir, opts)?)
     };
-    match (cmd, rest.as_slice()) {
+    if cmd == "run" {
+        return cmd_run(&rest, command, cache_dir.as_deref(), &flags, &open_cache);
+    }
+    let done = match (cmd, rest.as_slice()) {
         ("unpack", _) => cmd_unpack(&args[i + 1..]),
         ("ensure", [r]) => {
             let image = ImageRef::parse(r).map_err(usage)?;
@@ -287,51 +317,16 @@ fn run(args: &[String]) -> Result<(), Fail> {
             let [r, ws_dir] = pos.as_slice() else {
                 return Err(usage(format!("create needs REF WS_DIR\n{}", help("create"))));
             };
-            let mut opts = WorkspaceOptions::default();
-            if let Some(t) = tmpfs {
-                let size = parse_size("--tmpfs", t)?;
-                if size == 0 {
-                    return Err(usage("--tmpfs: the size must be above 0"));
-                }
-                opts = WorkspaceOptions::tmpfs(size);
-            }
-            // A lease of its own, never one a workspace made here before (and moved away
-            // since) still holds.
-            let id = new_lease_id(Path::new(ws_dir))?;
+            let opts = workspace_options(tmpfs)?;
             let image = ImageRef::parse(r).map_err(usage)?;
             let cache = open_cache()?;
             let (fetcher, reference) = image.fetcher(&flags)?;
             let rootfs = ensure(&cache, fetcher.as_ref(), &reference)?;
             let pinned = image.pinned(&rootfs.manifest_digest());
-            // The workspace first, then its record and description, the persisted lease
-            // last: a create killed midway leaves no lease (a retry reuses the dirs it
-            // finds), and a failure undoes all of it.
-            let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|mut ws| {
-                let target = ws.target().to_path_buf();
-                let done = LeaseRecord::write(Path::new(ws_dir), cache_dir.as_deref().unwrap_or(Path::new(".")), &id)
-                    .and_then(|()| ws.describe().map_err(Fail::from))
-                    .and_then(|()| Ok(cache.ensure(fetcher.as_ref(), &pinned)?.persist(&id)?));
-                match done {
-                    Ok(()) => ws.keep().map(|()| target).map_err(Fail::from),
-                    Err(e) => {
-                        let _ = ws.destroy();
-                        let _ = LeaseRecord::remove(Path::new(ws_dir));
-                        Err(e)
-                    }
-                }
-            });
-            match made {
-                Ok(target) => {
-                    println!("{}", target.display());
-                    Ok(())
-                }
-                Err(e) => {
-                    if cache.leases().contains(&id) {
-                        let _ = cache.release(&id);
-                    }
-                    Err(e)
-                }
-            }
+            let image = (fetcher.as_ref(), pinned.as_str());
+            let (target, _) = create_workspace(&cache, cache_dir.as_deref(), image, rootfs, Path::new(ws_dir), opts)?;
+            println!("{}", target.display());
+            Ok(())
         }
         ("mount", args) => {
             let (kind, pos) = take_value(args, "--backend")?;
@@ -479,7 +474,190 @@ fn run(args: &[String]) -> Result<(), Fail> {
             _,
         ) => Err(usage(format!("wrong arguments\n{}", help(cmd)))),
         (other, _) => Err(usage(format!("unknown command {other:?} (try --help)"))),
+    };
+    done.map(|()| 0)
+}
+
+/// `WorkspaceOptions` for `--tmpfs SIZE` (a disk upper without it).
+fn workspace_options(tmpfs: Option<&str>) -> Result<WorkspaceOptions, Fail> {
+    let Some(t) = tmpfs else { return Ok(WorkspaceOptions::default()) };
+    let size = parse_size("--tmpfs", t)?;
+    if size == 0 {
+        return Err(usage("--tmpfs: the size must be above 0"));
     }
+    Ok(WorkspaceOptions::tmpfs(size))
+}
+
+/// `create`'s work, shared with `run`: makes a workspace over `rootfs` (an image
+/// `fetcher` ensured, `pinned` naming exactly it) in `ws_dir` (fresh upper, not mounted),
+/// records the cache and a new persisted lease in it, and leaves it described for
+/// `Workspace::open` (as `keep` does). Returns its merged dir and the lease's id. A
+/// failure leaves no lease, directory or tmpfs behind.
+fn create_workspace(
+    cache: &RootfsCache,
+    cache_dir: Option<&Path>,
+    (fetcher, pinned): (&dyn ImageFetcher, &str),
+    rootfs: Rootfs,
+    ws_dir: &Path,
+    opts: WorkspaceOptions,
+) -> Result<(PathBuf, String), Fail> {
+    // A lease of its own, never one a workspace made here before (and moved away
+    // since) still holds.
+    let id = new_lease_id(ws_dir)?;
+    // The workspace first, then its record and description, the persisted lease
+    // last: a create killed midway leaves no lease (a retry reuses the dirs it
+    // finds), and a failure undoes all of it.
+    let made = Workspace::create(ws_dir, rootfs, opts).map_err(Fail::from).and_then(|mut ws| {
+        let target = ws.target().to_path_buf();
+        let done = LeaseRecord::write(ws_dir, cache_dir.unwrap_or(Path::new(".")), &id)
+            .and_then(|()| ws.describe().map_err(Fail::from))
+            .and_then(|()| Ok(cache.ensure(fetcher, pinned)?.persist(&id)?));
+        match done {
+            Ok(()) => ws.keep().map(|()| target).map_err(Fail::from),
+            Err(e) => {
+                let _ = ws.destroy();
+                let _ = LeaseRecord::remove(ws_dir);
+                Err(e)
+            }
+        }
+    });
+    if made.is_err() && cache.leases().contains(&id) {
+        let _ = cache.release(&id);
+    }
+    made.map(|target| (target, id))
+}
+
+/// `run [--keep] [--backend B] [--tmpfs SIZE] REF WS_DIR -- COMMAND [ARGS...]`: the
+/// image ensured, a fresh workspace in WS_DIR made as `create` makes it (so a
+/// `rootfsctl` killed from here on leaves a workspace `destroy` takes away), mounted,
+/// COMMAND run chrooted into its view, then the workspace unmounted and destroyed (or,
+/// with `--keep`, unmounted and kept). Returns COMMAND's status.
+fn cmd_run(
+    rest: &[&str],
+    command: &[String],
+    cache_dir: Option<&Path>,
+    flags: &RegistryFlags,
+    open_cache: &dyn Fn() -> Result<RootfsCache, Fail>,
+) -> Result<u8, Fail> {
+    // Everything is checked before anything changes.
+    let (mut keep, mut kind, mut tmpfs, mut pos) = (false, None, None, Vec::new());
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--keep" => keep = true,
+            "--backend" => kind = Some(*it.next().ok_or_else(|| usage("--backend needs a value"))?),
+            "--tmpfs" => tmpfs = Some(*it.next().ok_or_else(|| usage("--tmpfs needs a value"))?),
+            a if a.starts_with('-') => return Err(usage(format!("run: unknown option {a:?}"))),
+            a => pos.push(a),
+        }
+    }
+    let ([r, ws_dir], false) = (pos.as_slice(), command.is_empty()) else {
+        return Err(usage(format!("run needs REF WS_DIR -- COMMAND [ARGS...]\n{}", help("run"))));
+    };
+    let ws_dir = Path::new(ws_dir);
+    let opts = workspace_options(tmpfs)?;
+    let image = ImageRef::parse(r).map_err(usage)?;
+    // `auto` probes overlayfs with a mount in the temp dir, now.
+    let backend = backend(kind)?;
+    // A fresh workspace only, in a new or empty directory: whatever else is there is
+    // refused untouched (and so never destroyed afterwards).
+    match std::fs::read_dir(ws_dir).map(|mut entries| entries.next().is_some()) {
+        Ok(true) => {
+            return Err(format!("{}: exists and is not empty (run makes a fresh workspace)", ws_dir.display()).into());
+        }
+        Ok(false) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", ws_dir.display()).into()),
+    }
+    let cache_dir = cache_dir.ok_or_else(|| usage("run needs --cache DIR"))?;
+    // The image first (a failed or interrupted ensure has made no workspace), then the
+    // workspace and its persisted lease, as `create` leaves them.
+    let (id, blocked) = {
+        let cache = open_cache()?;
+        let (fetcher, reference) = image.fetcher(flags)?;
+        let rootfs = ensure(&cache, fetcher.as_ref(), &reference)?;
+        let pinned = image.pinned(&rootfs.manifest_digest());
+        // From here to the end, SIGINT, SIGTERM and SIGHUP wait: the command gets them,
+        // and this process always tears down what it set up.
+        let blocked = chroot_exec::Blocked::block()?;
+        let image = (fetcher.as_ref(), pinned.as_str());
+        let (_, id) = create_workspace(&cache, Some(cache_dir), image, rootfs, ws_dir, opts)?;
+        (id, blocked)
+        // The cache is closed here, so other commands may use it while COMMAND runs:
+        // the persisted lease keeps the image's layers.
+    };
+    let mut ws = Workspace::open(ws_dir)
+        .map_err(|e| format!("{e} (the workspace is left in {} for `rootfsctl destroy`)", ws_dir.display()))?;
+    let target = match ws.mount(backend) {
+        Ok(t) => t.to_path_buf(),
+        Err(e) => {
+            let torn = destroy_run(ws, ws_dir, cache_dir, &id);
+            return Err(with_teardown(e.to_string(), torn));
+        }
+    };
+    let result = chroot_exec::run(&blocked, &target, command);
+    let ran = matches!(result, Ok(_) | Err(chroot_exec::Failure::Exec(_)));
+    // Never a still-mounted upper removed: `unmount` and `destroy` verify the unmount
+    // and leave the workspace described (for `rootfsctl destroy`) when it fails.
+    let torn = if keep && ran {
+        let unmounted = ws.unmount().map_err(Fail::from);
+        let kept = ws.keep().map_err(Fail::from);
+        unmounted.and(kept)
+    } else {
+        destroy_run(ws, ws_dir, cache_dir, &id)
+    };
+    let prog = &command[0];
+    match result {
+        Ok(ended) => match torn {
+            Ok(()) => Ok(ended.code()),
+            Err(e) => Err(with_teardown(format!("run: {prog} exited with status {}", ended.code()), Err(e))),
+        },
+        Err(chroot_exec::Failure::Exec(errno)) => {
+            // As shells say it: 127 when there is no such command, 126 when it cannot
+            // be executed.
+            let (what, code) = match errno {
+                nix::errno::Errno::ENOENT => ("command not found".to_string(), 127),
+                e => (e.desc().to_string(), 126),
+            };
+            let msg = format!("run: {prog}: {what}");
+            torn.map_err(|e| with_teardown(msg.clone(), Err(e)))?;
+            eprintln!("rootfsctl: {msg}");
+            Ok(code)
+        }
+        Err(chroot_exec::Failure::Setup(step, errno)) => {
+            Err(with_teardown(format!("run: {step} {}: {}", target.display(), errno.desc()), torn))
+        }
+        Err(chroot_exec::Failure::Start(msg)) => Err(with_teardown(format!("run: {msg}"), torn)),
+    }
+}
+
+/// `msg`, and what went wrong tearing down after it, as one line.
+fn with_teardown(msg: String, torn: Result<(), Fail>) -> Fail {
+    match torn {
+        Ok(()) => Fail(msg, false),
+        Err(Fail(e, _)) => Fail(format!("{msg}; then tearing down: {e}"), false),
+    }
+}
+
+/// `run`'s teardown without `--keep`: what `destroy` does. The workspace (unmounted,
+/// verified), then the persisted lease, then the record; a failure on the way leaves
+/// what is left for `rootfsctl destroy WS_DIR`.
+fn destroy_run(ws: Workspace, ws_dir: &Path, cache_dir: &Path, id: &str) -> Result<(), Fail> {
+    let left = |e: String| Fail::from(format!("{e} (left for `rootfsctl destroy {}`)", ws_dir.display()));
+    ws.destroy().map_err(|e| left(e.to_string()))?;
+    // The cache may be busy with another command for a while (another `run`'s ensure):
+    // wait for it rather than leave the lease behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let cache = loop {
+        match RootfsCache::open(cache_dir, CacheOptions::default()) {
+            Err(rootfs_cache::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => break other.map_err(|e| left(e.to_string()))?,
+        }
+    };
+    release(&cache, id).map_err(|Fail(e, _)| left(e))?;
+    LeaseRecord::remove(ws_dir)
 }
 
 /// A size in bytes: a number with an optional binary suffix (`K`, `M`, `G`, `T`,
