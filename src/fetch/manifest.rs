@@ -287,6 +287,7 @@ fn layer(raw: &RawDescriptor, manifest: &Digest, path: &Path) -> Result<Descript
         digest: parse_digest(&raw.digest, path, "layer")?,
         size: raw.size,
         media_type: media_type.to_string(),
+        annotations: raw.annotations.clone().unwrap_or_default(),
     })
 }
 
