@@ -295,25 +295,15 @@ pub enum Error {
     /// Bytes read from a range of a layer blob (its table of contents, a file chunk) are
     /// not what the manifest or the verified TOC say: they hash to another digest, do not
     /// decompress, or decompress to another length. They are never returned.
-    #[error("layer {layer}: {what} (blob bytes {offset}, {len} long): {}", match found {
-        Some(found) => format!("hashes to {found}, not {expected}"),
-        None => format!("{problem} (expected {expected})"),
-    })]
+    #[error("layer {layer}: {what}: {problem} (expected {expected})")]
     BlobRangeMismatch {
         /// The layer blob's digest.
         layer: Digest,
-        /// What was read (`zstd:chunked TOC`, `chunk 2 of usr/bin/env`).
+        /// What was read, and where (`zstd:chunked TOC at blob bytes 300371+771`).
         what: String,
-        /// Offset of the range in the blob.
-        offset: u64,
-        /// Length of the range.
-        len: u64,
         /// The digest the bytes must have.
         expected: Digest,
-        /// The digest they have, when they decompressed to the right length.
-        found: Option<Digest>,
-        /// What went wrong otherwise (the decompressor's error, a wrong length); empty
-        /// when `found` is set.
+        /// What is wrong: `hashes to sha256:…`, the decompressor's error, a wrong length.
         problem: String,
     },
 

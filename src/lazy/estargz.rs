@@ -70,11 +70,11 @@ pub(super) fn read(blob: &Blob<'_>, toc_digest: Digest) -> Result<Toc> {
     let what = "eStargz TOC".to_string();
     let json = toc_json(&compressed).map_err(|problem| match problem {
         Problem::Limit => Error::LimitExceeded { what: "eStargz TOC", limit: MAX_TOC_BYTES },
-        Problem::Bad(problem) => blob.mismatch(what.clone(), toc_offset, toc_len, toc_digest, None, problem),
+        Problem::Bad(problem) => blob.mismatch(what.clone(), (toc_offset, toc_len), toc_digest, None, problem),
     })?;
     let found = Digest::of(&json);
     if found != toc_digest {
-        return Err(blob.mismatch(what, toc_offset, toc_len, toc_digest, Some(found), String::new()));
+        return Err(blob.mismatch(what, (toc_offset, toc_len), toc_digest, Some(found), String::new()));
     }
     let raw = parse_json(blob, &json)?;
     let (entries, prefetch) = build_entries(blob, TocFormat::Estargz, &raw, toc_offset)?;

@@ -328,14 +328,13 @@ pub fn read_chunk(toc: &Toc, chunk: &TocChunk, range_read: impl Fn(u64, u64) -> 
         TocFormat::Estargz => estargz::decode_member(&raw, chunk.inner_offset, chunk.len),
     };
     let data = data.map_err(|problem| {
-        blob.mismatch(what(), chunk.compressed_offset, raw.len() as u64, chunk.digest, None, problem)
+        blob.mismatch(what(), (chunk.compressed_offset, raw.len() as u64), chunk.digest, None, problem)
     })?;
     let found = Digest::of(&data);
     if found != chunk.digest {
         return Err(blob.mismatch(
             what(),
-            chunk.compressed_offset,
-            raw.len() as u64,
+            (chunk.compressed_offset, raw.len() as u64),
             chunk.digest,
             Some(found),
             String::new(),
@@ -378,16 +377,22 @@ impl Blob<'_> {
         Error::InvalidToc { layer: self.layer.digest, reason: reason.into() }
     }
 
+    /// The bytes at `offset`+`len`, `what`, are not those of `expected`: `found` is
+    /// their digest, or `None` when `problem` says why there is none.
     pub(super) fn mismatch(
         &self,
         what: String,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
         expected: Digest,
         found: Option<Digest>,
         problem: String,
     ) -> Error {
-        Error::BlobRangeMismatch { layer: self.layer.digest, what, offset, len, expected, found, problem }
+        let problem = match found {
+            Some(found) => format!("hashes to {found}"),
+            None => problem,
+        };
+        let what = format!("{what} at blob bytes {offset}+{len}");
+        Error::BlobRangeMismatch { layer: self.layer.digest, what, expected, problem }
     }
 
     pub(super) fn parse_digest(&self, s: &str, what: &str) -> Result<Digest> {

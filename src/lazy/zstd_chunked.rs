@@ -141,10 +141,10 @@ pub(super) fn read(blob: &Blob<'_>, checksum: Digest) -> Result<Toc> {
     let what = "zstd:chunked TOC".to_string();
     let found = Digest::of(&compressed);
     if found != checksum {
-        return Err(blob.mismatch(what, toc_pos.offset, toc_pos.len, checksum, Some(found), String::new()));
+        return Err(blob.mismatch(what, (toc_pos.offset, toc_pos.len), checksum, Some(found), String::new()));
     }
     let json = decode_frame(&compressed, toc_pos.uncompressed_len, false)
-        .map_err(|problem| blob.mismatch(what, toc_pos.offset, toc_pos.len, checksum, None, problem))?;
+        .map_err(|problem| blob.mismatch(what, (toc_pos.offset, toc_pos.len), checksum, None, problem))?;
     let raw: RawToc = parse_json(blob, &json)?;
     let (entries, prefetch) = build_entries(blob, TocFormat::ZstdChunked, &raw, data_end)?;
 
