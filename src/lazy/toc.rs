@@ -634,6 +634,9 @@ fn file(
             }
             len = size - file_offset.min(size);
         }
+        if len == 0 {
+            return Err(invalid(format!("chunk {k} is empty")));
+        }
         let chunk_digest = match p.chunk_digest.as_str() {
             "" if single => digest.ok_or_else(|| invalid("neither a chunk digest nor a file digest".into()))?,
             "" => return Err(invalid(format!("chunk {k} without a digest"))),
@@ -827,6 +830,60 @@ mod tests {
         ] {
             assert_eq!(base64_decode(s).as_deref(), want, "{s}");
         }
+    }
+
+    /// zstd:chunked TOCs (the JSON only) against a blob whose data ends at byte 1000.
+    #[test]
+    fn zstd_chunked_entries_table() {
+        let layer = Descriptor::new(Digest::of(b"blob"), 2000, "");
+        let read = |_: u64, _: u64| -> Result<Vec<u8>> { unreachable!() };
+        let blob = Blob { layer: &layer, read: &read };
+        let d = |s: &str| Digest::of(s.as_bytes()).to_string();
+        let build = |entries: serde_json::Value| {
+            let json = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+            let raw = parse_json(&blob, &json)?;
+            build_entries(&blob, TocFormat::ZstdChunked, &raw, 1000).map(|(e, _)| e)
+        };
+        // One file in one frame, one in three chunks.
+        let ok = serde_json::json!([
+            {"type": "dir", "name": "./", "mode": 0o40755},
+            {"type": "reg", "name": "./a", "size": 10, "digest": d("a"), "offset": 100, "endOffset": 150},
+            {"type": "reg", "name": "b", "size": 30, "digest": d("b"), "offset": 200, "endOffset": 400,
+             "chunkSize": 10, "chunkDigest": d("b0")},
+            {"type": "chunk", "name": "b", "offset": 250, "chunkOffset": 10, "chunkSize": 15, "chunkDigest": d("b1")},
+            {"type": "chunk", "name": "b", "offset": 300, "chunkOffset": 25, "chunkSize": 5, "chunkDigest": d("b2"),
+             "chunkType": "zeros"},
+        ]);
+        let entries = build(ok.clone()).unwrap();
+        assert_eq!(entries[0].path, "");
+        assert_eq!(entries[0].mode, 0o755);
+        let TocEntryKind::File { chunks, .. } = &entries[2].kind else { panic!() };
+        let got: Vec<_> =
+            chunks.iter().map(|c| (c.compressed_offset, c.compressed_len, c.file_offset, c.len, c.zeros)).collect();
+        assert_eq!(got, [(200, 50, 0, 10, false), (250, 50, 10, 15, false), (300, 100, 25, 5, true)]);
+        let TocEntryKind::File { chunks, .. } = &entries[1].kind else { panic!() };
+        assert_eq!((chunks[0].compressed_len, chunks[0].digest.to_string()), (50, d("a")));
+
+        let bad = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = ok.clone();
+            edit(&mut v);
+            build(v).unwrap_err()
+        };
+        let invalid = |e: Error| assert!(matches!(e, Error::InvalidToc { .. }), "{e}");
+        invalid(bad(&|v| v[1]["endOffset"] = 1001.into())); // into the TOC
+        invalid(bad(&|v| v[1]["endOffset"] = 210.into())); // overlaps b
+        invalid(bad(&|v| v[1]["digest"] = "".into())); // nothing to verify with
+        invalid(bad(&|v| v[3]["chunkDigest"] = "".into()));
+        invalid(bad(&|v| v[3]["offset"] = 199.into())); // before the previous chunk
+        invalid(bad(&|v| v[3]["chunkSize"] = 14.into())); // a gap in the file
+        invalid(bad(&|v| v[4]["chunkType"] = "holes".into()));
+        invalid(bad(&|v| v[4]["name"] = "a".into())); // a chunk of another file
+        invalid(bad(&|v| v[1]["uid"] = (1i64 << 32).into()));
+        invalid(bad(&|v| v[1]["modtime"] = "yesterday".into()));
+        invalid(bad(&|v| v[1]["xattrs"] = serde_json::json!({"user.x": "not base64!"})));
+        assert!(matches!(bad(&|v| v[1]["name"] = "a/../../b".into()), Error::PathEscape { .. }));
+        let many: Vec<_> = (0..=MAX_TOC_ENTRIES).map(|_| serde_json::json!({})).collect();
+        assert!(matches!(build(many.into()).unwrap_err(), Error::LimitExceeded { .. }));
     }
 
     #[test]
