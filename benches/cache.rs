@@ -46,6 +46,7 @@ fn bench(c: &mut Criterion) {
             digest: d,
             size: b.len() as u64,
             media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            annotations: Default::default(),
         });
         blobs.insert(d, b);
     }

@@ -268,6 +268,45 @@ pub enum Error {
         reason: String,
     },
 
+    /// A seekable layer's table of contents (zstd:chunked, eStargz) is malformed or
+    /// inconsistent: a bad footer or position annotation, JSON that does not parse, chunks
+    /// out of order, overlapping or outside the blob, a hardlink to nothing. Hostile names
+    /// (`..`, absolute paths) are [`Error::PathEscape`] instead.
+    #[error("layer {layer}: invalid table of contents: {reason}")]
+    InvalidToc {
+        /// The layer blob's digest.
+        layer: Digest,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A layer carries a table of contents (its footer says so) but nothing to verify it
+    /// against: the manifest lacks the digest annotation (`…zstd-chunked.manifest-checksum`,
+    /// `containerd.io/snapshot/stargz/toc.digest`). Such a TOC is never used; the layer
+    /// can still be pulled whole.
+    #[error("layer {layer}: {format} table of contents without a digest annotation: not trusted")]
+    UnverifiedToc {
+        /// The layer blob's digest.
+        layer: Digest,
+        /// The format its footer announces (`zstd:chunked`, `eStargz`).
+        format: &'static str,
+    },
+
+    /// Bytes read from a range of a layer blob (its table of contents, a file chunk) are
+    /// not what the manifest or the verified TOC say: they hash to another digest, do not
+    /// decompress, or decompress to another length. They are never returned.
+    #[error("layer {layer}: {what}: {problem} (expected {expected})")]
+    BlobRangeMismatch {
+        /// The layer blob's digest.
+        layer: Digest,
+        /// What was read, and where (`zstd:chunked TOC at blob bytes 300371+771`).
+        what: String,
+        /// The digest the bytes must have.
+        expected: Digest,
+        /// What is wrong: `hashes to sha256:…`, the decompressor's error, a wrong length.
+        problem: String,
+    },
+
     /// A mount or workspace description is unusable as given (no lowers, a lower listed
     /// twice, upper and work on different filesystems, ...), as found by this crate's own
     /// checks rather than reported by the kernel.

@@ -115,6 +115,8 @@
 //! - `mount`: [`MountBackend`], [`OverlaySpec`], [`OverlayOptions`], [`KernelOverlay`]
 //!   ([`MountApi`]), [`CopyBackend`], [`OverlayMount`], [`detect()`] ([`Detection`],
 //!   [`BackendKind`], [`DetectReason`]);
+//! - `lazy`: seekable layer TOCs (zstd:chunked, eStargz) for lazy pulling: [`read_toc`]
+//!   ([`LayerToc`], [`Toc`], [`TocEntry`], [`TocChunk`]) and verified [`read_chunk`];
 //! - `workspace`: [`Workspace`], [`WorkspaceOptions`], [`Lowers`], [`ChangeSet`],
 //!   [`Change`], [`ChangeKind`], [`ApplyReport`], [`DiffOptions`], [`DiffStats`].
 #![deny(missing_docs)]
@@ -128,6 +130,7 @@ mod error;
 mod fetch;
 mod fsutil;
 mod immutable;
+mod lazy;
 mod lockfile;
 mod mount;
 mod privilege;
@@ -147,6 +150,10 @@ pub use fetch::{Credential, Reference, Registry, RegistryOptions};
 pub use fetch::{Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, NoObserver};
 pub use fetch::{OciLayout, Platform};
 pub use immutable::cache_containing;
+pub use lazy::{
+    LayerToc, MAX_CHUNK_BYTES, MAX_TOC_BYTES, MAX_TOC_ENTRIES, TarSplit, Toc, TocChunk, TocEntry, TocEntryKind,
+    TocFormat, read_chunk, read_toc,
+};
 pub use mount::{
     BackendKind, CopyBackend, DetectReason, Detection, KernelOverlay, MAX_LOWERS, MountApi, MountBackend, OverlayMount,
     OverlayOptions, OverlaySpec, detect, is_mount_point,

@@ -119,7 +119,12 @@ fn peak_rss_of_a_cold_parallel_ensure_is_bounded() {
                 h.update(&buf[..n]);
             }
             let size = h.len();
-            Descriptor { digest: h.finish(), size, media_type: "application/vnd.oci.image.layer.v1.tar".into() }
+            Descriptor {
+                digest: h.finish(),
+                size,
+                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                annotations: Default::default(),
+            }
         })
         .collect();
     let f = Generated { manifest: ImageManifest { digest: Digest::of(b"generated"), layers } };

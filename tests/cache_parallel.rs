@@ -98,7 +98,12 @@ fn make_layer(entries: &[E<'_>], gzip: bool) -> Layer {
     } else {
         (tar, "application/vnd.oci.image.layer.v1.tar")
     };
-    let desc = Descriptor { digest: Digest::of(&blob), size: blob.len() as u64, media_type: media.into() };
+    let desc = Descriptor {
+        digest: Digest::of(&blob),
+        size: blob.len() as u64,
+        media_type: media.into(),
+        annotations: Default::default(),
+    };
     Layer { desc, blob: Arc::new(blob) }
 }
 

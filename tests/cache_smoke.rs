@@ -44,6 +44,7 @@ impl MemFetcher {
                     digest: d,
                     size: b.len() as u64,
                     media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                    annotations: Default::default(),
                 };
                 self.blobs.insert(d, b);
                 desc

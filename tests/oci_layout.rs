@@ -124,6 +124,10 @@ fn check_real_layout(dir: &Path, tag: &str, layer_media_type: &str) -> ImageMani
             digest: l["digest"].as_str().unwrap().parse().unwrap(),
             size: l["size"].as_u64().unwrap(),
             media_type: l["mediaType"].as_str().unwrap().to_string(),
+            annotations: l["annotations"]
+                .as_object()
+                .map(|a| a.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect())
+                .unwrap_or_default(),
         })
         .collect();
     assert_eq!(m.layers, listed);
@@ -471,7 +475,8 @@ fn docker_manifest_list_and_schema2_manifest() {
         [Descriptor {
             digest: digest_of(&layer),
             size: layer["size"].as_u64().unwrap(),
-            media_type: DOCKER_GZIP.into()
+            media_type: DOCKER_GZIP.into(),
+            annotations: Default::default()
         }]
     );
     assert_eq!(which(&layout, &m), Platform::host().architecture);
@@ -540,8 +545,12 @@ fn open_blob_missing_or_wrong_size() {
     let h = Hand::new();
     let layer = h.layer(OCI_GZIP, "which", "x");
     let l = h.open();
-    let mut desc =
-        Descriptor { digest: digest_of(&layer), size: layer["size"].as_u64().unwrap(), media_type: OCI_GZIP.into() };
+    let mut desc = Descriptor {
+        digest: digest_of(&layer),
+        size: layer["size"].as_u64().unwrap(),
+        media_type: OCI_GZIP.into(),
+        annotations: Default::default(),
+    };
     assert!(l.open_blob(&desc).is_ok());
     desc.size += 1;
     assert_invalid(l.open_blob(&desc).map(drop), "descriptor says");
@@ -707,7 +716,8 @@ fn blob_that_is_not_a_regular_file_is_invalid_without_blocking() {
     nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
     h.index(vec![tagged(m.clone(), "t")]);
     assert_invalid(h.open().resolve("t"), "regular file");
-    let desc = Descriptor { digest: digest_of(&m), size: 0, media_type: OCI_GZIP.into() };
+    let desc =
+        Descriptor { digest: digest_of(&m), size: 0, media_type: OCI_GZIP.into(), annotations: Default::default() };
     assert_invalid(h.open().open_blob(&desc).map(drop), "regular file");
 }
 

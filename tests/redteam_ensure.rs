@@ -93,6 +93,7 @@ fn make_layer(entries: &[E<'_>]) -> Layer {
         digest: Digest::of(&blob),
         size: blob.len() as u64,
         media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        annotations: Default::default(),
     };
     Layer { desc, blob: Arc::new(blob) }
 }

@@ -683,6 +683,7 @@ fn token_auth_two_repositories_sharing_layers() {
         digest: rootfs_cache::Digest::of(b"not a blob"),
         size: 10,
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        annotations: Default::default(),
     };
     match r.open_blob(&unknown) {
         Err(Error::NotFound { .. }) => {}

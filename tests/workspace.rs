@@ -285,6 +285,7 @@ impl MemFetcher {
                 digest,
                 size: b.len() as u64,
                 media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                annotations: Default::default(),
             });
             blobs.insert(digest, b);
         }

@@ -287,6 +287,7 @@ fn layer(raw: &RawDescriptor, manifest: &Digest, path: &Path) -> Result<Descript
         digest: parse_digest(&raw.digest, path, "layer")?,
         size: raw.size,
         media_type: media_type.to_string(),
+        annotations: raw.annotations.clone().unwrap_or_default(),
     })
 }
 
@@ -561,5 +562,28 @@ mod tests {
         assert_eq!(media_type_of(&e(Some(DOCKER_MANIFEST)), &typed, p).unwrap(), DOCKER_MANIFEST);
         assert!(matches!(media_type_of(&e(Some(OCI_INDEX)), &typed, p), Err(Error::InvalidImage { .. })));
         assert!(matches!(media_type_of(&e(None), &d("{}"), p), Err(Error::InvalidImage { .. })));
+    }
+
+    /// Layer annotations (zstd:chunked and eStargz TOC digests) reach the descriptor, for
+    /// `OciLayout` and `Registry` alike (both walk documents with `step`).
+    #[test]
+    fn layer_annotations_reach_the_descriptor() {
+        let layer = Digest::of(b"layer");
+        let doc = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"x","digest":"{c}","size":1}},
+               "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":"{layer}","size":5,
+                 "annotations":{{"io.github.containers.zstd-chunked.manifest-checksum":"{layer}"}}}},
+                 {{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":5}}]}}"#,
+            c = Digest::of(b"c"),
+        );
+        let entry = Entry { digest: Digest::of(doc.as_bytes()), size: None, media_type: None };
+        let Step::Image(m) = step(&entry, doc.as_bytes(), Path::new("m"), &Platform::host(), "test", "t").unwrap()
+        else {
+            panic!("not an image")
+        };
+        let want: BTreeMap<String, String> =
+            [("io.github.containers.zstd-chunked.manifest-checksum".to_string(), layer.to_string())].into();
+        assert_eq!(m.layers[0].annotations, want);
+        assert!(m.layers[1].annotations.is_empty());
     }
 }

@@ -17,6 +17,7 @@ mod oci_layout;
 #[cfg(feature = "registry")]
 mod registry;
 
+use std::collections::BTreeMap;
 use std::io::Read;
 
 use crate::digest::Digest;
@@ -36,6 +37,18 @@ pub struct Descriptor {
     pub size: u64,
     /// Its media type (e.g. `application/vnd.oci.image.layer.v1.tar+gzip`).
     pub media_type: String,
+    /// The descriptor's annotations, as the manifest lists them (empty when it has none).
+    /// Seekable layers are announced here: zstd:chunked TOC position and checksum,
+    /// eStargz `containerd.io/snapshot/stargz/toc.digest` (see [`read_toc`](crate::read_toc)).
+    /// They are as trustworthy as the manifest, which is verified by digest.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Descriptor {
+    /// A descriptor without annotations.
+    pub fn new(digest: Digest, size: u64, media_type: impl Into<String>) -> Descriptor {
+        Descriptor { digest, size, media_type: media_type.into(), annotations: BTreeMap::new() }
+    }
 }
 
 /// An image, resolved to what the cache needs: its manifest digest and its layers.
@@ -202,7 +215,7 @@ mod tests {
 
     #[test]
     fn the_source_names_the_cause_of_an_extraction_failure() {
-        let layer = Descriptor { digest: Digest::of(b"x"), size: 10, media_type: String::new() };
+        let layer = Descriptor::new(Digest::of(b"x"), 10, "");
         let data_error = || Error::InvalidArchive { offset: 0, reason: "header checksum mismatch".into() };
         let named = |e: Error| matches!(e, Error::ContentMismatch { ref host, .. } if host == "mirror:5000");
         // The rest of the blob fails with the source's own error: that is the cause.

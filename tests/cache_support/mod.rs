@@ -232,7 +232,12 @@ pub fn layer(id: u32, files: usize, size: usize, comp: Comp) -> TestLayer {
         }
         Comp::Zstd => (zstd::encode_all(&tar[..], 1).unwrap(), "application/vnd.oci.image.layer.v1.tar+zstd"),
     };
-    let desc = Descriptor { digest: Digest::of(&blob), size: blob.len() as u64, media_type: media.into() };
+    let desc = Descriptor {
+        digest: Digest::of(&blob),
+        size: blob.len() as u64,
+        media_type: media.into(),
+        annotations: Default::default(),
+    };
     TestLayer { desc, blob: Arc::new(blob), tree }
 }
 

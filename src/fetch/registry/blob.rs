@@ -485,7 +485,12 @@ mod tests {
 
     fn blob() -> (Vec<u8>, Descriptor) {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let desc = Descriptor { digest: Digest::of(&data), size: data.len() as u64, media_type: String::new() };
+        let desc = Descriptor {
+            digest: Digest::of(&data),
+            size: data.len() as u64,
+            media_type: String::new(),
+            annotations: Default::default(),
+        };
         (data, desc)
     }
 
@@ -538,7 +543,12 @@ mod tests {
 
     fn liar_and_good(len: usize, flip: usize) -> (Vec<u8>, Descriptor, String, String, Log) {
         let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let desc = Descriptor { digest: Digest::of(&data), size: data.len() as u64, media_type: String::new() };
+        let desc = Descriptor {
+            digest: Digest::of(&data),
+            size: data.len() as u64,
+            media_type: String::new(),
+            annotations: Default::default(),
+        };
         let mut bad = data.clone();
         bad[flip] ^= 0xff;
         let (liar, _) = server(move |_, _| response("200 OK", &[], &bad, bad.len()));

@@ -824,7 +824,12 @@ mod tests {
     #[test]
     fn unknown_blob_is_not_found_and_bad_reference_is_typed() {
         let r = Registry::new(RegistryOptions::default().with_auth_files(false)).unwrap();
-        let d = Descriptor { digest: Digest::of(b"x"), size: 1, media_type: String::new() };
+        let d = Descriptor {
+            digest: Digest::of(b"x"),
+            size: 1,
+            media_type: String::new(),
+            annotations: Default::default(),
+        };
         assert!(matches!(r.open_blob(&d), Err(Error::NotFound { .. })));
         assert!(matches!(r.resolve("Not/Valid"), Err(Error::InvalidReference { .. })));
     }
