@@ -38,8 +38,45 @@
 //! # Concurrency
 //! Everything here is a pure function of its inputs: a [`Toc`] is plain data, and the
 //! range-read function is called from the calling thread only.
+//!
+//! ## Where this is going (issue 14: lazy pull)
+//!
+//! Checked on Linux 6.18 (this is what the next steps build on):
+//!
+//! - **Skeleton + data-only lower works with the crate's existing mount options.** A
+//!   skeleton layer whose regular files are sparse placeholders of the right size with
+//!   `trusted.overlay.metacopy` (empty) and `trusted.overlay.redirect=/<name>` mounts as
+//!   `lowerdir=skel::data` (the `::` makes `data` a data-only lower, 6.5+) *with*
+//!   `metacopy=off,redirect_dir=off,index=off` (rule 6): the kernel still follows the
+//!   lower metacopy into the data-only layer, and a copy-up (chmod, append) copies the
+//!   full data into the upper, which gets no `metacopy`/`redirect` xattr (only `origin`,
+//!   as for any copy-up). So uppers stay plain and `changes`/`apply`/`export_diff` need
+//!   no change.
+//! - **Only `open` reaches the data layer.** `stat` (size from the placeholder) and
+//!   `readdir` of the merged view never look the data path up ("lazy lowerdata
+//!   lookup"); opening a file whose data path is missing fails with ENOENT and logs
+//!   `lazy lowerdata lookup failed`. So a FUSE server behind the data-only lower sees
+//!   `lookup` + `open` + `read` of data files only, never the tree.
+//! - **Rootless:** the same with `user.overlay.metacopy`/`user.overlay.redirect` and
+//!   `userxattr`, mounted in `unshare -Urm` as an unprivileged user.
+//! - **FUSE passthrough** (6.9+): `fuser` exposes `ReplyOpen::open_backing` +
+//!   `opened_passthrough`, so an opened, fetched file is read by the kernel from its
+//!   backing file at native speed; only not-yet-fetched opens wait on the server.
+//!
+//! Planned layout per lazy layer: `lazy/<hex>/skel` (made by the hardened extractor from
+//! the verified TOC: dirs, symlinks, devices, whiteouts, xattrs for real, small files
+//! with their data, other regular files as placeholders redirecting to
+//! `/<entry-id>`), `lazy/<hex>/data/<entry-id>` (one file per regular-file entry or
+//! hardlink group, written whole and verified chunk by chunk, renamed into place: a
+//! restart keeps what was fetched), and the FUSE mount serving `data/` as the data-only
+//! lower. Completion moves each data file into a copy of the skeleton in `tmp/` (a
+//! rename, no copy, on any file system), drops the xattrs and renames the result into
+//! `layers/` as an ordinary layer; the FUSE server then answers from `layers/` until the
+//! last lease on the lazy layer goes.
 
 mod estargz;
+#[cfg(feature = "lazy")]
+pub(crate) mod fuse;
 mod toc;
 mod zstd_chunked;
 
