@@ -294,10 +294,14 @@ fn worker(rx: &Mutex<mpsc::Receiver<usize>>, state: &State) {
             Ok(id) => id,
             Err(_) => return,
         };
-        state.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.source.fetch(id)))
-            .map(|r| r.is_ok())
-            .unwrap_or(false);
+        // An open that raced with the end of the previous fetch of this entry queues it
+        // again: it is local by now, nothing to fetch.
+        let ok = state.source.path(id).exists() || {
+            state.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.source.fetch(id)))
+                .map(|r| r.is_ok())
+                .unwrap_or(false)
+        };
         if !ok {
             state.stats.failed_fetches.fetch_add(1, Ordering::Relaxed);
         }
