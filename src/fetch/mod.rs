@@ -4,7 +4,9 @@
 //! [`ImageFetcher::resolve`] (a tag or digest to an [`ImageManifest`]; cheap, and skipped
 //! entirely when a digest reference is already cached) and [`ImageFetcher::open_blob`]
 //! (a layer's bytes as stored, compressed; called only on a cache miss, and the bytes are
-//! verified against the descriptor's digest while they are extracted).
+//! verified against the descriptor's digest while they are extracted). Lazy pulls also
+//! read ranges of a blob with [`ImageFetcher::read_blob_range`] (unverified bytes, which
+//! the caller checks against a TOC's digests).
 //!
 //! Fetchers provided here:
 //! - [`OciLayout`]: a local OCI image layout directory (`skopeo copy … oci:DIR:TAG`),

@@ -1,5 +1,6 @@
 //! Blob downloads: [`get_range`] (the bytes of a blob from an offset, on one host: the
-//! building block for resumes here and for range reads elsewhere) and [`BlobReader`], the
+//! building block for resumes and range reads), [`read_range`] (`read_blob_range`: one
+//! range, resumed and falling over like a blob, not verified) and [`BlobReader`], the
 //! reader `open_blob` hands out, which resumes, falls over to the next host and verifies.
 //!
 //! # What the reader guarantees

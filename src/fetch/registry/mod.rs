@@ -10,7 +10,7 @@
 //! | `hosts.rs` | containerd's `hosts.toml`: hosts per registry, in order (pure parse + file lookup) |
 //! | `auth.rs` | credentials (embedder, auth files, helpers), `WWW-Authenticate`, token cache |
 //! | `transport.rs` | one request: auth, redirects by hand, retries with backoff, `Retry-After` |
-//! | `blob.rs` | `get_range` (blob bytes from an offset) and the resuming, verifying blob reader |
+//! | `blob.rs` | `get_range` (blob bytes from an offset), `read_range` (`read_blob_range`) and the resuming, verifying blob reader |
 //! | `mod.rs` | options, resolution (HEAD/GET manifests, index walk), host fallback |
 
 mod auth;
