@@ -307,6 +307,20 @@ pub enum Error {
         problem: String,
     },
 
+    /// A range of a blob asked for ([`ImageFetcher::read_blob_range`](crate::ImageFetcher::read_blob_range))
+    /// does not lie within the blob's size as its descriptor gives it.
+    #[error("blob {layer}: bytes {offset}+{len} are not within its {size} bytes")]
+    InvalidRange {
+        /// The blob's digest.
+        layer: Digest,
+        /// The first byte asked for.
+        offset: u64,
+        /// How many bytes were asked for.
+        len: u64,
+        /// The blob's size, from its descriptor.
+        size: u64,
+    },
+
     /// A mount or workspace description is unusable as given (no lowers, a lower listed
     /// twice, upper and work on different filesystems, ...), as found by this crate's own
     /// checks rather than reported by the kernel.

@@ -147,7 +147,9 @@ pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 #[cfg(feature = "registry")]
 pub use fetch::{Credential, Reference, Registry, RegistryOptions};
-pub use fetch::{Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, NoObserver};
+pub use fetch::{
+    Descriptor, FetchObserver, ImageFetcher, ImageManifest, LAYER_MEDIA_TYPES, MAX_RANGE_BYTES, NoObserver,
+};
 pub use fetch::{OciLayout, Platform};
 pub use immutable::cache_containing;
 pub use lazy::{

@@ -4,7 +4,9 @@
 //! [`ImageFetcher::resolve`] (a tag or digest to an [`ImageManifest`]; cheap, and skipped
 //! entirely when a digest reference is already cached) and [`ImageFetcher::open_blob`]
 //! (a layer's bytes as stored, compressed; called only on a cache miss, and the bytes are
-//! verified against the descriptor's digest while they are extracted).
+//! verified against the descriptor's digest while they are extracted). Lazy pulls also
+//! read ranges of a blob with [`ImageFetcher::read_blob_range`] (unverified bytes, which
+//! the caller checks against a TOC's digests).
 //!
 //! Fetchers provided here:
 //! - [`OciLayout`]: a local OCI image layout directory (`skopeo copy … oci:DIR:TAG`),
@@ -101,6 +103,53 @@ pub trait ImageFetcher: Send + Sync {
         self.open_blob(layer)
     }
 
+    /// `len` bytes of `layer`'s blob (as stored, compressed) from byte `offset`: exactly
+    /// those, or an error. For lazy pulls, which read a layer's table of contents and
+    /// then single chunks ([`read_toc`](crate::read_toc), [`read_chunk`](crate::read_chunk)
+    /// take a closure calling this).
+    ///
+    /// The bytes are **not** verified here: a range cannot be checked against the blob's
+    /// digest. The caller verifies what it reads (`read_toc` checks the TOC against the
+    /// digest in the layer's annotations, `read_chunk` each chunk against the TOC).
+    ///
+    /// The default opens the whole blob with [`open_blob`](ImageFetcher::open_blob),
+    /// skips `offset` bytes and reads `len`: correct for any fetcher, but it transfers
+    /// everything up to the range. [`OciLayout`] reads the range from the file
+    /// (`pread`), `Registry` asks for it with `Range`.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidRange`](crate::Error::InvalidRange) when `offset + len` passes
+    ///   `layer.size`;
+    /// - [`Error::LimitExceeded`](crate::Error::LimitExceeded) when `len` is over
+    ///   [`MAX_RANGE_BYTES`];
+    /// - [`Error::Read`](crate::Error::Read) when the blob ends before the range does (the
+    ///   default implementation), and whatever opening or reading the blob returns.
+    fn read_blob_range(&self, layer: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
+        check_range(layer, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let blob = self.open_blob(layer)?;
+        read_range_of(blob, offset, len)
+    }
+
+    /// [`read_blob_range`](ImageFetcher::read_blob_range), reporting retries, resumed
+    /// reads and host fallbacks to `observer`. The default ignores `observer` and calls
+    /// `read_blob_range`; a fetcher that retries or falls back overrides it.
+    ///
+    /// # Errors
+    /// As [`read_blob_range`](ImageFetcher::read_blob_range).
+    fn read_blob_range_observed(
+        &self,
+        layer: &Descriptor,
+        offset: u64,
+        len: u64,
+        observer: &dyn FetchObserver,
+    ) -> Result<Vec<u8>> {
+        let _ = observer;
+        self.read_blob_range(layer, offset, len)
+    }
+
     /// [`resolve`](ImageFetcher::resolve), reporting retries and host fallbacks to
     /// `observer`. The cache calls this one; the default ignores `observer`.
     ///
@@ -110,6 +159,46 @@ pub trait ImageFetcher: Send + Sync {
         let _ = observer;
         self.resolve(reference)
     }
+}
+
+/// The largest range [`ImageFetcher::read_blob_range`] reads at once (256 MiB): a range
+/// is read into memory. TOCs and chunks are far smaller (see
+/// [`MAX_CHUNK_BYTES`](crate::MAX_CHUNK_BYTES)).
+pub const MAX_RANGE_BYTES: u64 = 256 << 20;
+
+/// Check a range asked of `layer`'s blob: within its size, at most [`MAX_RANGE_BYTES`].
+pub(crate) fn check_range(layer: &Descriptor, offset: u64, len: u64) -> Result<()> {
+    if len > MAX_RANGE_BYTES {
+        return Err(crate::error::Error::LimitExceeded { what: "blob range", limit: MAX_RANGE_BYTES });
+    }
+    if offset.checked_add(len).is_none_or(|end| end > layer.size) {
+        return Err(crate::error::Error::InvalidRange { layer: layer.digest, offset, len, size: layer.size });
+    }
+    Ok(())
+}
+
+/// Skip `offset` bytes of `blob`, then read exactly `len`.
+fn read_range_of(blob: impl Read, offset: u64, len: u64) -> Result<Vec<u8>> {
+    use crate::error::Error;
+    let mut blob = blob;
+    let short = |at: u64| Error::Read {
+        what: "blob range",
+        source: std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the blob ended at byte {at}, before the end of bytes {offset}+{len}"),
+        ),
+    };
+    let skipped = std::io::copy(&mut (&mut blob).take(offset), &mut std::io::sink())
+        .map_err(|source| Error::Read { what: "blob range", source })?;
+    if skipped < offset {
+        return Err(short(skipped));
+    }
+    let mut buf = Vec::with_capacity(len.min(1 << 20) as usize);
+    blob.take(len).read_to_end(&mut buf).map_err(|source| Error::Read { what: "blob range", source })?;
+    if (buf.len() as u64) < len {
+        return Err(short(offset + buf.len() as u64));
+    }
+    Ok(buf)
 }
 
 /// What a fetcher reports while it resolves or downloads, beyond the bytes themselves.
@@ -210,6 +299,52 @@ mod tests {
             what: "blob".into(),
             expected: Digest::of(b"x"),
             found: Digest::of(b"y"),
+        }
+    }
+
+    /// A fetcher with one in-memory blob, using the default range read.
+    struct Mem(Vec<u8>);
+    impl ImageFetcher for Mem {
+        fn resolve(&self, _: &str) -> Result<ImageManifest> {
+            unreachable!()
+        }
+        fn open_blob(&self, _: &Descriptor) -> Result<Box<dyn Read + Send>> {
+            Ok(Box::new(std::io::Cursor::new(self.0.clone())))
+        }
+    }
+
+    #[test]
+    fn the_default_range_read_skips_and_reads_exactly() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let desc = Descriptor::new(Digest::of(&data), data.len() as u64, "");
+        let m = Mem(data.clone());
+        for (offset, len) in [(0, 10), (0, 100_000), (50_000, 1234), (99_990, 10), (100_000, 0), (7, 0)] {
+            let got = m.read_blob_range(&desc, offset, len).unwrap();
+            assert!(got == data[offset as usize..(offset + len) as usize], "{offset}+{len}");
+            let got = m.read_blob_range_observed(&desc, offset, len, &NoObserver).unwrap();
+            assert_eq!(got.len() as u64, len);
+        }
+        for (offset, len) in [(99_991, 10), (100_001, 0), (u64::MAX, 2), (1, u64::MAX - 1)] {
+            match m.read_blob_range(&desc, offset, len) {
+                Err(Error::InvalidRange { offset: o, len: l, size: 100_000, .. }) => assert_eq!((o, l), (offset, len)),
+                Err(Error::LimitExceeded { .. }) if len > MAX_RANGE_BYTES => {}
+                r => panic!("{offset}+{len}: {r:?}"),
+            }
+        }
+        let huge = Descriptor::new(desc.digest, 1 << 40, "");
+        assert!(matches!(
+            m.read_blob_range(&huge, 0, MAX_RANGE_BYTES + 1),
+            Err(Error::LimitExceeded { what: "blob range", .. })
+        ));
+        // The blob is shorter than its descriptor: a read error, not short bytes.
+        let long = Descriptor::new(desc.digest, 200_000, "");
+        for offset in [99_995, 150_000] {
+            match m.read_blob_range(&long, offset, 10) {
+                Err(Error::Read { source, .. }) => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof, "{source}");
+                }
+                r => panic!("{r:?}"),
+            }
         }
     }
 

@@ -25,7 +25,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -336,6 +336,34 @@ impl ImageFetcher for OciLayout {
         }
         Ok(Box::new(file))
     }
+
+    /// `len` bytes of `layer`'s blob from `offset`, read from the file with `pread`
+    /// (nothing else of the blob is read). Not verified: see
+    /// [`ImageFetcher::read_blob_range`].
+    ///
+    /// # Errors
+    /// As [`open_blob`](ImageFetcher::open_blob) (the file's size is checked against
+    /// `layer.size` the same way); [`Error::InvalidRange`] and [`Error::LimitExceeded`] as
+    /// [`ImageFetcher::read_blob_range`]; [`Error::Io`] (`pread`) when the read fails or
+    /// the file shrank meanwhile.
+    fn read_blob_range(&self, layer: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
+        super::check_range(layer, offset, len)?;
+        let path = self.blob_path(&layer.digest);
+        let Some((file, size)) = open_regular(&path)? else {
+            return Err(Error::NotFound {
+                what: format!("blob {} in OCI layout {}", layer.digest, self.dir.display()),
+            });
+        };
+        if size != layer.size {
+            return Err(Error::InvalidImage {
+                path,
+                reason: format!("blob is {size} bytes, its descriptor says {}", layer.size),
+            });
+        }
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).map_err(|e| Error::io("pread", &path, e))?;
+        Ok(buf)
+    }
 }
 
 /// Whether a reference that matched no tag should be read as a digest: `ALG:HEX` with
@@ -405,6 +433,30 @@ fn read_json_file(path: &Path, expected: Option<u64>) -> Result<Option<Vec<u8>>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_reads_pread_the_blob_and_check_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let desc = Descriptor::new(Digest::of(&data), data.len() as u64, "");
+        let layout = OciLayout::open(dir.path()).unwrap();
+        assert!(matches!(layout.read_blob_range(&desc, 0, 1), Err(Error::NotFound { .. })));
+        std::fs::write(layout.blob_path(&desc.digest), &data).unwrap();
+        for (offset, len) in [(0, 100), (123_456, 65_536), (299_999, 1), (0, 300_000), (300_000, 0)] {
+            let got = layout.read_blob_range(&desc, offset, len).unwrap();
+            assert!(got == data[offset as usize..(offset + len) as usize], "{offset}+{len}");
+        }
+        assert!(matches!(
+            layout.read_blob_range(&desc, 299_999, 2),
+            Err(Error::InvalidRange { offset: 299_999, len: 2, size: 300_000, .. })
+        ));
+        assert!(matches!(layout.read_blob_range(&desc, 0, 1 << 30), Err(Error::LimitExceeded { .. })));
+        // A blob file of another size than its descriptor says.
+        let other = Descriptor::new(desc.digest, 400_000, "");
+        assert!(matches!(layout.read_blob_range(&other, 0, 10), Err(Error::InvalidImage { .. })));
+    }
 
     #[test]
     fn digest_like_references() {

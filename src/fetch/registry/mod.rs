@@ -10,7 +10,7 @@
 //! | `hosts.rs` | containerd's `hosts.toml`: hosts per registry, in order (pure parse + file lookup) |
 //! | `auth.rs` | credentials (embedder, auth files, helpers), `WWW-Authenticate`, token cache |
 //! | `transport.rs` | one request: auth, redirects by hand, retries with backoff, `Retry-After` |
-//! | `blob.rs` | `get_range` (blob bytes from an offset) and the resuming, verifying blob reader |
+//! | `blob.rs` | `get_range` (blob bytes from an offset), `read_range` (`read_blob_range`) and the resuming, verifying blob reader |
 //! | `mod.rs` | options, resolution (HEAD/GET manifests, index walk), host fallback |
 
 mod auth;
@@ -499,20 +499,38 @@ impl Registry {
         layer: &Descriptor,
         observer: Arc<dyn FetchObserver>,
     ) -> Result<Box<dyn Read + Send>> {
-        let r = Reference { registry, repository: repository.clone(), tag: None, digest: None };
+        let ordered = self.pull_conns(registry, &repository, &layer.digest)?;
+        let reader = blob::BlobReader::open(Arc::clone(&self.inner), ordered, repository, layer.clone(), observer)?;
+        Ok(Box::new(reader))
+    }
+
+    /// The hosts of `registry` that may pull, in order, those that served wrong bytes for
+    /// `digest` last.
+    fn pull_conns(&self, registry: String, repository: &str, digest: &Digest) -> Result<Vec<Arc<Conn>>> {
+        let r = Reference { registry, repository: repository.to_string(), tag: None, digest: None };
         let conns = self.conns(&r)?;
         let bad = self.inner.bad.lock();
         let mut ordered: Vec<Arc<Conn>> = conns.iter().filter(|c| c.entry.pull).cloned().collect();
         // Hosts that served wrong bytes for this digest go last (stable otherwise).
-        ordered.sort_by_key(|c| bad.contains(&(layer.digest, c.host().to_string())));
+        ordered.sort_by_key(|c| bad.contains(&(*digest, c.host().to_string())));
         drop(bad);
         if ordered.is_empty() {
             return Err(Error::Unsupported {
                 what: format!("no host configured for registry {} has the pull capability", r.registry),
             });
         }
-        let reader = blob::BlobReader::open(Arc::clone(&self.inner), ordered, repository, layer.clone(), observer)?;
-        Ok(Box::new(reader))
+        Ok(ordered)
+    }
+
+    /// The registries and repositories whose manifests listed `digest`, the most recently
+    /// resolved first.
+    fn places(&self, digest: &Digest) -> Result<Vec<(String, String)>> {
+        let mut places = self.inner.seen.lock().get(digest).cloned().unwrap_or_default();
+        if places.is_empty() {
+            return Err(Error::NotFound { what: format!("blob {digest}: not in any manifest this Registry resolved") });
+        }
+        places.reverse();
+        Ok(places)
     }
 
     fn remember(&self, r: &Reference, image: &ImageManifest) {
@@ -580,20 +598,58 @@ impl ImageFetcher for Registry {
     }
 
     fn open_blob_observed(&self, layer: &Descriptor, observer: Arc<dyn FetchObserver>) -> Result<Box<dyn Read + Send>> {
-        let places = self.inner.seen.lock().get(&layer.digest).cloned().unwrap_or_default();
-        if places.is_empty() {
-            return Err(Error::NotFound {
-                what: format!("blob {}: not in any manifest this Registry resolved", layer.digest),
-            });
-        }
         // Every registry and repository whose manifests listed the digest, the most
         // recently resolved first (the image being ensured, as a rule: `open_blob` is not
         // told which image asks): a repository that lost the blob, a registry that went
         // away or credentials that do not reach a repository leave the others.
+        let places = self.places(&layer.digest)?;
         let mut first_error = None;
-        for (registry, repository) in places.into_iter().rev() {
+        for (registry, repository) in places {
             match self.open_blob_at(registry, repository, layer, Arc::clone(&observer)) {
                 Ok(reader) => return Ok(reader),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one place was tried"))
+    }
+
+    /// `len` bytes of `layer`'s blob (seen in a manifest this `Registry` resolved) from
+    /// `offset`: `GET /v2/<repo>/blobs/<digest>` with `Range: bytes=offset-(offset+len-1)`,
+    /// through the same hosts, auth, redirects (no credentials to another host) and
+    /// retries as [`open_blob`](ImageFetcher::open_blob). A server ignoring `Range` (200)
+    /// has `offset` bytes skipped; a broken body is resumed on the same host; a host
+    /// answering another range (`Content-Range`) or another blob size is left for the
+    /// next one. Not verified: see [`ImageFetcher::read_blob_range`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`], [`Error::LimitExceeded`] as
+    /// [`ImageFetcher::read_blob_range`]; otherwise as
+    /// [`open_blob`](ImageFetcher::open_blob) ([`Error::Registry`] naming the host for a
+    /// wrong `Content-Range`, [`Error::AllHostsFailed`] when several hosts failed).
+    fn read_blob_range(&self, layer: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.read_blob_range_observed(layer, offset, len, &NoObserver)
+    }
+
+    fn read_blob_range_observed(
+        &self,
+        layer: &Descriptor,
+        offset: u64,
+        len: u64,
+        observer: &dyn FetchObserver,
+    ) -> Result<Vec<u8>> {
+        super::check_range(layer, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut first_error = None;
+        for (registry, repository) in self.places(&layer.digest)? {
+            let read = self
+                .pull_conns(registry, &repository, &layer.digest)
+                .and_then(|conns| blob::read_range(&self.inner, &conns, &repository, layer, offset, len, observer));
+            match read {
+                Ok(bytes) => return Ok(bytes),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
