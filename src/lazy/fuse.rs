@@ -14,10 +14,11 @@
 //!   backing files), hands it to the kernel, which then reads it without coming back
 //!   here: reads run at the backing file system's speed. Otherwise `read` serves it.
 //! - `open` of an entry that is not local waits, on a worker, for [`DataSource::fetch`]
-//!   (opens waiting first: a waiting open jumps the background queue); concurrent opens
-//!   of one entry share one fetch. A fetch that fails answers every waiting open with
-//!   EIO: a read of data that cannot be fetched fails, it never blocks for ever (the
-//!   source's own retries bound the wait) and never returns other bytes.
+//!   (its queue holds waiting opens only: background completion, still to come, is the
+//!   source's business); concurrent opens of one entry share one fetch. A fetch that
+//!   fails answers every waiting open with EIO: a read of data that cannot be fetched
+//!   fails and never returns other bytes; how long it waits is the source's to bound (the
+//!   registry's retries are bounded; a fetch that never returns keeps its opens waiting).
 //! - Dropping the [`DataServer`] unmounts it. The connection lives as long as an overlay
 //!   is stacked on it (the kernel holds the super block), and so does the session thread:
 //!   a sandbox is never broken by a drop; the owner (the cache, through the layer's
@@ -79,7 +80,6 @@ pub(crate) struct DataServer {
     mountpoint: PathBuf,
     stats: Arc<DataStats>,
     passthrough: Arc<AtomicBool>,
-    queue: Option<mpsc::Sender<usize>>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -110,15 +110,18 @@ impl DataServer {
         });
         let (tx, rx) = mpsc::channel::<usize>();
         let rx = Arc::new(Mutex::new(rx));
-        *state.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+        *lock(&state.queue) = Some(tx);
         let mut workers = Vec::with_capacity(WORKERS);
         for i in 0..WORKERS {
-            let (rx, state) = (Arc::clone(&rx), Arc::clone(&state));
+            let (rx, shared) = (Arc::clone(&rx), Arc::clone(&state));
             let spawned =
-                std::thread::Builder::new().name(format!("lazy-fetch-{i}")).spawn(move || worker(&rx, &state));
+                std::thread::Builder::new().name(format!("lazy-fetch-{i}")).spawn(move || worker(&rx, &shared));
             match spawned {
                 Ok(h) => workers.push(h),
-                Err(e) => return Err(Error::io("spawn fetch worker", mountpoint, e)),
+                Err(e) => {
+                    stop_workers(&state, workers);
+                    return Err(Error::io("spawn fetch worker", mountpoint, e));
+                }
             }
         }
         let mut config = Config::default();
@@ -140,11 +143,7 @@ impl DataServer {
         let session = match session {
             Ok(s) => s,
             Err(e) => {
-                drop(tx);
-                state.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-                for h in workers {
-                    let _ = h.join();
-                }
+                stop_workers(&state, workers);
                 return Err(e);
             }
         };
@@ -154,7 +153,6 @@ impl DataServer {
             mountpoint: mountpoint.to_path_buf(),
             stats,
             passthrough,
-            queue: Some(tx),
             workers,
         })
     }
@@ -182,18 +180,14 @@ impl Drop for DataServer {
         // connection, and so the session thread, alive: then this returns after a
         // bounded wait and the threads end with the last user of the mount.
         let session = self.session.take();
-        let queue = self.queue.take();
-        let state_queue = lock(&self.state.queue).take();
+        let state = Arc::clone(&self.state);
         let workers = std::mem::take(&mut self.workers);
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let reaper = std::thread::Builder::new().name("lazy-fuse-reaper".into()).spawn(move || {
             if let Some(session) = session {
                 session.umount_and_join().ok();
             }
-            drop((queue, state_queue));
-            for h in workers {
-                let _ = h.join();
-            }
+            stop_workers(&state, workers);
             let _ = done_tx.send(());
         });
         if reaper.is_ok() {
@@ -285,6 +279,14 @@ impl State {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed) & !PASSTHROUGH_FH;
         lock(&self.handles).insert(fh, Arc::new(file));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+}
+
+/// Close the fetch queue and wait for the workers (each finishes the fetch it is in).
+fn stop_workers(state: &State, workers: Vec<std::thread::JoinHandle<()>>) {
+    lock(&state.queue).take();
+    for h in workers {
+        let _ = h.join();
     }
 }
 
