@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use harness::{
     Comp, Fault, FaultProxy, HostEntry, HostsDir, ImageInfo, Layout, RegistryConfig, RegistryServer, TokenPolicy,
-    TokenServer,
+    TokenServer, options,
 };
 use rootfs_cache::{
     CacheOptions, Credential, Descriptor, Error, FetchObserver, ImageFetcher, ImageManifest, Platform, Registry,
@@ -268,19 +268,6 @@ fn harness_layout_through_cache_matches_umoci() {
 
 // =======================================================================================
 // The `Registry` fetcher
-
-/// Options with short timeouts and backoffs, so that a failing case ends in seconds. The
-/// read timeout leaves room for a loaded machine (a spurious timeout would add requests
-/// that some tests count).
-fn options() -> RegistryOptions {
-    RegistryOptions::default()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_read_timeout(Duration::from_secs(5))
-        .with_max_retries(3)
-        .with_max_retry_time(Duration::from_secs(8))
-        // Never the auth files of whoever runs the tests.
-        .with_auth_files(false)
-}
 
 /// Whole downloads of `digest` through `proxy`: GETs without `Range` (a resumed request
 /// is not a new download).

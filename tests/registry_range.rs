@@ -17,23 +17,12 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::time::Duration;
 
-use harness::{Comp, Fault, FaultProxy, HostEntry, HostsDir, Layout, RegistryConfig, RegistryServer};
+use harness::{Comp, Fault, FaultProxy, HostEntry, HostsDir, Layout, RegistryConfig, RegistryServer, options};
 use rootfs_cache::{
-    Credential, Descriptor, Digest, Error, ImageFetcher, LayerToc, Registry, RegistryOptions, TocEntryKind, read_chunk,
-    read_toc,
+    Credential, Descriptor, Digest, Error, ImageFetcher, LayerToc, Registry, TocEntryKind, read_chunk, read_toc,
 };
 use support::{Ent, Fmt};
-
-fn options() -> RegistryOptions {
-    RegistryOptions::default()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_read_timeout(Duration::from_secs(5))
-        .with_max_retries(3)
-        .with_max_retry_time(Duration::from_secs(8))
-        .with_auth_files(false)
-}
 
 /// A registry (`config`) holding `range/img:v1`, one gzip layer of ~600 kB of
 /// incompressible data; returns the layout dir (for the blob bytes) too.

@@ -164,6 +164,24 @@ impl OciLayout {
         self.dir.join("blobs").join("sha256").join(digest.hex())
     }
 
+    /// `layer`'s blob file, opened as [`open_regular`] does, and its path: `NotFound` when
+    /// it is not in the layout, `InvalidImage` when its size is not `layer.size`.
+    fn blob_file(&self, layer: &Descriptor) -> Result<(File, PathBuf)> {
+        let path = self.blob_path(&layer.digest);
+        let Some((file, size)) = open_regular(&path)? else {
+            return Err(Error::NotFound {
+                what: format!("blob {} in OCI layout {}", layer.digest, self.dir.display()),
+            });
+        };
+        if size != layer.size {
+            return Err(Error::InvalidImage {
+                path,
+                reason: format!("blob is {size} bytes, its descriptor says {}", layer.size),
+            });
+        }
+        Ok((file, path))
+    }
+
     fn read_index_json(&self) -> Result<RawDoc> {
         let path = self.index_json_path();
         let bytes = read_json_file(&path, None)?
@@ -322,19 +340,7 @@ impl ImageFetcher for OciLayout {
     ///   `layer.size`;
     /// - [`Error::Io`] when it cannot be opened or stat'ed.
     fn open_blob(&self, layer: &Descriptor) -> Result<Box<dyn Read + Send>> {
-        let path = self.blob_path(&layer.digest);
-        let Some((file, size)) = open_regular(&path)? else {
-            return Err(Error::NotFound {
-                what: format!("blob {} in OCI layout {}", layer.digest, self.dir.display()),
-            });
-        };
-        if size != layer.size {
-            return Err(Error::InvalidImage {
-                path,
-                reason: format!("blob is {size} bytes, its descriptor says {}", layer.size),
-            });
-        }
-        Ok(Box::new(file))
+        Ok(Box::new(self.blob_file(layer)?.0))
     }
 
     /// `len` bytes of `layer`'s blob from `offset`, read from the file with `pread`
@@ -348,18 +354,7 @@ impl ImageFetcher for OciLayout {
     /// the file shrank meanwhile.
     fn read_blob_range(&self, layer: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         super::check_range(layer, offset, len)?;
-        let path = self.blob_path(&layer.digest);
-        let Some((file, size)) = open_regular(&path)? else {
-            return Err(Error::NotFound {
-                what: format!("blob {} in OCI layout {}", layer.digest, self.dir.display()),
-            });
-        };
-        if size != layer.size {
-            return Err(Error::InvalidImage {
-                path,
-                reason: format!("blob is {size} bytes, its descriptor says {}", layer.size),
-            });
-        }
+        let (file, path) = self.blob_file(layer)?;
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset).map_err(|e| Error::io("pread", &path, e))?;
         Ok(buf)

@@ -40,9 +40,23 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{self, Ent, Fmt};
+use rootfs_cache::RegistryOptions;
 
 /// Every tool the registry tests use.
 pub const TOOLS: &[&str] = &["docker-registry", "skopeo", "htpasswd", "openssl", "umoci"];
+
+/// `Registry` options for tests: short timeouts and backoffs, so that a failing case ends
+/// in seconds. The read timeout leaves room for a loaded machine (a spurious timeout would
+/// add requests that some tests count).
+pub fn options() -> RegistryOptions {
+    RegistryOptions::default()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_read_timeout(Duration::from_secs(5))
+        .with_max_retries(3)
+        .with_max_retry_time(Duration::from_secs(8))
+        // Never the auth files of whoever runs the tests.
+        .with_auth_files(false)
+}
 
 /// `true` when the registry tools are installed; otherwise skips (fails under `CI`).
 pub fn require(test: &str) -> bool {
