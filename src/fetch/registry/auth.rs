@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::BufReader;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -208,12 +209,18 @@ pub(crate) fn parse_token_response(body: &[u8]) -> std::result::Result<(String, 
 // ---------------------------------------------------------------------------------------
 // State
 
+/// A host and a token scope.
+type HostScope = (String, String);
+
 /// What this client knows about authenticating to hosts: the challenge each host gave,
 /// tokens per host and scope, credentials looked up per host.
 #[derive(Default)]
 pub(crate) struct AuthState {
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+    /// One token request at a time per host and scope: threads that find no token (or
+    /// had the same one rejected) wait for the one asking, then use what it got.
+    flights: Mutex<HashMap<HostScope, Arc<Mutex<()>>>>,
     creds: Mutex<HashMap<String, Option<Credential>>>,
 }
 
@@ -250,8 +257,20 @@ impl AuthState {
         self.tokens.lock().insert((host.to_string(), scope.to_string()), (header, until));
     }
 
-    pub(crate) fn forget_token(&self, host: &str, scope: &str) {
-        self.tokens.lock().remove(&(host.to_string(), scope.to_string()));
+    /// Drop the cached token for `host` and `scope` if it is still `rejected` (another
+    /// thread may have replaced it with a fresh one meanwhile: that one stays).
+    pub(crate) fn forget_token(&self, host: &str, scope: &str, rejected: &str) {
+        let mut tokens = self.tokens.lock();
+        let key = (host.to_string(), scope.to_string());
+        if tokens.get(&key).is_some_and(|(v, _)| v == rejected) {
+            tokens.remove(&key);
+        }
+    }
+
+    /// The lock to hold while asking for a token for `host` and `scope`.
+    pub(crate) fn token_flight(&self, host: &str, scope: &str) -> Arc<Mutex<()>> {
+        let mut flights = self.flights.lock();
+        Arc::clone(flights.entry((host.to_string(), scope.to_string())).or_default())
     }
 
     /// The credentials for `host`, looked up once: the embedder's, else the auth files'.
@@ -415,7 +434,10 @@ mod tests {
         assert_eq!(s.token("h", "repository:a:pull").as_deref(), Some("Bearer t"));
         assert_eq!(s.token("h", "repository:b:pull"), None);
         assert_eq!(s.token("other", "repository:a:pull"), None);
-        s.forget_token("h", "repository:a:pull");
+        // Only the token that was rejected is forgotten, not a fresh one set meanwhile.
+        s.forget_token("h", "repository:a:pull", "Bearer older");
+        assert_eq!(s.token("h", "repository:a:pull").as_deref(), Some("Bearer t"));
+        s.forget_token("h", "repository:a:pull", "Bearer t");
         assert_eq!(s.token("h", "repository:a:pull"), None);
         s.set_token("h", "x", "Bearer t".into(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));

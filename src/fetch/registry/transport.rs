@@ -176,7 +176,7 @@ impl Client {
                         200..=299 => return Ok(resp),
                         401 => {
                             unauthorized += 1;
-                            let sent = auth.is_some();
+                            let sent = auth.as_deref();
                             self.on_unauthorized(conn, x, &scope, &resp, sent, unauthorized, observer, retry)?;
                             continue;
                         }
@@ -289,7 +289,7 @@ impl Client {
         x: &Exchange<'_>,
         scope: &str,
         resp: &Response<ureq::Body>,
-        sent_auth: bool,
+        sent: Option<&str>,
         count: u32,
         observer: &dyn FetchObserver,
         retry: bool,
@@ -313,7 +313,7 @@ impl Client {
         }
         match &challenge {
             Challenge::Basic => {
-                if sent_auth && matches!(self.auth.challenge(host), Some(Challenge::Basic)) {
+                if sent.is_some() && matches!(self.auth.challenge(host), Some(Challenge::Basic)) {
                     return Err(denied("Basic credentials rejected".into()));
                 }
                 if self.credentials(conn)?.and_then(|c| c.basic_header()).is_none() {
@@ -323,8 +323,10 @@ impl Client {
                 }
             }
             Challenge::Bearer { .. } => {
-                self.auth.forget_token(host, scope);
-                if sent_auth && count > 1 {
+                if let Some(rejected) = sent {
+                    self.auth.forget_token(host, scope, rejected);
+                }
+                if sent.is_some() && count > 1 {
                     return Err(denied("a fresh token was rejected".into()));
                 }
                 self.auth.set_challenge(host, challenge.clone());
@@ -355,6 +357,15 @@ impl Client {
     ) -> Result<String> {
         let Challenge::Bearer { realm, service, .. } = challenge else { unreachable!("fetch_token on Basic") };
         let host = conn.host();
+        // One request per host and scope at a time; whoever waited uses what it got (a
+        // token the cache still holds was not the rejected one: see `forget_token`).
+        let flight = self.auth.token_flight(host, scope);
+        let _flight = flight.lock();
+        if extra.is_none()
+            && let Some(t) = self.auth.token(host, scope)
+        {
+            return Ok(t);
+        }
         let op = format!("token from {realm}");
         let fail = |status: Option<u16>, reason: String| Error::Registry {
             host: host.to_string(),
@@ -857,6 +868,40 @@ mod tests {
         c.send(&conn, &get(&conn, "a"), &ev, true).unwrap();
         assert_eq!(token_log.lock().unwrap().len(), 3);
         assert_eq!(issued.lock().unwrap().last().map(String::as_str), Some("Bearer tok-2"));
+    }
+
+    #[test]
+    fn concurrent_requests_with_a_rejected_token_share_one_fresh_token() {
+        let (tokens, token_log) = token_service(300);
+        let realm = format!("http://{tokens}/token");
+        // `tok-0` works once (the warm-up), then is revoked; later tokens work.
+        let (reg, _) = server(move |n, head| {
+            let challenge = vec![("WWW-Authenticate", format!(r#"Bearer realm="{realm}",service="svc""#))];
+            match header_of(head, "authorization") {
+                Some(a) if a.starts_with("Bearer tok-") && (a != "Bearer tok-0" || n < 2) => {
+                    response("200 OK", &[], b"{}", 2)
+                }
+                _ => response("401 Unauthorized", &challenge, b"", 0),
+            }
+        });
+        let (c, opts) = client(Some((&reg, Credential::basic("u", "p"))));
+        let c = Arc::new(c);
+        let conn = Arc::new(Conn::new(default_host(&reg, false), &opts).unwrap());
+        c.send(&conn, &get(&conn, "a"), &Events::default(), true).unwrap();
+        assert_eq!(token_log.lock().unwrap().len(), 1);
+        // Eight requests at once, all with the revoked `tok-0`: one of them asks for a
+        // fresh token, the others wait for it and use it (none forgets it again).
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, conn) = (Arc::clone(&c), Arc::clone(&conn));
+                std::thread::spawn(move || c.send(&conn, &get(&conn, "a"), &Events::default(), true).map(drop))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let asked = token_log.lock().unwrap().len();
+        assert_eq!(asked, 2, "token requests");
     }
 
     #[test]
