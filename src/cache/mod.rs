@@ -294,6 +294,9 @@ pub struct Rootfs {
     layers: Vec<Digest>,
     /// Top first, as overlayfs `lowerdir` wants them.
     lowers: Vec<PathBuf>,
+    /// Data-only lowers (overlayfs `datadir+`), top first: the FUSE mounts serving the
+    /// file data of lazy layers. Empty for an image that is all local.
+    data_lowers: Vec<PathBuf>,
 }
 
 fn now_nanos() -> u64 {
@@ -780,13 +783,22 @@ impl Rootfs {
     /// A `Rootfs` over `layers`, which the caller has leased: dropping it releases them.
     fn new(inner: Arc<Inner>, manifest: Digest, layers: Vec<Digest>) -> Rootfs {
         let lowers = lowers_of(&inner.root, &layers);
-        Rootfs { inner, manifest, layers, lowers }
+        Rootfs { inner, manifest, layers, lowers, data_lowers: Vec::new() }
     }
 
     /// The lower directories, top layer first (the order of overlayfs `lowerdir=`),
     /// each layer once even when the image lists it twice.
     pub fn lowers(&self) -> &[PathBuf] {
         &self.lowers
+    }
+
+    /// The data-only lower directories, top first, for overlayfs `datadir+` (or `::` in
+    /// a `lowerdir=` string), after every [`lowers`](Rootfs::lowers) entry: the FUSE
+    /// mounts serving the file data of layers ensured lazily
+    /// (`RootfsCache::ensure_lazy`). Empty when every layer is local; an overlay over
+    /// [`lowers`](Rootfs::lowers) alone is then complete.
+    pub fn data_lowers(&self) -> &[PathBuf] {
+        &self.data_lowers
     }
 
     /// The layer digests, bottom first.
