@@ -141,7 +141,8 @@ mod unpack;
 mod workspace;
 
 pub use cache::{
-    CacheOptions, CacheStats, EnsureOptions, EnsureProgress, GcReport, LayerProgress, LayerState, Rootfs, RootfsCache,
+    CacheOptions, CacheStats, EnsureOptions, EnsureProgress, GcReport, LayerProgress, LayerState, LazyStatus, Rootfs,
+    RootfsCache,
 };
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};

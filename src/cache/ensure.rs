@@ -93,6 +93,9 @@ pub enum LayerState {
     /// Not made ready: it failed, a layer below it failed, or the extraction this call
     /// waited for failed (final).
     Failed,
+    /// Served lazily ([`RootfsCache::ensure_lazy`]): its skeleton is local, its file data
+    /// comes on demand and in the background (final for the call).
+    Lazy,
 }
 
 /// Options of one [`RootfsCache::ensure_with`] call.
@@ -246,6 +249,7 @@ impl RootfsCache {
         fetcher: &dyn ImageFetcher,
         manifest: &ImageManifest,
         opts: &super::EnsureOptions<'_>,
+        below: &[std::path::PathBuf],
     ) -> Result<Rootfs> {
         let inner = &self.inner;
         let layers = &manifest.layers;
@@ -386,7 +390,7 @@ impl RootfsCache {
                             };
                             results.insert(k, done);
                         };
-                        let ready = done.result.and_then(|ex| self.make_ready(layers, job, ex));
+                        let ready = done.result.and_then(|ex| self.make_ready(layers, job, ex, below));
                         match ready {
                             Ok((meta, blob_bytes)) => {
                                 self.publish_ready(flight, job, meta, blob_bytes);
@@ -567,14 +571,26 @@ impl RootfsCache {
 
     /// Finish an extracted layer once every layer below it is ready: parents it omits
     /// get the lower layers' metadata, then its record, then the rename into `layers/`.
-    fn make_ready(&self, layers: &[Descriptor], job: &Job<'_>, mut ex: Extracted) -> Result<(LayerMeta, u64)> {
+    fn make_ready(
+        &self,
+        layers: &[Descriptor],
+        job: &Job<'_>,
+        mut ex: Extracted,
+        below: &[std::path::PathBuf],
+    ) -> Result<(LayerMeta, u64)> {
         let inner = &self.inner;
         let tmp = &ex.tmp.clone();
         let result = (|| {
             let fs_dir = tmp.join(layout::FS);
             // The layers below, top first, as `UnpackOptions::parent_lowers` takes them.
-            let lowers: Vec<_> =
-                layers[..job.index].iter().rev().map(|l| layout::layer_fs(&inner.root, &l.digest)).collect();
+            // (`below`: lower dirs under the image's bottom layer, for a lazy ensure's
+            // single layers.)
+            let lowers: Vec<_> = layers[..job.index]
+                .iter()
+                .rev()
+                .map(|l| layout::layer_fs(&inner.root, &l.digest))
+                .chain(below.iter().cloned())
+                .collect();
             let grown = apply_implicit_parents(&fs_dir, &ex.implicit, &lowers, &inner.opts.unpack)?;
             let size = ex.size.saturating_add_signed(grown);
             let meta = LayerMeta { size, diff_id: ex.diff_id, created: now_nanos() / 1_000_000_000 };

@@ -36,6 +36,7 @@
 
 mod ensure;
 mod layout;
+mod lazy;
 mod metrics;
 
 use std::collections::{HashMap, HashSet};
@@ -60,6 +61,7 @@ use crate::unpack::UnpackOptions;
 use layout::{ImageRecord, LayerMeta};
 
 pub use ensure::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
+pub use lazy::LazyStatus;
 
 /// Options for [`RootfsCache::open`].
 #[derive(Clone, Debug)]
@@ -174,6 +176,9 @@ struct State {
     /// Layers with at least one lease, kept as leases come and go so that reading it
     /// (every `ensure` publishes it) does not walk every layer.
     leased: u64,
+    /// Lazy layers served by this process (see `lazy.rs`): never more than one per
+    /// digest; their ready copies are never evicted while they are here.
+    lazy: HashMap<Digest, Arc<lazy::LazyLayer>>,
 }
 
 impl State {
@@ -247,6 +252,10 @@ struct Inner {
     counters: Counters,
     downloads: Arc<Downloads>,
     seq: AtomicU64,
+    /// One lazy layer set-up per digest at a time.
+    lazy_setup: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// Bytes of blobs read by range for lazy layers.
+    lazy_fetched: Arc<AtomicU64>,
     _lock: crate::lockfile::LockFile,
 }
 
@@ -297,6 +306,13 @@ pub struct Rootfs {
     /// Data-only lowers (overlayfs `datadir+`), top first: the FUSE mounts serving the
     /// file data of lazy layers. Empty for an image that is all local.
     data_lowers: Vec<PathBuf>,
+    /// The lazy layers it holds (one per occurrence in `layers`): not leased in the
+    /// state, kept alive (served) by these references instead.
+    lazy: Vec<Arc<lazy::LazyLayer>>,
+    /// Layers a lazy ensure pulled whole, and why.
+    eager: Vec<(Digest, String)>,
+    /// The merged skeleton of its lazy layers (its bottom lower).
+    view: Option<lazy::View>,
 }
 
 fn now_nanos() -> u64 {
@@ -391,7 +407,7 @@ impl RootfsCache {
     /// and `trash/`, invalid layer entries or stale records cannot be removed.
     pub fn open(dir: impl AsRef<Path>, opts: CacheOptions) -> Result<RootfsCache> {
         let root = dir.as_ref().to_path_buf();
-        for sub in ["", layout::LAYERS, layout::IMAGES, layout::LEASES, layout::TMP, layout::TRASH] {
+        for sub in ["", layout::LAYERS, layout::IMAGES, layout::LEASES, layout::TMP, layout::TRASH, lazy::LAZY] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io("mkdir", &p))?;
         }
@@ -426,6 +442,7 @@ impl RootfsCache {
                 }
             }
         }
+        lazy::recover(&root, &st.layers)?;
         let images_dir = root.join(layout::IMAGES);
         for entry in fs::read_dir(&images_dir).map_err(io("opendir", &images_dir))? {
             let entry = entry.map_err(io("readdir", &images_dir))?;
@@ -468,6 +485,8 @@ impl RootfsCache {
             counters: Counters::default(),
             downloads: Arc::default(),
             seq: AtomicU64::new(0),
+            lazy_setup: Mutex::new(HashMap::new()),
+            lazy_fetched: Arc::default(),
             _lock: lock,
         });
         inner.publish(&inner.state.lock());
@@ -566,7 +585,7 @@ impl RootfsCache {
         }
         let manifest = fetcher.resolve_observed(reference, &*inner.downloads)?;
         let before = inner.counters.extractions.load(Ordering::Relaxed);
-        let mut partial = self.ensure_layers(fetcher, &manifest, opts)?;
+        let mut partial = self.ensure_layers(fetcher, &manifest, opts, &[])?;
         // Anything extracted meanwhile, by this call or another one.
         if inner.counters.extractions.load(Ordering::Relaxed) != before {
             // The automatic eviction pass after extracting. Its failure (say, a `trash/`
@@ -576,34 +595,7 @@ impl RootfsCache {
                 inner.counters.failed_gc.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let rec = ImageRecord {
-            manifest: Some(manifest.digest),
-            layers: partial.layers.clone(),
-            tags: if layout::digest_ref(reference).is_some() { Vec::new() } else { vec![reference.to_string()] },
-        };
-        let mut keys = vec![manifest.digest];
-        if let Some(d) = layout::digest_ref(reference) {
-            keys.push(d); // an index digest resolves to this manifest
-        }
-        for key in keys {
-            let mut st = inner.state.lock();
-            let merged = match st.images.get(&key) {
-                Some(old) if old.layers == rec.layers => {
-                    let mut m = old.clone();
-                    for t in &rec.tags {
-                        if !m.tags.contains(t) {
-                            m.tags.push(t.clone());
-                        }
-                    }
-                    m
-                }
-                _ => rec.clone(),
-            };
-            if st.images.get(&key) != Some(&merged) {
-                write_atomic(&layout::image_file(&inner.root, &key), merged.encode().as_bytes())?;
-                st.images.insert(key, merged);
-            }
-        }
+        self.record_image(reference, &manifest, &partial.layers)?;
         partial.lowers = lowers_of(&inner.root, &partial.layers);
         Ok(partial)
     }
@@ -621,8 +613,20 @@ impl RootfsCache {
         {
             let mut st = inner.state.lock();
             if st.bytes > inner.opts.max_bytes {
-                let mut candidates: Vec<(u64, Digest)> =
-                    st.layers.iter().filter(|(_, l)| l.leases == 0).map(|(d, l)| (l.last_use, *d)).collect();
+                // Data a previous process fetched for a lazy layer nobody serves now goes
+                // first.
+                for p in lazy::orphans(&inner.root, &st.lazy) {
+                    let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+                    let to = inner.root.join(layout::TRASH).join(format!("lazy.{seq}"));
+                    fs::rename(&p, &to).map_err(io("rename", &p))?;
+                    doomed.push(to);
+                }
+                let mut candidates: Vec<(u64, Digest)> = st
+                    .layers
+                    .iter()
+                    .filter(|(d, l)| l.leases == 0 && !st.lazy.contains_key(d))
+                    .map(|(d, l)| (l.last_use, *d))
+                    .collect();
                 candidates.sort();
                 for (_, d) in candidates {
                     if st.bytes <= inner.opts.max_bytes {
@@ -783,7 +787,16 @@ impl Rootfs {
     /// A `Rootfs` over `layers`, which the caller has leased: dropping it releases them.
     fn new(inner: Arc<Inner>, manifest: Digest, layers: Vec<Digest>) -> Rootfs {
         let lowers = lowers_of(&inner.root, &layers);
-        Rootfs { inner, manifest, layers, lowers, data_lowers: Vec::new() }
+        Rootfs {
+            inner,
+            manifest,
+            layers,
+            lowers,
+            data_lowers: Vec::new(),
+            lazy: Vec::new(),
+            eager: Vec::new(),
+            view: None,
+        }
     }
 
     /// The lower directories, top layer first (the order of overlayfs `lowerdir=`),
@@ -799,6 +812,50 @@ impl Rootfs {
     /// [`lowers`](Rootfs::lowers) alone is then complete.
     pub fn data_lowers(&self) -> &[PathBuf] {
         &self.data_lowers
+    }
+
+    /// Whether any layer is served lazily (its data through a data-only lower), even if
+    /// complete by now: see [`lazy_status`](Rootfs::lazy_status).
+    pub fn is_lazy(&self) -> bool {
+        !self.lazy.is_empty()
+    }
+
+    /// Where the lazy layers of this `Rootfs` stand (all zero for an eager one).
+    pub fn lazy_status(&self) -> LazyStatus {
+        let mut s = LazyStatus { eager: self.eager.clone(), ..LazyStatus::default() };
+        let mut seen = HashSet::new();
+        for l in self.lazy.iter().filter(|l| seen.insert(l.digest)) {
+            s.layers += 1;
+            if l.status.complete.load(Ordering::Relaxed) {
+                s.complete += 1;
+            }
+            let store = &l.store;
+            s.total_bytes +=
+                (0..store.ids.len()).filter(|&id| store.placeholder[id]).map(|id| store.size(id)).sum::<u64>();
+            s.local_bytes += l.status.local_bytes.load(Ordering::Relaxed);
+            if s.last_error.is_none() {
+                s.last_error = l.status.last_error.lock().clone();
+            }
+        }
+        s.fetched_bytes = self.inner.lazy_fetched.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Wait until every lazy layer of this `Rootfs` is complete (an ordinary layer in the
+    /// cache: a new `ensure` needs no network and no FUSE), or `timeout` passes. Returns
+    /// whether they are. The sandboxes over this `Rootfs` keep their lazy view; their
+    /// data is local from now on (no fetch can fail any more).
+    pub fn wait_local(&self, timeout: Option<Duration>) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            if self.lazy.iter().all(|l| l.status.complete.load(Ordering::Relaxed)) {
+                return true;
+            }
+            if timeout.is_some_and(|t| start.elapsed() >= t) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The layer digests, bottom first.
@@ -822,6 +879,13 @@ impl Rootfs {
         if !layout::valid_lease_id(id) {
             return Err(Error::Unsupported { what: format!("lease id {id:?} (use 1-128 of [A-Za-z0-9._-])") });
         }
+        if !self.lazy.is_empty() {
+            return Err(Error::Unsupported {
+                what:
+                    "persisting a lease on lazy layers (this process serves their data; wait_local, then ensure again)"
+                        .into(),
+            });
+        }
         let mut st = self.inner.state.lock();
         if st.pins.contains_key(id) {
             return Err(Error::Unsupported { what: format!("lease id {id:?} is already in use") });
@@ -839,11 +903,20 @@ impl Rootfs {
 
 impl Drop for Rootfs {
     fn drop(&mut self) {
+        let lazy = std::mem::take(&mut self.lazy);
         let mut st = self.inner.state.lock();
         for l in &self.layers {
-            st.unlease(l);
+            // Lazy layers are held by reference, not leased.
+            if !lazy.iter().any(|z| z.digest == *l) {
+                st.unlease(l);
+            }
         }
         self.inner.publish(&st);
+        drop(st);
+        if !lazy.is_empty() {
+            drop(lazy);
+            lazy::reap(&self.inner);
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 //! `overlay.metacopy` and `overlay.redirect=/<id>`. The kernel looks `/<id>` up in the
 //! data-only lower only when the file is *opened* (`stat` and `readdir` never get here),
 //! so this file system is flat: its root holds one read-only regular file per data
-//! entry, named by the entry's number in lowercase hex.
+//! entry, named by a prefix (the layer's, so that the data-only lowers of several lazy
+//! layers under one overlay never answer for each other: the kernel looks a redirect up
+//! in every data-only lower, in order) and the entry's number in lowercase hex.
 //!
 //! - `lookup` and `getattr` answer from memory (sizes are known from the verified TOC).
 //! - `open` of an entry whose data is local (its [`DataSource::path`] exists) opens that
@@ -94,10 +96,18 @@ const WORKERS: usize = 4;
 impl DataServer {
     /// Mount a data-only lower at `mountpoint` (an empty directory) serving one file per
     /// entry of `sizes` from `source`. `mountpoint` must stay where it is while mounted.
-    pub(crate) fn mount(mountpoint: &Path, sizes: Vec<u64>, source: Arc<dyn DataSource>) -> Result<DataServer> {
+    ///
+    /// Entry `id` is named `{prefix}{id:x}`.
+    pub(crate) fn mount(
+        mountpoint: &Path,
+        prefix: &str,
+        sizes: Vec<u64>,
+        source: Arc<dyn DataSource>,
+    ) -> Result<DataServer> {
         let stats = Arc::new(DataStats::default());
         let passthrough = Arc::new(AtomicBool::new(false));
         let state = Arc::new(State {
+            prefix: prefix.to_string(),
             sizes,
             source,
             waiting: Mutex::new(HashMap::new()),
@@ -197,6 +207,7 @@ impl Drop for DataServer {
 }
 
 struct State {
+    prefix: String,
     sizes: Vec<u64>,
     source: Arc<dyn DataSource>,
     /// Opens waiting for an entry's fetch, by entry.
@@ -333,11 +344,15 @@ impl Filesystem for DataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let id = name.to_str().filter(|n| !n.is_empty() && n.len() <= 16).and_then(|n| {
-            // Canonical lowercase hex only: one name per entry.
-            let id = u64::from_str_radix(n, 16).ok()?;
-            (format!("{id:x}") == n).then_some(id)
-        });
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(self.state.prefix.as_str()))
+            .filter(|n| !n.is_empty() && n.len() <= 16)
+            .and_then(|n| {
+                // Canonical lowercase hex only: one name per entry.
+                let id = u64::from_str_radix(n, 16).ok()?;
+                (format!("{id:x}") == n).then_some(id)
+            });
         match (parent.0, id) {
             (ROOT, Some(id)) if (id as usize) < self.state.sizes.len() && id < u64::MAX - FIRST_ENTRY => {
                 reply.entry(&TTL, &self.state.attr(id + FIRST_ENTRY), Generation(0));
@@ -452,7 +467,12 @@ impl Filesystem for DataFs {
                 1 => reply.add(INodeNo(ROOT), 2, FileType::Directory, ".."),
                 n => {
                     let id = n - 2;
-                    reply.add(INodeNo(id + FIRST_ENTRY), n + 1, FileType::RegularFile, format!("{id:x}"))
+                    reply.add(
+                        INodeNo(id + FIRST_ENTRY),
+                        n + 1,
+                        FileType::RegularFile,
+                        format!("{}{id:x}", self.state.prefix),
+                    )
                 }
             };
             if full {
@@ -581,7 +601,8 @@ mod tests {
                 });
                 let mnt = t.join("data");
                 std::fs::create_dir_all(&mnt).unwrap();
-                let server = DataServer::mount(&mnt, sizes.clone(), Arc::clone(&src) as Arc<dyn DataSource>).unwrap();
+                let server =
+                    DataServer::mount(&mnt, "", sizes.clone(), Arc::clone(&src) as Arc<dyn DataSource>).unwrap();
                 skeleton(&t.join("skel"), &sizes);
                 let merged = overlay(&t.join("skel"), server.mountpoint(), &t.join("ws"));
 
@@ -657,7 +678,7 @@ mod tests {
             delay: Duration::ZERO,
             calls: Mutex::new(Vec::new()),
         });
-        let _server = DataServer::mount(&dir.join("data"), vec![5000, 5000], src).unwrap();
+        let _server = DataServer::mount(&dir.join("data"), "", vec![5000, 5000], src).unwrap();
         println!("ready");
         loop {
             std::thread::sleep(Duration::from_secs(60));

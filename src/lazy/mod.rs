@@ -77,6 +77,8 @@
 mod estargz;
 #[cfg(feature = "lazy")]
 pub(crate) mod fuse;
+pub(crate) mod layer;
+pub(crate) mod synth;
 mod toc;
 mod zstd_chunked;
 

@@ -1,0 +1,690 @@
+//! [`RootfsCache::ensure_lazy`]: an image whose seekable layers are served before their
+//! data is local, completed in the background into ordinary layers.
+//!
+//! ```text
+//! ensure_lazy:
+//!   the image's bottom layers, as long as each is seekable (read_toc) or lazy already:
+//!     per layer (shared by every Rootfs of this process): small files + prefetch list
+//!       fetched (coalesced range reads) into lazy/<hex>/data, FUSE data-only lower at
+//!       lazy/<hex>/mnt.<n>, completion thread started
+//!     per Rootfs: ONE skeleton of those layers merged (lazy/view.<n>): each layer's
+//!       rebuilt tar extracted in order (whiteouts applied), its placeholders marked
+//!   the layers above (from the first one that is cached or not seekable): as ensure
+//!     (leased or pulled whole), their omitted parents from the skeleton; reasons kept
+//!   lowers = [those layers, top first] + [the skeleton]; data lowers = the FUSE mounts
+//! completion thread (per lazy layer):
+//!   every placeholder's data, in TOC order, 2 at a time, pausing while opens wait;
+//!   failures retried with backoff until the cache closes; once the layers below are
+//!   complete: the rebuilt tar with all data extracted into tmp/ → layers/<hex>
+//!   (ready: new ensures use it, no FUSE)
+//! ```
+//!
+//! # Why one merged skeleton
+//! overlayfs (6.18) follows a lower metacopy file into a data-only layer with
+//! `metacopy=off` (rule 6: uppers must stay plain) only when no regular lower lies below
+//! it: a placeholder in a lower above another fails with `EPERM` ("refusing to follow
+//! metacopy origin"). So the lazy layers are merged into one skeleton that is the bottom
+//! lower, and lazy mode covers the image's bottom layers up to the first one that is
+//! cached already or not seekable (a cached base under lazy layers would have to be
+//! merged too: not done yet; such images are pulled whole above the base).
+//!
+//! # Lifetimes
+//! Every live lazy layer is in the state's `lazy` map, so there is at most one per
+//! digest. [`Rootfs`] values hold it (its FUSE server serves as long as one does); it
+//! leaves the map once complete and held by nobody else, and then its mount and data go.
+//! A lazy layer's ready copy is never evicted while it is in the map. When the cache
+//! closes, incomplete layers stop: their fetched data stays in `lazy/<hex>/data/` for
+//! the next process, which fetches only the rest.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use super::layout::{self, LayerMeta};
+use super::{Inner, Layer, Rootfs, RootfsCache, disk_usage, io, now_nanos, remove_path, write_atomic};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::fetch::{Descriptor, ImageFetcher, ImageManifest};
+use crate::lazy::layer::{self as store, Store};
+use crate::lazy::synth::{FileData, tar_stream};
+use crate::lazy::{LayerToc, read_toc};
+use crate::unpack::{WhiteoutMode, apply_implicit_parents, unpack_cache_entry};
+
+use super::ensure::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
+
+/// Directory of lazy layers in the cache.
+pub(super) const LAZY: &str = "lazy";
+/// Placeholder data fetched at once by the completion of one layer.
+const COMPLETION_WORKERS: usize = 2;
+
+/// One lazy layer served by this process.
+pub(crate) struct LazyLayer {
+    pub(super) digest: Digest,
+    pub(super) store: Arc<Store>,
+    /// The data-only lower (a FUSE mount).
+    pub(super) mnt: PathBuf,
+    /// `lazy/<hex>`.
+    dir: PathBuf,
+    #[cfg(feature = "lazy")]
+    server: Option<crate::lazy::fuse::DataServer>,
+    pub(super) status: Arc<Status>,
+}
+
+/// What the completion of a lazy layer has done.
+#[derive(Default)]
+pub(crate) struct Status {
+    /// Its ordinary layer is ready in `layers/`.
+    pub(super) complete: std::sync::atomic::AtomicBool,
+    /// The last error of the background work (cleared by progress).
+    pub(super) last_error: parking_lot::Mutex<Option<String>>,
+    /// Placeholder bytes local so far.
+    pub(super) local_bytes: AtomicU64,
+}
+
+impl Drop for LazyLayer {
+    fn drop(&mut self) {
+        self.store.stop.store(true, Ordering::Relaxed);
+        #[cfg(feature = "lazy")]
+        drop(self.server.take());
+        // Best effort: the next open cleans what is left.
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.mnt);
+        if self.status.complete.load(Ordering::Relaxed) {
+            let _ = remove_path(&self.dir);
+        }
+    }
+}
+
+/// Progress of the lazy layers of a [`Rootfs`], from [`Rootfs::lazy_status`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LazyStatus {
+    /// Layers served lazily by this `Rootfs` (each once).
+    pub layers: usize,
+    /// Of those, the ones complete: ready in the cache as ordinary layers.
+    pub complete: usize,
+    /// Bytes of file data served by the data-only lowers, in all.
+    pub total_bytes: u64,
+    /// Of those, the bytes local already.
+    pub local_bytes: u64,
+    /// Bytes of the layers' blobs read so far (range reads: skeletons, opens, completion).
+    pub fetched_bytes: u64,
+    /// The last error the background work met (it retries), if it has not made progress
+    /// since.
+    pub last_error: Option<String>,
+    /// Layers pulled whole instead, and why (not seekable: `plain gzip layer ...`).
+    pub eager: Vec<(Digest, String)>,
+}
+
+/// Offsets the indexes of a sub-image's progress events to the whole image's.
+struct Offset<'a> {
+    inner: &'a dyn EnsureProgress,
+    base: usize,
+}
+
+impl EnsureProgress for Offset<'_> {
+    fn layer(&self, l: &LayerProgress) {
+        let mut l = l.clone();
+        l.index += self.base;
+        self.inner.layer(&l);
+    }
+}
+
+impl RootfsCache {
+    /// Make `reference` usable at once: like [`RootfsCache::ensure_with`], except that
+    /// each missing *seekable* layer (zstd:chunked or eStargz with a verified TOC, see
+    /// [`read_toc`]) is not downloaded: its metadata skeleton is made (directories,
+    /// links, devices, whiteouts, xattrs, and every file of up to 64 KiB or on the
+    /// image's prefetch list, with its data) and the rest of its file data is served by a
+    /// FUSE data-only lower that fetches a file, by range reads of the blob, when it is
+    /// first opened. The returned [`Rootfs`] lists the skeletons in
+    /// [`lowers`](Rootfs::lowers) and the FUSE mounts in
+    /// [`data_lowers`](Rootfs::data_lowers): mount both (the kernel overlay backend does;
+    /// Linux 6.5+ for data-only lowers, 6.9+ for FUSE passthrough, which makes reads of
+    /// fetched data run at native speed).
+    ///
+    /// Meanwhile a background thread per lazy layer fetches the rest of its data (files
+    /// being opened first, then in image order) and, once all is local, makes it an
+    /// ordinary cached layer: later `ensure` calls use it without FUSE, and running
+    /// sandboxes keep their lazy view (or [`detach`](crate::Workspace::detach)).
+    /// [`Rootfs::lazy_status`] and [`Rootfs::wait_local`] follow it. The fetcher is kept
+    /// (hence the `Arc`) for as long as the background work runs.
+    ///
+    /// Layers already ready are used as they are. Layers that are not seekable are pulled
+    /// whole, as by `ensure` (the reasons are in [`LazyStatus::eager`]); an image with
+    /// none seekable is simply ensured. Progress events report a lazy layer as
+    /// [`LayerState::Lazy`].
+    ///
+    /// # Guarantees
+    /// A read of data that cannot be fetched fails with `EIO` once the fetcher has given
+    /// up (never blocks for ever on a fetcher that returns, never returns bytes that do not
+    /// match the TOC's chunk digests, which are checked before a file is made visible). If
+    /// this process dies, reads of data not yet opened fail with `ENOTCONN`. Fetched
+    /// files survive a restart of the process (they are whole and verified), so a new
+    /// lazy ensure fetches only the rest; a layer is never ready before all its data is
+    /// local and its tree is extracted whole.
+    ///
+    /// # Limits
+    /// A `Rootfs` with lazy layers cannot be [`persist`](Rootfs::persist)ed (its data is
+    /// served by this process), and a workspace over it mounts only with the kernel
+    /// backend. Mounting FUSE needs root, or an unprivileged user namespace (then the
+    /// cache must use `userxattr`; FUSE passthrough is not available there, so reads go
+    /// through the server).
+    ///
+    /// # Errors
+    /// As [`RootfsCache::ensure_with`]; [`Error::Layer`] naming a seekable layer whose
+    /// TOC or skeleton data cannot be fetched or verified ([`Error::BlobRangeMismatch`],
+    /// [`Error::InvalidToc`], [`Error::UnverifiedToc`], ...) or whose FUSE lower cannot be
+    /// mounted; [`Error::Unsupported`] without the `lazy` feature. A failed call gives
+    /// back the leases it took and leaves no skeleton or mount behind (data files it
+    /// fetched stay, for the next try).
+    pub fn ensure_lazy(
+        &self,
+        fetcher: Arc<dyn ImageFetcher>,
+        reference: &str,
+        opts: &EnsureOptions<'_>,
+    ) -> Result<Rootfs> {
+        if !cfg!(feature = "lazy") {
+            return Err(Error::Unsupported { what: "lazy ensure (built without the `lazy` feature)".into() });
+        }
+        let _span = span!("ensure_lazy", reference);
+        let inner = &self.inner;
+        let manifest = fetcher.resolve_observed(reference, &*inner.downloads)?;
+        let report = |index: usize, desc: &Descriptor, state: LayerState| {
+            if let Some(p) = opts.progress {
+                p.layer(&LayerProgress {
+                    index,
+                    digest: desc.digest,
+                    state,
+                    downloaded: 0,
+                    extracted: 0,
+                    total: desc.size,
+                });
+            }
+        };
+        // The bottom run of lazy layers (one entry per occurrence).
+        let mut run: Vec<Arc<LazyLayer>> = Vec::new();
+        let mut eager: Vec<(Digest, String)> = Vec::new();
+        for desc in &manifest.layers {
+            let d = desc.digest;
+            if let Some(l) = run.iter().find(|l| l.digest == d).cloned() {
+                run.push(l);
+                continue;
+            }
+            {
+                let st = inner.state.lock();
+                if st.layers.contains_key(&d) {
+                    break; // cached: it and everything above are used as by ensure
+                }
+                if let Some(l) = st.lazy.get(&d).cloned() {
+                    drop(st);
+                    run.push(l);
+                    continue;
+                }
+            }
+            let toc = read_toc(desc, |o, l| {
+                let v = fetcher.read_blob_range_observed(desc, o, l, &*inner.downloads)?;
+                inner.downloads.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+                Ok(v)
+            })
+            .map_err(|e| Error::Layer { digest: d, source: Arc::new(e) })?;
+            match toc {
+                LayerToc::Seekable(toc) => {
+                    inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    let below: Vec<(Digest, Arc<Status>)> =
+                        run.iter().map(|l| (l.digest, Arc::clone(&l.status))).collect();
+                    let l = self
+                        .lazy_layer(&fetcher, desc, toc, below)
+                        .map_err(|e| Error::Layer { digest: d, source: Arc::new(e) })?;
+                    run.push(l);
+                }
+                LayerToc::NotSeekable(reason) => {
+                    eager.push((d, reason));
+                    break;
+                }
+            }
+        }
+        let mut rootfs = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
+        let mut lowers: Vec<PathBuf> = Vec::new();
+        if !run.is_empty() {
+            let view = self.merged_skeleton(&run)?;
+            for (index, l) in run.iter().enumerate() {
+                rootfs.layers.push(l.digest);
+                report(index, &manifest.layers[index], LayerState::Lazy);
+            }
+            rootfs.lazy = run.clone();
+            lowers.push(view.0.clone());
+            rootfs.view = Some(view);
+            let mut seen = HashSet::new();
+            rootfs.data_lowers = run.iter().rev().filter(|l| seen.insert(l.digest)).map(|l| l.mnt.clone()).collect();
+        }
+        let n = run.len();
+        if n < manifest.layers.len() {
+            // The rest, as ensure does it (cached ones leased, others pulled whole), over
+            // the skeleton.
+            let rest = ImageManifest { digest: manifest.digest, layers: manifest.layers[n..].to_vec() };
+            let offset = opts.progress.map(|p| Offset { inner: p, base: n });
+            let mut sub = EnsureOptions::new();
+            if let Some(o) = &offset {
+                sub = sub.with_progress(o);
+            }
+            let below: Vec<PathBuf> = lowers.clone();
+            let before = inner.counters.extractions.load(Ordering::Relaxed);
+            let mut part = self.ensure_layers(&*fetcher, &rest, &sub, &below)?;
+            if !run.is_empty() || !eager.is_empty() {
+                let why = eager.first().map(|(d, r)| format!("above {d} ({r})"));
+                for l in &rest.layers {
+                    if !eager.iter().any(|(d, _)| *d == l.digest) {
+                        let r = why.clone().unwrap_or_else(|| "above a cached layer".into());
+                        eager.push((l.digest, r));
+                    }
+                }
+            }
+            let mut seen = HashSet::new();
+            let top: Vec<PathBuf> = part
+                .layers
+                .iter()
+                .rev()
+                .filter(|d| seen.insert(**d))
+                .map(|d| layout::layer_fs(&inner.root, d))
+                .collect();
+            lowers.splice(0..0, top);
+            rootfs.layers.append(&mut part.layers); // its leases move into ours
+            if inner.counters.extractions.load(Ordering::Relaxed) != before && self.gc().is_err() {
+                inner.counters.failed_gc.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.record_image(reference, &manifest, &rootfs.layers)?;
+        rootfs.lowers = lowers;
+        rootfs.eager = eager;
+        Ok(rootfs)
+    }
+
+    /// One skeleton of the lazy layers `run` (bottom first) in a new `lazy/view.<n>`:
+    /// each layer's rebuilt tar extracted over the ones below (whiteouts applied), its
+    /// placeholders then marked.
+    fn merged_skeleton(&self, run: &[Arc<LazyLayer>]) -> Result<View> {
+        let inner = &self.inner;
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = inner.root.join(layout::TMP).join(format!("lazy-view.{seq}"));
+        let view = inner.root.join(LAZY).join(format!("view.{seq}"));
+        let built = (|| {
+            std::fs::create_dir_all(&tmp).map_err(io("mkdir", &tmp))?;
+            let mut opts = lazy_unpack_options(&inner.opts.unpack);
+            opts.whiteouts = WhiteoutMode::Apply;
+            // Placeholders are sparse: their sizes are not extracted bytes.
+            opts.max_uncompressed_bytes = None;
+            for l in run {
+                let s = Arc::clone(&l.store);
+                let stream = tar_stream(Arc::clone(&l.store.toc), move |e| {
+                    let id = s.id_of[&e];
+                    if s.placeholder[id] { FileData::Placeholder } else { FileData::Local(s.path(id)) }
+                })?;
+                unpack_cache_entry(stream, &tmp, &opts, &AtomicU64::new(0))
+                    .map_err(|e| Error::Layer { digest: l.digest, source: Arc::new(e) })?;
+                store::mark_placeholders(&tmp, &l.store, opts.userxattr)?;
+            }
+            // Extracting a layer over the ones below touched the directories it changed
+            // without listing them; in an overlay each directory shows the mtime of the
+            // top-most layer listing it.
+            let mut mtimes: HashMap<&str, (i64, u32)> = HashMap::new();
+            for l in run {
+                for e in &l.store.toc.entries {
+                    if matches!(e.kind, crate::lazy::TocEntryKind::Directory) {
+                        mtimes.insert(e.path.as_str(), (e.mtime, e.mtime_nsec.min(999_999_999)));
+                    }
+                }
+            }
+            store::set_dir_mtimes(&tmp, &mtimes)?;
+            std::fs::rename(&tmp, &view).map_err(io("rename", &view))
+        })();
+        if let Err(e) = built {
+            let _ = remove_path(&tmp);
+            return Err(e);
+        }
+        Ok(View(view))
+    }
+
+    /// Set up (or share) the lazy layer `desc`: fetch its small files (and prefetch
+    /// list), mount its data-only lower, start its completion (which waits for `below`,
+    /// the lazy layers under it, to complete before it finishes).
+    fn lazy_layer(
+        &self,
+        fetcher: &Arc<dyn ImageFetcher>,
+        desc: &Descriptor,
+        toc: crate::lazy::Toc,
+        below: Vec<(Digest, Arc<Status>)>,
+    ) -> Result<Arc<LazyLayer>> {
+        let inner = &self.inner;
+        let d = desc.digest;
+        // One setup per digest at a time: a second caller waits, then shares it.
+        let gate = inner.lazy_setup.lock().entry(d).or_default().clone();
+        let _gate = gate.lock();
+        if let Some(l) = inner.state.lock().lazy.get(&d).cloned() {
+            return Ok(l);
+        }
+        let dir = inner.root.join(LAZY).join(d.hex());
+        let status = Arc::new(Status::default());
+        let store = Arc::new(Store::new(
+            desc.clone(),
+            toc,
+            dir.join("data"),
+            Arc::clone(fetcher),
+            inner.downloads.clone(),
+            Arc::clone(&inner.lazy_fetched),
+            inner.opts.sync,
+        )?);
+        let inline: Vec<usize> = (0..store.ids.len()).filter(|&id| !store.placeholder[id]).collect();
+        store.fetch_small(&inline)?;
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        let mnt = dir.join(format!("mnt.{seq}"));
+        std::fs::create_dir_all(&mnt).map_err(io("mkdir", &mnt))?;
+        let placeholder_bytes: u64 = (0..store.ids.len())
+            .filter(|&id| store.placeholder[id] && store.is_local(id))
+            .map(|id| store.size(id))
+            .sum();
+        status.local_bytes.store(placeholder_bytes, Ordering::Relaxed);
+        #[cfg(feature = "lazy")]
+        let server = {
+            let sizes = (0..store.ids.len()).map(|id| store.size(id)).collect();
+            let source: Arc<dyn crate::lazy::fuse::DataSource> = store.clone();
+            match crate::lazy::fuse::DataServer::mount(&mnt, &store::data_prefix(&d), sizes, source) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&mnt);
+                    return Err(e);
+                }
+            }
+        };
+        let layer = Arc::new(LazyLayer {
+            digest: d,
+            store: Arc::clone(&store),
+            mnt,
+            dir,
+            #[cfg(feature = "lazy")]
+            server,
+            status: Arc::clone(&status),
+        });
+        inner.state.lock().lazy.insert(d, Arc::clone(&layer));
+        let weak = Arc::downgrade(inner);
+        let spawned = std::thread::Builder::new()
+            .name(format!("lazy-complete-{}", &d.hex()[..8]))
+            .spawn(move || complete(weak, store, status, below));
+        if let Err(e) = spawned {
+            // Served, but never completed by this process: say so.
+            *layer.status.last_error.lock() = Some(format!("cannot start its completion: {e}"));
+        }
+        Ok(layer)
+    }
+
+    /// Record `reference` → `manifest`'s layers (in memory and in `images/`), merging
+    /// tags with an identical record; under the manifest digest and, for a digest
+    /// reference (an index), under that digest too.
+    pub(super) fn record_image(&self, reference: &str, manifest: &ImageManifest, layers: &[Digest]) -> Result<()> {
+        let inner = &self.inner;
+        let rec = layout::ImageRecord {
+            manifest: Some(manifest.digest),
+            layers: layers.to_vec(),
+            tags: if layout::digest_ref(reference).is_some() { Vec::new() } else { vec![reference.to_string()] },
+        };
+        let mut keys = vec![manifest.digest];
+        if let Some(d) = layout::digest_ref(reference) {
+            keys.push(d); // an index digest resolves to this manifest
+        }
+        for key in keys {
+            let mut st = inner.state.lock();
+            let merged = match st.images.get(&key) {
+                Some(old) if old.layers == rec.layers => {
+                    let mut m = old.clone();
+                    for t in &rec.tags {
+                        if !m.tags.contains(t) {
+                            m.tags.push(t.clone());
+                        }
+                    }
+                    m
+                }
+                _ => rec.clone(),
+            };
+            if st.images.get(&key) != Some(&merged) {
+                write_atomic(&layout::image_file(&inner.root, &key), merged.encode().as_bytes())?;
+                st.images.insert(key, merged);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The unpack options of skeletons and completed lazy layers: the cache's, with
+/// overlay whiteouts, nothing to verify (the data was verified chunk by chunk) and no
+/// parents from lowers (done after extraction).
+fn lazy_unpack_options(base: &crate::unpack::UnpackOptions) -> crate::unpack::UnpackOptions {
+    let mut opts = base.clone();
+    opts.whiteouts = WhiteoutMode::Overlay;
+    opts.expected_digest = None;
+    opts.expected_diff_id = None;
+    opts.compute_diff_id = false;
+    opts.parent_lowers = Vec::new();
+    opts
+}
+
+/// Sleep `d`, in slices, unless `stop` is set; false when stopped.
+fn nap(store: &Store, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if store.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+    }
+    !store.stop.load(Ordering::Relaxed)
+}
+
+/// The completion thread of one lazy layer (see the module docs).
+fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Vec<(Digest, Arc<Status>)>) {
+    let order: Vec<usize> = (0..store.ids.len()).filter(|&id| store.placeholder[id]).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&id) = order.get(i) else { return };
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                // Opens that wait go first.
+                while store.urgent.load(Ordering::SeqCst) > 0 {
+                    if !nap(&store, Duration::from_millis(5)) {
+                        return;
+                    }
+                }
+                if store.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let was_local = store.is_local(id);
+                match store.fetch(id) {
+                    Ok(()) => {
+                        if !was_local {
+                            status.local_bytes.fetch_add(store.size(id), Ordering::Relaxed);
+                        }
+                        *status.last_error.lock() = None;
+                        break;
+                    }
+                    Err(e) => {
+                        *status.last_error.lock() = Some(e.to_string());
+                        if !nap(&store, backoff) {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..COMPLETION_WORKERS {
+            s.spawn(work);
+        }
+        work();
+    });
+    // Parents this layer omits get the metadata of the layers below: complete first.
+    while !below.iter().all(|(_, s)| s.complete.load(Ordering::Relaxed)) {
+        if !nap(&store, Duration::from_millis(50)) {
+            return;
+        }
+    }
+    let mut backoff = Duration::from_millis(500);
+    while !store.stop.load(Ordering::Relaxed) {
+        let Some(inner) = weak.upgrade() else { return };
+        let lowers: Vec<PathBuf> =
+            below.iter().rev().map(|(d, _)| layout::layer_fs(&inner.root, d)).filter(|p| p.is_dir()).collect();
+        match finish(&inner, &store, &lowers) {
+            Ok(()) => {
+                status.complete.store(true, Ordering::Relaxed);
+                *status.last_error.lock() = None;
+                reap(&inner);
+                return;
+            }
+            Err(e) => *status.last_error.lock() = Some(format!("making it an ordinary layer: {e}")),
+        }
+        drop(inner);
+        if !nap(&store, backoff) {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Make a lazy layer whose data is all local an ordinary ready layer: the rebuilt tar,
+/// data included, extracted into `tmp/`, its omitted parents given the metadata of
+/// `lowers` (the ready layers below, top first), then renamed into `layers/` and
+/// published.
+fn finish(inner: &Arc<Inner>, store: &Arc<Store>, lowers: &[PathBuf]) -> Result<()> {
+    let d = store.toc.layer;
+    if inner.state.lock().layers.contains_key(&d) {
+        return Ok(()); // an eager ensure made it meanwhile
+    }
+    let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+    let tmp = inner.root.join(layout::TMP).join(format!("{}.{seq}", d.hex()));
+    let fs = tmp.join(layout::FS);
+    let result = (|| {
+        std::fs::create_dir_all(&fs).map_err(io("mkdir", &fs))?;
+        let opts = lazy_unpack_options(&inner.opts.unpack);
+        let s = Arc::clone(store);
+        let stream = tar_stream(Arc::clone(&store.toc), move |e| FileData::Local(s.path(s.id_of[&e])))?;
+        let (stats, implicit) = unpack_cache_entry(stream, &fs, &opts, &AtomicU64::new(0))?;
+        apply_implicit_parents(&fs, &implicit, lowers, &opts)?;
+        let size = disk_usage(&fs)?;
+        let meta = LayerMeta { size, diff_id: None, created: now_nanos() / 1_000_000_000 };
+        write_atomic(&tmp.join(layout::META), meta.encode().as_bytes())?;
+        if inner.opts.sync {
+            let f = std::fs::File::open(&tmp).map_err(io("open", &tmp))?;
+            nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &tmp, e))?;
+        }
+        let dest = layout::layer_dir(&inner.root, &d);
+        let mut st = inner.state.lock();
+        if st.layers.contains_key(&d) {
+            return Ok(None);
+        }
+        match std::fs::rename(&tmp, &dest) {
+            Ok(()) => {}
+            // An eager ensure renamed its copy in first: theirs is published.
+            Err(e) if [Errno::EEXIST as i32, Errno::ENOTEMPTY as i32].contains(&e.raw_os_error().unwrap_or(0)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("rename", &dest, e)),
+        }
+        let now = now_nanos();
+        let pins = st.pins.values().flatten().filter(|p| **p == d).count() as u32;
+        st.bytes += meta.size;
+        if pins > 0 {
+            st.leased += 1;
+        }
+        st.layers.insert(d, Layer { meta, last_use: now, persisted_use: now, leases: pins });
+        inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
+        inner.counters.bytes_extracted.fetch_add(stats.compressed_bytes, Ordering::Relaxed);
+        inner.publish(&st);
+        Ok(Some(()))
+    })();
+    if !matches!(result, Ok(Some(()))) && tmp.exists() {
+        let _ = remove_path(&tmp);
+    }
+    result.map(drop)
+}
+
+/// Drop the lazy layers that are complete and held by nobody but the map (outside the
+/// lock: unmounting waits for the FUSE session).
+pub(super) fn reap(inner: &Inner) {
+    let gone: Vec<Arc<LazyLayer>> = {
+        let mut st = inner.state.lock();
+        let done: Vec<Digest> = st
+            .lazy
+            .iter()
+            .filter(|(_, l)| Arc::strong_count(l) == 1 && l.status.complete.load(Ordering::Relaxed))
+            .map(|(d, _)| *d)
+            .collect();
+        done.iter().filter_map(|d| st.lazy.remove(d)).collect()
+    };
+    drop(gone);
+}
+
+/// At open: what a previous process left in `lazy/`. Layers that became ready lose their
+/// lazy dir; the others keep only their fetched data (stale FUSE mounts of a dead
+/// process are detached first, never deleted through).
+pub(super) fn recover(root: &Path, ready: &HashMap<Digest, Layer>) -> Result<()> {
+    let lazy = root.join(LAZY);
+    std::fs::create_dir_all(&lazy).map_err(io("mkdir", &lazy))?;
+    for entry in std::fs::read_dir(&lazy).map_err(io("opendir", &lazy))? {
+        let entry = entry.map_err(io("readdir", &lazy))?;
+        let path = entry.path();
+        let digest = entry.file_name().to_str().and_then(|n| Digest::from_hex(n).ok());
+        for sub in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let name = sub.file_name();
+            if name.to_string_lossy().starts_with("mnt.") {
+                let _ = nix::mount::umount2(&sub.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        match digest {
+            Some(d) if !ready.contains_key(&d) && path.is_dir() => {
+                for sub in std::fs::read_dir(&path).map_err(io("opendir", &path))? {
+                    let sub = sub.map_err(io("readdir", &path))?;
+                    if sub.file_name() != "data" {
+                        remove_path(&sub.path())?;
+                    }
+                }
+                let data = path.join("data");
+                for f in std::fs::read_dir(&data).into_iter().flatten().flatten() {
+                    if f.file_name().to_string_lossy().starts_with(".tmp-") {
+                        remove_path(&f.path())?;
+                    }
+                }
+            }
+            _ => remove_path(&path)?,
+        }
+    }
+    Ok(())
+}
+
+/// A merged skeleton of one [`Rootfs`], removed when it goes.
+pub(crate) struct View(pub(super) PathBuf);
+
+impl Drop for View {
+    fn drop(&mut self) {
+        let _ = remove_path(&self.0); // best effort: the next open removes it anyway
+    }
+}
+
+/// The lazy layer dirs no live lazy layer uses (data a previous process fetched).
+pub(super) fn orphans(root: &Path, live: &HashMap<Digest, Arc<LazyLayer>>) -> Vec<PathBuf> {
+    let lazy = root.join(LAZY);
+    std::fs::read_dir(&lazy)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().and_then(|n| Digest::from_hex(n).ok()).is_some_and(|d| !live.contains_key(&d))
+        })
+        .map(|e| e.path())
+        .collect()
+}

@@ -1,0 +1,496 @@
+//! One lazy layer's local state: the data store (whole, verified files fetched by
+//! range reads of the blob), the skeleton, and the final, ordinary layer.
+//!
+//! ```text
+//! lazy/<hex>/data/<id>        one file per data entry (a regular file with content),
+//!                             written under a temporary name, verified chunk by
+//!                             chunk, renamed into place: a name here is always whole.
+//!                             Survives restarts (fetched data is never fetched again).
+//! lazy/<hex>/skel.<n>         the skeleton (built in tmp/, renamed here whole)
+//! lazy/<hex>/mnt.<n>          the FUSE data-only lower over data/
+//! ```
+//!
+//! Data entries are numbered in TOC order. Small ones (up to [`INLINE_MAX`] bytes) and
+//! those on the image's prefetch list are fetched before the skeleton is built (a few
+//! large, coalesced range reads) and land in the skeleton with their data; the others
+//! become placeholders that the data-only lower serves.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::toc::{Toc, TocChunk, TocEntryKind, read_chunk};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::fetch::{Descriptor, FetchObserver, ImageFetcher};
+
+/// Regular files up to this size come with the skeleton, not through the data-only lower.
+pub(crate) const INLINE_MAX: u64 = 64 * 1024;
+/// Largest range read of one request.
+const SPAN_MAX: u64 = 8 << 20;
+/// Bytes between two files' data read through rather than split into two requests.
+const GAP_MAX: u64 = 256 << 10;
+/// Range reads of one fetch running at once.
+const PARALLEL: usize = 4;
+
+/// A lazy layer's data entries and where each one's bytes come from.
+pub(crate) struct Store {
+    /// The layer blob.
+    pub(crate) desc: Descriptor,
+    pub(crate) toc: Arc<Toc>,
+    /// Entry index in the TOC of each data entry, by id.
+    pub(crate) ids: Vec<usize>,
+    /// Id of each data entry, by entry index.
+    pub(crate) id_of: HashMap<usize, usize>,
+    /// Whether each id is served by the data-only lower (else it is in the skeleton).
+    pub(crate) placeholder: Vec<bool>,
+    /// `lazy/<hex>/data`.
+    pub(crate) dir: PathBuf,
+    fetcher: Arc<dyn ImageFetcher>,
+    observer: Arc<dyn FetchObserver>,
+    sync: bool,
+    inflight: Mutex<HashSet<usize>>,
+    landed: Condvar,
+    /// Fetches that an open is waiting for, running now: background work yields to them.
+    pub(crate) urgent: AtomicUsize,
+    /// Bytes of the blob read so far.
+    pub(crate) fetched_bytes: Arc<AtomicU64>,
+    seq: AtomicU64,
+    /// Set when the layer's owner is gone: background work stops.
+    pub(crate) stop: AtomicBool,
+}
+
+/// The size of entry `e` when it is a regular file with content.
+fn data_size(toc: &Toc, e: usize) -> Option<u64> {
+    match &toc.entries[e].kind {
+        TocEntryKind::File { size, .. } if *size > 0 => Some(*size),
+        _ => None,
+    }
+}
+
+fn chunks_of(toc: &Toc, e: usize) -> &[TocChunk] {
+    match &toc.entries[e].kind {
+        TocEntryKind::File { chunks, .. } => chunks,
+        _ => &[],
+    }
+}
+
+impl Store {
+    /// The store for `toc` in `dir` (created if missing; files already there are kept).
+    pub(crate) fn new(
+        desc: Descriptor,
+        toc: Toc,
+        dir: PathBuf,
+        fetcher: Arc<dyn ImageFetcher>,
+        observer: Arc<dyn FetchObserver>,
+        fetched_bytes: Arc<AtomicU64>,
+        sync: bool,
+    ) -> Result<Store> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+        let prefetch: HashSet<&str> = toc.prefetch.iter().flatten().map(String::as_str).collect();
+        let mut ids = Vec::new();
+        let mut id_of = HashMap::new();
+        let mut placeholder = Vec::new();
+        for (i, e) in toc.entries.iter().enumerate() {
+            if let Some(size) = data_size(&toc, i) {
+                id_of.insert(i, ids.len());
+                ids.push(i);
+                placeholder.push(size > INLINE_MAX && !prefetch.contains(e.path.as_str()));
+            }
+        }
+        Ok(Store {
+            desc,
+            toc: Arc::new(toc),
+            ids,
+            id_of,
+            placeholder,
+            dir,
+            fetcher,
+            observer,
+            sync,
+            inflight: Mutex::new(HashSet::new()),
+            landed: Condvar::new(),
+            urgent: AtomicUsize::new(0),
+            fetched_bytes,
+            seq: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Where entry `id`'s bytes are once local.
+    pub(crate) fn path(&self, id: usize) -> PathBuf {
+        self.dir.join(format!("{id:x}"))
+    }
+
+    /// The size of data entry `id`.
+    pub(crate) fn size(&self, id: usize) -> u64 {
+        data_size(&self.toc, self.ids[id]).unwrap_or(0)
+    }
+
+    /// Whether entry `id` is local: its file is there with the right length.
+    pub(crate) fn is_local(&self, id: usize) -> bool {
+        std::fs::symlink_metadata(self.path(id)).is_ok_and(|m| m.is_file() && m.len() == self.size(id))
+    }
+
+    /// Read `len` bytes of the blob from `offset`, counted.
+    fn range(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let v = self.fetcher.read_blob_range_observed(&self.desc, offset, len, &*self.observer)?;
+        self.fetched_bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        Ok(v)
+    }
+
+    fn tmp_path(&self, id: usize) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!(".tmp-{id:x}.{n}"))
+    }
+
+    /// Put a written temporary file in place as entry `id`.
+    fn land(&self, tmp: &Path, file: &File, id: usize) -> Result<()> {
+        if self.sync {
+            file.sync_all().map_err(|e| Error::io("fsync", tmp, e))?;
+        }
+        let to = self.path(id);
+        std::fs::rename(tmp, &to).map_err(|e| Error::io("rename", &to, e))
+    }
+
+    /// Make entry `id` local (fetch, verify, land), unless it is already; concurrent
+    /// calls for one entry share one fetch (a caller whose fetch failed does not make
+    /// the others fail: each waiter then tries itself).
+    pub(crate) fn fetch(&self, id: usize) -> Result<()> {
+        {
+            let mut inflight = self.inflight.lock();
+            loop {
+                if self.is_local(id) {
+                    return Ok(());
+                }
+                if inflight.insert(id) {
+                    break;
+                }
+                self.landed.wait(&mut inflight);
+            }
+        }
+        let result = self.fetch_file(id);
+        self.inflight.lock().remove(&id);
+        self.landed.notify_all();
+        result
+    }
+
+    /// Fetch one file: its chunks in spans of up to [`SPAN_MAX`], [`PARALLEL`] at once,
+    /// written at their offsets into a temporary file renamed into place when all are in.
+    fn fetch_file(&self, id: usize) -> Result<()> {
+        let e = self.ids[id];
+        let size = self.size(id);
+        let chunks = chunks_of(&self.toc, e);
+        let tmp = self.tmp_path(id);
+        let file = File::create(&tmp).map_err(|err| Error::io("create", &tmp, err))?;
+        let result = (|| {
+            file.set_len(size).map_err(|err| Error::io("ftruncate", &tmp, err))?;
+            let spans = spans(chunks.iter().filter(|c| !c.zeros).map(|c| (c.compressed_offset, c.compressed_len, c)));
+            let next = AtomicUsize::new(0);
+            let failed: Mutex<Option<Error>> = Mutex::new(None);
+            let work = || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= spans.len() || failed.lock().is_some() {
+                        return;
+                    }
+                    if let Err(err) = self.fetch_span(&spans[i], &file, &tmp) {
+                        failed.lock().get_or_insert(err);
+                        return;
+                    }
+                }
+            };
+            let n = PARALLEL.min(spans.len());
+            std::thread::scope(|s| {
+                for _ in 1..n {
+                    s.spawn(work);
+                }
+                work();
+            });
+            if let Some(err) = failed.into_inner() {
+                return Err(err);
+            }
+            self.land(&tmp, &file, id)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn fetch_span(&self, span: &Span<'_, &TocChunk>, file: &File, tmp: &Path) -> Result<()> {
+        let buf = self.range(span.start, span.end - span.start)?;
+        for c in &span.items {
+            let data = read_chunk(&self.toc, c, |o, l| slice(&buf, span.start, o, l))?;
+            file.write_all_at(&data, c.file_offset).map_err(|err| Error::io("write", tmp, err))?;
+        }
+        Ok(())
+    }
+
+    /// Fetch many small entries at once (the skeleton's): whole files grouped into
+    /// coalesced range reads, [`PARALLEL`] at once. Entries already local are skipped.
+    pub(crate) fn fetch_small(&self, want: &[usize]) -> Result<()> {
+        let todo: Vec<usize> = want.iter().copied().filter(|&id| !self.is_local(id)).collect();
+        let (big, small): (Vec<usize>, Vec<usize>) = todo.into_iter().partition(|&id| {
+            let c = chunks_of(&self.toc, self.ids[id]);
+            file_range(c).is_none_or(|(s, e)| e - s > SPAN_MAX)
+        });
+        let spans = spans(small.iter().filter_map(|&id| {
+            let (s, e) = file_range(chunks_of(&self.toc, self.ids[id]))?;
+            Some((s, e - s, id))
+        }));
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let work = || {
+            loop {
+                if self.stop.load(Ordering::Relaxed) || failed.lock().is_some() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i < spans.len() {
+                    if let Err(err) = self.fetch_files_span(&spans[i]) {
+                        failed.lock().get_or_insert(err);
+                        return;
+                    }
+                } else if i - spans.len() < big.len() {
+                    if let Err(err) = self.fetch(big[i - spans.len()]) {
+                        failed.lock().get_or_insert(err);
+                        return;
+                    }
+                } else {
+                    return;
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..PARALLEL.min(spans.len() + big.len()) {
+                s.spawn(work);
+            }
+            work();
+        });
+        match failed.into_inner() {
+            Some(err) => Err(err),
+            None if self.stop.load(Ordering::Relaxed) => Err(stopped()),
+            None => Ok(()),
+        }
+    }
+
+    fn fetch_files_span(&self, span: &Span<'_, usize>) -> Result<()> {
+        let buf = self.range(span.start, span.end - span.start)?;
+        for &id in &span.items {
+            let size = self.size(id);
+            let mut data = vec![0u8; size as usize];
+            for c in chunks_of(&self.toc, self.ids[id]) {
+                if c.zeros {
+                    continue;
+                }
+                let part = read_chunk(&self.toc, c, |o, l| slice(&buf, span.start, o, l))?;
+                let at = c.file_offset as usize;
+                data[at..at + part.len()].copy_from_slice(&part);
+            }
+            let tmp = self.tmp_path(id);
+            let file = File::create(&tmp).map_err(|err| Error::io("create", &tmp, err))?;
+            let r = file
+                .write_all_at(&data, 0)
+                .map_err(|err| Error::io("write", &tmp, err))
+                .and_then(|()| self.land(&tmp, &file, id));
+            if r.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            r?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn stopped() -> Error {
+    Error::Unsupported { what: "lazy layer fetch after its cache was closed".into() }
+}
+
+/// The compressed range covering all of a file's (non-zero) chunks.
+fn file_range(chunks: &[TocChunk]) -> Option<(u64, u64)> {
+    let mut it = chunks.iter().filter(|c| !c.zeros);
+    let first = it.next()?;
+    let mut r = (first.compressed_offset, first.compressed_offset + first.compressed_len);
+    for c in it {
+        r.0 = r.0.min(c.compressed_offset);
+        r.1 = r.1.max(c.compressed_offset + c.compressed_len);
+    }
+    Some(r)
+}
+
+/// Bytes `[offset, offset + len)` of the blob out of `buf`, which holds it from `start`.
+fn slice(buf: &[u8], start: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+    offset
+        .checked_sub(start)
+        .and_then(|a| Some((a as usize, (a.checked_add(len)?) as usize)))
+        .filter(|&(_, b)| b <= buf.len())
+        .map(|(a, b)| buf[a..b].to_vec())
+        .ok_or_else(|| Error::Read {
+            what: "chunk outside its range read",
+            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+        })
+}
+
+/// One range read and what it serves.
+struct Span<'a, T> {
+    start: u64,
+    end: u64,
+    items: Vec<T>,
+    _life: std::marker::PhantomData<&'a ()>,
+}
+
+/// Group `(offset, len, item)` ranges into range reads: sorted by offset, merged while
+/// the gap is at most [`GAP_MAX`] and the read at most [`SPAN_MAX`] (a single range
+/// longer than that is a read of its own).
+fn spans<'a, T>(items: impl Iterator<Item = (u64, u64, T)>) -> Vec<Span<'a, T>> {
+    let mut v: Vec<(u64, u64, T)> = items.collect();
+    v.sort_by_key(|(o, _, _)| *o);
+    let mut out: Vec<Span<'a, T>> = Vec::new();
+    for (o, l, t) in v {
+        let end = o + l;
+        if let Some(last) = out.last_mut() {
+            let joined_end = last.end.max(end);
+            if o <= last.end.saturating_add(GAP_MAX) && joined_end - last.start <= SPAN_MAX {
+                last.end = joined_end;
+                last.items.push(t);
+                continue;
+            }
+        }
+        out.push(Span { start: o, end, items: vec![t], _life: std::marker::PhantomData });
+    }
+    out
+}
+
+/// The xattr names of a placeholder, under `trusted.` (or `user.` with `userxattr`).
+pub(crate) fn placeholder_xattrs(userxattr: bool) -> (&'static [u8], &'static [u8]) {
+    if userxattr {
+        (b"user.overlay.metacopy", b"user.overlay.redirect")
+    } else {
+        (b"trusted.overlay.metacopy", b"trusted.overlay.redirect")
+    }
+}
+
+/// The name of data entry `id` of the layer `digest` in its data-only lower (and the
+/// redirect of its placeholder, with a leading `/`).
+pub(crate) fn data_name(digest: &Digest, id: usize) -> String {
+    format!("{}-{id:x}", digest.hex())
+}
+
+/// The FUSE prefix of `digest`'s data names.
+#[cfg_attr(not(feature = "lazy"), allow(dead_code))]
+pub(crate) fn data_prefix(digest: &Digest) -> String {
+    format!("{}-", digest.hex())
+}
+
+/// Turn the placeholders of an extracted skeleton into overlay metacopy files
+/// redirecting into the data-only lower: each is opened by descriptor inside `skel`
+/// (never following a symlink) and gets the two xattrs. Hard links share the inode.
+pub(crate) fn mark_placeholders(skel: &Path, store: &Store, userxattr: bool) -> Result<()> {
+    use std::os::fd::AsFd;
+    let root = crate::root::Root::open(skel)?;
+    let (metacopy, redirect) = placeholder_xattrs(userxattr);
+    for (id, &e) in store.ids.iter().enumerate() {
+        if !store.placeholder[id] {
+            continue;
+        }
+        let path = store.toc.entries[e].path.as_bytes();
+        let comps = crate::root::split_path(path).map_err(|_| Error::PathEscape {
+            entry: store.toc.entries[e].path.clone(),
+            reason: "not a plain relative path",
+        })?;
+        let (name, parent) = comps.split_last().expect("a file entry has a name");
+        let shown = root.display(&comps);
+        let dir = root
+            .open_dir(parent, None, path, &mut Vec::new())?
+            .ok_or_else(|| Error::io("open", &shown, std::io::Error::from(std::io::ErrorKind::NotFound)))?;
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            *name,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|err| Error::io("open", &shown, err))?;
+        let st = nix::sys::stat::fstat(&fd).map_err(|err| Error::io("fstat", &shown, err))?;
+        if st.st_mode & libc_s_ifmt() != libc_s_ifreg() || st.st_size as u64 != store.size(id) {
+            return Err(Error::io("check placeholder", &shown, std::io::Error::from(std::io::ErrorKind::InvalidData)));
+        }
+        crate::sys::fsetxattr(fd.as_fd(), metacopy, b"").map_err(|err| Error::io("fsetxattr", &shown, err))?;
+        let target = format!("/{}", data_name(&store.toc.layer, id));
+        crate::sys::fsetxattr(fd.as_fd(), redirect, target.as_bytes())
+            .map_err(|err| Error::io("fsetxattr", &shown, err))?;
+    }
+    Ok(())
+}
+
+/// Set the mtime of each directory of `mtimes` (relative paths, `""` for the root) that
+/// exists under `root` as a directory reached without following a symlink; others are
+/// skipped (whited out or replaced by a later layer).
+pub(crate) fn set_dir_mtimes(root: &Path, mtimes: &HashMap<&str, (i64, u32)>) -> Result<()> {
+    let r = crate::root::Root::open(root)?;
+    for (path, (secs, nsec)) in mtimes {
+        let Ok(comps) = crate::root::split_path(path.as_bytes()) else { continue };
+        let Ok(Some(fd)) = r.open_dir(&comps, None, path.as_bytes(), &mut Vec::new()) else { continue };
+        let t = nix::sys::time::TimeSpec::new(*secs, i64::from(*nsec));
+        nix::sys::stat::futimens(&fd, &nix::sys::time::TimeSpec::UTIME_OMIT, &t)
+            .map_err(|e| Error::io("futimens", r.display(&comps), e))?;
+    }
+    Ok(())
+}
+
+fn libc_s_ifmt() -> u32 {
+    nix::sys::stat::SFlag::S_IFMT.bits()
+}
+
+fn libc_s_ifreg() -> u32 {
+    nix::sys::stat::SFlag::S_IFREG.bits()
+}
+
+#[cfg(feature = "lazy")]
+impl super::fuse::DataSource for Store {
+    fn fetch(&self, id: usize) -> Result<()> {
+        self.urgent.fetch_add(1, Ordering::SeqCst);
+        let r = Store::fetch(self, id);
+        self.urgent.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    fn path(&self, id: usize) -> PathBuf {
+        Store::path(self, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_coalesce_within_bounds() {
+        let s = spans([(0u64, 10u64, 'a'), (20, 10, 'b'), (GAP_MAX + 40, 5, 'c')].into_iter());
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].start, s[0].end), (0, GAP_MAX + 45));
+        let s = spans([(0u64, 10u64, 'a'), (GAP_MAX + 11, 5, 'b')].into_iter());
+        assert_eq!(s.len(), 2);
+        let s = spans([(0u64, SPAN_MAX, 'a'), (SPAN_MAX, 1, 'b'), (SPAN_MAX + 1, 1, 'c')].into_iter());
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1].items, vec!['b', 'c']);
+        // Ranges sharing a gzip member (eStargz inner offsets) share one read.
+        let s = spans([(100u64, 50u64, 1), (100, 50, 2), (150, 10, 3)].into_iter());
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].start, s[0].end), (100, 160));
+    }
+
+    #[test]
+    fn slice_refuses_outside_the_span() {
+        let buf = vec![7u8; 100];
+        assert_eq!(slice(&buf, 1000, 1010, 5).unwrap(), vec![7; 5]);
+        assert!(slice(&buf, 1000, 999, 5).is_err());
+        assert!(slice(&buf, 1000, 1090, 20).is_err());
+        assert!(slice(&buf, 1000, u64::MAX, 2).is_err());
+    }
+}
