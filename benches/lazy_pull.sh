@@ -336,6 +336,12 @@ EOF
 # jget JSON KEY: one value of a run's record.
 jget() { python3 -c 'import json, sys; v = json.load(open(sys.argv[1]))[sys.argv[2]]; print("" if v is None else v)' "$1" "$2"; }
 
+# check_output JSON WHAT: the workload printed what it must, or the bench fails.
+check_output() {
+  python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["lines"] != open(sys.argv[2]).read().splitlines())' "$1" "$T/expected" ||
+    die "$2: the workload saw wrong bytes: $(jget "$1" lines) (expected: $(cat "$T/expected"))"
+}
+
 # local_bytes: bytes allocated under the layers/ of the cache $CACHE (hard links once;
 # -x: not into a FUSE mount, should lazy mode have one there).
 local_bytes() { { du -sx -B1 "$CACHE/layers" 2>/dev/null || echo 0; } | cut -f1; }
@@ -345,10 +351,13 @@ local_bytes() { { du -sx -B1 "$CACHE/layers" 2>/dev/null || echo 0; } | cut -f1;
 # local is up to it; this takes the first that applies:
 #  1. a `fully_local_ms=N` in the run's stderr (N: milliseconds since the run started),
 #     if `run --lazy` waits for or reports its background completion;
-#  2. otherwise `rootfsctl --cache C ensure REF` right after the run, retried while it
-#     fails (a background completion may hold the cache), then polling until the cache's
-#     layers/ holds the image's unpacked bytes (98%): the time from the run's start until
-#     then (so it includes the ensure's own fetches, if it makes any).
+#  2. otherwise `rootfsctl --cache C ensure --lazy REF` right after the run (plain
+#     `ensure` where rootfsctl has no `ensure --lazy`), retried while it fails (a
+#     background completion may hold the cache), then polling until the cache's layers/
+#     holds the image's unpacked bytes (98%): the time from the run's start until then.
+#     `run --lazy` serves the image only while it runs (its background completion stops
+#     when it exits), so this includes the ensure finishing the pull, from what the run
+#     left in the cache.
 # Prints seconds, or nothing after LOCAL_TIMEOUT seconds. Called as soon as the run has
 # returned: nothing slow (no python) runs before the end time is taken.
 time_until_local() {
@@ -359,7 +368,7 @@ time_until_local() {
     return 0
   fi
   deadline=$((SECONDS + LOCAL_TIMEOUT))
-  until "$bin" --cache "$CACHE" --plain-http ensure "$REF" >/dev/null 2>"$T/ensure.err"; do
+  until "$bin" --cache "$CACHE" --plain-http ensure "${ensure_lazy[@]}" "$REF" >/dev/null 2>"$T/ensure.err"; do
     ((SECONDS < deadline)) || {
       log "  ensure after the lazy run still fails: $(tail -1 "$T/ensure.err")"
       return 0
@@ -377,6 +386,8 @@ time_until_local() {
   awk -v a="$(jget "$json" wall0)" -v z="$now" 'BEGIN { printf "%.3f\n", z - a }'
 }
 
+ensure_lazy=()
+if "$bin" ensure --help 2>&1 | grep -q -- --lazy; then ensure_lazy=(--lazy); fi
 lazy=unknown # unknown until the first lazy run: yes, or no (the option is rejected)
 # one_run LINK MODE N: one timed run from a fresh cache; appends a row to runs.tsv.
 # When MODE is lazy and rootfsctl rejects --lazy, sets lazy=no and records nothing.
@@ -397,8 +408,7 @@ one_run() {
   fi
   [[ "$rc" == 0 ]] || die "$mode run $n over $link: exit $rc; stderr: $(tail -3 "$e")"
   [[ "$mode" == lazy ]] && local_s=$(time_until_local "$j" "$e")
-  python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["lines"] != open(sys.argv[2]).read().splitlines())' "$j" "$T/expected" ||
-    die "$mode run $n over $link: the workload saw wrong bytes: $(jget "$j" lines) (expected: $(cat "$T/expected"))"
+  check_output "$j" "$mode run $n over $link"
   if [[ "$mode" == eager ]] && (($(local_bytes) * 100 < image_raw * 98)); then
     die "eager run $n over $link: the cache holds $(local_bytes) bytes, the image $image_raw"
   fi
@@ -419,7 +429,9 @@ one_run() {
 mbps() { awk -v b="$1" -v a="$2" -v z="$3" 'BEGIN { print b / 1e6 / (z - a) }'; }
 
 # The read-throughput phase (modes as arguments): for each mode a kept workspace over its
-# own cache (lazy: once fully local), both on one new ext4, both mounted; then READS
+# own cache, both on one new ext4, both mounted; lazy: `run --lazy` (which takes no
+# --keep), then once fully local the kept workspace by `run --keep` over the same cache
+# (checked to fetch nothing: it reads the layers the lazy pull completed); then READS
 # rounds, each reading the largest file with dd in every mode in turn (so that other load
 # on the machine hits both alike): cold, its page cache dropped first (fadvise DONTNEED
 # through the overlay: `dd iflag=nocache count=0`), then warm. Appends "MODE cold_MBps
@@ -430,16 +442,24 @@ read_phase() {
   for mode in "$@"; do
     dir="$EXT/read-$mode"
     CACHE="$dir/cache"
-    flag=()
-    [[ "$mode" == lazy ]] && flag=(--lazy)
-    run_pgid=$(python3 "$T/timed.py" "$T/read.json" "$T/read.err" "$rx_file" "$T/expected" -- \
-      "$bin" --cache "$CACHE" --plain-http run "${flag[@]}" --keep "$REF" "$dir/ws" -- "${WORKLOAD[@]}") ||
-      die "$mode run --keep: $(tail -3 "$T/read.err")"
     why=""
-    if [[ "$mode" == lazy && -z "$(time_until_local "$T/read.json" "$T/read.err")" ]]; then
-      why="not fully local after ${LOCAL_TIMEOUT} s"
+    if [[ "$mode" == lazy ]]; then
+      run_pgid=$(python3 "$T/timed.py" "$T/read.json" "$T/read.err" "$rx_file" "$T/expected" -- \
+        "$bin" --cache "$CACHE" --plain-http run --lazy "$REF" "$dir/lazy-ws" -- "${WORKLOAD[@]}") ||
+        die "lazy run: $(tail -3 "$T/read.err")"
+      check_output "$T/read.json" "lazy run before the reads"
+      [[ -n "$(time_until_local "$T/read.json" "$T/read.err")" ]] || why="not fully local after ${LOCAL_TIMEOUT} s"
+      kill -KILL -- "-$run_pgid" 2>/dev/null || true
     fi
-    kill -KILL -- "-$run_pgid" 2>/dev/null || true
+    if [[ -z "$why" ]]; then
+      run_pgid=$(python3 "$T/timed.py" "$T/read.json" "$T/read.err" "$rx_file" "$T/expected" -- \
+        "$bin" --cache "$CACHE" --plain-http run --keep "$REF" "$dir/ws" -- "${WORKLOAD[@]}") ||
+        die "$mode run --keep: $(tail -3 "$T/read.err")"
+      check_output "$T/read.json" "$mode run --keep"
+      if [[ "$mode" == lazy ]] && (($(jget "$T/read.json" rx_exit) > 1000000)); then
+        why="the kept workspace's run fetched $(jget "$T/read.json" rx_exit) bytes: the lazy pull left layers to fetch"
+      fi
+    fi
     run_pgid=""
     if [[ -z "$why" ]] && ! "$bin" mount "$dir/ws" >"$dir/merged" 2>"$T/mount.err"; then
       why="rootfsctl mount of the kept workspace failed: $(tail -1 "$T/mount.err")"
@@ -455,7 +475,7 @@ read_phase() {
   done
   sync -f "$EXT" # no writeback of the extractions competes with the reads
   for i in $(seq "$READS"); do
-    for mode in "${ready[@]}"; do
+    for mode in ${ready[@]+"${ready[@]}"}; do
       dir="$EXT/read-$mode"
       f="$(cat "$dir/merged")/opt/data/blob1"
       bytes=$(stat -c %s "$f")
@@ -470,7 +490,7 @@ read_phase() {
       mbps "$bytes" "$t0" "$t1" >>"$dir/warm"
     done
   done
-  for mode in "${ready[@]}"; do
+  for mode in ${ready[@]+"${ready[@]}"}; do
     dir="$EXT/read-$mode"
     printf '%s\t%s\t%s\t\n' "$mode" "$(sort -g "$dir/cold" | sed -n "$(((READS + 1) / 2))p")" \
       "$(sort -g "$dir/warm" | sed -n "$(((READS + 1) / 2))p")" >>"$T/reads.tsv"
@@ -558,7 +578,7 @@ if bar:
 rd = [l.split("\t") for l in open(reads).read().splitlines()]
 if rd:
     print(f"\nRead of /opt/data/blob1 ({blob_mib} MiB) with `dd bs=1M` through a kept workspace's merged view "
-          "(unshaped link; lazy once fully local), median of the dd runs; cold: the file's page cache dropped first "
+          "(unshaped link; lazy: over the layers a lazy pull completed), median of the dd runs; cold: the file's page cache dropped first "
           "(`dd iflag=nocache count=0`):\n")
     print("| layer | cold | warm |")
     print("|---|---:|---:|")
