@@ -396,6 +396,14 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })
 }
 
+/// Set this thread's nice value (Linux keeps one per thread; threads it starts later
+/// inherit it).
+pub fn nice_this_thread(nice: i32) -> io::Result<()> {
+    // SAFETY: plain system calls on this thread's id.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -369,12 +369,13 @@ fn bad_refs_and_usage_leave_nothing() {
         assert!(!ws.exists(), "{r}: {} was made", ws.display());
     }
     assert_eq!(fx.leases(), "");
-    // Usage: no `--`, no command, no WS_DIR, an unknown option, no --cache.
+    // Usage: no `--`, no command, no WS_DIR, --lazy with --keep, an unknown option, no
+    // --cache.
     for args in [
         vec![fx.image.as_str(), s(&ws), "sh"],
         vec![fx.image.as_str(), s(&ws), "--"],
         vec![fx.image.as_str(), "--", "sh"],
-        vec!["--lazy", fx.image.as_str(), s(&ws), "--", "sh"],
+        vec!["--lazy", "--keep", fx.image.as_str(), s(&ws), "--", "sh"],
         vec!["--backend", "fuse", fx.image.as_str(), s(&ws), "--", "sh"],
     ] {
         let o = fx.run(&args);
@@ -387,5 +388,5 @@ fn bad_refs_and_usage_leave_nothing() {
     assert!(!ws.exists());
     // `run --help` prints the command's help, even with a command after `--`.
     let o = fx.ctl.output(&["run", "--help"]);
-    assert!(o.status.success() && stdout(&o).contains("run [--keep]"));
+    assert!(o.status.success() && stdout(&o).contains("run [--lazy] [--keep]"));
 }

@@ -81,8 +81,22 @@ pub(crate) struct Status {
     pub(super) complete: std::sync::atomic::AtomicBool,
     /// The last error of the background work (cleared by progress).
     pub(super) last_error: parking_lot::Mutex<Option<String>>,
-    /// Placeholder bytes local so far.
-    pub(super) local_bytes: AtomicU64,
+    /// Set when the `ensure_lazy` that made the layer has returned: the background work
+    /// waits for it, so that it never competes with building the skeleton (nor with the
+    /// first reads of the sandbox, which it then yields to anyway).
+    pub(super) go: std::sync::atomic::AtomicBool,
+}
+
+/// Lets the completion of the lazy layers an `ensure_lazy` made start when it returns,
+/// whatever way it returns.
+struct StartOnDrop(Vec<Arc<Status>>);
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            s.go.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for LazyLayer {
@@ -208,6 +222,7 @@ impl RootfsCache {
         };
         // The bottom run of lazy layers (one entry per occurrence).
         let mut run: Vec<Arc<LazyLayer>> = Vec::new();
+        let mut start = StartOnDrop(Vec::new());
         let mut eager: Vec<(Digest, String)> = Vec::new();
         for desc in &manifest.layers {
             let d = desc.digest;
@@ -240,6 +255,7 @@ impl RootfsCache {
                     let l = self
                         .lazy_layer(&fetcher, desc, toc, below)
                         .map_err(|e| Error::Layer { digest: d, source: Arc::new(e) })?;
+                    start.0.push(Arc::clone(&l.status));
                     run.push(l);
                 }
                 LayerToc::NotSeekable(reason) => {
@@ -383,11 +399,6 @@ impl RootfsCache {
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let mnt = dir.join(format!("mnt.{seq}"));
         std::fs::create_dir_all(&mnt).map_err(io("mkdir", &mnt))?;
-        let placeholder_bytes: u64 = (0..store.ids.len())
-            .filter(|&id| store.placeholder[id] && store.is_local(id))
-            .map(|id| store.size(id))
-            .sum();
-        status.local_bytes.store(placeholder_bytes, Ordering::Relaxed);
         #[cfg(feature = "lazy")]
         let server = {
             let sizes = (0..store.ids.len()).map(|id| store.size(id)).collect();
@@ -485,6 +496,16 @@ fn nap(store: &Store, d: Duration) -> bool {
 
 /// The completion thread of one lazy layer (see the module docs).
 fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Vec<(Digest, Arc<Status>)>) {
+    // Background work: the lowest CPU priority (threads inherit it; on Linux a nice
+    // value is per thread). Waiting opens are served by the FUSE workers, at the
+    // process's priority.
+    let _ = crate::sys::nice_this_thread(19);
+    while !status.go.load(Ordering::Relaxed) {
+        if !nap(&store, Duration::from_millis(10)) {
+            return;
+        }
+    }
+    store.touch();
     let order: Vec<usize> = (0..store.ids.len()).filter(|&id| store.placeholder[id]).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let work = || {
@@ -493,21 +514,12 @@ fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Ve
             let Some(&id) = order.get(i) else { return };
             let mut backoff = Duration::from_millis(500);
             loop {
-                // Opens that wait go first.
-                while store.urgent.load(Ordering::SeqCst) > 0 {
-                    if !nap(&store, Duration::from_millis(5)) {
-                        return;
-                    }
-                }
                 if store.stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let was_local = store.is_local(id);
-                match store.fetch(id) {
+                // Opens that wait go first (the fetch yields to them between reads).
+                match store.fetch(id, true) {
                     Ok(()) => {
-                        if !was_local {
-                            status.local_bytes.fetch_add(store.size(id), Ordering::Relaxed);
-                        }
                         *status.last_error.lock() = None;
                         break;
                     }

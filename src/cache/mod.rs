@@ -832,7 +832,11 @@ impl Rootfs {
             let store = &l.store;
             s.total_bytes +=
                 (0..store.ids.len()).filter(|&id| store.placeholder[id]).map(|id| store.size(id)).sum::<u64>();
-            s.local_bytes += l.status.local_bytes.load(Ordering::Relaxed);
+            let complete = l.status.complete.load(Ordering::Relaxed);
+            s.local_bytes += (0..store.ids.len())
+                .filter(|&id| store.placeholder[id] && (complete || store.is_local(id)))
+                .map(|id| store.size(id))
+                .sum::<u64>();
             if s.last_error.is_none() {
                 s.last_error = l.status.last_error.lock().clone();
             }

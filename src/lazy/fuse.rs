@@ -141,7 +141,8 @@ impl DataServer {
             MountOption::RO,
             MountOption::NoDev,
             MountOption::NoSuid,
-            MountOption::NoExec,
+            // Not `noexec`: the overlay opens a program's data in this lower to exec it,
+            // and a `noexec` lower makes that EPERM.
         ];
         // The overlay opens lower files with its mounter's credentials, and tests and
         // callers may inspect the lower as another user: anyone may read (the files are
