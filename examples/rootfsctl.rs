@@ -77,12 +77,14 @@ extract one layer blob (tar, tar.gz or tar.zst, detected) into DEST_DIR (created
 missing), digests verified when given. Whiteouts become overlay whiteouts unless --apply,
 which deletes the whited-out paths from DEST_DIR instead (flattening, like `umoci unpack`).
 Prints entries=… files=… … digest=… diff_id=…",
-        "ensure" => "rootfsctl --cache DIR [--hosts-dir DIR] [--plain-http] [--sync] ensure REF
+        "ensure" => "rootfsctl --cache DIR [--hosts-dir DIR] [--plain-http] [--sync] ensure [--lazy] REF
 make REF ready in the cache (pulling and extracting missing layers once, in parallel) and
 print its lower directories, top layer first. REF: OCI_LAYOUT_DIR[:TAG|@sha256:...],
 oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@sha256:...]. A progress bar is drawn on stderr
 when it is a terminal. --sync: each layer is flushed to disk (syncfs) before it is made
-visible, so a power loss cannot leave a ready layer with missing data.",
+visible, so a power loss cannot leave a ready layer with missing data.
+--lazy: pull it as a lazy run does (seekable layers by range reads of their files), and
+wait until every layer is local before printing (for comparing pulls).",
         "ls" => "rootfsctl --cache DIR ls
 the cached layers: digest, bytes, leased or -.",
         "stats" => "rootfsctl --cache DIR stats [--prometheus]
@@ -103,7 +105,7 @@ unmount the merged view (verified); the writes stay in the upper.",
 unmount and delete the workspace and release the image's persisted lease (the cache is
 recorded in WS_DIR by create; --cache, if given, must name the same one). Works on a
 workspace whose tmpfs upper is gone, and finishes a destroy that was killed midway.",
-        "run" => "rootfsctl --cache DIR run [--keep] [--backend kernel|copy|auto] [--tmpfs SIZE] REF WS_DIR -- COMMAND [ARGS...]
+        "run" => "rootfsctl --cache DIR run [--lazy] [--keep] [--backend kernel|copy|auto] [--tmpfs SIZE] REF WS_DIR -- COMMAND [ARGS...]
 make REF ready, a fresh workspace over it in WS_DIR (as create; WS_DIR must not exist or
 be empty), mount it (as mount), run COMMAND with the merged view as its root directory,
 then unmount and destroy the workspace. --keep: unmount it and keep it (mount, diff
@@ -119,7 +121,14 @@ tears down once it has ended; COMMAND is killed if rootfsctl dies, and a rootfsc
 killed by SIGKILL leaves the workspace as create leaves it, for destroy. Prints nothing
 itself on stdout; exits with COMMAND's status (128+N when killed by signal N, 127 when
 it is not found, 126 when it cannot be executed); rootfsctl's own failures exit 1 with a
-`rootfsctl:` line on stderr (2 for usage errors).",
+`rootfsctl:` line on stderr (2 for usage errors).
+--lazy: start before the image is downloaded (RootfsCache::ensure_lazy): its seekable
+(zstd:chunked, eStargz) bottom layers are served from a skeleton and FUSE data-only lowers
+that fetch a file when it is first opened, while the rest is fetched in the background
+(pulled whole: layers that are not seekable, and the ones above them). This process
+serves the data while COMMAND runs and keeps the cache open (other commands get `busy`)
+until it exits; data fetched stays in the cache for the next run. Needs root (FUSE and
+the kernel overlay backend); not with --keep.",
         "convert" => "rootfsctl convert [--backend kernel|copy|auto] DIR
 turn DIR into a workspace in place: DIR.lower holds the original, an overlay is mounted at DIR.",
         "apply" => "rootfsctl apply DIR
@@ -260,6 +269,20 @@ fn run(args: &[String]) -> Result<u8, Fail> {
     }
     let done = match (cmd, rest.as_slice()) {
         ("unpack", _) => cmd_unpack(&args[i + 1..]),
+        ("ensure", ["--lazy", r]) => {
+            let image = ImageRef::parse(r).map_err(usage)?;
+            let cache = open_cache()?;
+            let (fetcher, reference) = image.fetcher(&flags)?;
+            let lazy = cache.ensure_lazy(std::sync::Arc::from(fetcher), &reference, &EnsureOptions::new())?;
+            lazy.wait_local(None);
+            drop(lazy);
+            let (fetcher, reference) = image.fetcher(&flags)?;
+            let rootfs = cache.ensure(fetcher.as_ref(), &reference)?;
+            for l in rootfs.lowers() {
+                println!("{}", l.display());
+            }
+            Ok(())
+        }
         ("ensure", [r]) => {
             let image = ImageRef::parse(r).map_err(usage)?;
             let cache = open_cache()?;
@@ -541,10 +564,12 @@ fn cmd_run(
 ) -> Result<u8, Fail> {
     // Everything is checked before anything changes.
     let (mut keep, mut kind, mut tmpfs, mut pos) = (false, None, None, Vec::new());
+    let mut lazy = false;
     let mut it = rest.iter();
     while let Some(a) = it.next() {
         match *a {
             "--keep" => keep = true,
+            "--lazy" => lazy = true,
             "--backend" => kind = Some(*it.next().ok_or_else(|| usage("--backend needs a value"))?),
             "--tmpfs" => tmpfs = Some(*it.next().ok_or_else(|| usage("--tmpfs needs a value"))?),
             a if a.starts_with('-') => return Err(usage(format!("run: unknown option {a:?}"))),
@@ -570,6 +595,12 @@ fn cmd_run(
         Err(e) => return Err(format!("{}: {e}", ws_dir.display()).into()),
     }
     let cache_dir = cache_dir.ok_or_else(|| usage("run needs --cache DIR"))?;
+    if lazy {
+        if keep {
+            return Err(usage("run: --lazy and --keep: a kept workspace needs the image local (run without --lazy)"));
+        }
+        return run_lazy(&image, flags, ws_dir, opts, backend, command, open_cache);
+    }
     // The image first (a failed or interrupted ensure has made no workspace), then the
     // workspace and its persisted lease, as `create` leaves them.
     let (id, blocked) = {
@@ -615,6 +646,56 @@ fn cmd_run(
         Err(chroot_exec::Failure::Exec(errno)) => {
             // As shells say it: 127 when there is no such command, 126 when it cannot
             // be executed.
+            let (what, code) = match errno {
+                nix::errno::Errno::ENOENT => ("command not found".to_string(), 127),
+                e => (e.desc().to_string(), 126),
+            };
+            let msg = format!("run: {prog}: {what}");
+            torn.map_err(|e| with_teardown(msg.clone(), Err(e)))?;
+            eprintln!("rootfsctl: {msg}");
+            Ok(code)
+        }
+        Err(chroot_exec::Failure::Setup(step, errno)) => {
+            Err(with_teardown(format!("run: {step} {}: {}", target.display(), errno.desc()), torn))
+        }
+        Err(chroot_exec::Failure::Start(msg)) => Err(with_teardown(format!("run: {msg}"), torn)),
+    }
+}
+
+/// `run --lazy`: the image ensured lazily and served by this process while COMMAND runs,
+/// in a workspace that is never persisted (its lease lives in this process).
+fn run_lazy(
+    image: &ImageRef,
+    flags: &RegistryFlags,
+    ws_dir: &Path,
+    opts: WorkspaceOptions,
+    backend: Box<dyn MountBackend>,
+    command: &[String],
+    open_cache: &dyn Fn() -> Result<RootfsCache, Fail>,
+) -> Result<u8, Fail> {
+    // Signals are blocked before the cache starts its FUSE and completion threads: they
+    // inherit the mask, so SIGINT reaches the command, never a serving thread.
+    let blocked = chroot_exec::Blocked::block()?;
+    let cache = open_cache()?;
+    let (fetcher, reference) = image.fetcher(flags)?;
+    let rootfs = cache.ensure_lazy(std::sync::Arc::from(fetcher), &reference, &EnsureOptions::new())?;
+    let mut ws = Workspace::create(ws_dir, rootfs, opts)?;
+    let target = match ws.mount(backend) {
+        Ok(t) => t.to_path_buf(),
+        Err(e) => {
+            let torn = ws.destroy().map_err(Fail::from);
+            return Err(with_teardown(e.to_string(), torn));
+        }
+    };
+    let result = chroot_exec::run(&blocked, &target, command);
+    let torn = ws.destroy().map_err(|e| Fail::from(format!("{e} (left for `rootfsctl destroy {}`)", ws_dir.display())));
+    let prog = &command[0];
+    match result {
+        Ok(ended) => match torn {
+            Ok(()) => Ok(ended.code()),
+            Err(e) => Err(with_teardown(format!("run: {prog} exited with status {}", ended.code()), Err(e))),
+        },
+        Err(chroot_exec::Failure::Exec(errno)) => {
             let (what, code) = match errno {
                 nix::errno::Errno::ENOENT => ("command not found".to_string(), 127),
                 e => (e.desc().to_string(), 126),

@@ -1501,3 +1501,42 @@ fn fold_back_on_coarse_timestamp_target() {
     assert_eq!(fs::read(sb.upper.join("f")).ok().as_deref(), Some(&b"sandbox"[..]), "write lost");
     check("kernel view of the folded upper vs the coarse target", &m, &sb.kernel(), &cmp_no_dir_mtime());
 }
+
+/// Data-only lowers (a lazy image) need the kernel, which follows the skeleton's
+/// metacopy placeholders: the copy backend refuses them before touching anything,
+/// rather than copying placeholders. Needs no root.
+#[test]
+fn data_only_lowers_are_refused_and_nothing_changes() {
+    let tmp = support::tempdir();
+    let [lower, data, upper, work, target] = [
+        tmp.path().join("lower"),
+        tmp.path().join("data"),
+        tmp.path().join("upper"),
+        tmp.path().join("work"),
+        tmp.path().join("target"),
+    ];
+    for d in [&lower, &data, &upper, &work, &target] {
+        fs::create_dir(d).unwrap();
+    }
+    write(&lower.join("f"), b"\0\0\0");
+    write(&data.join("x1"), b"hi\n");
+    write(&upper.join("kept"), b"the sandbox's");
+    let before = support::snapshot(tmp.path());
+    let spec = OverlaySpec::new([&lower], &upper, &work, &target).with_data_lowers([&data]);
+    for attempt in ["mount", "OverlayMount::mount"] {
+        let e = match attempt {
+            "mount" => CopyBackend::new().mount(&spec).unwrap_err(),
+            _ => OverlayMount::mount(CopyBackend::new(), spec.clone()).unwrap_err(),
+        };
+        match &e {
+            Error::Unsupported { what } => {
+                assert!(what.contains("data-only lowers") && what.contains("kernel overlay"), "{what}")
+            }
+            other => panic!("{attempt}: expected Unsupported, got {other:?}"),
+        }
+        check(&format!("after a refused {attempt}"), &before, &support::snapshot(tmp.path()), &strict_cmp());
+    }
+    // Nothing was mounted, so unmounting is a no-op and changes nothing either.
+    CopyBackend::new().unmount(&spec).unwrap();
+    check("after unmount", &before, &support::snapshot(tmp.path()), &strict_cmp());
+}

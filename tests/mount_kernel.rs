@@ -1100,6 +1100,196 @@ fn read_only_upper_error_carries_the_kernel_message() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 6b. Data-only lowers (lazy images)
+
+const METACOPY: &str = "trusted.overlay.metacopy";
+const REDIRECT: &str = "trusted.overlay.redirect";
+
+/// Whether this kernel's overlayfs has data-only lower layers (Linux 6.5+).
+fn has_data_only_lowers() -> bool {
+    kernel_version() >= (6, 5)
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    xattr_set(p, name, value).unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) -> nix::Result<()> {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: NUL-terminated strings and a valid buffer.
+    let r = unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    nix::errno::Errno::result(r).map(drop)
+}
+
+/// A metacopy placeholder of `size` bytes at `p` whose data is `redirect` in a data-only lower.
+fn placeholder(p: &Path, size: u64, redirect: &str) {
+    fs::File::create(p).unwrap().set_len(size).unwrap();
+    set_xattr(p, METACOPY, b"");
+    set_xattr(p, REDIRECT, redirect.as_bytes());
+}
+
+/// A lazy image made by hand: the skeleton `skel` (placeholders `f` → `/x1` and
+/// `sub/g` → `/ab/x2`, a plain file, an empty dir) and data-only lowers `data` (top
+/// first): `/x1` in the top one and, to be shadowed, in the bottom one; `/ab/x2` only
+/// in the bottom one.
+fn lazy_layers(skel: &Path, data: &[PathBuf]) {
+    mkdirs(&skel.join("sub"));
+    mkdirs(&skel.join("empty"));
+    write(&skel.join("plain"), "plain file\n");
+    placeholder(&skel.join("f"), 6, "/x1");
+    placeholder(&skel.join("sub/g"), 12, "/ab/x2");
+    for d in data {
+        mkdirs(d);
+    }
+    let (top, bottom) = (&data[0], data.last().unwrap());
+    write(&top.join("x1"), "hello\n");
+    if bottom != top {
+        write(&bottom.join("x1"), "HIDDEN\n");
+    }
+    mkdirs(&bottom.join("ab"));
+    write(&bottom.join("ab/x2"), "nested data\n");
+}
+
+/// Reads through the placeholders, appends to one and changes another's mode, checks
+/// the upper holds full copies without metacopy or redirect xattrs.
+fn check_lazy_view(what: &str, target: &Path, upper: &Path) {
+    assert_eq!(names(target), set(["empty", "f", "plain", "sub"]), "{what}: data-only names must not show");
+    assert_eq!(read(&target.join("f")), "hello\n", "{what}: f (the top data-only lower wins)");
+    assert_eq!(read(&target.join("sub/g")), "nested data\n", "{what}: sub/g");
+    assert_eq!(read(&target.join("plain")), "plain file\n", "{what}: plain");
+    assert!(names(&target.join("empty")).is_empty());
+    let mut f = fs::OpenOptions::new().append(true).open(target.join("f")).unwrap();
+    std::io::Write::write_all(&mut f, b"more\n").unwrap();
+    drop(f);
+    support::chmod(&target.join("sub/g"), 0o600);
+    assert_eq!(read(&target.join("f")), "hello\nmore\n", "{what}");
+    assert_eq!(read(&upper.join("f")), "hello\nmore\n", "{what}: upper f holds the full data");
+    assert_eq!(read(&upper.join("sub/g")), "nested data\n", "{what}: a metadata change copies the data up too");
+    assert_eq!(fs::metadata(upper.join("sub/g")).unwrap().permissions().mode() & 0o7777, 0o600);
+    let marks: Vec<String> = [with_xattr(upper, METACOPY), with_xattr(upper, REDIRECT)].concat();
+    assert!(marks.is_empty(), "{what}: metacopy/redirect xattrs in the upper: {marks:?}");
+}
+
+/// A skeleton over data-only lowers with every API, short paths and long ones (256-byte
+/// paths `fsconfig` cannot take as strings, more than a page of legacy option data, so
+/// the legacy mount compacts): reads give the data, writes copy the full data up, and
+/// the layers stay as they were. On a kernel without data-only lowers: `Unsupported`.
+#[test]
+fn data_only_lowers_with_every_api() {
+    let Some(s) = setup("data_only_lowers_with_every_api") else { return };
+    let target = mkdirs(&s.path().join("m"));
+    if !has_data_only_lowers() {
+        let (skel, data) = (s.path().join("skel"), vec![s.path().join("data")]);
+        lazy_layers(&skel, &data);
+        for api in apis() {
+            let (u, w) = (mkdirs(&s.path().join(format!("u-{}", tag(api)))), mkdirs(&s.path().join("w")));
+            let spec = OverlaySpec::new([&skel], &u, &w, &target).with_data_lowers(data.clone());
+            assert_refused(
+                &format!("{api:?} on kernel {:?}", kernel_version()),
+                &target,
+                |e| matches!(e, Error::Unsupported { what } if what.contains("data-only")),
+                || KernelOverlay::with_api(api).mount(&spec),
+            );
+        }
+        return;
+    }
+    // Short: one data-only lower. Long: 20, at paths of 255 and 256 bytes.
+    let short_root = mkdirs(&s.path().join("short"));
+    let short = (short_root.join("skel"), vec![short_root.join("data")]);
+    let long_root = mkdirs(&long_prefix(&s.path().join("long"), PREFIX_LEN));
+    let long = (long_root.join("skel"), (0..20).map(|i| long_root.join(lower_name(i))).collect::<Vec<_>>());
+    assert!(long.1.iter().map(|d| d.as_os_str().len() + 2).sum::<usize>() > 4096);
+    for (layout, root, (skel, data)) in [("short", &short_root, &short), ("long", &long_root, &long)] {
+        lazy_layers(skel, data);
+        let before = support::snapshot(root);
+        for api in apis() {
+            let what = format!("{api:?}, {layout} paths");
+            let upper = mkdirs(&root.join(format!("u-{}", tag(api))));
+            let work = mkdirs(&root.join(format!("w-{}", tag(api))));
+            let mut spec = OverlaySpec::new([skel], &upper, &work, &target).with_data_lowers(data.iter().cloned());
+            spec.options.fresh = true;
+            let backend = KernelOverlay::with_api(api);
+            let m = OverlayMount::mount(&backend, spec).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_overlay_at(&target, &what);
+            // Shown as `lowerdir=l::d1::d2` (the legacy string), or `lowerdir+=` and
+            // `datadir+=` entries (the new API).
+            let o = super_opts(&target);
+            let shown = o.iter().filter(|x| x.starts_with("datadir+=")).count()
+                + opt(&o, "lowerdir").map_or(0, |l| l.matches("::").count());
+            assert_eq!(shown, data.len(), "{what}: {o:?}");
+            if backend.api() == MountApi::Legacy && layout == "long" {
+                let lowerdir = opt(&o, "lowerdir").unwrap_or_else(|| panic!("{what}: no lowerdir in {o:?}"));
+                assert!(lowerdir.starts_with("skel::"), "{what}: not compacted: {lowerdir}");
+            }
+            check_lazy_view(&what, &target, &upper);
+            m.unmount().unwrap_or_else(|e| panic!("{what}: unmount: {e}"));
+            assert!(names(&target).is_empty(), "{what}: the target dir itself was written");
+            fs::remove_dir_all(&upper).unwrap();
+            fs::remove_dir_all(&work).unwrap();
+        }
+        assert_same_tree(&format!("{layout} layers after all mounts"), &before, &support::snapshot(root));
+    }
+}
+
+/// Data-only lowers are checked with the lowers: listed twice, also a lower, missing,
+/// or too many together are refused before (or, reached by another path, instead of)
+/// the kernel's own error; other kernel refusals pass through unchanged (not as
+/// `Unsupported`) on a kernel that has data-only lowers.
+#[test]
+fn data_only_lower_refusals() {
+    let Some(s) = setup("data_only_lower_refusals") else { return };
+    let (skel, data) = (s.path().join("skel"), s.path().join("data"));
+    lazy_layers(&skel, std::slice::from_ref(&data));
+    let target = mkdirs(&s.path().join("m"));
+    let (upper, work) = (mkdirs(&s.path().join("u")), mkdirs(&s.path().join("w")));
+    let alias = s.path().join("data-alias");
+    std::os::unix::fs::symlink(&data, &alias).unwrap();
+    let missing = s.path().join("no-such-data");
+    let spec =
+        |data_lowers: Vec<PathBuf>| OverlaySpec::new([&skel], &upper, &work, &target).with_data_lowers(data_lowers);
+    let many: Vec<PathBuf> = (0..MAX_LOWERS).map(|i| s.path().join(format!("d{i}"))).collect();
+    for api in apis() {
+        let backend = KernelOverlay::with_api(api);
+        let invalid: fn(&Error) -> bool = |e| matches!(e, Error::InvalidSpec { .. });
+        let cases = [
+            ("a data-only lower twice", spec(vec![data.clone(), data.clone()]), invalid),
+            ("a lower as a data-only lower", spec(vec![skel.clone()]), invalid),
+            ("more than MAX_LOWERS together", spec(many.clone()), |e| matches!(e, Error::LimitExceeded { .. })),
+        ];
+        for (what, spec, ok) in cases {
+            assert_refused(&format!("{api:?}: {what}"), &target, ok, || backend.mount(&spec));
+        }
+        if has_data_only_lowers() {
+            // Reached twice through a symlink: only the kernel sees it; named anyway.
+            assert_refused(
+                &format!("{api:?}: a data-only lower twice by another path"),
+                &target,
+                |e| matches!(e, Error::InvalidSpec { reason } if reason.contains("listed twice")),
+                || backend.mount(&spec(vec![data.clone(), alias.clone()])),
+            );
+            assert_refused(
+                &format!("{api:?}: a missing data-only lower"),
+                &target,
+                |e| e.raw_os_error() == Some(libc::ENOENT) && e.to_string().contains("no-such-data"),
+                || backend.mount(&spec(vec![missing.clone()])),
+            );
+            // Work inside the upper: the kernel's refusal, not a data-only one.
+            let inner = mkdirs(&upper.join("work"));
+            let bad = OverlaySpec::new([&skel], &upper, &inner, &target).with_data_lowers([&data]);
+            assert_refused(
+                &format!("{api:?}: work inside the upper, with data-only lowers"),
+                &target,
+                |e| matches!(e, Error::Mount { .. }),
+                || backend.mount(&bad),
+            );
+            fs::remove_dir_all(&inner).unwrap();
+        }
+    }
+    assert!(names(&upper).is_empty(), "{:?} {:?}", names(&upper), names(&work));
+}
+
+// ---------------------------------------------------------------------------------------
 // 7 & 8. User namespaces (re-exec of this binary)
 
 /// The wrapper that runs a child unprivileged: `setpriv` to nobody when available (then
@@ -1219,6 +1409,8 @@ fn child_rootless_mount() {
     let d = detect(&dir.join("scratch")).unwrap();
     println!("CHILD-DETECT {d:?}");
     assert_eq!((d.kind, d.reason, d.userxattr), (BackendKind::Kernel, DetectReason::OverlayMounted, true));
+    // The data-only probe works rootless too (its own mount namespace inside ours).
+    assert_eq!(d.data_only_lowers, has_data_only_lowers(), "kernel {:?}", kernel_version());
     println!("CHILD-DONE");
 }
 
@@ -1230,6 +1422,7 @@ fn detect_as_root_chooses_the_kernel() {
     let before = mount_count();
     let d = detect(&scratch).unwrap();
     assert_eq!((d.kind, d.reason, d.userxattr), (BackendKind::Kernel, DetectReason::OverlayMounted, false));
+    assert_eq!(d.data_only_lowers, has_data_only_lowers(), "kernel {:?}", kernel_version());
     assert_eq!(names(&scratch), set(["existing"]), "detect() left its probe behind");
     assert_eq!(mount_count(), before);
     // And again (a second probe gets a new name and is removed too).
@@ -1260,6 +1453,7 @@ fn child_detect() {
     let d = detect(&dir).unwrap();
     println!("CHILD-DETECT {d:?}");
     assert_eq!((d.kind, d.reason, d.userxattr), (BackendKind::Copy, DetectReason::NotPermitted, true));
+    assert!(!d.data_only_lowers, "the copy backend never takes data-only lowers");
     println!("CHILD-DONE");
 }
 

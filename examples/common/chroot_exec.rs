@@ -5,7 +5,7 @@
 //! is not root, so that it may `chroot`), with the root mount made a slave: the mounts
 //! the command makes (`/proc`, tmpfs) stay in its namespace and go with it, and never
 //! stand in the way of the caller's unmount of the view. The view itself stays mounted
-//! in the caller's namespace. Then `chroot(root)`, `chdir("/")`, and `execvp`, so the
+//! in the caller's namespace. Then `chroot(root)`, `chdir("/")`, and `execve` along `PATH` (as `execvp`), so the
 //! command is looked up in the new root's `PATH` directories (a default `PATH` when it is
 //! unset). The child dies with the caller (`PR_SET_PDEATHSIG`): a command never outlives
 //! the process that tears its workspace down.
@@ -15,7 +15,7 @@
 //! forwards the first three to the command and reaps it on the last, and a signal that
 //! arrives after the command ended never interrupts the teardown.
 //!
-//! This is the example's only `unsafe` code: `fork`, `sigwaitinfo`, `execvp`, `_exit`.
+//! This is the example's only `unsafe` code: `fork`, `sigwaitinfo`, `execve`, `_exit`.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -111,8 +111,37 @@ pub fn run(blocked: &Blocked, root: &Path, argv: &[String]) -> Result<Ended, Fai
     let Some(prog) = args.first() else { return Err(Failure::Start("no command".into())) };
     let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     arg_ptrs.push(std::ptr::null());
-    let set_path = std::env::var_os("PATH").is_none();
-    let path_c = CString::new(DEFAULT_PATH).expect("no NUL");
+    // The environment and the program's candidate paths (a `PATH` search, as execvp
+    // does it) are made here too: the child of a multi-threaded process (a lazy `run`
+    // serves FUSE from threads) may not allocate.
+    let mut env: Vec<CString> = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.extend(CString::new(kv).ok());
+    }
+    let search = std::env::var_os("PATH").map_or_else(|| DEFAULT_PATH.as_bytes().to_vec(), |p| p.as_bytes().to_vec());
+    if std::env::var_os("PATH").is_none() {
+        env.push(CString::new(format!("PATH={DEFAULT_PATH}")).expect("no NUL"));
+    }
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    let candidates: Vec<CString> = if prog.as_bytes().contains(&b'/') {
+        vec![prog.clone()]
+    } else {
+        search
+            .split(|&b| b == b':')
+            .map(|dir| {
+                let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+                let mut p = dir.to_vec();
+                p.push(b'/');
+                p.extend_from_slice(prog.as_bytes());
+                p
+            })
+            .filter_map(|p| CString::new(p).ok())
+            .collect()
+    };
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     let rootless = !nix::unistd::geteuid().is_root();
     let uid_map = format!("{uid} {uid} 1\n");
@@ -121,18 +150,18 @@ pub fn run(blocked: &Blocked, root: &Path, argv: &[String]) -> Result<Ended, Fai
     let (report_r, report_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Failure::Start(format!("pipe2: {e}")))?;
 
-    // SAFETY: the process is single-threaded here (see `Blocked::block`), so the child
-    // may run any code; it only makes system calls on data prepared above and leaves
-    // with `execvp` or `_exit`, never returning into the caller's code.
+    // SAFETY: the child only makes system calls on data prepared above (no allocation:
+    // other threads may hold the allocator's locks) and leaves with `execve` or
+    // `_exit`, never returning into the caller's code.
     match unsafe { nix::unistd::fork() }.map_err(|e| Failure::Start(format!("fork: {e}")))? {
         ForkResult::Child => {
             drop(report_r);
             let (step, errno) = child(ChildPlan {
                 blocked,
                 root: &root_c,
-                prog,
+                candidates: &candidates,
                 argv: &arg_ptrs,
-                path: set_path.then_some(&path_c),
+                envp: &env_ptrs,
                 rootless: rootless.then_some((uid_map.as_bytes(), gid_map.as_bytes())),
                 parent,
             });
@@ -162,10 +191,11 @@ pub fn run(blocked: &Blocked, root: &Path, argv: &[String]) -> Result<Ended, Fai
 struct ChildPlan<'a> {
     blocked: &'a Blocked,
     root: &'a CString,
-    prog: &'a CString,
+    /// The paths to try, in order (the program itself when it names a path).
+    candidates: &'a [CString],
     argv: &'a [*const libc::c_char],
-    /// Set `PATH` to this (the caller has none).
-    path: Option<&'a CString>,
+    /// The environment, `PATH` included.
+    envp: &'a [*const libc::c_char],
     /// Not root: a user namespace, mapping these uid and gid lines.
     rootless: Option<(&'a [u8], &'a [u8])>,
     parent: Pid,
@@ -205,15 +235,21 @@ fn child(p: ChildPlan<'_>) -> (u8, Errno) {
     // SAFETY: SIG_DFL installs no handler.
     let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&p.blocked.old), None);
-    // SAFETY: NUL-terminated strings and a NULL-terminated argv, prepared before fork;
-    // `setenv` may allocate, which is fine in the child of a single-threaded process.
-    unsafe {
-        if let Some(path) = p.path {
-            libc::setenv(c"PATH".as_ptr(), path.as_ptr(), 1);
+    // As execvp: the first candidate that can be executed; EACCES if one existed but
+    // could not be, else the last error.
+    let mut denied = false;
+    let mut last = Errno::ENOENT;
+    for c in p.candidates {
+        // SAFETY: NUL-terminated strings and NULL-terminated argv and envp, prepared
+        // before fork.
+        unsafe { libc::execve(c.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr()) };
+        last = Errno::last();
+        denied |= last == Errno::EACCES;
+        if !matches!(last, Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES | Errno::ELOOP | Errno::ENAMETOOLONG) {
+            break;
         }
-        libc::execvp(p.prog.as_ptr(), p.argv.as_ptr());
     }
-    (0, Errno::last())
+    (0, if denied { Errno::EACCES } else { last })
 }
 
 /// Writes `data` to a `/proc` file in one `write`, as the kernel wants for id maps.

@@ -110,9 +110,19 @@ impl MountBackend for CopyBackend {
     /// - [`Error::NotEmpty`]: the target is not empty, or
     ///   [`fresh`](super::OverlayOptions::fresh) was asked for and the upper or work dir is
     ///   not;
+    /// - [`Error::Unsupported`]: the spec has [data-only lowers](OverlaySpec::data_lowers)
+    ///   (a lazy image): only the kernel follows their metacopy placeholders, and a copy
+    ///   would hold the placeholders instead of the files. Nothing is touched.
     /// - [`Error::Io`]: a directory of the spec cannot be opened, or copying fails.
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
         let _span = span!("mount", backend = "copy", target = %spec.target.display(), lowers = spec.lowers.len());
+        if !spec.data_lowers.is_empty() {
+            return Err(Error::Unsupported {
+                what: "data-only lowers (lazy layers) need the kernel overlay backend (Linux 6.5+), \
+                       not the copy backend"
+                    .into(),
+            });
+        }
         let c = checked_spec(spec)?;
         let p = &c.paths;
         if let Some(problem) = spec_problem(p)? {
@@ -144,7 +154,7 @@ impl MountBackend for CopyBackend {
         let copied = (|| {
             for (fd, path) in &layers {
                 let xattrs = Xattrs::Unescape(Xattrs::prefix(c.userxattr));
-                copy_layer(fd.as_fd(), target.as_fd(), c.userxattr, xattrs, path, &p.target)?;
+                copy_layer(fd.as_fd(), target.as_fd(), c.userxattr, xattrs, None, path, &p.target)?;
             }
             let stamp = wait_for_tick(target.as_fd(), &p.target)?;
             let dirs = dir_inodes(target.as_fd(), &p.target)?;
@@ -447,14 +457,78 @@ pub(crate) fn copy_leaf(
     copy_meta(sdir, sname, st, ddir, dname, xattrs, display)
 }
 
+/// Data-only lowers ([`OverlaySpec::data_lowers`]), opened: where [`copy_layer`] takes
+/// the data of a lazy skeleton's metacopy placeholders from, as the kernel would.
+pub(crate) struct DataLowers {
+    roots: Vec<crate::root::Root>,
+    metacopy: Vec<u8>,
+    redirect: Vec<u8>,
+}
+
+impl DataLowers {
+    /// Opens `dirs` (top first); overlay metadata in `user.overlay.*` under `userxattr`.
+    pub(crate) fn open(dirs: &[std::path::PathBuf], userxattr: bool) -> Result<DataLowers> {
+        let roots = dirs.iter().map(|d| crate::root::Root::open(d)).collect::<Result<Vec<_>>>()?;
+        let prefix = Xattrs::prefix(userxattr);
+        Ok(DataLowers { roots, metacopy: [prefix, b"metacopy"].concat(), redirect: [prefix, b"redirect"].concat() })
+    }
+
+    /// For the regular file `dir/name` (described by `st`) of a layer: `None` unless it
+    /// is a metacopy placeholder; else the file holding its data, the placeholder's
+    /// absolute redirect looked up in the data-only lowers, top first (by descriptor:
+    /// no symlink, no `..`). The kernel looks in the normal lowers below first; a lazy
+    /// skeleton's redirects only ever name data-only files, so this does not.
+    fn data_of(&self, dir: BorrowedFd<'_>, name: &[u8], st: &FileStat, display: &Path) -> Result<Option<File>> {
+        let get = |xname: &[u8]| match sys::getxattr_at_nofollow(dir, name, xname) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(None),
+            Err(e) => Err(Error::io("lgetxattr", display, e)),
+        };
+        if get(&self.metacopy)?.is_none() {
+            return Ok(None);
+        }
+        let invalid = |reason: String| Error::InvalidImage { path: display.to_path_buf(), reason };
+        let redirect = get(&self.redirect)?.unwrap_or_default();
+        let Some(rel) = redirect.strip_prefix(b"/") else {
+            return Err(invalid(
+                "a metacopy placeholder without an absolute redirect (only data-only lowers are followed)".into(),
+            ));
+        };
+        let comps = crate::root::split_path(rel).map_err(|r| invalid(format!("redirect: {r}")))?;
+        let Some((last, parents)) = comps.split_last() else {
+            return Err(invalid("a redirect to the root".into()));
+        };
+        for root in &self.roots {
+            let Some(parent) = root.open_dir(parents, None, rel, &mut Vec::new())? else { continue };
+            let shown = root.display(&comps);
+            if stat_at(parent.as_fd(), last, &shown)?.is_none() {
+                continue;
+            }
+            let data = open_regular_at(parent.as_fd(), last, &shown)?;
+            let size = fstat(data.as_fd()).map_err(|e| Error::io("fstat", &shown, e))?.st_size;
+            if size != st.st_size {
+                return Err(invalid(format!(
+                    "a metacopy placeholder of {} bytes over {} of {size} bytes",
+                    st.st_size,
+                    shown.display()
+                )));
+            }
+            return Ok(Some(data));
+        }
+        Err(invalid(format!("redirect {} is in no data-only lower", String::from_utf8_lossy(&redirect))))
+    }
+}
+
 /// Applies one layer (or the upper) to `dst` as overlayfs stacks it: whiteouts remove,
 /// opaque directories replace, anything else replaces what is there. Hardlinks inside
-/// the layer stay hardlinks.
+/// the layer stay hardlinks. With `data`, a metacopy placeholder becomes a copy of the
+/// file it redirects to (with the placeholder's metadata), as the kernel shows it.
 pub(crate) fn copy_layer(
     src_root: BorrowedFd<'_>,
     dst_root: BorrowedFd<'_>,
     userxattr: bool,
     xattrs: Xattrs,
+    data: Option<&DataLowers>,
     src_path: &Path,
     dst_path: &Path,
 ) -> Result<()> {
@@ -516,7 +590,26 @@ pub(crate) fn copy_layer(
             }
             links.insert((st.st_dev, st.st_ino), path.clone());
         }
-        copy_leaf(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, xattrs, &dshow)?;
+        let placeholder = match data {
+            Some(d) if kind(&st) == SFlag::S_IFREG => d.data_of(top.src.as_fd(), &name, &st, &sshow)?,
+            _ => None,
+        };
+        match placeholder {
+            Some(file) => {
+                let dst = openat(
+                    top.dst.as_fd(),
+                    name.as_slice(),
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(|e| Error::io("openat", &dshow, e))?;
+                copy_data(&file, &File::from(dst), &dshow)?;
+                // The placeholder's metadata; its overlay metadata (metacopy, redirect) is
+                // dropped as all overlay metadata is.
+                copy_meta(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, xattrs, &dshow)?;
+            }
+            None => copy_leaf(top.src.as_fd(), &name, &st, top.dst.as_fd(), &name, xattrs, &dshow)?,
+        }
     }
     Ok(())
 }

@@ -13,6 +13,13 @@
 //!   and the mount is made from a helper thread that `chdir`s there (containerd's
 //!   compaction). Helper threads `unshare(CLONE_FS)` first, so the process's working
 //!   directory never changes.
+//!
+//! **Data-only lowers** ([`OverlaySpec::data_lowers`]) go after the normal lowers: as
+//! `fsconfig(.., "datadir+")` calls (Linux 6.8+, as `lowerdir+`) with the new API, and
+//! as `lowerdir=l1:l2::d1::d2` (Linux 6.5+) in the legacy option string. When a mount
+//! with data-only lowers fails, [`data_only_lowers`] (a real probe, run once) tells
+//! whether the kernel has them at all, and if it has not the error says so
+//! ([`Error::Unsupported`]) instead of passing on the kernel's `EINVAL`.
 
 use std::ffi::CStr;
 use std::io;
@@ -69,7 +76,8 @@ impl KernelOverlay {
     }
 
     /// The kernel backend forced to one mount API. A forced API the kernel lacks fails at
-    /// mount time with the kernel's error (`EINVAL` for an unknown `lowerdir+`).
+    /// mount time with the kernel's error (`EINVAL` for an unknown `lowerdir+`). Data-only
+    /// lowers go with every API: `datadir+` with the new ones, `::` with the legacy one.
     pub fn with_api(api: MountApi) -> Self {
         KernelOverlay { api }
     }
@@ -170,6 +178,7 @@ fn set_layer(ctx: BorrowedFd<'_>, key: &'static CStr, how: Layer<'_>, path: &Pat
 fn op_name(key: &CStr) -> &'static str {
     match key.to_bytes() {
         b"lowerdir+" => "fsconfig lowerdir+",
+        b"datadir+" => "fsconfig datadir+",
         b"upperdir" => "fsconfig upperdir",
         _ => "fsconfig workdir",
     }
@@ -207,10 +216,18 @@ impl MountBackend for KernelOverlay {
     ///   upper or work dir is not empty;
     /// - [`Error::Io`]: the upper, work or target dir cannot be opened (or, after the
     ///   kernel refuses, a lower), or the mount table cannot be read;
+    /// - [`Error::Unsupported`]: the spec has [data-only lowers](OverlaySpec::data_lowers)
+    ///   and this kernel's overlayfs has no data-only layers (before Linux 6.5);
     /// - [`Error::Mount`]: the kernel refused a step (`fsopen`, `fsconfig`, `fsmount`,
     ///   `move_mount`, `mount`), with its message in `detail` when it gave one.
     fn mount(&self, spec: &OverlaySpec) -> Result<()> {
-        let _span = span!("mount", backend = "kernel", target = %spec.target.display(), lowers = spec.lowers.len());
+        let _span = span!(
+            "mount",
+            backend = "kernel",
+            target = %spec.target.display(),
+            lowers = spec.lowers.len(),
+            data_lowers = spec.data_lowers.len()
+        );
         let c = checked_spec(spec)?;
         let params = options::params(&spec.options, c.userxattr);
         let r = match (self.api, self.api()) {
@@ -221,12 +238,27 @@ impl MountBackend for KernelOverlay {
             (_, MountApi::LayerFds) => mount_new(&c, &params, Layers::Fds),
             (_, MountApi::LayerStrings) => mount_new(&c, &params, Layers::Strings),
         };
-        match r {
+        let e = match r {
+            Ok(()) => return Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EINVAL | libc::ENOENT | libc::ENOTDIR)) => {
-                Err(super::spec_problem(&c.paths)?.unwrap_or(e))
+                match super::spec_problem(&c.paths)? {
+                    Some(problem) => return Err(problem),
+                    None => e,
+                }
             }
-            r => r,
+            Err(e) => e,
+        };
+        // Before Linux 6.5 the kernel says `EINVAL` ("empty lowerdir" for `::`, "Unknown
+        // parameter" for `datadir+`): say what is missing instead.
+        if !spec.data_lowers.is_empty() && matches!(e, Error::Mount { .. }) && data_only_lowers() == Some(false) {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "data-only lower layers (lazy images): this kernel's overlayfs has none (Linux 6.5+ has them); \
+                     the mount failed with: {e}"
+                ),
+            });
         }
+        Err(e)
     }
 
     /// Detaches the overlay at `spec.target` (`umount2(MNT_DETACH)`) and checks that the
@@ -266,6 +298,8 @@ pub(crate) fn unmount_target(target: &Path) -> Result<()> {
 /// target (lowers are opened only where `fsconfig` needs an fd).
 pub(crate) struct Paths {
     pub lowers: Vec<PathBuf>,
+    /// Data-only lowers, top first.
+    pub data_lowers: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
     pub target: PathBuf,
@@ -300,6 +334,8 @@ fn mount_new(c: &super::Checked, params: &[Param], how: Layers) -> Result<()> {
         set_param(ctx, param, target)?;
     }
     let layers = p.lowers.iter().map(|path| (c"lowerdir+", None, path));
+    // Data-only lowers after every normal one: the kernel refuses `lowerdir+` after `datadir+`.
+    let layers = layers.chain(p.data_lowers.iter().map(|path| (c"datadir+", None, path)));
     let layers = layers.chain([(c"upperdir", Some(&p.upper_fd), &p.upper), (c"workdir", Some(&p.work_fd), &p.work)]);
     let layers: Vec<(&CStr, Option<&OwnedFd>, &PathBuf)> = layers.collect();
     let set = |key: &'static CStr, fd: Option<&OwnedFd>, path: &Path, as_fd: bool| -> Result<()> {
@@ -364,18 +400,76 @@ fn mount_legacy(p: &Paths, params: &[Param]) -> Result<()> {
             .map_err(mount_err("mount", target, String::new()))
     };
     let lowers: Vec<&[u8]> = p.lowers.iter().map(|l| bytes(l)).collect();
-    if let Some(data) = options::legacy_data(&lowers, bytes(&p.upper), bytes(&p.work), params) {
+    let data_lowers: Vec<&[u8]> = p.data_lowers.iter().map(|l| bytes(l)).collect();
+    if let Some(data) = options::legacy_data(&lowers, &data_lowers, bytes(&p.upper), bytes(&p.work), params) {
         return sys_mount(&data);
     }
     let too_long = || Error::LimitExceeded { what: "overlay mount(2) option data after path compaction", limit: 4095 };
-    let mut all: Vec<&Path> = p.lowers.iter().map(PathBuf::as_path).collect();
-    all.extend([p.upper.as_path(), p.work.as_path()]);
-    let (base, rel) = options::compact(&all).ok_or_else(too_long)?;
-    let n = p.lowers.len();
-    let lowers: Vec<&[u8]> = rel[..n].iter().map(|l| bytes(l)).collect();
-    let data = options::legacy_data(&lowers, bytes(&rel[n]), bytes(&rel[n + 1]), params).ok_or_else(too_long)?;
+    let lowers: Vec<&Path> = p.lowers.iter().map(PathBuf::as_path).collect();
+    let data_lowers: Vec<&Path> = p.data_lowers.iter().map(PathBuf::as_path).collect();
+    let (base, data) =
+        options::compacted_legacy_data(&lowers, &data_lowers, &p.upper, &p.work, params).ok_or_else(too_long)?;
     with_own_cwd(target, || {
         nix::unistd::chdir(base.as_path()).map_err(|e| Error::io("chdir", base.as_path(), e))?;
         sys_mount(&data)
     })
+}
+
+/// 0: not known yet; 1: no; 2: yes.
+static DATA_ONLY: AtomicU8 = AtomicU8::new(0);
+
+/// Whether this kernel's overlayfs takes data-only lower layers (`lowerdir=l::d`, Linux
+/// 6.5+; the new API's `datadir+` came with `lowerdir+` in 6.8).
+///
+/// Measured once for real, then cached: a helper thread moves into a private mount
+/// namespace (nothing it mounts is seen anywhere else, and everything goes when it
+/// exits), mounts a small tmpfs over the temp dir there and a read-only overlay of an
+/// empty lower over an empty data-only lower inside it. `None` (not cached) when the
+/// probe cannot run at all: no right to make a mount namespace or mount there.
+pub(crate) fn data_only_lowers() -> Option<bool> {
+    match DATA_ONLY.load(Ordering::Relaxed) {
+        1 => return Some(false),
+        2 => return Some(true),
+        _ => {}
+    }
+    let found = std::thread::scope(|s| s.spawn(probe_data_only).join().ok().flatten());
+    if let Some(yes) = found {
+        DATA_ONLY.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+    }
+    found
+}
+
+/// The probe of [`data_only_lowers`]; runs on a helper thread of its own.
+fn probe_data_only() -> Option<bool> {
+    unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).ok()?;
+    // Nothing mounted below may propagate back into the namespace we came from.
+    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).ok()?;
+    let dir = std::env::temp_dir();
+    nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), MsFlags::empty(), Some("size=64k,mode=0700")).ok()?;
+    let found = (|| {
+        nix::unistd::chdir(&dir).ok()?;
+        for d in ["l", "d", "m"] {
+            nix::unistd::mkdir(d, Mode::from_bits_truncate(0o700)).ok()?;
+        }
+        let with_data: &[u8] =
+            if crate::privilege::unprivileged() { b"lowerdir=l::d,userxattr" } else { b"lowerdir=l::d" };
+        // Two normal lowers: old kernels refuse a single one without an upper.
+        let without: &[u8] = if crate::privilege::unprivileged() { b"lowerdir=l:d,userxattr" } else { b"lowerdir=l:d" };
+        let mount_ro = |data: &[u8]| {
+            let r = nix::mount::mount(Some("overlay"), "m", Some("overlay"), MsFlags::MS_RDONLY, Some(data));
+            if r.is_ok() {
+                let _ = nix::mount::umount2("m", MntFlags::MNT_DETACH);
+            }
+            r
+        };
+        match mount_ro(with_data) {
+            Ok(()) => Some(true),
+            // An answer only if the same overlay mounts with the data-only lower as a
+            // normal one.
+            Err(_) => mount_ro(without).is_ok().then_some(false),
+        }
+    })();
+    let _ = nix::unistd::chdir("/");
+    let _ = nix::mount::umount2(&dir, MntFlags::MNT_DETACH);
+    found
 }

@@ -14,6 +14,8 @@
 //!   spec.lowers[0]  (top)        ┐
 //!   spec.lowers[1]               │ read-only, shared (cache layers)
 //!   ...                          ┘
+//!   spec.data_lowers[..]           data-only (lazy images): reached only through the
+//!                                  lowers' metacopy redirects, never seen by name
 //!   spec.upper                     private writes of this sandbox
 //!   spec.work                      overlay's scratch dir (same filesystem as upper)
 //!   spec.target                    the merged view
@@ -155,6 +157,13 @@ pub struct OverlayOptions {
 pub struct OverlaySpec {
     /// Read-only lower dirs, top layer first (as [`Rootfs::lowers`](crate::Rootfs::lowers)).
     pub lowers: Vec<PathBuf>,
+    /// Data-only lower dirs, top first (as [`Rootfs::data_lowers`](crate::Rootfs::data_lowers)):
+    /// layers below all of `lowers` whose files are reached only through the metacopy
+    /// placeholders (`overlay.metacopy` + an absolute `overlay.redirect`) of a lazy
+    /// image's skeleton layers; their names never show in the merged view. Empty by
+    /// default. Only [`KernelOverlay`] mounts them, and only on kernels whose overlayfs
+    /// has data-only layers (Linux 6.5+); they count toward [`MAX_LOWERS`].
+    pub data_lowers: Vec<PathBuf>,
     /// The writable upper dir.
     pub upper: PathBuf,
     /// Overlay's work dir: empty, on the same filesystem as the upper.
@@ -175,11 +184,19 @@ impl OverlaySpec {
     ) -> Self {
         OverlaySpec {
             lowers: lowers.into_iter().map(Into::into).collect(),
+            data_lowers: Vec::new(),
             upper: upper.into(),
             work: work.into(),
             target: target.into(),
             options: OverlayOptions::default(),
         }
+    }
+
+    /// This spec with `data_lowers` (top first) as its data-only lowers (see
+    /// [`OverlaySpec::data_lowers`]).
+    pub fn with_data_lowers<L: Into<PathBuf>>(mut self, data_lowers: impl IntoIterator<Item = L>) -> Self {
+        self.data_lowers = data_lowers.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Whether `userxattr` applies: the explicit option, else whether this process is
@@ -204,10 +221,11 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io("getcwd", p, e))
 }
 
-/// Validates `spec` and opens its directories: at least one and at most [`MAX_LOWERS`]
-/// lowers, none listed twice by the same path, every path an existing directory, a
-/// fresh upper/work empty when asked, and the target (opened once, so the mount lands
-/// on exactly the directory checked) not already a mount point.
+/// Validates `spec` and opens its directories: at least one lower and at most
+/// [`MAX_LOWERS`] lowers and data-only lowers together, none listed twice by the same
+/// path, every path an existing directory, a fresh upper/work empty when asked, and the
+/// target (opened once, so the mount lands on exactly the directory checked) not already
+/// a mount point.
 ///
 /// Lowers are not even opened here: checks that need a syscall per layer run only
 /// after the kernel refuses ([`spec_problem`]); this is the hot path of every restore.
@@ -215,15 +233,16 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     if spec.lowers.is_empty() {
         return Err(Error::InvalidSpec { reason: "no lower directories".into() });
     }
-    if spec.lowers.len() > MAX_LOWERS {
+    if spec.lowers.len() + spec.data_lowers.len() > MAX_LOWERS {
         return Err(Error::LimitExceeded {
-            what: "overlay lower directories (kernel maximum)",
+            what: "overlay lower directories, data-only ones included (kernel maximum)",
             limit: MAX_LOWERS as u64,
         });
     }
     let lowers = spec.lowers.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?;
-    let mut seen = std::collections::HashSet::with_capacity(lowers.len());
-    for l in &lowers {
+    let data_lowers = spec.data_lowers.iter().map(|p| absolute(p)).collect::<Result<Vec<_>>>()?;
+    let mut seen = std::collections::HashSet::with_capacity(lowers.len() + data_lowers.len());
+    for l in lowers.iter().chain(&data_lowers) {
         if !seen.insert(l) {
             return Err(Error::InvalidSpec { reason: format!("lower {} is listed twice", l.display()) });
         }
@@ -281,18 +300,19 @@ pub(crate) fn checked_spec(spec: &OverlaySpec) -> Result<Checked> {
     if mounted {
         return Err(Error::AlreadyMounted { path: target });
     }
-    let paths = kernel::Paths { lowers, upper, work, target, upper_fd, work_fd, target_fd };
+    let paths = kernel::Paths { lowers, data_lowers, upper, work, target, upper_fd, work_fd, target_fd };
     Ok(Checked { paths, userxattr: spec.userxattr() })
 }
 
-/// What is wrong with a checked spec that the kernel explains badly: a lower that
-/// cannot be opened (`mount(2)` says `ENOENT` without naming it), the same lower
-/// reached twice through different paths (symlinks, bind mounts; the kernel says
-/// `ELOOP`), or upper and work on different filesystems (`EINVAL`, reason in dmesg).
+/// What is wrong with a checked spec that the kernel explains badly: a lower (or
+/// data-only lower) that cannot be opened (`mount(2)` says `ENOENT` without naming it),
+/// the same lower reached twice through different paths (symlinks, bind mounts; the
+/// kernel says `ELOOP`), or upper and work on different filesystems (`EINVAL`, reason in
+/// dmesg).
 pub(crate) fn spec_problem(p: &kernel::Paths) -> Result<Option<Error>> {
     let stat = |fd: &OwnedFd, path: &Path| fstat(fd.as_fd()).map_err(|e| Error::io("fstat", path, e));
-    let mut seen = std::collections::HashMap::with_capacity(p.lowers.len());
-    for l in &p.lowers {
+    let mut seen = std::collections::HashMap::with_capacity(p.lowers.len() + p.data_lowers.len());
+    for l in p.lowers.iter().chain(&p.data_lowers) {
         let fd = match open_dir(l) {
             Ok(fd) => fd,
             Err(e) => return Ok(Some(e)),
@@ -416,6 +436,7 @@ pub enum DetectReason {
 
 /// What [`detect()`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Detection {
     /// The backend to use.
     pub kind: BackendKind,
@@ -424,6 +445,11 @@ pub struct Detection {
     /// Whether the probe mount used `userxattr` (as it does when this process is
     /// unprivileged: not root, or in a user namespace).
     pub userxattr: bool,
+    /// Whether the kernel overlay takes [data-only lowers](OverlaySpec::data_lowers) (Linux
+    /// 6.5+), which a lazy image needs: measured with a real mount of a tiny overlay with a
+    /// data-only lower, in a private mount namespace. Always false with
+    /// [`BackendKind::Copy`], which cannot use them at all.
+    pub data_only_lowers: bool,
 }
 
 impl Detection {
@@ -438,7 +464,11 @@ impl Detection {
 
 /// Picks a backend by mounting a tiny probe overlay whose upper lives in `scratch` (use
 /// the directory that will hold the uppers: whether overlay works depends on that
-/// filesystem). The probe is unmounted and removed before returning.
+/// filesystem). The probe is unmounted and removed before returning. When the kernel
+/// overlay works, whether it takes data-only lowers is probed too
+/// ([`Detection::data_only_lowers`]): an image with them (a lazy one) needs the kernel
+/// backend, and [`CopyBackend`] refuses it with [`Error::Unsupported`], never copying
+/// its placeholders.
 ///
 /// # Errors
 /// [`Error::Io`] when the probe directories cannot be created in or removed from
@@ -477,5 +507,6 @@ pub fn detect(scratch: &Path) -> Result<Detection> {
             (BackendKind::Copy, reason)
         }
     };
-    Ok(Detection { kind, reason, userxattr })
+    let data_only_lowers = kind == BackendKind::Kernel && kernel::data_only_lowers() == Some(true);
+    Ok(Detection { kind, reason, userxattr, data_only_lowers })
 }

@@ -75,16 +75,28 @@ fn escape_into(path: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// The `mount(2)` data string: `lowerdir=a:b,upperdir=u,workdir=w,index=off,...`.
+/// The `mount(2)` data string: `lowerdir=a:b,upperdir=u,workdir=w,index=off,...`, or
+/// with data-only lowers `lowerdir=a:b::d1::d2,...` (they follow the normal lowers, each
+/// after `::`; Linux 6.5+).
 ///
 /// Returns `None` when it does not fit in [`LEGACY_DATA_MAX`] bytes.
-pub fn legacy_data(lowers: &[&[u8]], upper: &[u8], work: &[u8], params: &[Param]) -> Option<Vec<u8>> {
+pub fn legacy_data(
+    lowers: &[&[u8]],
+    data_lowers: &[&[u8]],
+    upper: &[u8],
+    work: &[u8],
+    params: &[Param],
+) -> Option<Vec<u8>> {
     let mut out = b"lowerdir=".to_vec();
     for (i, l) in lowers.iter().enumerate() {
         if i > 0 {
             out.push(b':');
         }
         escape_into(l, &mut out);
+    }
+    for d in data_lowers {
+        out.extend_from_slice(b"::");
+        escape_into(d, &mut out);
     }
     out.extend_from_slice(b",upperdir=");
     escape_into(upper, &mut out);
@@ -119,6 +131,27 @@ pub fn compact(paths: &[&Path]) -> Option<(PathBuf, Vec<PathBuf>)> {
     let base: PathBuf = split[0][..n].iter().collect();
     let rel = split.iter().map(|c| c[n..].iter().collect()).collect();
     Some((base, rel))
+}
+
+/// The legacy data string past a page: every path (data-only lowers included) relative
+/// to their deepest common directory ([`compact`]), and that directory, which the mount
+/// must be made from. `None` when there is no such directory or the string still does
+/// not fit.
+pub fn compacted_legacy_data(
+    lowers: &[&Path],
+    data_lowers: &[&Path],
+    upper: &Path,
+    work: &Path,
+    params: &[Param],
+) -> Option<(PathBuf, Vec<u8>)> {
+    let all: Vec<&Path> = lowers.iter().chain(data_lowers).copied().chain([upper, work]).collect();
+    let (base, rel) = compact(&all)?;
+    let (n, m) = (lowers.len(), data_lowers.len());
+    fn b(r: &[PathBuf]) -> Vec<&[u8]> {
+        r.iter().map(|p| bytes(p)).collect()
+    }
+    let data = legacy_data(&b(&rel[..n]), &b(&rel[n..n + m]), bytes(&rel[n + m]), bytes(&rel[n + m + 1]), params)?;
+    Some((base, data))
 }
 
 /// The bytes of a path.
@@ -172,42 +205,74 @@ mod tests {
     #[test]
     fn legacy_data_table() {
         let p = params(&OverlayOptions::default(), false);
-        type Case<'a> = (Vec<&'a [u8]>, &'a [u8], &'a [u8], &'a str);
+        type Case<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>, &'a [u8], &'a [u8], &'a str);
         let cases: Vec<Case<'_>> = vec![
             (
                 vec![b"/l1"],
+                vec![],
                 b"/u",
                 b"/w",
                 "lowerdir=/l1,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
             ),
             (
                 vec![b"/a", b"/b"],
+                vec![],
                 b"/u",
                 b"/w",
                 "lowerdir=/a:/b,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
             ),
             (
                 vec![b"/with:colon", b"/with,comma", b"/back\\slash"],
+                vec![],
                 b"/u,1",
                 b"/w:2",
                 r"lowerdir=/with\:colon:/with\,comma:/back\\slash,upperdir=/u\,1,workdir=/w\:2,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
             ),
+            // Data-only lowers: after all normal lowers, each after `::`.
+            (
+                vec![b"/skel"],
+                vec![b"/data"],
+                b"/u",
+                b"/w",
+                "lowerdir=/skel::/data,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
+            ),
+            (
+                vec![b"/s1", b"/s2"],
+                vec![b"/d1", b"/d2"],
+                b"/u",
+                b"/w",
+                "lowerdir=/s1:/s2::/d1::/d2,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
+            ),
+            // Escaped as lowers are: an escaped `:` is never read as a separator.
+            (
+                vec![b"/s:1"],
+                vec![b"/d:1", b"/d,2", b"/d\\3", b"/d::4"],
+                b"/u",
+                b"/w",
+                r"lowerdir=/s\:1::/d\:1::/d\,2::/d\\3::/d\:\:4,upperdir=/u,workdir=/w,index=off,redirect_dir=nofollow,metacopy=off,xino=off",
+            ),
         ];
-        for (lowers, u, w, want) in cases {
-            assert_eq!(String::from_utf8(legacy_data(&lowers, u, w, &p).unwrap()).unwrap(), want);
+        for (lowers, data, u, w, want) in cases {
+            assert_eq!(String::from_utf8(legacy_data(&lowers, &data, u, w, &p).unwrap()).unwrap(), want);
         }
     }
 
     #[test]
     fn legacy_data_refuses_more_than_a_page() {
         let long = vec![b'x'; 4100];
-        assert!(legacy_data(&[&long], b"/u", b"/w", &[]).is_none());
+        assert!(legacy_data(&[&long], &[], b"/u", b"/w", &[]).is_none());
         // Exactly at the limit still fits.
         let fixed = "lowerdir=,upperdir=/u,workdir=/w".len();
         let l = vec![b'y'; LEGACY_DATA_MAX - fixed];
-        assert_eq!(legacy_data(&[&l], b"/u", b"/w", &[]).unwrap().len(), LEGACY_DATA_MAX);
+        assert_eq!(legacy_data(&[&l], &[], b"/u", b"/w", &[]).unwrap().len(), LEGACY_DATA_MAX);
         let l = vec![b'y'; LEGACY_DATA_MAX - fixed + 1];
-        assert!(legacy_data(&[&l], b"/u", b"/w", &[]).is_none());
+        assert!(legacy_data(&[&l], &[], b"/u", b"/w", &[]).is_none());
+        // Data-only lowers count too, `::` included.
+        let fixed = "lowerdir=/l::,upperdir=/u,workdir=/w".len();
+        let d = vec![b'z'; LEGACY_DATA_MAX - fixed];
+        assert_eq!(legacy_data(&[b"/l"], &[&d], b"/u", b"/w", &[]).unwrap().len(), LEGACY_DATA_MAX);
+        let d = vec![b'z'; LEGACY_DATA_MAX - fixed + 1];
+        assert!(legacy_data(&[b"/l"], &[&d], b"/u", b"/w", &[]).is_none());
     }
 
     #[test]
@@ -235,5 +300,50 @@ mod tests {
             let want = want.map(|(b, r)| (p(b), r.into_iter().map(p).collect::<Vec<_>>()));
             assert_eq!(got, want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn compacted_legacy_data_table() {
+        let p = |s: &str| PathBuf::from(s);
+        type Case<'a> = (Vec<&'a str>, Vec<&'a str>, &'a str, &'a str, Option<(&'a str, &'a str)>);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                vec!["/c/layers/a/fs", "/c/layers/b/fs"],
+                vec![],
+                "/c/ws/u",
+                "/c/ws/w",
+                Some(("/c", "lowerdir=layers/a/fs:layers/b/fs,upperdir=ws/u,workdir=ws/w")),
+            ),
+            // Data-only lowers are compacted with the rest and keep their `::`.
+            (
+                vec!["/c/layers/a/fs"],
+                vec!["/c/lazy/d1", "/c/lazy/d2"],
+                "/c/ws/u",
+                "/c/ws/w",
+                Some(("/c", "lowerdir=layers/a/fs::lazy/d1::lazy/d2,upperdir=ws/u,workdir=ws/w")),
+            ),
+            (
+                vec!["/c/l/a", "/c/l/b"],
+                vec!["/c/l/d:1"],
+                "/c/l/u",
+                "/c/l/w",
+                Some(("/c/l", r"lowerdir=a:b::d\:1,upperdir=u,workdir=w")),
+            ),
+            // A data-only lower elsewhere leaves no common directory.
+            (vec!["/c/layers/a/fs"], vec!["/d/lazy"], "/c/ws/u", "/c/ws/w", None),
+        ];
+        for (lowers, data, u, w, want) in cases {
+            let (lowers, data): (Vec<PathBuf>, Vec<PathBuf>) =
+                (lowers.iter().map(|s| p(s)).collect(), data.iter().map(|s| p(s)).collect());
+            let (l, d): (Vec<&Path>, Vec<&Path>) =
+                (lowers.iter().map(PathBuf::as_path).collect(), data.iter().map(PathBuf::as_path).collect());
+            let got = compacted_legacy_data(&l, &d, &p(u), &p(w), &[]);
+            let got = got.map(|(b, s)| (b, String::from_utf8(s).unwrap()));
+            assert_eq!(got, want.map(|(b, s)| (p(b), s.to_string())), "{lowers:?} {data:?}");
+        }
+        // Still longer than a page after compaction: `None`.
+        let long: Vec<PathBuf> = (0..100).map(|i| p(&format!("/c/{}/{i}", "x".repeat(40)))).collect();
+        let l: Vec<&Path> = long.iter().map(PathBuf::as_path).collect();
+        assert!(compacted_legacy_data(&l[..1], &l[1..], &p("/c/u"), &p("/c/w"), &[]).is_none());
     }
 }

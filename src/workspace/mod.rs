@@ -91,7 +91,7 @@ use std::path::{Path, PathBuf};
 use crate::cache::Rootfs;
 use crate::error::{Error, Result};
 use crate::fsutil::{clear_dir, open_dir_path};
-use crate::mount::copy::{Xattrs, copy_layer};
+use crate::mount::copy::{DataLowers, Xattrs, copy_layer};
 use crate::mount::{MountBackend, OverlayOptions, OverlaySpec, is_mount_point};
 use crate::unpack::{UnpackOptions, WhiteoutMode, unpack};
 
@@ -111,7 +111,8 @@ pub use export::{DiffOptions, DiffStats};
 /// Where a workspace's lowers come from.
 #[derive(Debug)]
 pub enum Lowers {
-    /// A cached image: the workspace holds its lease until destroyed or detached.
+    /// A cached image: the workspace holds its lease until destroyed or detached, and
+    /// mounts its data-only lowers ([`Rootfs::data_lowers`]) too.
     Rootfs(Rootfs),
     /// Plain directories, top first.
     Dirs(Vec<PathBuf>),
@@ -230,6 +231,8 @@ pub struct Workspace {
     work: PathBuf,
     target: PathBuf,
     lowers: Vec<PathBuf>,
+    /// Data-only lowers, top first: a lazy image's ([`Rootfs::data_lowers`]), else none.
+    data_lowers: Vec<PathBuf>,
     rootfs: Option<Rootfs>,
     options: OverlayOptions,
     backend: Option<Box<dyn MountBackend>>,
@@ -288,6 +291,7 @@ impl std::fmt::Debug for Workspace {
         f.debug_struct("Workspace")
             .field("dir", &self.dir)
             .field("lowers", &self.lowers)
+            .field("data_lowers", &self.data_lowers)
             .field("mounted", &self.backend.is_some())
             .field("leased", &self.rootfs.is_some())
             .field("tmpfs", &self.scratch.is_some())
@@ -517,15 +521,17 @@ impl Workspace {
         let (dir, dir_exists) = crate::immutable::resolve_exists(dir.as_ref()).ok_or_else(|| Error::InvalidSpec {
             reason: format!("{}: cannot be resolved (a `..` after a missing directory?)", dir.as_ref().display()),
         })?;
-        let (lowers, rootfs) = match lowers.into() {
-            Lowers::Rootfs(r) => (r.lowers().to_vec(), Some(r)),
-            Lowers::Dirs(d) => (d, None),
+        let (lowers, data_lowers, rootfs) = match lowers.into() {
+            Lowers::Rootfs(r) => (r.lowers().to_vec(), r.data_lowers().to_vec(), Some(r)),
+            Lowers::Dirs(d) => (d, Vec::new(), None),
         };
         // Absolute: the workspace is mounted (and maybe reopened) from anywhere.
-        let lowers = lowers
-            .iter()
-            .map(|l| std::path::absolute(l).map_err(|e| Error::io("getcwd", l, e)))
-            .collect::<Result<Vec<_>>>()?;
+        let absolute = |dirs: &[PathBuf]| {
+            dirs.iter()
+                .map(|l| std::path::absolute(l).map_err(|e| Error::io("getcwd", l, e)))
+                .collect::<Result<Vec<_>>>()
+        };
+        let (lowers, data_lowers) = (absolute(&lowers)?, absolute(&data_lowers)?);
         if lowers.is_empty() {
             return Err(Error::InvalidSpec { reason: "a workspace needs at least one lower directory".into() });
         }
@@ -578,6 +584,7 @@ impl Workspace {
             journal: dir.join(journal::FILE),
             dir,
             lowers,
+            data_lowers,
             rootfs,
             options,
             backend: None,
@@ -764,7 +771,7 @@ impl Workspace {
         if self.converted {
             return Ok(());
         }
-        state::State::new(&self.lowers, self.storage, &self.options).save(&self.dir)?;
+        state::State::new(&self.lowers, &self.data_lowers, self.storage, &self.options).save(&self.dir)?;
         self.described = true;
         Ok(())
     }
@@ -864,6 +871,7 @@ impl Workspace {
                 work,
                 options: OverlayOptions::default(),
                 lowers: vec![lower],
+                data_lowers: Vec::new(),
                 rootfs: None,
                 backend: None,
                 converted: true,
@@ -905,6 +913,7 @@ impl Workspace {
                 work,
                 options: st.options(),
                 lowers: st.lowers,
+                data_lowers: st.data_lowers,
                 rootfs: None,
                 backend: None,
                 converted: false,
@@ -1000,6 +1009,7 @@ impl Workspace {
             remove(&fresh)?;
             empty_dir(&self.work)?;
             self.lowers = vec![self.dir.join("skeleton")];
+            self.data_lowers.clear();
             self.save_state()
         } else {
             if !self.upper.exists() && old.is_dir() {
@@ -1150,6 +1160,7 @@ impl Workspace {
                 work: work.clone(),
                 target: path.clone(),
                 lowers: vec![lower.clone()],
+                data_lowers: Vec::new(),
                 rootfs: None,
                 options: OverlayOptions::default(),
                 backend: None,
@@ -1198,6 +1209,13 @@ impl Workspace {
         &self.lowers
     }
 
+    /// The data-only lower dirs, top first (see [`OverlaySpec::data_lowers`]): a lazy
+    /// image's ([`Rootfs::data_lowers`]) until [`detach`](Workspace::detach); empty for
+    /// a workspace over plain directories.
+    pub fn data_lowers(&self) -> &[PathBuf] {
+        &self.data_lowers
+    }
+
     /// Whether the merged view is mounted.
     pub fn is_mounted(&self) -> bool {
         self.backend.is_some()
@@ -1216,6 +1234,7 @@ impl Workspace {
     fn spec(&self) -> OverlaySpec {
         OverlaySpec {
             lowers: self.lowers.clone(),
+            data_lowers: self.data_lowers.clone(),
             upper: self.upper.clone(),
             work: self.work.clone(),
             target: self.target.clone(),
@@ -1806,13 +1825,17 @@ impl Workspace {
     /// the upper over a private skeleton lower (empty stubs of the image's top-level
     /// names, so later deletions still leave whiteouts for [`export_diff`]), and releases
     /// the cache lease: the cache may evict the image while the sandbox keeps its full
-    /// view. Inode numbers of files that came from the lowers change.
+    /// view. Inode numbers of files that came from the lowers change. A lazy image's
+    /// placeholders are copied with the data of the files they redirect to in the
+    /// [data-only lowers](Workspace::data_lowers) (fetching what is not local yet), which
+    /// the workspace then no longer uses.
     ///
     /// [`export_diff`]: Workspace::export_diff
     ///
     /// # Errors
     /// [`Error::Unsupported`] for a `convert`ed workspace (nothing to detach from);
-    /// unmount, copy and mount errors. After an error the workspace has its original
+    /// [`Error::InvalidImage`] for a placeholder whose data no data-only lower has (or
+    /// of another size); unmount, copy and mount errors. After an error the workspace has its original
     /// upper and lowers (or, past the swap, the detached ones) and is mounted again if it
     /// was.
     pub fn detach(&mut self) -> Result<()> {
@@ -1862,9 +1885,14 @@ impl Workspace {
             mkdir(&fresh)?;
             let dst = open_dir_path(&fresh)?;
             let xattrs = Xattrs::Keep(Xattrs::prefix(userxattr));
+            // A lazy image's placeholders become copies of the files they redirect to.
+            let data = match self.data_lowers.is_empty() {
+                true => None,
+                false => Some(DataLowers::open(&self.data_lowers, userxattr)?),
+            };
             for l in self.lowers.iter().rev().chain([&self.upper]) {
                 let src = open_dir_path(l)?;
-                copy_layer(src.as_fd(), dst.as_fd(), userxattr, xattrs, l, &fresh)?;
+                copy_layer(src.as_fd(), dst.as_fd(), userxattr, xattrs, data.as_ref(), l, &fresh)?;
             }
             mark_opaque(&fresh, userxattr)?;
             // The root cannot be opaque: names the lowers have at the top level and the
@@ -1894,6 +1922,8 @@ impl Workspace {
         // Swapped: from here on the detach rolls forward (a kill: `open` finishes it).
         journal::begin(&self.journal, journal::Step::DetachSwapped)?;
         self.lowers = vec![skeleton];
+        // The data-only lowers are the image's too: they go with the lease.
+        self.data_lowers.clear();
         self.rootfs = None;
         empty_dir(&old)?;
         std::fs::remove_dir(&old).map_err(|e| Error::io("rmdir", &old, e))?;
@@ -2107,5 +2137,132 @@ impl Drop for Workspace {
                 let _ = scratch::unmount(&mem);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The data-only lowers' plumbing, with a backend that records specs instead of
+    //! mounting (a workspace gets data-only lowers only from a lazy `Rootfs`; here they
+    //! are set on one over plain directories). Real mounts: `tests/mount_kernel.rs`.
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Default)]
+    struct Recorder(parking_lot::Mutex<Vec<OverlaySpec>>);
+
+    impl MountBackend for Recorder {
+        fn mount(&self, spec: &OverlaySpec) -> Result<()> {
+            self.0.lock().push(spec.clone());
+            Ok(())
+        }
+        fn unmount(&self, _: &OverlaySpec) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    const META: &[u8] = b"user.overlay.metacopy";
+    const REDIRECT: &[u8] = b"user.overlay.redirect";
+
+    fn set_xattr(p: &Path, name: &[u8], value: &[u8]) {
+        let dir = open_dir_path(p.parent().unwrap()).unwrap();
+        let file = p.file_name().unwrap().as_encoded_bytes();
+        crate::sys::setxattr_at_nofollow(dir.as_fd(), file, name, value).unwrap();
+    }
+
+    fn get_xattr(p: &Path, name: &[u8]) -> Option<Vec<u8>> {
+        let dir = open_dir_path(p.parent().unwrap()).unwrap();
+        crate::sys::getxattr_at_nofollow(dir.as_fd(), p.file_name().unwrap().as_encoded_bytes(), name).unwrap()
+    }
+
+    /// A lazy image by hand: a skeleton lower (a placeholder redirecting into the data
+    /// lower, a plain file, a subdir with another placeholder) and a data-only lower.
+    fn lazy_image(root: &Path) -> (PathBuf, PathBuf) {
+        let (skel, data) = (root.join("skel"), root.join("data"));
+        std::fs::create_dir_all(skel.join("sub")).unwrap();
+        std::fs::create_dir_all(data.join("ab")).unwrap();
+        std::fs::write(data.join("x1"), "hello\n").unwrap();
+        std::fs::write(data.join("ab/x2"), "nested data\n").unwrap();
+        std::fs::write(skel.join("plain"), "plain\n").unwrap();
+        for (p, size, to) in [(skel.join("f"), 6, "/x1"), (skel.join("sub/g"), 12, "/ab/x2")] {
+            std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+            set_xattr(&p, META, b"");
+            set_xattr(&p, REDIRECT, to.as_bytes());
+        }
+        (skel, data)
+    }
+
+    fn options() -> WorkspaceOptions {
+        let mut o = WorkspaceOptions::default();
+        o.overlay.userxattr = Some(true);
+        o
+    }
+
+    #[test]
+    fn data_lowers_reach_every_mount_and_the_description() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (skel, data) = lazy_image(tmp.path());
+        let ws_dir = tmp.path().join("ws");
+        let mut ws = Workspace::create(&ws_dir, vec![skel.clone()], options()).unwrap();
+        assert!(ws.data_lowers().is_empty(), "plain lowers have no data-only lowers");
+        ws.data_lowers = vec![data.clone()];
+        let rec = Arc::new(Recorder::default());
+        ws.mount(rec.clone()).unwrap();
+        // A remount (reset unmounts and mounts again) keeps them.
+        ws.reset().unwrap();
+        ws.mount(rec.clone()).unwrap();
+        let specs = rec.0.lock().clone();
+        assert_eq!(specs.len(), 2);
+        for s in &specs {
+            assert_eq!((&s.lowers, &s.data_lowers), (&vec![skel.clone()], &vec![data.clone()]));
+        }
+        ws.unmount().unwrap();
+        ws.keep().unwrap();
+        let ws = Workspace::open(&ws_dir).unwrap();
+        assert_eq!((ws.lowers(), ws.data_lowers()), (&[skel][..], &[data][..]));
+    }
+
+    #[test]
+    fn detach_copies_the_data_of_placeholders_and_drops_the_data_lowers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (skel, data) = lazy_image(tmp.path());
+        let ws_dir = tmp.path().join("ws");
+        let mut ws = Workspace::create(&ws_dir, vec![skel.clone()], options()).unwrap();
+        ws.data_lowers = vec![data.clone()];
+        let rec = Arc::new(Recorder::default());
+        ws.mount(rec.clone()).unwrap();
+        ws.describe().unwrap();
+        ws.detach().unwrap();
+        assert!(ws.data_lowers().is_empty());
+        assert_eq!(ws.lowers(), [ws_dir.join("skeleton")]);
+        let last = rec.0.lock().last().cloned().unwrap();
+        assert!(last.data_lowers.is_empty(), "remounted with {last:?}");
+        let up = ws.upper().to_path_buf();
+        for (name, want) in [("f", "hello\n"), ("sub/g", "nested data\n"), ("plain", "plain\n")] {
+            assert_eq!(std::fs::read_to_string(up.join(name)).unwrap(), want, "{name}");
+            assert_eq!(get_xattr(&up.join(name), META), None, "{name}");
+            assert_eq!(get_xattr(&up.join(name), REDIRECT), None, "{name}");
+        }
+        // The description follows.
+        let st = state::State::load(&ws_dir).unwrap().unwrap();
+        assert!(st.data_lowers.is_empty());
+        // The layers are as they were.
+        assert_eq!(std::fs::metadata(skel.join("f")).unwrap().len(), 6);
+        assert_eq!(get_xattr(&skel.join("f"), REDIRECT).as_deref(), Some(&b"/x1"[..]));
+        assert_eq!(std::fs::read_to_string(data.join("x1")).unwrap(), "hello\n");
+    }
+
+    #[test]
+    fn detach_refuses_a_placeholder_whose_data_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (skel, data) = lazy_image(tmp.path());
+        std::fs::remove_file(data.join("x1")).unwrap();
+        let mut ws = Workspace::create(tmp.path().join("ws"), vec![skel], options()).unwrap();
+        ws.data_lowers = vec![data.clone()];
+        let err = ws.detach().unwrap_err();
+        assert!(matches!(err, Error::InvalidImage { .. }), "{err}");
+        // Nothing changed: the data-only lowers stay, the upper is still empty.
+        assert_eq!(ws.data_lowers(), [data]);
+        assert!(crate::fsutil::is_empty_dir(ws.upper()).unwrap());
     }
 }
