@@ -687,16 +687,34 @@ impl Drop for View {
     }
 }
 
-/// The lazy layer dirs no live lazy layer uses (data a previous process fetched).
-pub(super) fn orphans(root: &Path, live: &HashMap<Digest, Arc<LazyLayer>>) -> Vec<PathBuf> {
-    let lazy = root.join(LAZY);
-    std::fs::read_dir(&lazy)
+/// Move the lazy layer dirs no live lazy layer uses (data a previous process, or a
+/// failed set-up, fetched) into `trash/`; returns where they went. Called under the state
+/// lock (`st`).
+///
+/// A layer being set up is not in the live map yet, but its data dir is in use: each dir
+/// is moved only while holding its digest's set-up gate, and skipped when a set-up holds
+/// it (found by the red team: `gc` over budget, from any `ensure`, trashed the data dir
+/// of a lazy `ensure` in progress, which then failed with `ENOENT`). Never blocks: a
+/// set-up takes the gate and then the state lock, so this only tries the gate.
+pub(super) fn trash_orphans(inner: &Inner, st: &super::State) -> Result<Vec<PathBuf>> {
+    let lazy = inner.root.join(LAZY);
+    let orphans: Vec<(Digest, PathBuf)> = std::fs::read_dir(&lazy)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| {
-            e.file_name().to_str().and_then(|n| Digest::from_hex(n).ok()).is_some_and(|d| !live.contains_key(&d))
+        .filter_map(|e| {
+            let d = e.file_name().to_str().and_then(|n| Digest::from_hex(n).ok())?;
+            (!st.lazy.contains_key(&d)).then(|| (d, e.path()))
         })
-        .map(|e| e.path())
-        .collect()
+        .collect();
+    let mut moved = Vec::new();
+    for (d, p) in orphans {
+        let gate = inner.lazy_setup.lock().entry(d).or_default().clone();
+        let Some(_setup) = gate.try_lock() else { continue };
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        let to = inner.root.join(layout::TRASH).join(format!("lazy.{seq}"));
+        std::fs::rename(&p, &to).map_err(io("rename", &p))?;
+        moved.push(to);
+    }
+    Ok(moved)
 }

@@ -615,12 +615,7 @@ impl RootfsCache {
             if st.bytes > inner.opts.max_bytes {
                 // Data a previous process fetched for a lazy layer nobody serves now goes
                 // first.
-                for p in lazy::orphans(&inner.root, &st.lazy) {
-                    let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
-                    let to = inner.root.join(layout::TRASH).join(format!("lazy.{seq}"));
-                    fs::rename(&p, &to).map_err(io("rename", &p))?;
-                    doomed.push(to);
-                }
+                doomed.extend(lazy::trash_orphans(inner, &st)?);
                 let mut candidates: Vec<(u64, Digest)> = st
                     .layers
                     .iter()
@@ -921,6 +916,10 @@ impl Drop for Rootfs {
             drop(lazy);
             lazy::reap(&self.inner);
         }
+        // The skeleton goes while `inner` (and so the cache's LOCK) is still held: the
+        // fields drop after this, `inner` first, and a new open of the directory must not
+        // meet a view being deleted.
+        drop(self.view.take());
     }
 }
 
