@@ -240,3 +240,59 @@ fn a_workspace_over_a_lazy_image() {
         ws.destroy().unwrap();
     });
 }
+
+/// Tag `mixed` in the zstd:chunked layout: its bottom layer, a gzip layer, then the
+/// bottom layer again.
+fn add_mixed(chunked: &Path) {
+    let read_json = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let blob = |d: &str| chunked.join("blobs/sha256").join(d.strip_prefix("sha256:").unwrap());
+    let mut index = read_json(chunked.join("index.json"));
+    let m_desc = index["manifests"][0].clone();
+    let mut manifest = read_json(blob(m_desc["digest"].as_str().unwrap()));
+    let bottom = manifest["layers"][0].clone();
+    let gzip = support::gzip(&support::tar_of(&[Ent::file("g/file", "from the gzip layer\n")], Fmt::Pax));
+    let g_digest = support::sha256_digest(&gzip);
+    std::fs::write(blob(&g_digest), &gzip).unwrap();
+    let g = serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": g_digest, "size": gzip.len()});
+    manifest["layers"] = serde_json::json!([bottom.clone(), g, bottom]);
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let m_digest = support::sha256_digest(&bytes);
+    std::fs::write(blob(&m_digest), &bytes).unwrap();
+    let mut entry = m_desc.clone();
+    entry["digest"] = m_digest.into();
+    entry["size"] = bytes.len().into();
+    entry["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "mixed"});
+    index["manifests"].as_array_mut().unwrap().push(entry);
+    std::fs::write(chunked.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn a_layer_lazy_below_and_pulled_whole_above_a_gzip_layer_is_given_back() {
+    if !require("a_layer_lazy_below_and_pulled_whole_above_a_gzip_layer_is_given_back") {
+        return;
+    }
+    let img = images();
+    add_mixed(&img.chunked);
+    let t = support::tempdir();
+    let t = t.path().to_path_buf();
+    in_ns(move || {
+        let cache = RootfsCache::open(t.join("c"), CacheOptions::default()).unwrap();
+        let fetcher: Arc<dyn ImageFetcher> = Arc::new(OciLayout::open(&img.chunked).unwrap());
+        let lazy = cache.ensure_lazy(fetcher, "mixed", &EnsureOptions::new()).unwrap();
+        let st = lazy.lazy_status();
+        assert_eq!(st.layers, 1, "{st:?}");
+        // The gzip layer is not seekable; the bottom layer again above it is pulled whole.
+        assert_eq!(st.eager.len(), 2, "{st:?}");
+        assert!(!st.eager[0].1.is_empty() && st.eager[1].1.starts_with("above"), "{st:?}");
+        assert_eq!(lazy.lowers().len(), 3, "{lazy:?}");
+        let m = mount_ro(&lazy, &t.join("m"));
+        assert_eq!(std::fs::read(m.0.join("g/file")).unwrap(), b"from the gzip layer\n");
+        assert_eq!(std::fs::read(m.0.join("usr/bin/big")).unwrap(), support::pseudo_random(1, 3 << 20));
+        drop(m);
+        assert!(lazy.wait_local(Some(Duration::from_secs(60))));
+        drop(lazy);
+        // Every lease given back: nothing is leased once the Rootfs is gone.
+        let leased: Vec<_> = cache.layers().into_iter().filter(|l| l.2).collect();
+        assert!(leased.is_empty(), "{leased:?}");
+    });
+}

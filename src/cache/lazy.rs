@@ -99,6 +99,21 @@ impl Drop for StartOnDrop {
     }
 }
 
+impl LazyLayer {
+    /// Add this layer's FUSE figures to `s`.
+    pub(super) fn add_server_stats(&self, s: &mut LazyStatus) {
+        #[cfg(feature = "lazy")]
+        if let Some(server) = &self.server {
+            let st = server.stats();
+            s.waited_opens += st.waited_opens.load(Ordering::Relaxed);
+            s.failed_fetches += st.failed_fetches.load(Ordering::Relaxed);
+            s.passthrough &= server.passthrough();
+            return;
+        }
+        s.passthrough = false;
+    }
+}
+
 impl Drop for LazyLayer {
     fn drop(&mut self) {
         self.store.stop.store(true, Ordering::Relaxed);
@@ -132,6 +147,13 @@ pub struct LazyStatus {
     pub last_error: Option<String>,
     /// Layers pulled whole instead, and why (not seekable: `plain gzip layer ...`).
     pub eager: Vec<(Digest, String)>,
+    /// Opens that waited for a fetch, in all.
+    pub waited_opens: u64,
+    /// Fetches for opens that failed (their opens got `EIO`).
+    pub failed_fetches: u64,
+    /// Whether every data-only lower hands fetched files to the kernel (FUSE
+    /// passthrough: reads at native speed); false for none or where refused.
+    pub passthrough: bool,
 }
 
 /// Offsets the indexes of a sub-image's progress events to the whole image's.
@@ -168,10 +190,13 @@ impl RootfsCache {
     /// [`Rootfs::lazy_status`] and [`Rootfs::wait_local`] follow it. The fetcher is kept
     /// (hence the `Arc`) for as long as the background work runs.
     ///
-    /// Layers already ready are used as they are. Layers that are not seekable are pulled
-    /// whole, as by `ensure` (the reasons are in [`LazyStatus::eager`]); an image with
-    /// none seekable is simply ensured. Progress events report a lazy layer as
-    /// [`LayerState::Lazy`].
+    /// Lazy mode covers the image's bottom layers up to the first one that is cached
+    /// already or not seekable; that layer and the ones above are used or pulled whole
+    /// as by `ensure` (overlayfs follows a placeholder into a data-only lower with
+    /// `metacopy=off` only from the bottom regular lower: see `cache/lazy.rs`). Where
+    /// this process cannot mount FUSE (no `/dev/fuse`, not root in its namespace) the
+    /// whole image is pulled as by `ensure`. The reasons are in [`LazyStatus::eager`].
+    /// Progress events report a lazy layer as [`LayerState::Lazy`].
     ///
     /// # Guarantees
     /// A read of data that cannot be fetched fails with `EIO` once the fetcher has given
@@ -194,8 +219,9 @@ impl RootfsCache {
     /// TOC or skeleton data cannot be fetched or verified ([`Error::BlobRangeMismatch`],
     /// [`Error::InvalidToc`], [`Error::UnverifiedToc`], ...) or whose FUSE lower cannot be
     /// mounted; [`Error::Unsupported`] without the `lazy` feature. A failed call gives
-    /// back the leases it took and leaves no skeleton or mount behind (data files it
-    /// fetched stay, for the next try).
+    /// back the leases it took and leaves no skeleton behind; lazy layers it set up
+    /// before the failure stay served and complete in the background (as `ensure` keeps
+    /// the layers below a failed one), and data files it fetched stay for the next try.
     pub fn ensure_lazy(
         &self,
         fetcher: Arc<dyn ImageFetcher>,
@@ -207,6 +233,11 @@ impl RootfsCache {
         }
         let _span = span!("ensure_lazy", reference);
         let inner = &self.inner;
+        if let Some(why) = lazy_unavailable() {
+            let mut rootfs = self.ensure_with(&*fetcher, reference, opts)?;
+            rootfs.eager = rootfs.layers.iter().map(|d| (*d, why.to_string())).collect();
+            return Ok(rootfs);
+        }
         let manifest = fetcher.resolve_observed(reference, &*inner.downloads)?;
         let report = |index: usize, desc: &Descriptor, state: LayerState| {
             if let Some(p) = opts.progress {
@@ -467,6 +498,18 @@ impl RootfsCache {
         }
         Ok(())
     }
+}
+
+/// Why this process cannot serve lazy layers, if it cannot: FUSE needs `/dev/fuse` and
+/// a mount (root, or root in a user namespace that owns its mount namespace).
+fn lazy_unavailable() -> Option<&'static str> {
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Some("lazy pull needs FUSE: /dev/fuse is missing");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("lazy pull needs to mount FUSE: not root (run in a user namespace, as its root)");
+    }
+    None
 }
 
 /// The unpack options of skeletons and completed lazy layers: the cache's, with

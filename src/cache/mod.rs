@@ -306,8 +306,9 @@ pub struct Rootfs {
     /// Data-only lowers (overlayfs `datadir+`), top first: the FUSE mounts serving the
     /// file data of lazy layers. Empty for an image that is all local.
     data_lowers: Vec<PathBuf>,
-    /// The lazy layers it holds (one per occurrence in `layers`): not leased in the
-    /// state, kept alive (served) by these references instead.
+    /// The lazy layers it holds, one per occurrence, in the order of the first
+    /// `lazy.len()` entries of `layers`: not leased in the state, kept alive (served) by
+    /// these references instead.
     lazy: Vec<Arc<lazy::LazyLayer>>,
     /// Layers a lazy ensure pulled whole, and why.
     eager: Vec<(Digest, String)>,
@@ -817,7 +818,8 @@ impl Rootfs {
 
     /// Where the lazy layers of this `Rootfs` stand (all zero for an eager one).
     pub fn lazy_status(&self) -> LazyStatus {
-        let mut s = LazyStatus { eager: self.eager.clone(), ..LazyStatus::default() };
+        let mut s =
+            LazyStatus { eager: self.eager.clone(), passthrough: !self.lazy.is_empty(), ..LazyStatus::default() };
         let mut seen = HashSet::new();
         for l in self.lazy.iter().filter(|l| seen.insert(l.digest)) {
             s.layers += 1;
@@ -835,6 +837,7 @@ impl Rootfs {
             if s.last_error.is_none() {
                 s.last_error = l.status.last_error.lock().clone();
             }
+            l.add_server_stats(&mut s);
         }
         s.fetched_bytes = self.inner.lazy_fetched.load(Ordering::Relaxed);
         s
@@ -904,11 +907,11 @@ impl Drop for Rootfs {
     fn drop(&mut self) {
         let lazy = std::mem::take(&mut self.lazy);
         let mut st = self.inner.state.lock();
-        for l in &self.layers {
-            // Lazy layers are held by reference, not leased.
-            if !lazy.iter().any(|z| z.digest == *l) {
-                st.unlease(l);
-            }
+        // The lazy layers come first in `layers`, one per occurrence, held by reference,
+        // not leased; every layer after them is leased (even one that is also lazy
+        // lower down: it was pulled whole above a layer that is not seekable).
+        for l in self.layers.iter().skip(lazy.len()) {
+            st.unlease(l);
         }
         self.inner.publish(&st);
         drop(st);

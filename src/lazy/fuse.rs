@@ -28,10 +28,6 @@
 //!   aborted and every later open or read of data not yet opened fails with `ENOTCONN`,
 //!   never with empty files or zeros.
 
-// The cache's lazy `ensure` (the next step of issue 14) is its first user; until then
-// only this module's tests mount it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -79,6 +75,7 @@ pub(crate) struct DataStats {
 pub(crate) struct DataServer {
     state: Arc<State>,
     session: Option<fuser::BackgroundSession>,
+    #[cfg_attr(not(test), allow(dead_code))]
     mountpoint: PathBuf,
     stats: Arc<DataStats>,
     passthrough: Arc<AtomicBool>,
@@ -169,6 +166,7 @@ impl DataServer {
     }
 
     /// The mount point: the data-only lower to give the overlay (after `::`).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }

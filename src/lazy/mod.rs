@@ -1,4 +1,4 @@
-//! Lazy pulling (issue 14), part 1: seekable layer tables of contents.
+//! Lazy pulling: seekable layer tables of contents, and what serves a layer from them.
 //!
 //! A seekable layer is an ordinary compressed tar whose compression restarts at file
 //! boundaries and which carries a table of contents (TOC): where each file's bytes sit in
@@ -39,15 +39,15 @@
 //! Everything here is a pure function of its inputs: a [`Toc`] is plain data, and the
 //! range-read function is called from the calling thread only.
 //!
-//! ## Where this is going (issue 14: lazy pull)
+//! ## How lazy layers are served
 //!
-//! Checked on Linux 6.18 (this is what the next steps build on):
+//! Checked on Linux 6.18:
 //!
 //! - **Skeleton + data-only lower works with the crate's existing mount options.** A
 //!   skeleton layer whose regular files are sparse placeholders of the right size with
 //!   `trusted.overlay.metacopy` (empty) and `trusted.overlay.redirect=/<name>` mounts as
 //!   `lowerdir=skel::data` (the `::` makes `data` a data-only lower, 6.5+) *with*
-//!   `metacopy=off,redirect_dir=off,index=off` (rule 6): the kernel still follows the
+//!   `metacopy=off,redirect_dir=nofollow,index=off` (rule 6): the kernel still follows the
 //!   lower metacopy into the data-only layer, and a copy-up (chmod, append) copies the
 //!   full data into the upper, which gets no `metacopy`/`redirect` xattr (only `origin`,
 //!   as for any copy-up). So uppers stay plain and `changes`/`apply`/`export_diff` need
@@ -62,17 +62,18 @@
 //! - **FUSE passthrough** (6.9+): `fuser` exposes `ReplyOpen::open_backing` +
 //!   `opened_passthrough`, so an opened, fetched file is read by the kernel from its
 //!   backing file at native speed; only not-yet-fetched opens wait on the server.
+//! - **But only from the bottom regular lower.** With `metacopy=off`, 6.18 refuses
+//!   (`EPERM`, "refusing to follow metacopy origin") a metacopy file found in a lower
+//!   that has another regular lower below it. So [`RootfsCache::ensure_lazy`](crate::RootfsCache::ensure_lazy)
+//!   merges the lazy layers of an image into one skeleton, which is the bottom lower
+//!   (see `cache/lazy.rs`), and serves lazily only the image's bottom run of seekable
+//!   layers.
 //!
-//! Planned layout per lazy layer: `lazy/<hex>/skel` (made by the hardened extractor from
-//! the verified TOC: dirs, symlinks, devices, whiteouts, xattrs for real, small files
-//! with their data, other regular files as placeholders redirecting to
-//! `/<entry-id>`), `lazy/<hex>/data/<entry-id>` (one file per regular-file entry or
-//! hardlink group, written whole and verified chunk by chunk, renamed into place: a
-//! restart keeps what was fetched), and the FUSE mount serving `data/` as the data-only
-//! lower. Completion moves each data file into a copy of the skeleton in `tmp/` (a
-//! rename, no copy, on any file system), drops the xattrs and renames the result into
-//! `layers/` as an ordinary layer; the FUSE server then answers from `layers/` until the
-//! last lease on the lazy layer goes.
+//! The pieces: [`read_toc`] (`toc.rs`), the layer's tar rebuilt from its TOC for the
+//! hardened extractor (`synth.rs`: placeholders as sparse entries, or the data from the
+//! store), the per-layer data store fetching whole files by coalesced, verified range
+//! reads (`layer.rs`), the FUSE server (`fuse.rs`), and the cache's side (`ensure_lazy`,
+//! merged skeletons, background completion into ordinary layers: `cache/lazy.rs`).
 
 mod estargz;
 #[cfg(feature = "lazy")]
