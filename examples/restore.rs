@@ -22,6 +22,13 @@
 //! (`detect` probes it); otherwise it says why and uses the copy backend. The last line
 //! is the summary for scripts:
 //! `cold_ms=… warm_p50_ms=… warm_p99_ms=… speedup=…x backend=kernel|copy`.
+//!
+//! `restore --lazy REF [-- COMMAND [ARGS...]]` compares instead the time to the first
+//! exec of a cold restore, eager (`ensure`) against lazy (`ensure_lazy`), each from an
+//! empty cache: ensure, a fresh workspace, mount, then COMMAND (default `/bin/sh -c
+//! true`) run chrooted in the view until it exits; for lazy also the time until the
+//! image is local. Root only (FUSE and the kernel overlay). Last line:
+//! `eager_first_exec_ms=… lazy_first_exec_ms=… speedup=…x lazy_local_ms=…`.
 
 #[path = "common/image_ref.rs"]
 mod image_ref;
@@ -172,12 +179,89 @@ fn warm_restore(
     [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4]
 }
 
+/// `restore --lazy REF [-- COMMAND...]`: time to the first exec, eager against lazy.
+fn lazy_main(args: &[String]) {
+    let Some(r) = args.first() else {
+        eprintln!("usage: restore --lazy REF [-- COMMAND [ARGS...]]");
+        std::process::exit(2);
+    };
+    let command: Vec<String> = match args.iter().position(|a| a == "--") {
+        Some(p) if p + 1 < args.len() => args[p + 1..].to_vec(),
+        _ => vec!["/bin/sh".into(), "-c".into(), "true".into()],
+    };
+    let image = ImageRef::parse(r).unwrap_or_else(|e| panic!("{e}"));
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut times = Vec::new();
+    for lazy in [false, true] {
+        let mode = if lazy { "lazy" } else { "eager" };
+        let (fetcher, reference) = image.fetcher(&RegistryFlags::default()).expect("fetcher");
+        let cache =
+            RootfsCache::open(work.path().join(format!("cache-{mode}")), CacheOptions::default()).expect("open");
+        let t = Instant::now();
+        let rootfs = if lazy {
+            cache.ensure_lazy(std::sync::Arc::from(fetcher), &reference, &Default::default()).expect("ensure_lazy")
+        } else {
+            cache.ensure(fetcher.as_ref(), &reference).expect("ensure")
+        };
+        let ensured = t.elapsed();
+        let status = rootfs.lazy_status();
+        let lazy_layers = rootfs.is_lazy().then(|| rootfs.layers().to_vec());
+        let mut ws = Workspace::create(work.path().join(format!("ws-{mode}")), rootfs, WorkspaceOptions::default())
+            .expect("create");
+        let view = ws.mount(rootfs_cache::KernelOverlay::new()).expect("mount").to_path_buf();
+        let mut cmd = std::process::Command::new(&command[0]);
+        cmd.args(&command[1..]);
+        let root = view.clone();
+        // SAFETY: chroot and chdir only (async-signal-safe), between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::unistd::chroot(&root).map_err(std::io::Error::from)?;
+                nix::unistd::chdir("/").map_err(std::io::Error::from)
+            });
+        }
+        let st = cmd.status().expect("run the command");
+        let first_exec = t.elapsed();
+        assert!(st.success(), "{command:?} in the {mode} view: {st}");
+        // Local: every layer ready in the cache (the workspace holds the Rootfs).
+        let local_ms = lazy_layers.map(|want| {
+            while !want.iter().all(|d| cache.layers().iter().any(|(l, _, _)| l == d)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            t.elapsed().as_secs_f64() * 1e3
+        });
+        println!(
+            "{mode:>5}: ensure {:8.1} ms, first exec done {:8.1} ms{}{}",
+            ensured.as_secs_f64() * 1e3,
+            first_exec.as_secs_f64() * 1e3,
+            local_ms.map(|m| format!(", local after {m:.1} ms")).unwrap_or_default(),
+            if status.eager.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} layers pulled whole)", status.eager.len())
+            }
+        );
+        ws.destroy().expect("destroy");
+        times.push((first_exec, local_ms));
+    }
+    let (eager, lazy) = (times[0].0.as_secs_f64() * 1e3, times[1].0.as_secs_f64() * 1e3);
+    println!(
+        "eager_first_exec_ms={eager:.1} lazy_first_exec_ms={lazy:.1} speedup={:.2}x lazy_local_ms={:.1}",
+        eager / lazy,
+        times[1].1.unwrap_or(lazy)
+    );
+}
+
 fn main() {
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("--lazy") {
+        return lazy_main(&all[1..]);
+    }
     let arg = std::env::args().nth(1);
     if matches!(arg.as_deref(), Some("-h" | "--help")) {
         println!(
             "usage: restore [OCI_DIR[:TAG] | OCI_DIR@sha256:... | oci:DIR[:TAG] | docker://HOST/REPO[:TAG|@sha256:...]]\n\
-             (no argument: a generated demo image)"
+             (no argument: a generated demo image)\n\
+             \x20      restore --lazy REF [-- COMMAND [ARGS...]]   (time to first exec, eager vs lazy)"
         );
         return;
     }

@@ -526,9 +526,9 @@ mod tests {
 
     #[test]
     fn spans_coalesce_within_bounds() {
-        let s = spans([(0u64, 10u64, 'a'), (20, 10, 'b'), (GAP_MAX + 40, 5, 'c')].into_iter());
+        let s = spans([(0u64, 10u64, 'a'), (20, 10, 'b'), (GAP_MAX + 30, 5, 'c')].into_iter());
         assert_eq!(s.len(), 1);
-        assert_eq!((s[0].start, s[0].end), (0, GAP_MAX + 45));
+        assert_eq!((s[0].start, s[0].end), (0, GAP_MAX + 35));
         let s = spans([(0u64, 10u64, 'a'), (GAP_MAX + 11, 5, 'b')].into_iter());
         assert_eq!(s.len(), 2);
         let s = spans([(0u64, SPAN_MAX, 'a'), (SPAN_MAX, 1, 'b'), (SPAN_MAX + 1, 1, 'c')].into_iter());
