@@ -369,7 +369,7 @@ impl RootfsCache {
                 let s = Arc::clone(&l.store);
                 let stream = tar_stream(Arc::clone(&l.store.toc), move |e| {
                     let id = s.id_of[&e];
-                    if s.placeholder[id] { FileData::Placeholder } else { FileData::Local(s.path(id)) }
+                    if s.placeholder[id] { FileData::Placeholder } else { s.local_data(id) }
                 })?;
                 unpack_cache_entry(stream, &tmp, &opts, &AtomicU64::new(0))
                     .map_err(|e| Error::Layer { digest: l.digest, source: Arc::new(e) })?;
@@ -425,8 +425,7 @@ impl RootfsCache {
             Arc::clone(&inner.lazy_fetched),
             inner.opts.sync,
         )?);
-        let inline: Vec<usize> = (0..store.ids.len()).filter(|&id| !store.placeholder[id]).collect();
-        store.fetch_small(&inline)?;
+        store.fetch_small()?;
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let mnt = dir.join(format!("mnt.{seq}"));
         std::fs::create_dir_all(&mnt).map_err(io("mkdir", &mnt))?;
@@ -549,7 +548,9 @@ fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Ve
         }
     }
     store.touch();
-    let order: Vec<usize> = (0..store.ids.len()).filter(|&id| store.placeholder[id]).collect();
+    // The prefetch list first, then in image order.
+    let mut order: Vec<usize> = (0..store.ids.len()).filter(|&id| store.placeholder[id]).collect();
+    order.sort_by_key(|id| (!store.prefetch.contains(id), *id));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let work = || {
         loop {
@@ -627,7 +628,7 @@ fn finish(inner: &Arc<Inner>, store: &Arc<Store>, lowers: &[PathBuf]) -> Result<
         std::fs::create_dir_all(&fs).map_err(io("mkdir", &fs))?;
         let opts = lazy_unpack_options(&inner.opts.unpack);
         let s = Arc::clone(store);
-        let stream = tar_stream(Arc::clone(&store.toc), move |e| FileData::Local(s.path(s.id_of[&e])))?;
+        let stream = tar_stream(Arc::clone(&store.toc), move |e| s.local_data(s.id_of[&e]))?;
         let (stats, implicit) = unpack_cache_entry(stream, &fs, &opts, &AtomicU64::new(0))?;
         apply_implicit_parents(&fs, &implicit, lowers, &opts)?;
         let size = disk_usage(&fs)?;

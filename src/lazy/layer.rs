@@ -2,18 +2,22 @@
 //! range reads of the blob), the skeleton, and the final, ordinary layer.
 //!
 //! ```text
-//! lazy/<hex>/data/<id>        one file per data entry (a regular file with content),
-//!                             written under a temporary name, verified chunk by
-//!                             chunk, renamed into place: a name here is always whole.
-//!                             Survives restarts (fetched data is never fetched again).
+//! lazy/<hex>/data/<id>        one file per placeholder (a regular file served by the
+//!                             data-only lower), written under a temporary name,
+//!                             verified chunk by chunk, renamed into place: a name here
+//!                             is always whole. Survives restarts (fetched data is
+//!                             never fetched again).
+//! lazy/<hex>/data/inline      the small files' data, one after the other in id order
+//!                             (one inode instead of thousands), written whole and
+//!                             renamed into place like the others.
 //! lazy/<hex>/skel.<n>         the skeleton (built in tmp/, renamed here whole)
 //! lazy/<hex>/mnt.<n>          the FUSE data-only lower over data/
 //! ```
 //!
-//! Data entries are numbered in TOC order. Small ones (up to [`INLINE_MAX`] bytes) and
-//! those on the image's prefetch list are fetched before the skeleton is built (a few
-//! large, coalesced range reads) and land in the skeleton with their data; the others
-//! become placeholders that the data-only lower serves.
+//! Data entries are numbered in TOC order. Small ones (up to [`INLINE_MAX`] bytes) are
+//! fetched before the skeleton is built (a few large, coalesced range reads) and land in
+//! the skeleton with their data; the others become placeholders that the data-only lower
+//! serves, the ones on the image's prefetch list fetched first in the background.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -53,6 +57,12 @@ pub(crate) struct Store {
     pub(crate) id_of: HashMap<usize, usize>,
     /// Whether each id is served by the data-only lower (else it is in the skeleton).
     pub(crate) placeholder: Vec<bool>,
+    /// Where each small (non-placeholder) id's data sits in the `inline` pack.
+    inline_at: Vec<Option<u64>>,
+    /// The pack's length.
+    inline_len: u64,
+    /// Placeholders on the image's prefetch list.
+    pub(crate) prefetch: HashSet<usize>,
     /// `lazy/<hex>/data`.
     pub(crate) dir: PathBuf,
     fetcher: Arc<dyn ImageFetcher>,
@@ -106,11 +116,22 @@ impl Store {
         let mut ids = Vec::new();
         let mut id_of = HashMap::new();
         let mut placeholder = Vec::new();
+        let mut inline_at = Vec::new();
+        let mut inline_len = 0u64;
+        let mut prefetched = HashSet::new();
         for (i, e) in toc.entries.iter().enumerate() {
             if let Some(size) = data_size(&toc, i) {
-                id_of.insert(i, ids.len());
+                let id = ids.len();
+                id_of.insert(i, id);
                 ids.push(i);
-                placeholder.push(size > INLINE_MAX && !prefetch.contains(e.path.as_str()));
+                let big = size > INLINE_MAX;
+                placeholder.push(big);
+                inline_at.push((!big).then_some(inline_len));
+                if !big {
+                    inline_len += size;
+                } else if prefetch.contains(e.path.as_str()) {
+                    prefetched.insert(id);
+                }
             }
         }
         Ok(Store {
@@ -119,6 +140,9 @@ impl Store {
             ids,
             id_of,
             placeholder,
+            inline_at,
+            inline_len,
+            prefetch: prefetched,
             dir,
             fetcher,
             observer,
@@ -144,9 +168,28 @@ impl Store {
         data_size(&self.toc, self.ids[id]).unwrap_or(0)
     }
 
-    /// Whether entry `id` is local: its file is there with the right length.
+    /// The pack of the small files' data.
+    fn pack(&self) -> PathBuf {
+        self.dir.join("inline")
+    }
+
+    /// Whether entry `id` is local: its file (or the pack, for a small one) is there
+    /// with the right length.
     pub(crate) fn is_local(&self, id: usize) -> bool {
-        std::fs::symlink_metadata(self.path(id)).is_ok_and(|m| m.is_file() && m.len() == self.size(id))
+        let (path, len) = match self.inline_at[id] {
+            Some(_) => (self.pack(), self.inline_len),
+            None => (self.path(id), self.size(id)),
+        };
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == len)
+    }
+
+    /// Where entry `id`'s bytes are for the rebuilt tar: its own file, or its range of
+    /// the pack.
+    pub(crate) fn local_data(&self, id: usize) -> crate::lazy::synth::FileData {
+        match self.inline_at[id] {
+            Some(offset) => crate::lazy::synth::FileData::Range(self.pack(), offset),
+            None => crate::lazy::synth::FileData::Local(self.path(id)),
+        }
     }
 
     /// Read `len` bytes of the blob from `offset`, counted.
@@ -290,77 +333,72 @@ impl Store {
         Ok(())
     }
 
-    /// Fetch many small entries at once (the skeleton's): whole files grouped into
-    /// coalesced range reads, [`PARALLEL`] at once. Entries already local are skipped.
-    pub(crate) fn fetch_small(&self, want: &[usize]) -> Result<()> {
-        let todo: Vec<usize> = want.iter().copied().filter(|&id| !self.is_local(id)).collect();
-        let (big, small): (Vec<usize>, Vec<usize>) = todo.into_iter().partition(|&id| {
-            let c = chunks_of(&self.toc, self.ids[id]);
-            file_range(c).is_none_or(|(s, e)| e - s > SPAN_MAX)
-        });
-        let spans = spans(small.iter().filter_map(|&id| {
+    /// Fetch the small entries (the skeleton's) into the pack, unless it is there
+    /// already: their data grouped into coalesced range reads, [`PARALLEL`] at once,
+    /// written at their offsets into a temporary pack renamed into place when whole.
+    pub(crate) fn fetch_small(&self) -> Result<()> {
+        let pack = self.pack();
+        if std::fs::symlink_metadata(&pack).is_ok_and(|m| m.is_file() && m.len() == self.inline_len) {
+            return Ok(());
+        }
+        let spans = spans((0..self.ids.len()).filter(|&id| self.inline_at[id].is_some()).filter_map(|id| {
             let (s, e) = file_range(chunks_of(&self.toc, self.ids[id]))?;
             Some((s, e - s, id))
         }));
-        let next = AtomicUsize::new(0);
-        let failed: Mutex<Option<Error>> = Mutex::new(None);
-        let work = || {
-            loop {
-                if self.stop.load(Ordering::Relaxed) || failed.lock().is_some() {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i < spans.len() {
-                    if let Err(err) = self.fetch_files_span(&spans[i]) {
+        let tmp = self.dir.join(format!(".tmp-inline.{}", self.seq.fetch_add(1, Ordering::Relaxed)));
+        let file = File::create(&tmp).map_err(|err| Error::io("create", &tmp, err))?;
+        let result = (|| {
+            file.set_len(self.inline_len).map_err(|err| Error::io("ftruncate", &tmp, err))?;
+            let next = AtomicUsize::new(0);
+            let failed: Mutex<Option<Error>> = Mutex::new(None);
+            let work = || {
+                loop {
+                    if self.stop.load(Ordering::Relaxed) || failed.lock().is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(span) = spans.get(i) else { return };
+                    if let Err(err) = self.fetch_files_span(span, &file, &tmp) {
                         failed.lock().get_or_insert(err);
                         return;
                     }
-                } else if i - spans.len() < big.len() {
-                    if let Err(err) = self.fetch(big[i - spans.len()], false) {
-                        failed.lock().get_or_insert(err);
-                        return;
-                    }
-                } else {
-                    return;
                 }
+            };
+            std::thread::scope(|s| {
+                for _ in 1..PARALLEL.min(spans.len()) {
+                    s.spawn(work);
+                }
+                work();
+            });
+            if let Some(err) = failed.into_inner() {
+                return Err(err);
             }
-        };
-        std::thread::scope(|s| {
-            for _ in 1..PARALLEL.min(spans.len() + big.len()) {
-                s.spawn(work);
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(stopped());
             }
-            work();
-        });
-        match failed.into_inner() {
-            Some(err) => Err(err),
-            None if self.stop.load(Ordering::Relaxed) => Err(stopped()),
-            None => Ok(()),
+            if self.sync {
+                file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            }
+            std::fs::rename(&tmp, &pack).map_err(|e| Error::io("rename", &pack, e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
+        result
     }
 
-    fn fetch_files_span(&self, span: &Span<'_, usize>) -> Result<()> {
+    /// The small files of one range read, decoded, verified and written into the pack.
+    fn fetch_files_span(&self, span: &Span<'_, usize>, pack: &File, tmp: &Path) -> Result<()> {
         let buf = self.range(span.start, span.end - span.start)?;
         for &id in &span.items {
-            let size = self.size(id);
-            let mut data = vec![0u8; size as usize];
+            let at = self.inline_at[id].expect("a small file");
             for c in chunks_of(&self.toc, self.ids[id]) {
                 if c.zeros {
                     continue;
                 }
                 let part = read_chunk(&self.toc, c, |o, l| slice(&buf, span.start, o, l))?;
-                let at = c.file_offset as usize;
-                data[at..at + part.len()].copy_from_slice(&part);
+                pack.write_all_at(&part, at + c.file_offset).map_err(|err| Error::io("write", tmp, err))?;
             }
-            let tmp = self.tmp_path(id);
-            let file = File::create(&tmp).map_err(|err| Error::io("create", &tmp, err))?;
-            let r = file
-                .write_all_at(&data, 0)
-                .map_err(|err| Error::io("write", &tmp, err))
-                .and_then(|()| self.land(&tmp, &file, id));
-            if r.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            r?;
         }
         Ok(())
     }

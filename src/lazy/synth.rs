@@ -11,8 +11,8 @@
 //! Each regular file is one of three things ([`FileData`]): a placeholder (a PAX sparse
 //! 1.0 entry of the file's size with no data segment, which the extractor makes a
 //! sparse file of that size: the skeleton's stand-in for data served by the data-only
-//! lower), local data (a whole, verified file of the data store, streamed in), or
-//! empty.
+//! lower) or local data (a whole, verified file of the data store, or a range of its
+//! pack of small files, streamed in).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -29,6 +29,8 @@ pub(crate) enum FileData {
     Placeholder,
     /// The whole content, in this file (its length must be the entry's size).
     Local(PathBuf),
+    /// The content, at this offset of this file (the entry's size in bytes).
+    Range(PathBuf, u64),
 }
 
 /// Bytes handed from the writer thread to the reader at a time.
@@ -101,6 +103,14 @@ fn write_tar(toc: &Toc, out: Pieces, data: &dyn Fn(usize) -> FileData) -> io::Re
                     let map = sparse_map(&[]);
                     h.kind = EntryKind::Sparse { size: map.len() as u64, real_size: *size };
                     w.append(&h, Some(&mut &map[..]))?;
+                }
+                FileData::Range(p, offset) => {
+                    use std::io::{Seek, SeekFrom};
+                    let mut f =
+                        File::open(&p).map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", p.display())))?;
+                    f.seek(SeekFrom::Start(offset))?;
+                    h.kind = EntryKind::File { size: *size };
+                    w.append(&h, Some(&mut f.take(*size)))?;
                 }
                 FileData::Local(p) => {
                     let mut f =
