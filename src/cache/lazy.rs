@@ -12,11 +12,17 @@
 //!   the layers above (from the first one that is cached or not seekable): as ensure
 //!     (leased or pulled whole), their omitted parents from the skeleton; reasons kept
 //!   lowers = [those layers, top first] + [the skeleton]; data lowers = the FUSE mounts
-//! completion thread (per lazy layer):
-//!   every placeholder's data, in TOC order, 2 at a time, pausing while opens wait;
-//!   failures retried with backoff until the cache closes; once the layers below are
-//!   complete: the rebuilt tar with all data extracted into tmp/ → layers/<hex>
-//!   (ready: new ensures use it, no FUSE)
+//! completion thread (per lazy layer, at nice 19, from when ensure_lazy returns):
+//!   the prefetch list's files; then, once the lazy layers below are complete, the
+//!   layer pulled whole by ensure's own path (blob streamed and verified against its
+//!   digest, extracted, made ready in layers/<hex>), its reads waiting while opens
+//!   wait; retried with backoff until the cache closes. The data-only lower then
+//!   serves what was never fetched from the ready copy (leased while the lazy layer
+//!   lives); new ensures use the ready layer, no FUSE.
+//!
+//! A lazy layer never puts into `layers/` anything built from its TOC: the TOC is
+//! vouched for only by the manifest that carries it, while `layers/<hex>` is trusted by
+//! every image naming that blob digest.
 //! ```
 //!
 //! # Why one merged skeleton
@@ -42,24 +48,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-
-use super::layout::{self, LayerMeta};
-use super::{Inner, Layer, Rootfs, RootfsCache, disk_usage, io, now_nanos, remove_path, write_atomic};
+use super::layout;
+use super::{Inner, Layer, Rootfs, RootfsCache, io, remove_path, write_atomic};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{Descriptor, ImageFetcher, ImageManifest};
 use crate::lazy::layer::{self as store, Store};
 use crate::lazy::synth::{FileData, tar_stream};
 use crate::lazy::{LayerToc, read_toc};
-use crate::unpack::{WhiteoutMode, apply_implicit_parents, unpack_cache_entry};
+use crate::unpack::{WhiteoutMode, unpack_cache_entry};
 
 use super::ensure::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
 
 /// Directory of lazy layers in the cache.
 pub(super) const LAZY: &str = "lazy";
-/// Placeholder data fetched at once by the completion of one layer.
-const COMPLETION_WORKERS: usize = 2;
 
 /// One lazy layer served by this process.
 pub(crate) struct LazyLayer {
@@ -72,6 +74,8 @@ pub(crate) struct LazyLayer {
     #[cfg(feature = "lazy")]
     server: Option<crate::lazy::fuse::DataServer>,
     pub(super) status: Arc<Status>,
+    /// To give back the lease on the ready copy (taken at completion).
+    cache: Weak<Inner>,
 }
 
 /// What the completion of a lazy layer has done.
@@ -85,6 +89,8 @@ pub(crate) struct Status {
     /// waits for it, so that it never competes with building the skeleton (nor with the
     /// first reads of the sandbox, which it then yields to anyway).
     pub(super) go: std::sync::atomic::AtomicBool,
+    /// The layer holds a lease on its ready copy (which serves what was not fetched).
+    leased: std::sync::atomic::AtomicBool,
 }
 
 /// Lets the completion of the lazy layers an `ensure_lazy` made start when it returns,
@@ -117,6 +123,13 @@ impl LazyLayer {
 impl Drop for LazyLayer {
     fn drop(&mut self) {
         self.store.stop.store(true, Ordering::Relaxed);
+        if self.status.leased.load(Ordering::Relaxed) {
+            if let Some(inner) = self.cache.upgrade() {
+                let mut st = inner.state.lock();
+                st.unlease(&self.digest);
+                inner.publish(&st);
+            }
+        }
         #[cfg(feature = "lazy")]
         drop(self.server.take());
         // Best effort: the next open cleans what is left.
@@ -174,8 +187,8 @@ impl RootfsCache {
     /// Make `reference` usable at once: like [`RootfsCache::ensure_with`], except that
     /// each missing *seekable* layer (zstd:chunked or eStargz with a verified TOC, see
     /// [`read_toc`]) is not downloaded: its metadata skeleton is made (directories,
-    /// links, devices, whiteouts, xattrs, and every file of up to 64 KiB or on the
-    /// image's prefetch list, with its data) and the rest of its file data is served by a
+    /// links, devices, whiteouts, xattrs, and every file of up to 16 KiB with its data:
+    /// the layers' skeletons merged into one) and the rest of its file data is served by a
     /// FUSE data-only lower that fetches a file, by range reads of the blob, when it is
     /// first opened. The returned [`Rootfs`] lists the skeletons in
     /// [`lowers`](Rootfs::lowers) and the FUSE mounts in
@@ -183,10 +196,11 @@ impl RootfsCache {
     /// Linux 6.5+ for data-only lowers, 6.9+ for FUSE passthrough, which makes reads of
     /// fetched data run at native speed).
     ///
-    /// Meanwhile a background thread per lazy layer fetches the rest of its data (files
-    /// being opened first, then in image order) and, once all is local, makes it an
-    /// ordinary cached layer: later `ensure` calls use it without FUSE, and running
-    /// sandboxes keep their lazy view (or [`detach`](crate::Workspace::detach)).
+    /// Meanwhile a background thread per lazy layer (at the lowest CPU priority, its
+    /// reads waiting while opens wait) pulls the layer whole the way `ensure` does (blob
+    /// digest verified) and makes it an ordinary cached layer: later `ensure` calls use it
+    /// without FUSE, and running sandboxes keep their lazy view, now served from it with
+    /// no network (or [`detach`](crate::Workspace::detach)).
     /// [`Rootfs::lazy_status`] and [`Rootfs::wait_local`] follow it. The fetcher is kept
     /// (hence the `Arc`) for as long as the background work runs.
     ///
@@ -210,7 +224,8 @@ impl RootfsCache {
     /// # Limits
     /// A `Rootfs` with lazy layers cannot be [`persist`](Rootfs::persist)ed (its data is
     /// served by this process), and a workspace over it mounts only with the kernel
-    /// backend. Mounting FUSE needs root, or an unprivileged user namespace (then the
+    /// backend. A completion in progress keeps the cache open (its directory locked)
+    /// until its download ends, even once every handle is dropped. Mounting FUSE needs root, or an unprivileged user namespace (then the
     /// cache must use `userxattr`; FUSE passthrough is not available there, so reads go
     /// through the server).
     ///
@@ -283,8 +298,9 @@ impl RootfsCache {
                     inner.counters.misses.fetch_add(1, Ordering::Relaxed);
                     let below: Vec<(Digest, Arc<Status>)> =
                         run.iter().map(|l| (l.digest, Arc::clone(&l.status))).collect();
+                    let prefix = manifest.layers[..=run.len()].to_vec();
                     let l = self
-                        .lazy_layer(&fetcher, desc, toc, below)
+                        .lazy_layer(&fetcher, desc, toc, below, prefix)
                         .map_err(|e| Error::Layer { digest: d, source: Arc::new(e) })?;
                     start.0.push(Arc::clone(&l.status));
                     run.push(l);
@@ -405,6 +421,7 @@ impl RootfsCache {
         desc: &Descriptor,
         toc: crate::lazy::Toc,
         below: Vec<(Digest, Arc<Status>)>,
+        prefix: Vec<Descriptor>,
     ) -> Result<Arc<LazyLayer>> {
         let inner = &self.inner;
         let d = desc.digest;
@@ -449,12 +466,14 @@ impl RootfsCache {
             #[cfg(feature = "lazy")]
             server,
             status: Arc::clone(&status),
+            cache: Arc::downgrade(inner),
         });
         inner.state.lock().lazy.insert(d, Arc::clone(&layer));
         let weak = Arc::downgrade(inner);
-        let spawned = std::thread::Builder::new()
-            .name(format!("lazy-complete-{}", &d.hex()[..8]))
-            .spawn(move || complete(weak, store, status, below));
+        let spawned = std::thread::Builder::new().name(format!("lazy-complete-{}", &d.hex()[..8])).spawn({
+            let fetcher = Arc::clone(fetcher);
+            move || complete(weak, store, status, below, prefix, fetcher)
+        });
         if let Err(e) = spawned {
             // Served, but never completed by this process: say so.
             *layer.status.last_error.lock() = Some(format!("cannot start its completion: {e}"));
@@ -536,8 +555,21 @@ fn nap(store: &Store, d: Duration) -> bool {
     !store.stop.load(Ordering::Relaxed)
 }
 
-/// The completion thread of one lazy layer (see the module docs).
-fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Vec<(Digest, Arc<Status>)>) {
+/// The completion thread of one lazy layer: once `ensure_lazy` has returned and the
+/// lazy layers below are complete, the layer is pulled whole through `ensure`'s own path
+/// (the blob streamed, its digest verified, extracted, made ready in `layers/` with the
+/// layers below leased for its omitted parents), yielding to waiting opens between
+/// reads. A layer in `layers/` is thus always one whose blob matched its digest: a TOC,
+/// whose digest only the manifest that carries it vouches for, never puts anything
+/// there. Then the data-only lower serves what was not fetched from the ready copy.
+fn complete(
+    weak: Weak<Inner>,
+    store: Arc<Store>,
+    status: Arc<Status>,
+    below: Vec<(Digest, Arc<Status>)>,
+    prefix: Vec<Descriptor>,
+    fetcher: Arc<dyn ImageFetcher>,
+) {
     // Background work: the lowest CPU priority (threads inherit it; on Linux a nice
     // value is per thread). Waiting opens are served by the FUSE workers, at the
     // process's priority.
@@ -548,62 +580,46 @@ fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Ve
         }
     }
     store.touch();
-    // The prefetch list first, then in image order.
-    let mut order: Vec<usize> = (0..store.ids.len()).filter(|&id| store.placeholder[id]).collect();
-    order.sort_by_key(|id| (!store.prefetch.contains(id), *id));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&id) = order.get(i) else { return };
-            let mut backoff = Duration::from_millis(500);
-            loop {
-                if store.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                // Opens that wait go first (the fetch yields to them between reads).
-                match store.fetch(id, true) {
-                    Ok(()) => {
-                        *status.last_error.lock() = None;
-                        break;
-                    }
-                    Err(e) => {
-                        *status.last_error.lock() = Some(e.to_string());
-                        if !nap(&store, backoff) {
-                            return;
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
+    // The image's prefetch list first (eStargz landmarks), file by file.
+    let mut prefetch: Vec<usize> = store.prefetch.iter().copied().collect();
+    prefetch.sort_unstable();
+    for id in prefetch {
+        if store.stop.load(Ordering::Relaxed) {
+            return;
         }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..COMPLETION_WORKERS {
-            s.spawn(work);
-        }
-        work();
-    });
-    // Parents this layer omits get the metadata of the layers below: complete first.
+        let _ = store.fetch(id, true); // best effort: opens fetch what this misses
+    }
     while !below.iter().all(|(_, s)| s.complete.load(Ordering::Relaxed)) {
         if !nap(&store, Duration::from_millis(50)) {
             return;
         }
     }
+    let d = store.desc.digest;
+    let image = ImageManifest { digest: d, layers: prefix };
+    let yielding = Yielding { inner: fetcher, store: Arc::clone(&store) };
     let mut backoff = Duration::from_millis(500);
     while !store.stop.load(Ordering::Relaxed) {
         let Some(inner) = weak.upgrade() else { return };
-        let lowers: Vec<PathBuf> =
-            below.iter().rev().map(|(d, _)| layout::layer_fs(&inner.root, d)).filter(|p| p.is_dir()).collect();
-        match finish(&inner, &store, &lowers) {
-            Ok(()) => {
+        let cache = RootfsCache { inner: Arc::clone(&inner) };
+        match cache.ensure_layers(&yielding, &image, &EnsureOptions::new(), &[]) {
+            Ok(part) => {
+                {
+                    let mut st = inner.state.lock();
+                    st.lease(&d);
+                    inner.publish(&st);
+                }
+                status.leased.store(true, Ordering::Relaxed);
+                *store.ready_root.lock() = Some(layout::layer_fs(&inner.root, &d));
                 status.complete.store(true, Ordering::Relaxed);
                 *status.last_error.lock() = None;
+                drop(part);
+                drop(cache);
                 reap(&inner);
                 return;
             }
-            Err(e) => *status.last_error.lock() = Some(format!("making it an ordinary layer: {e}")),
+            Err(e) => *status.last_error.lock() = Some(e.to_string()),
         }
+        drop(cache);
         drop(inner);
         if !nap(&store, backoff) {
             return;
@@ -612,61 +628,45 @@ fn complete(weak: Weak<Inner>, store: Arc<Store>, status: Arc<Status>, below: Ve
     }
 }
 
-/// Make a lazy layer whose data is all local an ordinary ready layer: the rebuilt tar,
-/// data included, extracted into `tmp/`, its omitted parents given the metadata of
-/// `lowers` (the ready layers below, top first), then renamed into `layers/` and
-/// published.
-fn finish(inner: &Arc<Inner>, store: &Arc<Store>, lowers: &[PathBuf]) -> Result<()> {
-    let d = store.toc.layer;
-    if inner.state.lock().layers.contains_key(&d) {
-        return Ok(()); // an eager ensure made it meanwhile
+/// The layer's fetcher for its completion: blob reads wait while opens wait (and for a
+/// quiet moment after), so that a starting sandbox has the link first.
+struct Yielding {
+    inner: Arc<dyn ImageFetcher>,
+    store: Arc<Store>,
+}
+
+impl ImageFetcher for Yielding {
+    fn resolve(&self, reference: &str) -> Result<ImageManifest> {
+        self.inner.resolve(reference)
     }
-    let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
-    let tmp = inner.root.join(layout::TMP).join(format!("{}.{seq}", d.hex()));
-    let fs = tmp.join(layout::FS);
-    let result = (|| {
-        std::fs::create_dir_all(&fs).map_err(io("mkdir", &fs))?;
-        let opts = lazy_unpack_options(&inner.opts.unpack);
-        let s = Arc::clone(store);
-        let stream = tar_stream(Arc::clone(&store.toc), move |e| s.local_data(s.id_of[&e]))?;
-        let (stats, implicit) = unpack_cache_entry(stream, &fs, &opts, &AtomicU64::new(0))?;
-        apply_implicit_parents(&fs, &implicit, lowers, &opts)?;
-        let size = disk_usage(&fs)?;
-        let meta = LayerMeta { size, diff_id: None, created: now_nanos() / 1_000_000_000 };
-        write_atomic(&tmp.join(layout::META), meta.encode().as_bytes())?;
-        if inner.opts.sync {
-            let f = std::fs::File::open(&tmp).map_err(io("open", &tmp))?;
-            nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &tmp, e))?;
-        }
-        let dest = layout::layer_dir(&inner.root, &d);
-        let mut st = inner.state.lock();
-        if st.layers.contains_key(&d) {
-            return Ok(None);
-        }
-        match std::fs::rename(&tmp, &dest) {
-            Ok(()) => {}
-            // An eager ensure renamed its copy in first: theirs is published.
-            Err(e) if [Errno::EEXIST as i32, Errno::ENOTEMPTY as i32].contains(&e.raw_os_error().unwrap_or(0)) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(Error::io("rename", &dest, e)),
-        }
-        let now = now_nanos();
-        let pins = st.pins.values().flatten().filter(|p| **p == d).count() as u32;
-        st.bytes += meta.size;
-        if pins > 0 {
-            st.leased += 1;
-        }
-        st.layers.insert(d, Layer { meta, last_use: now, persisted_use: now, leases: pins });
-        inner.counters.extractions.fetch_add(1, Ordering::Relaxed);
-        inner.counters.bytes_extracted.fetch_add(stats.compressed_bytes, Ordering::Relaxed);
-        inner.publish(&st);
-        Ok(Some(()))
-    })();
-    if !matches!(result, Ok(Some(()))) && tmp.exists() {
-        let _ = remove_path(&tmp);
+
+    fn open_blob(&self, layer: &Descriptor) -> Result<Box<dyn std::io::Read + Send>> {
+        let inner = self.inner.open_blob(layer)?;
+        Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store) }))
     }
-    result.map(drop)
+
+    fn open_blob_observed(
+        &self,
+        layer: &Descriptor,
+        observer: Arc<dyn crate::fetch::FetchObserver>,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        let inner = self.inner.open_blob_observed(layer, observer)?;
+        Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store) }))
+    }
+}
+
+struct YieldingRead {
+    inner: Box<dyn std::io::Read + Send>,
+    store: Arc<Store>,
+}
+
+impl std::io::Read for YieldingRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.store.yield_to_any_open() {
+            return Err(std::io::Error::other("the lazy layer's cache was closed"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// Drop the lazy layers that are complete and held by nobody but the map (outside the

@@ -48,12 +48,12 @@ use crate::error::{Error, Result};
 
 /// Where a data-only lower gets its bytes: the lazy layer's fetcher and local store.
 pub(crate) trait DataSource: Send + Sync + 'static {
-    /// Make entry `id`'s bytes local at [`path`](Self::path), verified, or fail. Blocks;
-    /// runs on one of the server's workers. Called at most once at a time per entry.
+    /// Make entry `id`'s bytes local (then [`open`](Self::open) finds them), verified,
+    /// or fail. Blocks; runs on one of the server's workers. Called at most once at a
+    /// time per entry.
     fn fetch(&self, id: usize) -> Result<()>;
-    /// Where entry `id`'s bytes are once local (whole and verified: written elsewhere
-    /// and renamed here, so a file at this path is never partial).
-    fn path(&self, id: usize) -> PathBuf;
+    /// Entry `id`'s bytes, if they are local (whole and verified), opened for reading.
+    fn open(&self, id: usize) -> Option<File>;
 }
 
 /// What a [`DataServer`] has done, for tests and metrics.
@@ -262,11 +262,7 @@ impl State {
 
     /// Answer an open of a local entry: passthrough where possible, else a handle.
     fn open_local(&self, id: usize, reply: ReplyOpen) {
-        let path = self.source.path(id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(_) => return reply.error(Errno::EIO),
-        };
+        let Some(file) = self.source.open(id) else { return reply.error(Errno::EIO) };
         match file.metadata() {
             Ok(m) if m.len() == self.sizes[id] => {}
             _ => return reply.error(Errno::EIO),
@@ -308,7 +304,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<usize>>, state: &State) {
         };
         // An open that raced with the end of the previous fetch of this entry queues it
         // again: it is local by now, nothing to fetch.
-        let ok = state.source.path(id).exists() || {
+        let ok = state.source.open(id).is_some() || {
             state.stats.fetches.fetch_add(1, Ordering::Relaxed);
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.source.fetch(id)))
                 .map(|r| r.is_ok())
@@ -373,7 +369,8 @@ impl Filesystem for DataFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        if self.state.source.path(id).exists() {
+        if let Some(file) = self.state.source.open(id) {
+            drop(file);
             return self.state.open_local(id, reply);
         }
         let first = {
@@ -514,6 +511,12 @@ mod tests {
             std::fs::write(&tmp, &self.data[id]).map_err(|e| Error::io("write", &tmp, e))?;
             std::fs::rename(&tmp, self.path(id)).map_err(|e| Error::io("rename", &tmp, e))
         }
+        fn open(&self, id: usize) -> Option<File> {
+            File::open(self.path(id)).ok()
+        }
+    }
+
+    impl Mem {
         fn path(&self, id: usize) -> PathBuf {
             self.dir.join(format!("{id:x}"))
         }

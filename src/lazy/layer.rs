@@ -83,6 +83,9 @@ pub(crate) struct Store {
     seq: AtomicU64,
     /// Set when the layer's owner is gone: background work stops.
     pub(crate) stop: AtomicBool,
+    /// The layer's ready copy (its `fs/`, leased while set), once complete: entries not
+    /// fetched are read from there.
+    pub(crate) ready_root: Mutex<Option<PathBuf>>,
 }
 
 /// The size of entry `e` when it is a regular file with content.
@@ -155,10 +158,40 @@ impl Store {
             fetched_bytes,
             seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            ready_root: Mutex::new(None),
         })
     }
 
-    /// Where entry `id`'s bytes are once local.
+    /// Entry `id`'s bytes, opened, if local: its fetched file, or the file in the
+    /// layer's ready copy (opened by descriptor inside it, never through a symlink, and
+    /// only a regular file of the right size).
+    #[cfg_attr(not(feature = "lazy"), allow(dead_code))]
+    pub(crate) fn open_local(&self, id: usize) -> Option<File> {
+        let want = self.size(id);
+        let ok = |f: &File| f.metadata().is_ok_and(|m| m.is_file() && m.len() == want);
+        if let Ok(f) = File::open(self.path(id)) {
+            if ok(&f) {
+                return Some(f);
+            }
+        }
+        let root = self.ready_root.lock().clone()?;
+        let path = &self.toc.entries[self.ids[id]].path;
+        let comps = crate::root::split_path(path.as_bytes()).ok()?;
+        let (name, parent) = comps.split_last()?;
+        let r = crate::root::Root::open(&root).ok()?;
+        let dir = r.open_dir(parent, None, path.as_bytes(), &mut Vec::new()).ok()??;
+        let fd = nix::fcntl::openat(
+            std::os::fd::AsFd::as_fd(&dir),
+            *name,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()?;
+        let f = File::from(fd);
+        ok(&f).then_some(f)
+    }
+
+    /// Where entry `id`'s bytes are once fetched.
     pub(crate) fn path(&self, id: usize) -> PathBuf {
         self.dir.join(format!("{id:x}"))
     }
@@ -234,6 +267,12 @@ impl Store {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// Background streaming of the whole blob: wait while opens wait, and for [`QUIET`]
+    /// after the last one; false when the store is stopping.
+    pub(crate) fn yield_to_any_open(&self) -> bool {
+        self.yield_to_opens(usize::MAX)
     }
 
     /// An open waits for entry `id`: fetch it now, ahead of background work.
@@ -553,8 +592,8 @@ impl super::fuse::DataSource for Store {
         self.fetch_urgent(id)
     }
 
-    fn path(&self, id: usize) -> PathBuf {
-        Store::path(self, id)
+    fn open(&self, id: usize) -> Option<File> {
+        self.open_local(id)
     }
 }
 
