@@ -315,11 +315,13 @@ impl RootfsCache {
         let mut lowers: Vec<PathBuf> = Vec::new();
         if !run.is_empty() {
             let view = self.merged_skeleton(&run)?;
-            for (index, l) in run.iter().enumerate() {
-                rootfs.layers.push(l.digest);
+            // `layers` and `lazy` in step before anything else can fail or panic: the
+            // first `lazy.len()` layers are the ones Drop does not unlease.
+            rootfs.layers.extend(run.iter().map(|l| l.digest));
+            rootfs.lazy = run.clone();
+            for index in 0..run.len() {
                 report(index, &manifest.layers[index], LayerState::Lazy);
             }
-            rootfs.lazy = run.clone();
             lowers.push(view.0.clone());
             rootfs.view = Some(view);
             let mut seen = HashSet::new();
@@ -540,6 +542,9 @@ fn lazy_unpack_options(base: &crate::unpack::UnpackOptions) -> crate::unpack::Un
     opts.expected_diff_id = None;
     opts.compute_diff_id = false;
     opts.parent_lowers = Vec::new();
+    // The rebuilt stream ends with its end-of-archive marker: a writer that died early
+    // (its channel closed) is an error, never a shorter tree.
+    opts.require_end_of_archive = true;
     opts
 }
 
@@ -691,6 +696,14 @@ pub(super) fn reap(inner: &Inner) {
 pub(super) fn recover(root: &Path, ready: &HashMap<Digest, Layer>) -> Result<()> {
     let lazy = root.join(LAZY);
     std::fs::create_dir_all(&lazy).map_err(io("mkdir", &lazy))?;
+    // Only the owner passes: fetched data (the small files' pack holds every small file,
+    // `/etc/shadow` included) and the FUSE mounts are read by the overlay with the
+    // mounter's credentials; other users see the files only through the merged view,
+    // which keeps their modes.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lazy, std::fs::Permissions::from_mode(0o700)).map_err(io("chmod", &lazy))?;
+    }
     for entry in std::fs::read_dir(&lazy).map_err(io("opendir", &lazy))? {
         let entry = entry.map_err(io("readdir", &lazy))?;
         let path = entry.path();

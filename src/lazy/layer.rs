@@ -227,6 +227,12 @@ impl Store {
 
     /// Read `len` bytes of the blob from `offset`, counted.
     fn range(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        // A span is at most SPAN_MAX, or one chunk (at most MAX_CHUNK_BYTES) on its own:
+        // a hostile TOC does not make us allocate more.
+        let limit = SPAN_MAX.max(super::toc::MAX_CHUNK_BYTES);
+        if len > limit {
+            return Err(Error::LimitExceeded { what: "lazy range read", limit });
+        }
         let v = self.fetcher.read_blob_range_observed(&self.desc, offset, len, &*self.observer)?;
         self.fetched_bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
         Ok(v)
@@ -278,19 +284,28 @@ impl Store {
     /// An open waits for entry `id`: fetch it now, ahead of background work.
     #[cfg_attr(not(feature = "lazy"), allow(dead_code))]
     pub(crate) fn fetch_urgent(&self, id: usize) -> Result<()> {
-        *self.wanted.lock().entry(id).or_default() += 1;
-        self.urgent.fetch_add(1, Ordering::SeqCst);
-        let r = self.fetch(id, false);
-        self.touch();
-        self.urgent.fetch_sub(1, Ordering::SeqCst);
-        let mut wanted = self.wanted.lock();
-        if let Some(n) = wanted.get_mut(&id) {
-            *n -= 1;
-            if *n == 0 {
-                wanted.remove(&id);
+        // Undone however the fetch ends (a panicking fetcher included).
+        struct Urgent<'a>(&'a Store, usize);
+        impl Drop for Urgent<'_> {
+            fn drop(&mut self) {
+                self.0.touch();
+                self.0.urgent.fetch_sub(1, Ordering::SeqCst);
+                let mut wanted = self.0.wanted.lock();
+                if let Some(n) = wanted.get_mut(&self.1) {
+                    *n -= 1;
+                    if *n == 0 {
+                        wanted.remove(&self.1);
+                    }
+                }
             }
         }
-        r
+        *self.wanted.lock().entry(id).or_default() += 1;
+        self.urgent.fetch_add(1, Ordering::SeqCst);
+        let _urgent = Urgent(self, id);
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        self.fetch(id, false)
     }
 
     /// Make entry `id` local (fetch, verify, land), unless it is already; concurrent
@@ -310,10 +325,17 @@ impl Store {
                 self.landed.wait(&mut inflight);
             }
         }
-        let result = self.fetch_file(id, background);
-        self.inflight.lock().remove(&id);
-        self.landed.notify_all();
-        result
+        // The slot is given back however the fetch ends (a panicking fetcher included):
+        // other opens of the entry must not wait for ever.
+        struct Slot<'a>(&'a Store, usize);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.0.inflight.lock().remove(&self.1);
+                self.0.landed.notify_all();
+            }
+        }
+        let _slot = Slot(self, id);
+        self.fetch_file(id, background)
     }
 
     /// Fetch one file: its chunks in spans of up to [`SPAN_MAX`], [`PARALLEL`] at once,
