@@ -637,29 +637,7 @@ fn cmd_run(
     } else {
         destroy_run(ws, ws_dir, cache_dir, &id)
     };
-    let prog = &command[0];
-    match result {
-        Ok(ended) => match torn {
-            Ok(()) => Ok(ended.code()),
-            Err(e) => Err(with_teardown(format!("run: {prog} exited with status {}", ended.code()), Err(e))),
-        },
-        Err(chroot_exec::Failure::Exec(errno)) => {
-            // As shells say it: 127 when there is no such command, 126 when it cannot
-            // be executed.
-            let (what, code) = match errno {
-                nix::errno::Errno::ENOENT => ("command not found".to_string(), 127),
-                e => (e.desc().to_string(), 126),
-            };
-            let msg = format!("run: {prog}: {what}");
-            torn.map_err(|e| with_teardown(msg.clone(), Err(e)))?;
-            eprintln!("rootfsctl: {msg}");
-            Ok(code)
-        }
-        Err(chroot_exec::Failure::Setup(step, errno)) => {
-            Err(with_teardown(format!("run: {step} {}: {}", target.display(), errno.desc()), torn))
-        }
-        Err(chroot_exec::Failure::Start(msg)) => Err(with_teardown(format!("run: {msg}"), torn)),
-    }
+    run_outcome(result, torn, &command[0], &target)
 }
 
 /// `run --lazy`: the image ensured lazily and served by this process while COMMAND runs,
@@ -689,13 +667,24 @@ fn run_lazy(
     };
     let result = chroot_exec::run(&blocked, &target, command);
     let torn = ws.destroy().map_err(|e| Fail::from(format!("{e} (left for `rootfsctl destroy {}`)", ws_dir.display())));
-    let prog = &command[0];
+    run_outcome(result, torn, &command[0], &target)
+}
+
+/// `run`'s exit: COMMAND's status, or what went wrong (running it, then tearing down).
+fn run_outcome(
+    result: Result<chroot_exec::Ended, chroot_exec::Failure>,
+    torn: Result<(), Fail>,
+    prog: &str,
+    target: &Path,
+) -> Result<u8, Fail> {
     match result {
         Ok(ended) => match torn {
             Ok(()) => Ok(ended.code()),
             Err(e) => Err(with_teardown(format!("run: {prog} exited with status {}", ended.code()), Err(e))),
         },
         Err(chroot_exec::Failure::Exec(errno)) => {
+            // As shells say it: 127 when there is no such command, 126 when it cannot
+            // be executed.
             let (what, code) = match errno {
                 nix::errno::Errno::ENOENT => ("command not found".to_string(), 127),
                 e => (e.desc().to_string(), 126),
