@@ -149,6 +149,8 @@ struct Faults {
     waiting: AtomicUsize,
     /// Every range read fails.
     fail: AtomicBool,
+    /// Range reads are refused (a mirror that ignores `Range`); whole blobs still come.
+    no_ranges: AtomicBool,
     /// Reads overlapping this get one byte flipped.
     corrupt: Mutex<Option<(u64, u64)>>,
     delay_ms: AtomicU64,
@@ -213,6 +215,9 @@ impl ImageFetcher for Faulty {
             }
         }
         std::thread::sleep(Duration::from_millis(self.f.delay_ms.load(Ordering::Relaxed)));
+        if self.f.no_ranges.load(Ordering::SeqCst) {
+            return Err(Error::Unsupported { what: "range reads (test: a mirror without them)".into() });
+        }
         if self.f.fail.load(Ordering::SeqCst) {
             return Err(Error::Read {
                 what: "range read (test: registry gone)",
@@ -448,6 +453,9 @@ fn corrupted_chunks_give_eio_and_cache_nothing_until_they_are_right() {
             assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", lazy.lazy_status());
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Bad bytes, not a bad network: said so, and asked again less and less often.
+        let e = lazy.lazy_status().last_error.unwrap_or_default();
+        assert!(e.contains("refused 1 times in a row"), "{e}");
         // The registry gets it right again: the file reads right, completion finishes.
         *faults.corrupt.lock().unwrap() = None;
         assert!(std::fs::read(m.0.join("data/f2")).unwrap() == big(2));
@@ -841,6 +849,67 @@ fn a_failed_lazy_ensure_gives_back_its_leases_and_leaves_no_view() {
         let lazy = cache.ensure_lazy(fetcher, "t", &EnsureOptions::new()).unwrap();
         let m = mount_ro(&lazy, &t.join("m"));
         check_all(&m.0);
+    });
+}
+
+/// A layer that cannot be served lazily (here: a mirror that refuses range reads) is
+/// pulled whole, with the reason, instead of failing the call.
+#[test]
+fn a_layer_that_cannot_be_served_lazily_is_pulled_whole() {
+    if !require("a_layer_that_cannot_be_served_lazily_is_pulled_whole") {
+        return;
+    }
+    let img = images();
+    let t = support::tempdir().path().to_path_buf();
+    in_ns(move || {
+        let cache_dir = t.join("cache");
+        let cache = open(&cache_dir);
+        let (fetcher, faults) = faulty(layout(&img.chunked));
+        faults.no_ranges.store(true, Ordering::SeqCst);
+        let rootfs = cache.ensure_lazy(Arc::clone(&fetcher), "t", &EnsureOptions::new()).unwrap();
+        assert!(!rootfs.is_lazy());
+        assert!(rootfs.data_lowers().is_empty());
+        let st = rootfs.lazy_status();
+        assert_eq!(st.eager.len(), 1, "{st:?}");
+        assert!(st.eager[0].1.contains("range reads"), "{st:?}");
+        assert!(rootfs.wait_local(Some(Duration::ZERO)));
+        let m = mount_ro(&rootfs, &t.join("m"));
+        check_all(&m.0);
+        let diffs = support::diff_trees(&eager_tree(&img, &t), &support::snapshot(&m.0), &cmp());
+        support::assert_no_diffs("the whole pull's tree", &diffs);
+        drop(m);
+        assert_eq!(cache.stats().leased_entries, 1);
+        drop(rootfs);
+        assert_eq!(cache.stats().leased_entries, 0);
+        // Nothing lazy is left mounted or half made.
+        let lazy_dir = cache_dir.join("lazy");
+        assert!(names(&lazy_dir).iter().all(|n| !n.starts_with("view.")), "{:?}", names(&lazy_dir));
+        for n in names(&lazy_dir) {
+            assert!(names(&lazy_dir.join(&n)).iter().all(|e| !e.starts_with("mnt.")), "{n}");
+        }
+    });
+}
+
+/// A TOC over the cache's extraction bounds is refused lazily as the whole layer would
+/// be: the layer is pulled whole instead, whose extraction then fails on the same bound.
+#[test]
+fn a_toc_over_the_extraction_bounds_is_not_served() {
+    if !require("a_toc_over_the_extraction_bounds_is_not_served") {
+        return;
+    }
+    let img = images();
+    let t = support::tempdir().path().to_path_buf();
+    in_ns(move || {
+        let cache_dir = t.join("cache");
+        let mut o = CacheOptions::default();
+        o.unpack.max_uncompressed_bytes = Some(2 << 20); // the files are 6 MiB
+        let cache = RootfsCache::open(&cache_dir, o).unwrap();
+        let fetcher: Arc<dyn ImageFetcher> = Arc::new(layout(&img.chunked));
+        let err = cache.ensure_lazy(fetcher, "t", &EnsureOptions::new()).unwrap_err();
+        assert!(format!("{err:?}").contains("LimitExceeded"), "{err:?}");
+        // Refused before anything of it was fetched or made.
+        assert!(names(&cache_dir.join("lazy")).is_empty(), "{:?}", names(&cache_dir.join("lazy")));
+        assert_eq!(cache.stats().leased_entries, 0);
     });
 }
 

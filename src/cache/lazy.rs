@@ -44,7 +44,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,32 @@ pub(crate) struct Status {
     pub(super) go: std::sync::atomic::AtomicBool,
     /// The layer holds a lease on its ready copy (which serves what was not fetched).
     leased: std::sync::atomic::AtomicBool,
+}
+
+/// Longest wait between two tries of a completion that failed on the network.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest wait between two tries of a completion that failed on the blob's bytes (not
+/// on the network): a registry that serves other bytes than the digest names is asked
+/// again, in case a mirror is mended, but not for the whole blob every 30 s.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+/// Whether the completion's error `e` is about the blob's bytes (a digest that does not
+/// match, a stream the decompressor or the extractor refuses, a limit), given whether
+/// the blob's source itself failed (`source_failed`: a network error, which is never
+/// the bytes' fault): the next try fetches the same bytes unless the registry is mended.
+/// A local error (a full disk) is not either.
+fn is_refused(e: &Error, source_failed: bool) -> bool {
+    match e {
+        Error::Layer { source, .. } => is_refused(source, source_failed),
+        Error::DigestMismatch { .. }
+        | Error::ContentMismatch { .. }
+        | Error::InvalidArchive { .. }
+        | Error::LimitExceeded { .. }
+        | Error::PathEscape { .. }
+        | Error::InvalidImage { .. } => true,
+        Error::Read { .. } => !source_failed,
+        _ => false,
+    }
 }
 
 /// Lets the completion of the lazy layers an `ensure_lazy` made start when it returns,
@@ -229,14 +255,20 @@ impl RootfsCache {
     /// cache must use `userxattr`; FUSE passthrough is not available there, so reads go
     /// through the server).
     ///
+    /// A layer whose lazy setup fails (its TOC cannot be fetched or verified:
+    /// [`Error::InvalidToc`], [`Error::UnverifiedToc`]; a mirror that refuses range
+    /// reads; its small files' chunks do not match the TOC: [`Error::BlobRangeMismatch`];
+    /// a TOC over the cache's extraction bounds (`max_entries`, its files' sizes summed
+    /// against `max_uncompressed_bytes`); its FUSE lower cannot be mounted) is not an
+    /// error: it and the layers above are pulled whole, the reason in
+    /// [`LazyStatus::eager`]. If the blob itself is bad, that pull's checks fail the call.
+    ///
     /// # Errors
-    /// As [`RootfsCache::ensure_with`]; [`Error::Layer`] naming a seekable layer whose
-    /// TOC or skeleton data cannot be fetched or verified ([`Error::BlobRangeMismatch`],
-    /// [`Error::InvalidToc`], [`Error::UnverifiedToc`], ...) or whose FUSE lower cannot be
-    /// mounted; [`Error::Unsupported`] without the `lazy` feature. A failed call gives
-    /// back the leases it took and leaves no skeleton behind; lazy layers it set up
-    /// before the failure stay served and complete in the background (as `ensure` keeps
-    /// the layers below a failed one), and data files it fetched stay for the next try.
+    /// As [`RootfsCache::ensure_with`]; [`Error::Unsupported`] without the `lazy`
+    /// feature. A failed call gives back the leases it took and leaves no skeleton
+    /// behind; lazy layers it set up before the failure stay served and complete in the
+    /// background (as `ensure` keeps the layers below a failed one), and data files it
+    /// fetched stay for the next try.
     pub fn ensure_lazy(
         &self,
         fetcher: Arc<dyn ImageFetcher>,
@@ -287,26 +319,39 @@ impl RootfsCache {
                     continue;
                 }
             }
+            // A layer that cannot be served lazily (its TOC unreadable or unverifiable,
+            // range reads refused by a mirror, its skeleton data not fetchable, FUSE not
+            // mountable) is pulled whole with the reason, as containerd's remote
+            // snapshotters fall back to a plain pull: if the blob itself is bad, that
+            // pull's digest check says so.
             let toc = read_toc(desc, |o, l| {
                 let v = fetcher.read_blob_range_observed(desc, o, l, &*inner.downloads)?;
                 inner.downloads.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
                 Ok(v)
-            })
-            .map_err(|e| Error::Layer { digest: d, source: Arc::new(e) })?;
+            });
             match toc {
-                LayerToc::Seekable(toc) => {
-                    inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(LayerToc::Seekable(toc)) => {
                     let below: Vec<(Digest, Arc<Status>)> =
                         run.iter().map(|l| (l.digest, Arc::clone(&l.status))).collect();
                     let prefix = manifest.layers[..=run.len()].to_vec();
-                    let l = self
-                        .lazy_layer(&fetcher, desc, toc, below, prefix)
-                        .map_err(|e| Error::Layer { digest: d, source: Arc::new(e) })?;
-                    start.0.push(Arc::clone(&l.status));
-                    run.push(l);
+                    match self.lazy_layer(&fetcher, desc, toc, below, prefix) {
+                        Ok(l) => {
+                            inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                            start.0.push(Arc::clone(&l.status));
+                            run.push(l);
+                        }
+                        Err(e) => {
+                            eager.push((d, format!("cannot be served lazily: {e}")));
+                            break;
+                        }
+                    }
                 }
-                LayerToc::NotSeekable(reason) => {
+                Ok(LayerToc::NotSeekable(reason)) => {
                     eager.push((d, reason));
+                    break;
+                }
+                Err(e) => {
+                    eager.push((d, format!("no usable TOC: {e}")));
                     break;
                 }
             }
@@ -433,6 +478,7 @@ impl RootfsCache {
         if let Some(l) = inner.state.lock().lazy.get(&d).cloned() {
             return Ok(l);
         }
+        check_toc_limits(&toc, &inner.opts.unpack)?;
         let dir = inner.root.join(LAZY).join(d.hex());
         let status = Arc::new(Status::default());
         let store = Arc::new(Store::new(
@@ -548,6 +594,32 @@ fn lazy_unpack_options(base: &crate::unpack::UnpackOptions) -> crate::unpack::Un
     opts
 }
 
+/// The cache's extraction bounds, applied to a TOC before anything of it is served: a
+/// layer is refused lazily as it would be when pulled whole (the sum of its files' sizes
+/// against [`UnpackOptions::max_uncompressed_bytes`], so that a TOC cannot declare
+/// terabytes of "zeros" chunks; its entries against `max_entries`).
+///
+/// [`UnpackOptions::max_uncompressed_bytes`]: crate::unpack::UnpackOptions::max_uncompressed_bytes
+fn check_toc_limits(toc: &crate::lazy::Toc, opts: &crate::unpack::UnpackOptions) -> Result<()> {
+    if let Some(limit) = opts.max_entries {
+        if toc.entries.len() as u64 > limit {
+            return Err(Error::LimitExceeded { what: "TOC entries (max_entries)", limit });
+        }
+    }
+    if let Some(limit) = opts.max_uncompressed_bytes {
+        let mut total = 0u64;
+        for e in &toc.entries {
+            if let crate::lazy::TocEntryKind::File { size, .. } = e.kind {
+                total = total.saturating_add(size);
+                if total > limit {
+                    return Err(Error::LimitExceeded { what: "file bytes in the TOC (max_uncompressed_bytes)", limit });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Sleep `d`, in slices, unless `stop` is set; false when stopped.
 fn nap(store: &Store, d: Duration) -> bool {
     let until = Instant::now() + d;
@@ -601,12 +673,15 @@ fn complete(
     }
     let d = store.desc.digest;
     let image = ImageManifest { digest: d, layers: prefix };
-    let yielding = Yielding { inner: fetcher, store: Arc::clone(&store) };
+    let source_failed = Arc::new(AtomicBool::new(false));
+    let yielding = Yielding { inner: fetcher, store: Arc::clone(&store), failed: Arc::clone(&source_failed) };
     let mut backoff = Duration::from_millis(500);
+    let mut refused = 0u32;
     while !store.stop.load(Ordering::Relaxed) {
         let Some(inner) = weak.upgrade() else { return };
         let cache = RootfsCache { inner: Arc::clone(&inner) };
-        match cache.ensure_layers(&yielding, &image, &EnsureOptions::new(), &[]) {
+        source_failed.store(false, Ordering::Relaxed);
+        let e = match cache.ensure_layers(&yielding, &image, &EnsureOptions::new(), &[]) {
             Ok(part) => {
                 {
                     let mut st = inner.state.lock();
@@ -622,22 +697,45 @@ fn complete(
                 reap(&inner);
                 return;
             }
-            Err(e) => *status.last_error.lock() = Some(e.to_string()),
-        }
+            Err(e) => e,
+        };
         drop(cache);
         drop(inner);
+        refused = if is_refused(&e, source_failed.load(Ordering::Relaxed)) { refused + 1 } else { 0 };
+        let max = if refused > 0 { REFUSED_BACKOFF_MAX } else { BACKOFF_MAX };
+        backoff = backoff.min(max);
+        *status.last_error.lock() = Some(match refused {
+            0 => e.to_string(),
+            n => format!("{e} (refused {n} times in a row; next try in {:.1} s)", backoff.as_secs_f64()),
+        });
         if !nap(&store, backoff) {
             return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(max);
     }
 }
 
 /// The layer's fetcher for its completion: blob reads wait while opens wait (and for a
-/// quiet moment after), so that a starting sandbox has the link first.
+/// quiet moment after), so that a starting sandbox has the link first. Notes in
+/// `failed` whether the source itself failed (opening the blob, or a read of it).
 struct Yielding {
     inner: Arc<dyn ImageFetcher>,
     store: Arc<Store>,
+    failed: Arc<AtomicBool>,
+}
+
+impl Yielding {
+    fn wrap(&self, r: Result<Box<dyn std::io::Read + Send>>) -> Result<Box<dyn std::io::Read + Send>> {
+        match r {
+            Ok(inner) => {
+                Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store), failed: Arc::clone(&self.failed) }))
+            }
+            Err(e) => {
+                self.failed.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl ImageFetcher for Yielding {
@@ -646,8 +744,7 @@ impl ImageFetcher for Yielding {
     }
 
     fn open_blob(&self, layer: &Descriptor) -> Result<Box<dyn std::io::Read + Send>> {
-        let inner = self.inner.open_blob(layer)?;
-        Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store) }))
+        self.wrap(self.inner.open_blob(layer))
     }
 
     fn open_blob_observed(
@@ -655,14 +752,14 @@ impl ImageFetcher for Yielding {
         layer: &Descriptor,
         observer: Arc<dyn crate::fetch::FetchObserver>,
     ) -> Result<Box<dyn std::io::Read + Send>> {
-        let inner = self.inner.open_blob_observed(layer, observer)?;
-        Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store) }))
+        self.wrap(self.inner.open_blob_observed(layer, observer))
     }
 }
 
 struct YieldingRead {
     inner: Box<dyn std::io::Read + Send>,
     store: Arc<Store>,
+    failed: Arc<AtomicBool>,
 }
 
 impl std::io::Read for YieldingRead {
@@ -670,7 +767,11 @@ impl std::io::Read for YieldingRead {
         if !self.store.yield_to_any_open() {
             return Err(std::io::Error::other("the lazy layer's cache was closed"));
         }
-        self.inner.read(buf)
+        let r = self.inner.read(buf);
+        if r.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        r
     }
 }
 

@@ -847,6 +847,9 @@ impl Rootfs {
     /// cache: a new `ensure` needs no network and no FUSE), or `timeout` passes. Returns
     /// whether they are. The sandboxes over this `Rootfs` keep their lazy view; their
     /// data is local from now on (no fetch can fail any more).
+    /// A completion whose blob does not match its digest (or is refused by the
+    /// extractor) is tried again less and less often, up to every 10 minutes, in case
+    /// the registry is mended; [`LazyStatus::last_error`] says so meanwhile.
     pub fn wait_local(&self, timeout: Option<Duration>) -> bool {
         let start = std::time::Instant::now();
         loop {
