@@ -14,7 +14,7 @@
 //! as the footer's first four fields; `manifest-checksum` is the digest of the compressed
 //! TOC bytes, the only thing that makes the TOC trustworthy.
 
-use super::toc::{Blob, MAX_TOC_BYTES, RawToc, TarSplit, Toc, TocFormat, build_entries, parse_json, read_bounded};
+use super::toc::{Blob, MAX_TOC_BYTES, RawToc, TarSplit, Toc, TocFormat, build_entries, parse_json};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
@@ -184,9 +184,40 @@ pub(super) fn read(blob: &Blob<'_>, checksum: Digest) -> Result<Toc> {
 /// Decompress one zstd frame of `len` bytes (`exact`: to exactly `len` bytes; else to at
 /// most `len`, `0` meaning unknown and bounded by [`MAX_TOC_BYTES`]).
 pub(super) fn decode_frame(raw: &[u8], len: u64, exact: bool) -> std::result::Result<Vec<u8>, String> {
+    use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective, get_error_name};
+    thread_local! {
+        /// One decompression context per thread, reused: a lazy layer's small files are
+        /// thousands of frames, and making a context for each showed in profiles.
+        static DCTX: std::cell::RefCell<Option<DCtx<'static>>> = const { std::cell::RefCell::new(None) };
+    }
     let limit = if len == 0 && !exact { MAX_TOC_BYTES } else { len };
-    let decoder = zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| e.to_string())?.single_frame();
-    let out = read_bounded(decoder, limit + 1)?;
+    let zerr = |c| get_error_name(c).to_string();
+    let out = DCTX.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let dctx = cell.get_or_insert_with(DCtx::create);
+        // Whatever a failed frame left behind is dropped; parameters stay (defaults).
+        dctx.reset(ResetDirective::SessionOnly).map_err(zerr)?;
+        let mut out: Vec<u8> = Vec::with_capacity((limit + 1).min(1 << 20) as usize);
+        let mut input = InBuffer::around(raw);
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() as u64 > limit {
+                    break; // said below
+                }
+                let more = (limit + 1 - out.len() as u64).min(out.capacity().max(64 << 10) as u64);
+                out.reserve_exact(more as usize);
+            }
+            let pos = out.len();
+            let hint = dctx.decompress_stream(&mut OutBuffer::around_pos(&mut out, pos), &mut input).map_err(zerr)?;
+            if hint == 0 {
+                break; // the frame is complete
+            }
+            if input.pos() == raw.len() && out.len() < out.capacity() {
+                return Err("incomplete frame".to_string());
+            }
+        }
+        Ok(out)
+    })?;
     if out.len() as u64 > limit {
         return Err(format!("decompresses to more than {limit} bytes"));
     }
@@ -248,5 +279,29 @@ mod tests {
         for bad in ["1:2:3", "1:2:3:4:5", "1:2:-3:4", "1::3:4", " 1:2:3:4", "1:2:3:99999999999999999999"] {
             assert_eq!(parse_numbers::<4>(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn frames_decode_exactly_and_a_bad_one_leaves_the_context_usable() {
+        let data: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let frame = zstd::encode_all(&data[..], 3).unwrap();
+        let n = data.len() as u64;
+        assert_eq!(decode_frame(&frame, n, true).unwrap(), data);
+        // Truncated: an error, and the next frame on this thread decodes right.
+        let err = decode_frame(&frame[..frame.len() / 2], n, true).unwrap_err();
+        assert!(err.contains("incomplete"), "{err}");
+        assert_eq!(decode_frame(&frame, n, true).unwrap(), data);
+        // Larger than said: stopped at the bound.
+        assert!(decode_frame(&frame, n - 1, true).unwrap_err().contains("more than"));
+        assert!(decode_frame(&frame, n + 1, true).unwrap_err().contains("not"));
+        // Unknown length (a TOC): up to the bound, exactly what the frame holds.
+        assert_eq!(decode_frame(&frame, 0, false).unwrap(), data);
+        // Garbage; then a frame followed by more bytes decodes the frame only.
+        assert!(decode_frame(b"not zstd at all", 3, true).is_err());
+        let mut two = frame.clone();
+        two.extend_from_slice(&zstd::encode_all(&b"more"[..], 3).unwrap());
+        assert_eq!(decode_frame(&two, n, true).unwrap(), data);
+        // Empty frame.
+        assert_eq!(decode_frame(&zstd::encode_all(&b""[..], 3).unwrap(), 0, true).unwrap(), b"");
     }
 }
