@@ -96,6 +96,53 @@ fn ranges_from_a_real_registry_are_exact_and_bounded() {
     assert!(matches!(r.read_blob_range(&unknown, 0, 1), Err(Error::NotFound { .. })));
 }
 
+/// A TCP forwarder to `upstream` on loopback counting the connections it accepts.
+fn counting_forwarder(upstream: std::net::SocketAddr) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::net::{Shutdown, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Ok(server) = TcpStream::connect(upstream) else { return };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &client, &mut &server);
+                let _ = server.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &s2, &mut &c2);
+                let _ = c2.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (addr.to_string(), accepted)
+}
+
+/// Range reads go over the client's pooled connections (found profiling lazy pulls: a
+/// body read up to its Content-Length but not to its end kept the connection out of the
+/// pool, and every range read paid a new one: a TLS handshake against a real registry).
+#[test]
+fn range_reads_reuse_their_connections() {
+    let Some((reg, _t, blob, digest)) = fixture("range_reads_reuse_their_connections", RegistryConfig::plain()) else {
+        return;
+    };
+    let (host, accepted) = counting_forwarder(reg.addr());
+    let r = Registry::new(options()).unwrap();
+    let layer = layer_of(&r, &format!("{host}/range/img:v1"), &digest);
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..20u64 {
+        let (offset, len) = (i * 10_000 + 7, 5_000);
+        let got = r.read_blob_range(&layer, offset, len).unwrap();
+        assert!(got == blob[offset as usize..(offset + len) as usize], "{offset}+{len}");
+    }
+    let new = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(new <= 1, "{new} new connections for 20 range reads one after the other");
+}
+
 #[test]
 fn a_server_ignoring_range_and_a_cut_body_still_give_the_right_bytes() {
     let Some((reg, _t, blob, digest)) =

@@ -91,6 +91,9 @@ pub(crate) struct Status {
     pub(super) go: std::sync::atomic::AtomicBool,
     /// The layer holds a lease on its ready copy (which serves what was not fetched).
     leased: std::sync::atomic::AtomicBool,
+    /// The layer is gone without being complete (its last holder dropped it): the lazy
+    /// layers above it stop waiting for it (their completion pulls it whole itself).
+    pub(super) dead: std::sync::atomic::AtomicBool,
 }
 
 /// Longest wait between two tries of a completion that failed on the network.
@@ -149,6 +152,7 @@ impl LazyLayer {
 impl Drop for LazyLayer {
     fn drop(&mut self) {
         self.store.stop.store(true, Ordering::Relaxed);
+        self.status.dead.store(true, Ordering::Relaxed);
         if self.status.leased.load(Ordering::Relaxed) {
             if let Some(inner) = self.cache.upgrade() {
                 let mut st = inner.state.lock();
@@ -302,9 +306,21 @@ impl RootfsCache {
         let mut run: Vec<Arc<LazyLayer>> = Vec::new();
         let mut start = StartOnDrop(Vec::new());
         let mut eager: Vec<(Digest, String)> = Vec::new();
+        // The skeleton is built on a thread of its own, layer by layer as each one is set
+        // up here, taking the small files' data as their fetch brings it in: the TOCs,
+        // the FUSE mounts, the range reads and the extraction overlap.
+        let (to_skeleton, layers_in) = std::sync::mpsc::channel::<Arc<LazyLayer>>();
+        let builder = {
+            let cache = RootfsCache { inner: Arc::clone(inner) };
+            std::thread::Builder::new()
+                .name("lazy-skeleton".into())
+                .spawn(move || cache.merged_skeleton(layers_in))
+                .map_err(|e| Error::io("spawn", "lazy-skeleton thread", e))?
+        };
         for desc in &manifest.layers {
             let d = desc.digest;
             if let Some(l) = run.iter().find(|l| l.digest == d).cloned() {
+                let _ = to_skeleton.send(Arc::clone(&l));
                 run.push(l);
                 continue;
             }
@@ -315,6 +331,7 @@ impl RootfsCache {
                 }
                 if let Some(l) = st.lazy.get(&d).cloned() {
                     drop(st);
+                    let _ = to_skeleton.send(Arc::clone(&l));
                     run.push(l);
                     continue;
                 }
@@ -338,6 +355,7 @@ impl RootfsCache {
                         Ok(l) => {
                             inner.counters.misses.fetch_add(1, Ordering::Relaxed);
                             start.0.push(Arc::clone(&l.status));
+                            let _ = to_skeleton.send(Arc::clone(&l));
                             run.push(l);
                         }
                         Err(e) => {
@@ -356,10 +374,36 @@ impl RootfsCache {
                 }
             }
         }
+        drop(to_skeleton);
+        let built = builder.join().unwrap_or_else(|_| {
+            Err(Error::Read { what: "lazy skeleton", source: std::io::Error::other("its builder panicked") })
+        });
+        let view = match built {
+            Ok(view) => view,
+            Err(e) => {
+                // A layer whose small files could not be fetched is pulled whole, with
+                // the layers above it; the skeleton is made again without them.
+                let Some((k, why)) =
+                    run.iter().enumerate().find_map(|(k, l)| l.store.small_result().err().map(|e| (k, e)))
+                else {
+                    return Err(e);
+                };
+                let failed = Arc::clone(&run[k]);
+                eager.clear(); // the layers above it are pulled whole for its sake
+                eager.push((failed.digest, format!("cannot be served lazily: {why}")));
+                run.truncate(k);
+                self.forget_lazy(failed);
+                let (tx, rx) = std::sync::mpsc::channel();
+                for l in &run {
+                    let _ = tx.send(Arc::clone(l));
+                }
+                drop(tx);
+                self.merged_skeleton(rx)?
+            }
+        };
         let mut rootfs = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
         let mut lowers: Vec<PathBuf> = Vec::new();
-        if !run.is_empty() {
-            let view = self.merged_skeleton(&run)?;
+        if let Some(view) = view {
             // `layers` and `lazy` in step before anything else can fail or panic: the
             // first `lazy.len()` layers are the ones Drop does not unlease.
             rootfs.layers.extend(run.iter().map(|l| l.digest));
@@ -414,11 +458,16 @@ impl RootfsCache {
         Ok(rootfs)
     }
 
-    /// One skeleton of the lazy layers `run` (bottom first) in a new `lazy/view.<n>`:
-    /// each layer's rebuilt tar extracted over the ones below (whiteouts applied), its
-    /// placeholders then marked.
-    fn merged_skeleton(&self, run: &[Arc<LazyLayer>]) -> Result<View> {
+    /// One skeleton of the lazy layers `layers` sends (bottom first) in a new
+    /// `lazy/view.<n>`, none if it sends none: each layer's rebuilt tar extracted over the
+    /// ones below (whiteouts applied), its placeholders then marked. A small file's data
+    /// is waited for while its layer's fetch brings it in.
+    fn merged_skeleton(&self, layers: std::sync::mpsc::Receiver<Arc<LazyLayer>>) -> Result<Option<View>> {
         let inner = &self.inner;
+        let mut layers = layers.into_iter().peekable();
+        if layers.peek().is_none() {
+            return Ok(None);
+        }
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = inner.root.join(layout::TMP).join(format!("lazy-view.{seq}"));
         let view = inner.root.join(LAZY).join(format!("view.{seq}"));
@@ -428,24 +477,22 @@ impl RootfsCache {
             opts.whiteouts = WhiteoutMode::Apply;
             // Placeholders are sparse: their sizes are not extracted bytes.
             opts.max_uncompressed_bytes = None;
-            for l in run {
+            // Extracting a layer over the ones below touches the directories it changes
+            // without listing them; in an overlay each directory shows the mtime of the
+            // top-most layer listing it.
+            let mut mtimes: HashMap<String, (i64, u32)> = HashMap::new();
+            for l in layers {
                 let s = Arc::clone(&l.store);
                 let stream = tar_stream(Arc::clone(&l.store.toc), move |e| {
                     let id = s.id_of[&e];
-                    if s.placeholder[id] { FileData::Placeholder } else { s.local_data(id) }
+                    if s.placeholder[id] { FileData::Placeholder } else { s.small_data(id) }
                 })?;
                 unpack_cache_entry(stream, &tmp, &opts, &AtomicU64::new(0))
                     .map_err(|e| Error::Layer { digest: l.digest, source: Arc::new(e) })?;
                 store::mark_placeholders(&tmp, &l.store, opts.userxattr)?;
-            }
-            // Extracting a layer over the ones below touched the directories it changed
-            // without listing them; in an overlay each directory shows the mtime of the
-            // top-most layer listing it.
-            let mut mtimes: HashMap<&str, (i64, u32)> = HashMap::new();
-            for l in run {
                 for e in &l.store.toc.entries {
                     if matches!(e.kind, crate::lazy::TocEntryKind::Directory) {
-                        mtimes.insert(e.path.as_str(), (e.mtime, e.mtime_nsec.min(999_999_999)));
+                        mtimes.insert(e.path.clone(), (e.mtime, e.mtime_nsec.min(999_999_999)));
                     }
                 }
             }
@@ -456,7 +503,19 @@ impl RootfsCache {
             let _ = remove_path(&tmp);
             return Err(e);
         }
-        Ok(View(view))
+        Ok(Some(View(view)))
+    }
+
+    /// Give up the lazy layer `l` this call set up or shared (its small files could not
+    /// be fetched): out of the live map, so that the next `ensure_lazy` sets it up
+    /// afresh; served until its last holder lets go.
+    fn forget_lazy(&self, l: Arc<LazyLayer>) {
+        let mut st = self.inner.state.lock();
+        if st.lazy.get(&l.digest).is_some_and(|m| Arc::ptr_eq(m, &l)) {
+            st.lazy.remove(&l.digest);
+        }
+        drop(st);
+        drop(l);
     }
 
     /// Set up (or share) the lazy layer `desc`: fetch its small files (and prefetch
@@ -490,7 +549,15 @@ impl RootfsCache {
             Arc::clone(&inner.lazy_fetched),
             inner.opts.sync,
         )?);
-        store.fetch_small()?;
+        // The small files come in while the FUSE lower is mounted and the skeleton is
+        // built (which waits for each one's data).
+        let small = std::thread::Builder::new().name(format!("lazy-small-{}", &d.hex()[..8])).spawn({
+            let store = Arc::clone(&store);
+            move || store.fetch_small()
+        });
+        if small.is_err() {
+            store.fetch_small();
+        }
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let mnt = dir.join(format!("mnt.{seq}"));
         std::fs::create_dir_all(&mnt).map_err(io("mkdir", &mnt))?;
@@ -666,7 +733,7 @@ fn complete(
         }
         let _ = store.fetch(id, true); // best effort: opens fetch what this misses
     }
-    while !below.iter().all(|(_, s)| s.complete.load(Ordering::Relaxed)) {
+    while !below.iter().all(|(_, s)| s.complete.load(Ordering::Relaxed) || s.dead.load(Ordering::Relaxed)) {
         if !nap(&store, Duration::from_millis(50)) {
             return;
         }

@@ -86,6 +86,21 @@ pub(crate) struct Store {
     /// The layer's ready copy (its `fs/`, leased while set), once complete: entries not
     /// fetched are read from there.
     pub(crate) ready_root: Mutex<Option<PathBuf>>,
+    /// How far [`Store::fetch_small`] is: the skeleton is built while it runs, taking
+    /// each small file's data as soon as it is in.
+    feed: Mutex<Feed>,
+    fed: Condvar,
+}
+
+/// Progress of the small files' fetch.
+#[derive(Default)]
+struct Feed {
+    /// The pack being written (or the one in place).
+    file: Option<Arc<File>>,
+    /// By id: its data is in `file`.
+    here: Vec<bool>,
+    /// Set when the fetch has ended: the pack is in place, or why not.
+    end: Option<std::result::Result<(), Arc<Error>>>,
 }
 
 /// The size of entry `e` when it is a regular file with content.
@@ -159,6 +174,8 @@ impl Store {
             seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             ready_root: Mutex::new(None),
+            feed: Mutex::new(Feed::default()),
+            fed: Condvar::new(),
         })
     }
 
@@ -216,12 +233,42 @@ impl Store {
         std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == len)
     }
 
-    /// Where entry `id`'s bytes are for the rebuilt tar: its own file, or its range of
-    /// the pack.
-    pub(crate) fn local_data(&self, id: usize) -> crate::lazy::synth::FileData {
-        match self.inline_at[id] {
-            Some(offset) => crate::lazy::synth::FileData::Range(self.pack(), offset),
-            None => crate::lazy::synth::FileData::Local(self.path(id)),
+    /// Small entry `id`'s bytes for the rebuilt tar, once [`Store::fetch_small`] has
+    /// them (waiting for them meanwhile), or why they will not come.
+    pub(crate) fn small_data(&self, id: usize) -> crate::lazy::synth::FileData {
+        use crate::lazy::synth::FileData;
+        let Some(at) = self.inline_at[id] else {
+            return FileData::Failed(format!("entry {id} is not a small file"));
+        };
+        let mut feed = self.feed.lock();
+        loop {
+            if feed.here.get(id).copied().unwrap_or(false) {
+                let file = Arc::clone(feed.file.as_ref().expect("data is here: the pack is open"));
+                drop(feed);
+                let mut buf = vec![0u8; self.size(id) as usize];
+                return match file.read_exact_at(&mut buf, at) {
+                    Ok(()) => FileData::Bytes(buf),
+                    Err(e) => FileData::Failed(format!("reading the small files' pack: {e}")),
+                };
+            }
+            if let Some(Err(e)) = &feed.end {
+                return FileData::Failed(format!("fetching the small files: {e}"));
+            }
+            if matches!(feed.end, Some(Ok(()))) {
+                return FileData::Failed(format!("entry {id} missing from a whole pack"));
+            }
+            self.fed.wait(&mut feed);
+        }
+    }
+
+    /// How [`Store::fetch_small`] ended, waiting for it to end.
+    pub(crate) fn small_result(&self) -> std::result::Result<(), Arc<Error>> {
+        let mut feed = self.feed.lock();
+        loop {
+            if let Some(r) = &feed.end {
+                return r.clone();
+            }
+            self.fed.wait(&mut feed);
         }
     }
 
@@ -397,19 +444,58 @@ impl Store {
     /// Fetch the small entries (the skeleton's) into the pack, unless it is there
     /// already: their data grouped into coalesced range reads, [`PARALLEL`] at once,
     /// written at their offsets into a temporary pack renamed into place when whole.
-    pub(crate) fn fetch_small(&self) -> Result<()> {
+    ///
+    /// Runs while the skeleton is built ([`Store::small_data`] waits for each file's
+    /// data); how it ended is [`Store::small_result`].
+    pub(crate) fn fetch_small(&self) {
+        // Ended, whatever way (a panic included): the skeleton never waits forever.
+        struct Ended<'a>(&'a Store);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                let mut feed = self.0.feed.lock();
+                feed.end.get_or_insert_with(|| {
+                    Err(Arc::new(Error::Read {
+                        what: "small files of a lazy layer",
+                        source: std::io::Error::other("their fetch panicked"),
+                    }))
+                });
+                drop(feed);
+                self.0.fed.notify_all();
+            }
+        }
+        let _ended = Ended(self);
+        let r = self.fetch_small_into_pack().map_err(Arc::new);
+        self.feed.lock().end = Some(r);
+    }
+
+    fn fetch_small_into_pack(&self) -> Result<()> {
         let pack = self.pack();
-        if std::fs::symlink_metadata(&pack).is_ok_and(|m| m.is_file() && m.len() == self.inline_len) {
-            return Ok(());
+        if let Ok(f) = File::open(&pack) {
+            if f.metadata().is_ok_and(|m| m.is_file() && m.len() == self.inline_len) {
+                let mut feed = self.feed.lock();
+                feed.file = Some(Arc::new(f));
+                feed.here = self.inline_at.iter().map(Option::is_some).collect();
+                return Ok(());
+            }
         }
         let spans = spans((0..self.ids.len()).filter(|&id| self.inline_at[id].is_some()).filter_map(|id| {
             let (s, e) = file_range(chunks_of(&self.toc, self.ids[id]))?;
             Some((s, e - s, id))
         }));
         let tmp = self.dir.join(format!(".tmp-inline.{}", self.seq.fetch_add(1, Ordering::Relaxed)));
-        let file = File::create(&tmp).map_err(|err| Error::io("create", &tmp, err))?;
+        // Read too: the skeleton takes each file's data from it as soon as it is in.
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp);
+        let file = Arc::new(file.map_err(|err| Error::io("create", &tmp, err))?);
         let result = (|| {
             file.set_len(self.inline_len).map_err(|err| Error::io("ftruncate", &tmp, err))?;
+            {
+                let mut feed = self.feed.lock();
+                feed.file = Some(Arc::clone(&file));
+                // Small files without data chunks (all zeros) are here already.
+                feed.here = (0..self.ids.len())
+                    .map(|id| self.inline_at[id].is_some() && file_range(chunks_of(&self.toc, self.ids[id])).is_none())
+                    .collect();
+            }
             let next = AtomicUsize::new(0);
             let failed: Mutex<Option<Error>> = Mutex::new(None);
             let work = || {
@@ -423,6 +509,12 @@ impl Store {
                         failed.lock().get_or_insert(err);
                         return;
                     }
+                    let mut feed = self.feed.lock();
+                    for &id in &span.items {
+                        feed.here[id] = true;
+                    }
+                    drop(feed);
+                    self.fed.notify_all();
                 }
             };
             std::thread::scope(|s| {
@@ -588,7 +680,7 @@ pub(crate) fn mark_placeholders(skel: &Path, store: &Store, userxattr: bool) -> 
 /// Set the mtime of each directory of `mtimes` (relative paths, `""` for the root) that
 /// exists under `root` as a directory reached without following a symlink; others are
 /// skipped (whited out or replaced by a later layer).
-pub(crate) fn set_dir_mtimes(root: &Path, mtimes: &HashMap<&str, (i64, u32)>) -> Result<()> {
+pub(crate) fn set_dir_mtimes(root: &Path, mtimes: &HashMap<String, (i64, u32)>) -> Result<()> {
     let r = crate::root::Root::open(root)?;
     for (path, (secs, nsec)) in mtimes {
         let Ok(comps) = crate::root::split_path(path.as_bytes()) else { continue };

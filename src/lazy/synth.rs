@@ -8,15 +8,13 @@
 //! links, implicit parents and the order metadata is set in are the extractor's, not
 //! re-done here.
 //!
-//! Each regular file is one of three things ([`FileData`]): a placeholder (a PAX sparse
+//! Each regular file is one of two things ([`FileData`]): a placeholder (a PAX sparse
 //! 1.0 entry of the file's size with no data segment, which the extractor makes a
 //! sparse file of that size: the skeleton's stand-in for data served by the data-only
-//! lower) or local data (a whole, verified file of the data store, or a range of its
-//! pack of small files, streamed in).
+//! lower) or its data (a small file's verified bytes, taken from the pack of small
+//! files as soon as they are fetched).
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
 use std::sync::mpsc;
 
 use super::toc::{Toc, TocEntryKind};
@@ -27,10 +25,10 @@ use crate::workspace::tar_writer::{EntryHeader, EntryKind, TarWriter, sparse_map
 pub(crate) enum FileData {
     /// A sparse stand-in of the file's size, no data.
     Placeholder,
-    /// The whole content, in this file (its length must be the entry's size).
-    Local(PathBuf),
-    /// The content, at this offset of this file (the entry's size in bytes).
-    Range(PathBuf, u64),
+    /// The whole content (its length must be the entry's size).
+    Bytes(Vec<u8>),
+    /// The content cannot be had: the stream fails with this.
+    Failed(String),
 }
 
 /// Bytes handed from the writer thread to the reader at a time.
@@ -104,27 +102,17 @@ fn write_tar(toc: &Toc, out: Pieces, data: &dyn Fn(usize) -> FileData) -> io::Re
                     h.kind = EntryKind::Sparse { size: map.len() as u64, real_size: *size };
                     w.append(&h, Some(&mut &map[..]))?;
                 }
-                FileData::Range(p, offset) => {
-                    use std::io::{Seek, SeekFrom};
-                    let mut f =
-                        File::open(&p).map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", p.display())))?;
-                    f.seek(SeekFrom::Start(offset))?;
-                    h.kind = EntryKind::File { size: *size };
-                    w.append(&h, Some(&mut f.take(*size)))?;
-                }
-                FileData::Local(p) => {
-                    let mut f =
-                        File::open(&p).map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", p.display())))?;
-                    let len = f.metadata()?.len();
-                    if len != *size {
+                FileData::Bytes(bytes) => {
+                    if bytes.len() as u64 != *size {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            format!("{}: {len} bytes, the TOC says {size}", p.display()),
+                            format!("{}: {} bytes, the TOC says {size}", e.path, bytes.len()),
                         ));
                     }
                     h.kind = EntryKind::File { size: *size };
-                    w.append(&h, Some(&mut f))?;
+                    w.append(&h, Some(&mut &bytes[..]))?;
                 }
+                FileData::Failed(why) => return Err(io::Error::other(format!("{}: {why}", e.path))),
             },
         }
     }

@@ -106,7 +106,7 @@ pub(crate) fn get_range(
         let total = parsed.and_then(|(_, _, total)| total);
         let reader = resp.into_body().into_reader();
         let reader: Box<dyn Read + Send> = match end {
-            Some(e) => Box::new(reader.take(e - offset)),
+            Some(e) => Box::new(ToTheEnd { inner: reader, left: e - offset }),
             None => Box::new(reader),
         };
         return Ok(RangeBody { reader, remaining: length, total });
@@ -233,6 +233,31 @@ fn range_on(
         std::thread::sleep(delay);
         retries += 1;
         observer.resumed(conn.host(), offset + buf.len() as u64);
+    }
+}
+
+/// The first `left` bytes of a response body, read on to its end once they are in (one
+/// more read, which takes no bytes when the server sent what it said): the client then
+/// puts the connection back in its pool, where a body left short would be dropped, and
+/// each range read of a lazy layer would pay a new connection (a TLS handshake).
+struct ToTheEnd<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for ToTheEnd<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        if self.left == 0 {
+            // Best effort: a body that goes on is not read (the connection is dropped).
+            let _ = self.inner.read(&mut [0u8; 1]);
+        }
+        Ok(n)
     }
 }
 
