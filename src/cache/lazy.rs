@@ -546,7 +546,7 @@ impl RootfsCache {
             dir.join("data"),
             Arc::clone(fetcher),
             inner.downloads.clone(),
-            Arc::clone(&inner.lazy_fetched),
+            Arc::clone(&inner.lazy_shared),
             inner.opts.sync,
         )?);
         // The small files come in while the FUSE lower is mounted and the skeleton is
@@ -745,6 +745,12 @@ fn complete(
     let mut backoff = Duration::from_millis(500);
     let mut refused = 0u32;
     while !store.stop.load(Ordering::Relaxed) {
+        // Not even the request before a quiet moment: a server answers it at once, and
+        // what it sends fills the socket's buffers (megabytes) on the link the opens of
+        // a starting sandbox need, read or not.
+        if !store.yield_to_any_open() {
+            return;
+        }
         let Some(inner) = weak.upgrade() else { return };
         let cache = RootfsCache { inner: Arc::clone(&inner) };
         source_failed.store(false, Ordering::Relaxed);

@@ -254,8 +254,8 @@ struct Inner {
     seq: AtomicU64,
     /// One lazy layer set-up per digest at a time.
     lazy_setup: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
-    /// Bytes of blobs read by range for lazy layers.
-    lazy_fetched: Arc<AtomicU64>,
+    /// What the lazy layers share: bytes read by range, the opens waiting on any of them.
+    lazy_shared: Arc<crate::lazy::layer::Shared>,
     _lock: crate::lockfile::LockFile,
 }
 
@@ -487,7 +487,7 @@ impl RootfsCache {
             downloads: Arc::default(),
             seq: AtomicU64::new(0),
             lazy_setup: Mutex::new(HashMap::new()),
-            lazy_fetched: Arc::default(),
+            lazy_shared: Arc::default(),
             _lock: lock,
         });
         inner.publish(&inner.state.lock());
@@ -839,7 +839,7 @@ impl Rootfs {
             }
             l.add_server_stats(&mut s);
         }
-        s.fetched_bytes = self.inner.lazy_fetched.load(Ordering::Relaxed);
+        s.fetched_bytes = self.inner.lazy_shared.fetched.load(Ordering::Relaxed);
         s
     }
 

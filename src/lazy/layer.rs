@@ -46,6 +46,28 @@ const GAP_MAX: u64 = 256 << 10;
 /// Range reads of one fetch running at once.
 const PARALLEL: usize = 4;
 
+/// What the lazy layers of one cache share.
+pub(crate) struct Shared {
+    /// Bytes of lazy layers' blobs read so far (range reads).
+    pub(crate) fetched: AtomicU64,
+    /// Fetches that an open is waiting for, running now, in any layer: background work
+    /// yields to them.
+    urgent: AtomicUsize,
+    /// When the last of them ended (or a layer was handed out): background work waits
+    /// for [`QUIET`] after it.
+    busy_at: Mutex<std::time::Instant>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            fetched: AtomicU64::new(0),
+            urgent: AtomicUsize::new(0),
+            busy_at: Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
 /// A lazy layer's data entries and where each one's bytes come from.
 pub(crate) struct Store {
     /// The layer blob.
@@ -70,16 +92,12 @@ pub(crate) struct Store {
     sync: bool,
     inflight: Mutex<HashSet<usize>>,
     landed: Condvar,
-    /// Fetches that an open is waiting for, running now: background work yields to them.
-    pub(crate) urgent: AtomicUsize,
     /// The entries those opens want, with how many wait: a background fetch of one of
     /// them (which holds its in-flight slot, so the open waits for it) never yields.
     wanted: Mutex<HashMap<usize, usize>>,
-    /// When the last of them ended (or the layer was handed out): background work waits
-    /// for [`QUIET`] after it.
-    busy_at: Mutex<std::time::Instant>,
-    /// Bytes of the blob read so far.
-    pub(crate) fetched_bytes: Arc<AtomicU64>,
+    /// What the cache's lazy layers share: bytes fetched, and the opens waiting on any of
+    /// them (background work of every layer yields to those: they share the link).
+    shared: Arc<Shared>,
     seq: AtomicU64,
     /// Set when the layer's owner is gone: background work stops.
     pub(crate) stop: AtomicBool,
@@ -126,7 +144,7 @@ impl Store {
         dir: PathBuf,
         fetcher: Arc<dyn ImageFetcher>,
         observer: Arc<dyn FetchObserver>,
-        fetched_bytes: Arc<AtomicU64>,
+        shared: Arc<Shared>,
         sync: bool,
     ) -> Result<Store> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
@@ -167,10 +185,8 @@ impl Store {
             sync,
             inflight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
-            urgent: AtomicUsize::new(0),
             wanted: Mutex::new(HashMap::new()),
-            busy_at: Mutex::new(std::time::Instant::now()),
-            fetched_bytes,
+            shared,
             seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             ready_root: Mutex::new(None),
@@ -281,7 +297,7 @@ impl Store {
             return Err(Error::LimitExceeded { what: "lazy range read", limit });
         }
         let v = self.fetcher.read_blob_range_observed(&self.desc, offset, len, &*self.observer)?;
-        self.fetched_bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        self.shared.fetched.fetch_add(v.len() as u64, Ordering::Relaxed);
         Ok(v)
     }
 
@@ -301,7 +317,7 @@ impl Store {
 
     /// Note foreground activity now: background work waits [`QUIET`] from here.
     pub(crate) fn touch(&self) {
-        *self.busy_at.lock() = std::time::Instant::now();
+        *self.shared.busy_at.lock() = std::time::Instant::now();
     }
 
     /// Background work on entry `id`: wait while opens wait (unless one waits for `id`),
@@ -314,8 +330,8 @@ impl Store {
             if self.wanted.lock().contains_key(&id) {
                 return true;
             }
-            let quiet = self.busy_at.lock().elapsed() >= QUIET;
-            if quiet && self.urgent.load(Ordering::SeqCst) == 0 {
+            let quiet = self.shared.busy_at.lock().elapsed() >= QUIET;
+            if quiet && self.shared.urgent.load(Ordering::SeqCst) == 0 {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -336,7 +352,7 @@ impl Store {
         impl Drop for Urgent<'_> {
             fn drop(&mut self) {
                 self.0.touch();
-                self.0.urgent.fetch_sub(1, Ordering::SeqCst);
+                self.0.shared.urgent.fetch_sub(1, Ordering::SeqCst);
                 let mut wanted = self.0.wanted.lock();
                 if let Some(n) = wanted.get_mut(&self.1) {
                     *n -= 1;
@@ -347,7 +363,7 @@ impl Store {
             }
         }
         *self.wanted.lock().entry(id).or_default() += 1;
-        self.urgent.fetch_add(1, Ordering::SeqCst);
+        self.shared.urgent.fetch_add(1, Ordering::SeqCst);
         let _urgent = Urgent(self, id);
         if self.stop.load(Ordering::Relaxed) {
             return Err(stopped());
