@@ -29,6 +29,7 @@
 #                   as benches/cold_pull.sh and benches/peer.sh make it)
 #   IMG_DIR=        where the ext4 image file lives (default: the script's tmpfs)
 #   UPDATE_DOC=0    1: write the table into BENCHMARKS.md
+#   KEEP_RUNS=      a directory to copy each run's timings (JSON) and stderr into
 #
 # Setup, all made here and removed on exit (also on error or Ctrl-C; the script runs in
 # its own mount namespace, so no mount outlives it):
@@ -130,6 +131,7 @@ cleanup() {
   ip netns pids "$NS" 2>/dev/null | xargs -r kill 2>/dev/null
   ip link del "$VH" 2>/dev/null
   ip netns del "$NS" 2>/dev/null
+  [[ -n "${KEEP_RUNS:-}" && -d "$T/runs" ]] && mkdir -p "$KEEP_RUNS" && cp -r "$T/runs/." "$KEEP_RUNS/"
   if mountpoint -q "$T"; then umount -R "$T" 2>/dev/null || umount -R -l "$T"; fi
   rm -rf "$T"
   [[ -n "${IMG_DIR:-}" ]] && rm -f "$IMG"

@@ -416,6 +416,52 @@ fn a_registry_stopped_mid_run_gives_eio_and_keeps_what_was_fetched() {
     });
 }
 
+/// Over a real registry (through a logging proxy): the small files of spans apart come
+/// in multi-range requests, split right; the view reads right before and after the
+/// layer is local.
+#[test]
+fn a_lazy_pull_from_a_registry_asks_for_small_files_together() {
+    let test = "a_lazy_pull_from_a_registry_asks_for_small_files_together";
+    if !require(test) || !harness::require(test) {
+        return;
+    }
+    // Small files between big ones: their data lies in spans far apart in the blob.
+    let mut ents = vec![Ent::dir("d").mode(0o755)];
+    for i in 0..4 {
+        ents.push(Ent::file(&format!("d/small{i}"), format!("small file {i}\n").repeat(50 + i)).mode(0o644));
+        ents.push(Ent::file(&format!("d/big{i}"), support::pseudo_random(i as u64 + 10, 700_000)).mode(0o644));
+    }
+    let reg = RegistryServer::start(RegistryConfig::plain());
+    let t = support::tempdir();
+    let mut l = Layout::create(&t.path().join("L"));
+    l.add_image(Some("t"), "amd64", &[(support::tar_of(&ents, Fmt::Pax), Comp::Gzip)]);
+    reg.push(&l.dir, "t", "lazy/multi", "v1", None, &["--dest-compress-format", "zstd:chunked"]);
+    let proxy = harness::FaultProxy::start(reg.addr());
+    let reference = format!("{}/lazy/multi:v1", proxy.host());
+    let t = t.path().to_path_buf();
+    in_ns(move || {
+        let cache = open(&t.join("cache"));
+        let fetcher: Arc<dyn ImageFetcher> = Arc::new(Registry::new(harness::options()).unwrap());
+        let lazy = cache.ensure_lazy(fetcher, &reference, &EnsureOptions::new()).unwrap();
+        assert!(lazy.is_lazy(), "{:?}", lazy.lazy_status());
+        let ranges: Vec<String> =
+            proxy.requests().iter().filter_map(|q| q.header("range").map(str::to_string)).collect();
+        assert!(ranges.iter().any(|r| r.contains(',')), "no multi-range request: {ranges:?}");
+        let m = mount_ro(&lazy, &t.join("m"));
+        let check = |m: &Path| {
+            for i in 0..4 {
+                let small = std::fs::read(m.join(format!("d/small{i}"))).unwrap();
+                assert_eq!(small, format!("small file {i}\n").repeat(50 + i).into_bytes(), "small{i}");
+                let big = std::fs::read(m.join(format!("d/big{i}"))).unwrap();
+                assert!(big == support::pseudo_random(i as u64 + 10, 700_000), "big{i}");
+            }
+        };
+        check(&m.0);
+        assert!(lazy.wait_local(Some(Duration::from_secs(120))), "{:?}", lazy.lazy_status());
+        check(&m.0);
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Corrupted chunks
 

@@ -143,6 +143,41 @@ fn range_reads_reuse_their_connections() {
     assert!(new <= 1, "{new} new connections for 20 range reads one after the other");
 }
 
+/// Several ranges in one request (a lazy layer's small files): one multi-range GET to a
+/// real registry, split exactly; a server that answers it otherwise (here: the whole
+/// blob) still gives the right bytes and is asked one range at a time from then on.
+#[test]
+fn several_ranges_come_in_one_request_where_the_server_can() {
+    let Some((reg, _t, blob, digest)) =
+        fixture("several_ranges_come_in_one_request_where_the_server_can", RegistryConfig::plain())
+    else {
+        return;
+    };
+    let proxy = FaultProxy::start(reg.addr());
+    let r = Registry::new(options()).unwrap();
+    let layer = layer_of(&r, &format!("{}/range/img:v1", proxy.host()), &digest);
+    let size = blob.len() as u64;
+    let ranges = [(0, 1), (17, 4000), (300_000, 65_536), (size - 10, 10)];
+    let want: Vec<Vec<u8>> = ranges.iter().map(|&(o, l)| blob[o as usize..(o + l) as usize].to_vec()).collect();
+    let read = || r.read_blob_ranges_observed(&layer, &ranges, &rootfs_cache::NoObserver).unwrap();
+    proxy.reset_log();
+    assert!(read() == want, "multi-range bytes");
+    let gets: Vec<_> = proxy.requests().into_iter().filter(|q| q.path().contains("/blobs/")).collect();
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    let spec = format!("bytes=0-0,17-4016,300000-365535,{}-{}", size - 10, size - 1);
+    assert_eq!(gets[0].header("range"), Some(spec.as_str()));
+    // A server ignoring the header: right bytes, then one range per request.
+    proxy.on_get("/blobs/", Fault::IgnoreRange, None);
+    proxy.reset_log();
+    assert!(read() == want, "bytes from a server ignoring Range");
+    proxy.clear();
+    proxy.reset_log();
+    assert!(read() == want);
+    let gets: Vec<_> = proxy.requests().into_iter().filter(|q| q.path().contains("/blobs/")).collect();
+    assert_eq!(gets.len(), ranges.len(), "{gets:?}");
+    assert!(gets.iter().all(|q| q.header("range").is_some_and(|h| !h.contains(','))), "{gets:?}");
+}
+
 #[test]
 fn a_server_ignoring_range_and_a_cut_body_still_give_the_right_bytes() {
     let Some((reg, _t, blob, digest)) =

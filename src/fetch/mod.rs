@@ -150,6 +150,24 @@ pub trait ImageFetcher: Send + Sync {
         self.read_blob_range(layer, offset, len)
     }
 
+    /// Several ranges of a blob: `ranges` as `(offset, len)`, in increasing order and
+    /// not overlapping; their bytes, in order. The default reads them one by one with
+    /// [`read_blob_range_observed`](ImageFetcher::read_blob_range_observed); a fetcher
+    /// that can ask for them in one request overrides it ([`Registry`] sends one
+    /// multi-range `GET` and falls back to one request per range where a server does not
+    /// answer it). A lazy layer's small files come this way.
+    ///
+    /// # Errors
+    /// As [`read_blob_range`](ImageFetcher::read_blob_range), for any of the ranges.
+    fn read_blob_ranges_observed(
+        &self,
+        layer: &Descriptor,
+        ranges: &[(u64, u64)],
+        observer: &dyn FetchObserver,
+    ) -> Result<Vec<Vec<u8>>> {
+        ranges.iter().map(|&(offset, len)| self.read_blob_range_observed(layer, offset, len, observer)).collect()
+    }
+
     /// [`resolve`](ImageFetcher::resolve), reporting retries and host fallbacks to
     /// `observer`. The cache calls this one; the default ignores `observer`.
     ///

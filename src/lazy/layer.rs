@@ -43,6 +43,9 @@ const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 const SPAN_MAX: u64 = 8 << 20;
 /// Bytes between two files' data read through rather than split into two requests.
 const GAP_MAX: u64 = 256 << 10;
+/// Bytes of the small files' spans asked for in one request (several ranges of a blob at
+/// once where the fetcher can).
+const BATCH_BYTES: u64 = 4 << 20;
 /// Range reads of one fetch running at once.
 const PARALLEL: usize = 4;
 
@@ -288,6 +291,28 @@ impl Store {
         }
     }
 
+    /// Read `ranges` (`(offset, len)`, increasing) of the blob, counted: in one request
+    /// where the fetcher can.
+    fn ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let limit = SPAN_MAX.max(super::toc::MAX_CHUNK_BYTES);
+        if ranges.iter().any(|&(_, len)| len > limit) {
+            return Err(Error::LimitExceeded { what: "lazy range read", limit });
+        }
+        if ranges.len() == 1 {
+            return Ok(vec![self.range(ranges[0].0, ranges[0].1)?]);
+        }
+        let v = self.fetcher.read_blob_ranges_observed(&self.desc, ranges, &*self.observer)?;
+        if v.len() != ranges.len() || v.iter().zip(ranges).any(|(b, r)| b.len() as u64 != r.1) {
+            return Err(Error::Read {
+                what: "lazy range reads",
+                source: std::io::Error::other("the fetcher returned other ranges than asked for"),
+            });
+        }
+        let n: u64 = v.iter().map(|b| b.len() as u64).sum();
+        self.shared.fetched.fetch_add(n, Ordering::Relaxed);
+        Ok(v)
+    }
+
     /// Read `len` bytes of the blob from `offset`, counted.
     fn range(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         // A span is at most SPAN_MAX, or one chunk (at most MAX_CHUNK_BYTES) on its own:
@@ -512,6 +537,24 @@ impl Store {
                     .map(|id| self.inline_at[id].is_some() && file_range(chunks_of(&self.toc, self.ids[id])).is_none())
                     .collect();
             }
+            // Spans in batches of up to BATCH_BYTES, one request each where the fetcher
+            // can ask for several ranges at once (a registry's per-request cost is paid
+            // once per batch, not per span).
+            let mut batches: Vec<std::ops::Range<usize>> = Vec::new();
+            let mut bytes = 0;
+            for (i, span) in spans.iter().enumerate() {
+                let len = span.end - span.start;
+                match batches.last_mut() {
+                    Some(b) if bytes + len <= BATCH_BYTES => {
+                        b.end = i + 1;
+                        bytes += len;
+                    }
+                    _ => {
+                        batches.push(i..i + 1);
+                        bytes = len;
+                    }
+                }
+            }
             let next = AtomicUsize::new(0);
             let failed: Mutex<Option<Error>> = Mutex::new(None);
             let work = || {
@@ -520,21 +563,23 @@ impl Store {
                         return;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(span) = spans.get(i) else { return };
-                    if let Err(err) = self.fetch_files_span(span, &file, &tmp) {
+                    let Some(batch) = batches.get(i) else { return };
+                    if let Err(err) = self.fetch_files_spans(&spans[batch.clone()], &file, &tmp) {
                         failed.lock().get_or_insert(err);
                         return;
                     }
                     let mut feed = self.feed.lock();
-                    for &id in &span.items {
-                        feed.here[id] = true;
+                    for span in &spans[batch.clone()] {
+                        for &id in &span.items {
+                            feed.here[id] = true;
+                        }
                     }
                     drop(feed);
                     self.fed.notify_all();
                 }
             };
             std::thread::scope(|s| {
-                for _ in 1..PARALLEL.min(spans.len()) {
+                for _ in 1..PARALLEL.min(batches.len()) {
                     s.spawn(work);
                 }
                 work();
@@ -556,17 +601,21 @@ impl Store {
         result
     }
 
-    /// The small files of one range read, decoded, verified and written into the pack.
-    fn fetch_files_span(&self, span: &Span<'_, usize>, pack: &File, tmp: &Path) -> Result<()> {
-        let buf = self.range(span.start, span.end - span.start)?;
-        for &id in &span.items {
-            let at = self.inline_at[id].expect("a small file");
-            for c in chunks_of(&self.toc, self.ids[id]) {
-                if c.zeros {
-                    continue;
+    /// The small files of some spans (one request where the fetcher can), decoded,
+    /// verified and written into the pack.
+    fn fetch_files_spans(&self, spans: &[Span<'_, usize>], pack: &File, tmp: &Path) -> Result<()> {
+        let ranges: Vec<(u64, u64)> = spans.iter().map(|s| (s.start, s.end - s.start)).collect();
+        let bufs = self.ranges(&ranges)?;
+        for (span, buf) in spans.iter().zip(&bufs) {
+            for &id in &span.items {
+                let at = self.inline_at[id].expect("a small file");
+                for c in chunks_of(&self.toc, self.ids[id]) {
+                    if c.zeros {
+                        continue;
+                    }
+                    let part = read_chunk(&self.toc, c, |o, l| slice(buf, span.start, o, l))?;
+                    pack.write_all_at(&part, at + c.file_offset).map_err(|err| Error::io("write", tmp, err))?;
                 }
-                let part = read_chunk(&self.toc, c, |o, l| slice(&buf, span.start, o, l))?;
-                pack.write_all_at(&part, at + c.file_offset).map_err(|err| Error::io("write", tmp, err))?;
             }
         }
         Ok(())

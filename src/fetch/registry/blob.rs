@@ -128,6 +128,115 @@ pub(crate) fn get_range(
     Ok(RangeBody { reader, remaining, total: length })
 }
 
+/// Most ranges asked for in one multi-range request (the header stays short: servers
+/// bound their request headers).
+pub(crate) const MULTI_MAX: usize = 32;
+
+/// `ranges` (`(offset, len)`, increasing, not overlapping, each checked against the
+/// blob) of `desc`'s blob in one `GET` with a multi-range `Range` header on `conn`, the
+/// `multipart/byteranges` answer split into exactly the ranges asked for (stargz-
+/// snapshotter reads lazy layers the same way: one request instead of one per range).
+/// `Ok(None)` when the answer is anything else (a server that ignores such a header and
+/// sends the blob, or one range; parts other than the ones asked for): the caller reads
+/// the ranges one by one, and need not ask this host again. Not verified, as
+/// [`read_range`].
+///
+/// # Errors
+/// As [`super::transport::Client::send`]; [`Error::Registry`] for a body that breaks.
+pub(crate) fn get_multi(
+    inner: &Inner,
+    conn: &Conn,
+    repository: &str,
+    desc: &Descriptor,
+    ranges: &[(u64, u64)],
+    observer: &dyn FetchObserver,
+) -> Result<Option<Vec<Vec<u8>>>> {
+    let spec: Vec<String> = ranges.iter().map(|&(o, l)| format!("{o}-{}", o + l - 1)).collect();
+    let rest = format!("{repository}/blobs/{}", desc.digest);
+    let x = Exchange {
+        method: Method::GET,
+        url: conn.entry.url(&rest),
+        repository,
+        headers: vec![("range", format!("bytes={}", spec.join(",")))],
+        op: format!("GET {}/{rest}", conn.entry.path),
+    };
+    let resp = inner.client.send(conn, &x, observer, false)?;
+    let boundary = header(&resp, "content-type").and_then(|t| multipart_boundary(&t));
+    let (206, Some(boundary)) = (resp.status().as_u16(), boundary) else {
+        return Ok(None); // dropped unread: the connection goes, not the whole blob
+    };
+    // The parts' headers are small (a type and a range): more than this is not an
+    // answer to what was asked.
+    let want: u64 = ranges.iter().map(|r| r.1).sum();
+    let limit = want + 512 * ranges.len() as u64 + 4096;
+    let mut body = Vec::with_capacity(want.min(64 << 20) as usize);
+    let read = resp.into_body().into_reader().take(limit + 1).read_to_end(&mut body);
+    read.map_err(|e| Error::Registry {
+        host: conn.host().to_string(),
+        op: x.op.clone(),
+        status: Some(206),
+        reason: format!("multi-range answer broke off: {e}"),
+    })?;
+    if body.len() as u64 > limit {
+        return Ok(None);
+    }
+    Ok(split_byteranges(&body, &boundary, ranges, desc.size))
+}
+
+/// The `boundary` parameter of a `multipart/byteranges` content type.
+fn multipart_boundary(content_type: &str) -> Option<String> {
+    let mut parts = content_type.split(';');
+    if !parts.next()?.trim().eq_ignore_ascii_case("multipart/byteranges") {
+        return None;
+    }
+    let b = parts.find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_string())
+    })?;
+    (!b.is_empty() && b.len() <= 200).then_some(b)
+}
+
+/// The parts of a `multipart/byteranges` body, if they are exactly `ranges` of a blob of
+/// `size` bytes, in order (RFC 9110 lets a server merge or reorder ranges: that answer
+/// is not used).
+fn split_byteranges(body: &[u8], boundary: &str, ranges: &[(u64, u64)], size: u64) -> Option<Vec<Vec<u8>>> {
+    let delim = format!("--{boundary}");
+    let delim = delim.as_bytes();
+    // A preamble may come before the first delimiter.
+    let mut pos = find(body, delim)?;
+    let mut out = Vec::with_capacity(ranges.len());
+    for &(offset, len) in ranges {
+        pos = expect(body, pos, delim)?;
+        pos = expect(body, pos, b"\r\n")?;
+        let head_len = find(body.get(pos..pos + 1024.min(body.len() - pos))?, b"\r\n\r\n")?;
+        let head = std::str::from_utf8(&body[pos..pos + head_len]).ok()?;
+        pos += head_len + 4;
+        let range = head.split("\r\n").find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim().eq_ignore_ascii_case("content-range").then(|| parse_content_range(v))?
+        })?;
+        if range != (offset, offset + len - 1, Some(size)) {
+            return None;
+        }
+        let end = pos.checked_add(usize::try_from(len).ok()?)?;
+        out.push(body.get(pos..end)?.to_vec());
+        pos = expect(body, end, b"\r\n")?;
+    }
+    pos = expect(body, pos, delim)?;
+    expect(body, pos, b"--")?;
+    Some(out)
+}
+
+/// Where `needle` first is in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The position after `want`, if `body` has it at `pos`.
+fn expect(body: &[u8], pos: usize, want: &[u8]) -> Option<usize> {
+    body.get(pos..)?.starts_with(want).then_some(pos + want.len())
+}
+
 /// `bytes START-END/TOTAL` → (START, END, TOTAL); TOTAL `*` is `None`.
 fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
@@ -604,6 +713,61 @@ impl BlobReader {
 
 #[cfg(test)]
 mod tests {
+
+    fn multipart(boundary: &str, parts: &[(u64, u64, &[u8])], size: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (a, z, data) in parts {
+            b.extend_from_slice(
+                format!(
+                    "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{z}/{size}\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            b.extend_from_slice(data);
+        }
+        b.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        b[2..].to_vec() // Go's writer: no CRLF before the first delimiter
+    }
+
+    #[test]
+    fn byteranges_are_split_only_when_they_are_exactly_the_ranges_asked_for() {
+        let blob: Vec<u8> = (0..200u8).collect();
+        let ranges = [(3u64, 4u64), (50, 1), (190, 10)];
+        let part = |&(o, l): &(u64, u64)| (o, o + l - 1, &blob[o as usize..(o + l) as usize]);
+        let parts: Vec<_> = ranges.iter().map(part).collect();
+        let body = multipart("XyZ", &parts, 200);
+        let got = split_byteranges(&body, "XyZ", &ranges, 200).unwrap();
+        assert_eq!(got, vec![blob[3..7].to_vec(), blob[50..51].to_vec(), blob[190..200].to_vec()]);
+        // With a preamble; a part that holds the delimiter's bytes is still split by length.
+        let mut pre = b"ignored preamble\r\n".to_vec();
+        pre.extend_from_slice(&body);
+        assert!(split_byteranges(&pre, "XyZ", &ranges, 200).is_some());
+        let tricky = b"\r\n--XyZ\r\n";
+        let body2 = multipart("XyZ", &[(0, 8, tricky.as_slice())], 200);
+        assert_eq!(split_byteranges(&body2, "XyZ", &[(0, 9)], 200).unwrap(), vec![tricky.to_vec()]);
+        // Not what was asked: another order, merged ranges, another size, a short part,
+        // no closing delimiter, another boundary.
+        let swapped = multipart("XyZ", &[parts[1], parts[0], parts[2]], 200);
+        assert!(split_byteranges(&swapped, "XyZ", &ranges, 200).is_none());
+        let merged = multipart("XyZ", &[(3, 50, &blob[3..51]), parts[2]], 200);
+        assert!(split_byteranges(&merged, "XyZ", &ranges, 200).is_none());
+        assert!(split_byteranges(&multipart("XyZ", &parts, 201), "XyZ", &ranges, 200).is_none());
+        assert!(split_byteranges(&body[..body.len() - 30], "XyZ", &ranges, 200).is_none());
+        assert!(split_byteranges(&body[..body.len() - 4], "XyZ", &ranges, 200).is_none());
+        assert!(split_byteranges(&body, "Other", &ranges, 200).is_none());
+        // Fewer parts than ranges.
+        assert!(split_byteranges(&multipart("XyZ", &parts[..2], 200), "XyZ", &ranges, 200).is_none());
+    }
+
+    #[test]
+    fn the_boundary_comes_from_a_multipart_byteranges_type_only() {
+        assert_eq!(multipart_boundary("multipart/byteranges; boundary=abc").as_deref(), Some("abc"));
+        assert_eq!(multipart_boundary("Multipart/ByteRanges;boundary=\"a b\"").as_deref(), Some("a b"));
+        assert_eq!(multipart_boundary("multipart/byteranges"), None);
+        assert_eq!(multipart_boundary("multipart/byteranges; boundary="), None);
+        assert_eq!(multipart_boundary("application/octet-stream; boundary=abc"), None);
+    }
+
     use std::sync::Mutex;
 
     use super::*;

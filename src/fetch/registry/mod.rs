@@ -322,6 +322,9 @@ pub(crate) struct Inner {
     seen: Mutex<HashMap<Digest, Vec<(String, String)>>>,
     /// `(blob digest, host)` pairs where the host served wrong bytes.
     bad: Mutex<HashSet<(Digest, String)>>,
+    /// Hosts that did not answer a multi-range request with the ranges asked for: asked
+    /// one range at a time from then on.
+    single_range: Mutex<HashSet<String>>,
 }
 
 impl Registry {
@@ -337,6 +340,7 @@ impl Registry {
                 hosts: Mutex::new(HashMap::new()),
                 seen: Mutex::new(HashMap::new()),
                 bad: Mutex::new(HashSet::new()),
+                single_range: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -656,6 +660,59 @@ impl ImageFetcher for Registry {
             }
         }
         Err(first_error.expect("at least one place was tried"))
+    }
+
+    /// One multi-range `GET` per [`blob::MULTI_MAX`] ranges on the first host that has
+    /// the blob, split from its `multipart/byteranges` answer; where that host answers
+    /// any other way (the whole blob, one range, other ranges) it is asked one range at a
+    /// time from then on, and where the request fails the ranges are read one by one this
+    /// time (with [`read_blob_range`](ImageFetcher::read_blob_range)'s retries and
+    /// fallbacks).
+    fn read_blob_ranges_observed(
+        &self,
+        layer: &Descriptor,
+        ranges: &[(u64, u64)],
+        observer: &dyn FetchObserver,
+    ) -> Result<Vec<Vec<u8>>> {
+        let one_by_one = |ranges: &[(u64, u64)]| -> Result<Vec<Vec<u8>>> {
+            ranges.iter().map(|&(o, l)| self.read_blob_range_observed(layer, o, l, observer)).collect()
+        };
+        let mut total = 0u64;
+        let mut prev_end = 0u64;
+        for &(offset, len) in ranges {
+            super::check_range(layer, offset, len)?;
+            if len == 0 || offset < prev_end {
+                return one_by_one(ranges); // not what a multi-range request can say
+            }
+            prev_end = offset + len;
+            total += len;
+        }
+        if ranges.len() < 2 || total > crate::MAX_RANGE_BYTES {
+            return one_by_one(ranges);
+        }
+        let Some((registry, repository)) = self.places(&layer.digest)?.into_iter().next() else {
+            return one_by_one(ranges);
+        };
+        let Ok(conns) = self.pull_conns(registry, &repository, &layer.digest) else {
+            return one_by_one(ranges);
+        };
+        let Some(conn) = conns.first() else { return one_by_one(ranges) };
+        let mut out = Vec::with_capacity(ranges.len());
+        for batch in ranges.chunks(blob::MULTI_MAX) {
+            if batch.len() < 2 || self.inner.single_range.lock().contains(conn.host()) {
+                out.extend(one_by_one(batch)?);
+                continue;
+            }
+            match blob::get_multi(&self.inner, conn, &repository, layer, batch, observer) {
+                Ok(Some(parts)) => out.extend(parts),
+                Ok(None) => {
+                    self.inner.single_range.lock().insert(conn.host().to_string());
+                    out.extend(one_by_one(batch)?);
+                }
+                Err(_) => out.extend(one_by_one(batch)?),
+            }
+        }
+        Ok(out)
     }
 
     fn resolve_observed(&self, reference: &str, observer: &dyn FetchObserver) -> Result<ImageManifest> {
