@@ -558,6 +558,17 @@ impl RootfsCache {
         if small.is_err() {
             store.fetch_small();
         }
+        // Should the mount fail, the small files' fetch stops (what it wrote stays for the
+        // next try, as any fetched data).
+        struct StopUnlessServed(Option<Arc<Store>>);
+        impl Drop for StopUnlessServed {
+            fn drop(&mut self) {
+                if let Some(s) = self.0.take() {
+                    s.stop.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut unserved = StopUnlessServed(Some(Arc::clone(&store)));
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let mnt = dir.join(format!("mnt.{seq}"));
         std::fs::create_dir_all(&mnt).map_err(io("mkdir", &mnt))?;
@@ -583,6 +594,7 @@ impl RootfsCache {
             status: Arc::clone(&status),
             cache: Arc::downgrade(inner),
         });
+        unserved.0 = None; // the layer stops it when dropped
         inner.state.lock().lazy.insert(d, Arc::clone(&layer));
         let weak = Arc::downgrade(inner);
         let spawned = std::thread::Builder::new().name(format!("lazy-complete-{}", &d.hex()[..8])).spawn({
