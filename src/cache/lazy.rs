@@ -60,6 +60,11 @@ use crate::unpack::{WhiteoutMode, unpack_cache_entry};
 
 use super::ensure::{EnsureOptions, EnsureProgress, LayerProgress, LayerState};
 
+/// A skeleton build has not failed.
+const NOT_FAILED: usize = usize::MAX;
+/// A skeleton build failed, not on a layer's data (making its directory, renaming it).
+const NOT_A_LAYER: usize = usize::MAX - 1;
+
 /// Directory of lazy layers in the cache.
 pub(super) const LAZY: &str = "lazy";
 
@@ -104,20 +109,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// Whether the completion's error `e` is about the blob's bytes (a digest that does not
-/// match, a stream the decompressor or the extractor refuses, a limit), given whether
-/// the blob's source itself failed (`source_failed`: a network error, which is never
-/// the bytes' fault): the next try fetches the same bytes unless the registry is mended.
-/// A local error (a full disk) is not either.
-fn is_refused(e: &Error, source_failed: bool) -> bool {
+/// match, a stream the decompressor or the extractor refuses, a limit): the next try
+/// fetches the same bytes unless the registry is mended. A read error counts only when
+/// this completion's own stream (`own`) gave bytes and never failed (an error of the
+/// network, or of another caller's download it waited for, is not the bytes' fault). A
+/// local error (a full disk) is not either.
+fn is_refused(e: &Error, own: &SourceSeen) -> bool {
     match e {
-        Error::Layer { source, .. } => is_refused(source, source_failed),
+        Error::Layer { source, .. } => is_refused(source, own),
         Error::DigestMismatch { .. }
         | Error::ContentMismatch { .. }
         | Error::InvalidArchive { .. }
         | Error::LimitExceeded { .. }
         | Error::PathEscape { .. }
         | Error::InvalidImage { .. } => true,
-        Error::Read { .. } => !source_failed,
+        Error::Read { .. } => own.read.load(Ordering::Relaxed) && !own.failed.load(Ordering::Relaxed),
         _ => false,
     }
 }
@@ -310,14 +316,22 @@ impl RootfsCache {
         // up here, taking the small files' data as their fetch brings it in: the TOCs,
         // the FUSE mounts, the range reads and the extraction overlap.
         let (to_skeleton, layers_in) = std::sync::mpsc::channel::<Arc<LazyLayer>>();
+        let skeleton_failed = Arc::new(std::sync::atomic::AtomicUsize::new(NOT_FAILED));
         let builder = {
             let cache = RootfsCache { inner: Arc::clone(inner) };
+            let failed = Arc::clone(&skeleton_failed);
             std::thread::Builder::new()
                 .name("lazy-skeleton".into())
-                .spawn(move || cache.merged_skeleton(layers_in))
+                .spawn(move || cache.merged_skeleton(layers_in, &failed))
                 .map_err(|e| Error::io("spawn", "lazy-skeleton thread", e))?
         };
+        // The layers this call set up (not shared from another): given up if the
+        // skeleton fails on one below them.
+        let mut created: Vec<Arc<LazyLayer>> = Vec::new();
         for desc in &manifest.layers {
+            if skeleton_failed.load(Ordering::Relaxed) != NOT_FAILED {
+                break; // settled below: no more layers set up for a skeleton that failed
+            }
             let d = desc.digest;
             if let Some(l) = run.iter().find(|l| l.digest == d).cloned() {
                 let _ = to_skeleton.send(Arc::clone(&l));
@@ -352,8 +366,11 @@ impl RootfsCache {
                         run.iter().map(|l| (l.digest, Arc::clone(&l.status))).collect();
                     let prefix = manifest.layers[..=run.len()].to_vec();
                     match self.lazy_layer(&fetcher, desc, toc, below, prefix) {
-                        Ok(l) => {
+                        Ok((l, new)) => {
                             inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                            if new {
+                                created.push(Arc::clone(&l));
+                            }
                             start.0.push(Arc::clone(&l.status));
                             let _ = to_skeleton.send(Arc::clone(&l));
                             run.push(l);
@@ -381,26 +398,33 @@ impl RootfsCache {
         let view = match built {
             Ok(view) => view,
             Err(e) => {
-                // A layer whose small files could not be fetched is pulled whole, with
-                // the layers above it; the skeleton is made again without them.
-                let Some((k, why)) =
-                    run.iter().enumerate().find_map(|(k, l)| l.store.small_result().err().map(|e| (k, e)))
-                else {
+                let k = skeleton_failed.load(Ordering::Relaxed);
+                // The skeleton failed on layer `k`. If that layer's small files could not
+                // be fetched, it is pulled whole, with the layers above it (those this call
+                // set up are given up: unmounted, their fetches stopped, once dropped),
+                // and the skeleton is made again without them.
+                let Some(why) = run.get(k).and_then(|l| l.store.small_result().err()) else {
                     return Err(e);
                 };
-                let failed = Arc::clone(&run[k]);
                 eager.clear(); // the layers above it are pulled whole for its sake
-                eager.push((failed.digest, format!("cannot be served lazily: {why}")));
+                eager.push((run[k].digest, format!("cannot be served lazily: {why}")));
+                let above: HashSet<Digest> = run[k..].iter().map(|l| l.digest).collect();
                 run.truncate(k);
-                self.forget_lazy(failed);
+                let below: HashSet<Digest> = run.iter().map(|l| l.digest).collect();
+                for l in created.drain(..) {
+                    if above.contains(&l.digest) && !below.contains(&l.digest) {
+                        self.forget_lazy(l);
+                    }
+                }
                 let (tx, rx) = std::sync::mpsc::channel();
                 for l in &run {
                     let _ = tx.send(Arc::clone(l));
                 }
                 drop(tx);
-                self.merged_skeleton(rx)?
+                self.merged_skeleton(rx, &std::sync::atomic::AtomicUsize::new(NOT_FAILED))?
             }
         };
+        drop(created);
         let mut rootfs = Rootfs::new(inner.clone(), manifest.digest, Vec::new());
         let mut lowers: Vec<PathBuf> = Vec::new();
         if let Some(view) = view {
@@ -462,12 +486,21 @@ impl RootfsCache {
     /// `lazy/view.<n>`, none if it sends none: each layer's rebuilt tar extracted over the
     /// ones below (whiteouts applied), its placeholders then marked. A small file's data
     /// is waited for while its layer's fetch brings it in.
-    fn merged_skeleton(&self, layers: std::sync::mpsc::Receiver<Arc<LazyLayer>>) -> Result<Option<View>> {
+    ///
+    /// On failure `failed_at` says on which layer (its index among the layers sent;
+    /// [`NOT_A_LAYER`] for the rest of the work), set before it returns, so that the
+    /// sender stops setting layers up.
+    fn merged_skeleton(
+        &self,
+        layers: std::sync::mpsc::Receiver<Arc<LazyLayer>>,
+        failed_at: &std::sync::atomic::AtomicUsize,
+    ) -> Result<Option<View>> {
         let inner = &self.inner;
         let mut layers = layers.into_iter().peekable();
         if layers.peek().is_none() {
             return Ok(None);
         }
+        let mut at = NOT_A_LAYER; // not a layer's failure until one is taken
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = inner.root.join(layout::TMP).join(format!("lazy-view.{seq}"));
         let view = inner.root.join(LAZY).join(format!("view.{seq}"));
@@ -481,7 +514,8 @@ impl RootfsCache {
             // without listing them; in an overlay each directory shows the mtime of the
             // top-most layer listing it.
             let mut mtimes: HashMap<String, (i64, u32)> = HashMap::new();
-            for l in layers {
+            for (i, l) in layers.enumerate() {
+                at = i;
                 let s = Arc::clone(&l.store);
                 let stream = tar_stream(Arc::clone(&l.store.toc), move |e| {
                     let id = s.id_of[&e];
@@ -496,10 +530,12 @@ impl RootfsCache {
                     }
                 }
             }
+            at = NOT_A_LAYER;
             store::set_dir_mtimes(&tmp, &mtimes)?;
             std::fs::rename(&tmp, &view).map_err(io("rename", &view))
         })();
         if let Err(e) = built {
+            failed_at.store(at, Ordering::Relaxed);
             let _ = remove_path(&tmp);
             return Err(e);
         }
@@ -528,14 +564,14 @@ impl RootfsCache {
         toc: crate::lazy::Toc,
         below: Vec<(Digest, Arc<Status>)>,
         prefix: Vec<Descriptor>,
-    ) -> Result<Arc<LazyLayer>> {
+    ) -> Result<(Arc<LazyLayer>, bool)> {
         let inner = &self.inner;
         let d = desc.digest;
         // One setup per digest at a time: a second caller waits, then shares it.
         let gate = inner.lazy_setup.lock().entry(d).or_default().clone();
         let _gate = gate.lock();
         if let Some(l) = inner.state.lock().lazy.get(&d).cloned() {
-            return Ok(l);
+            return Ok((l, false));
         }
         check_toc_limits(&toc, &inner.opts.unpack)?;
         let dir = inner.root.join(LAZY).join(d.hex());
@@ -605,7 +641,7 @@ impl RootfsCache {
             // Served, but never completed by this process: say so.
             *layer.status.last_error.lock() = Some(format!("cannot start its completion: {e}"));
         }
-        Ok(layer)
+        Ok((layer, true))
     }
 
     /// Record `reference` → `manifest`'s layers (in memory and in `images/`), merging
@@ -752,8 +788,8 @@ fn complete(
     }
     let d = store.desc.digest;
     let image = ImageManifest { digest: d, layers: prefix };
-    let source_failed = Arc::new(AtomicBool::new(false));
-    let yielding = Yielding { inner: fetcher, store: Arc::clone(&store), failed: Arc::clone(&source_failed) };
+    let seen = Arc::new(SourceSeen::default());
+    let yielding = Yielding { inner: fetcher, store: Arc::clone(&store), seen: Arc::clone(&seen) };
     let mut backoff = Duration::from_millis(500);
     let mut refused = 0u32;
     while !store.stop.load(Ordering::Relaxed) {
@@ -765,7 +801,8 @@ fn complete(
         }
         let Some(inner) = weak.upgrade() else { return };
         let cache = RootfsCache { inner: Arc::clone(&inner) };
-        source_failed.store(false, Ordering::Relaxed);
+        seen.read.store(false, Ordering::Relaxed);
+        seen.failed.store(false, Ordering::Relaxed);
         let e = match cache.ensure_layers(&yielding, &image, &EnsureOptions::new(), &[]) {
             Ok(part) => {
                 {
@@ -786,7 +823,7 @@ fn complete(
         };
         drop(cache);
         drop(inner);
-        refused = if is_refused(&e, source_failed.load(Ordering::Relaxed)) { refused + 1 } else { 0 };
+        refused = if is_refused(&e, &seen) { refused + 1 } else { 0 };
         let max = if refused > 0 { REFUSED_BACKOFF_MAX } else { BACKOFF_MAX };
         backoff = backoff.min(max);
         *status.last_error.lock() = Some(match refused {
@@ -800,23 +837,32 @@ fn complete(
     }
 }
 
+/// What a completion's own blob stream did in one try.
+#[derive(Default)]
+struct SourceSeen {
+    /// It gave bytes.
+    read: AtomicBool,
+    /// Opening it or a read of it failed.
+    failed: AtomicBool,
+}
+
 /// The layer's fetcher for its completion: blob reads wait while opens wait (and for a
-/// quiet moment after), so that a starting sandbox has the link first. Notes in
-/// `failed` whether the source itself failed (opening the blob, or a read of it).
+/// quiet moment after), so that a starting sandbox has the link first. Notes in `seen`
+/// what the source did.
 struct Yielding {
     inner: Arc<dyn ImageFetcher>,
     store: Arc<Store>,
-    failed: Arc<AtomicBool>,
+    seen: Arc<SourceSeen>,
 }
 
 impl Yielding {
     fn wrap(&self, r: Result<Box<dyn std::io::Read + Send>>) -> Result<Box<dyn std::io::Read + Send>> {
         match r {
             Ok(inner) => {
-                Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store), failed: Arc::clone(&self.failed) }))
+                Ok(Box::new(YieldingRead { inner, store: Arc::clone(&self.store), seen: Arc::clone(&self.seen) }))
             }
             Err(e) => {
-                self.failed.store(true, Ordering::Relaxed);
+                self.seen.failed.store(true, Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -844,7 +890,7 @@ impl ImageFetcher for Yielding {
 struct YieldingRead {
     inner: Box<dyn std::io::Read + Send>,
     store: Arc<Store>,
-    failed: Arc<AtomicBool>,
+    seen: Arc<SourceSeen>,
 }
 
 impl std::io::Read for YieldingRead {
@@ -853,8 +899,10 @@ impl std::io::Read for YieldingRead {
             return Err(std::io::Error::other("the lazy layer's cache was closed"));
         }
         let r = self.inner.read(buf);
-        if r.is_err() {
-            self.failed.store(true, Ordering::Relaxed);
+        match &r {
+            Ok(n) if *n > 0 => self.seen.read.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(_) => self.seen.failed.store(true, Ordering::Relaxed),
         }
         r
     }

@@ -49,6 +49,11 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// Range reads of one fetch running at once.
 const PARALLEL: usize = 4;
 
+/// Numbers of temporary files, process-wide: two stores over the same data dir (a layer
+/// given up while a holder still serves it, and its new set-up) never write one file.
+/// (Another process cannot: the cache is locked.)
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// What the lazy layers of one cache share.
 pub(crate) struct Shared {
     /// Bytes of lazy layers' blobs read so far (range reads).
@@ -101,7 +106,7 @@ pub(crate) struct Store {
     /// What the cache's lazy layers share: bytes fetched, and the opens waiting on any of
     /// them (background work of every layer yields to those: they share the link).
     shared: Arc<Shared>,
-    seq: AtomicU64,
+
     /// Set when the layer's owner is gone: background work stops.
     pub(crate) stop: AtomicBool,
     /// The layer's ready copy (its `fs/`, leased while set), once complete: entries not
@@ -190,7 +195,6 @@ impl Store {
             landed: Condvar::new(),
             wanted: Mutex::new(HashMap::new()),
             shared,
-            seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             ready_root: Mutex::new(None),
             feed: Mutex::new(Feed::default()),
@@ -327,7 +331,7 @@ impl Store {
     }
 
     fn tmp_path(&self, id: usize) -> PathBuf {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
         self.dir.join(format!(".tmp-{id:x}.{n}"))
     }
 
@@ -433,7 +437,8 @@ impl Store {
         let size = self.size(id);
         let chunks = chunks_of(&self.toc, e);
         let tmp = self.tmp_path(id);
-        let file = File::create(&tmp).map_err(|err| Error::io("create", &tmp, err))?;
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp);
+        let file = file.map_err(|err| Error::io("create", &tmp, err))?;
         let result = (|| {
             file.set_len(size).map_err(|err| Error::io("ftruncate", &tmp, err))?;
             let spans = spans(chunks.iter().filter(|c| !c.zeros).map(|c| (c.compressed_offset, c.compressed_len, c)));
@@ -523,7 +528,7 @@ impl Store {
             let (s, e) = file_range(chunks_of(&self.toc, self.ids[id]))?;
             Some((s, e - s, id))
         }));
-        let tmp = self.dir.join(format!(".tmp-inline.{}", self.seq.fetch_add(1, Ordering::Relaxed)));
+        let tmp = self.dir.join(format!(".tmp-inline.{}", TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
         // Read too: the skeleton takes each file's data from it as soon as it is in.
         let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp);
         let file = Arc::new(file.map_err(|err| Error::io("create", &tmp, err))?);

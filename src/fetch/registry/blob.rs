@@ -104,9 +104,14 @@ pub(crate) fn get_range(
             return Err(fail(format!("asked for {asked}, got Content-Range {range:?}")));
         }
         let total = parsed.and_then(|(_, _, total)| total);
+        // Read on to the end only where the body's end is known (a length or chunked
+        // framing): a body that ends only when the server closes would wait there.
+        let framed = length.is_some()
+            || header(&resp, "transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
         let reader = resp.into_body().into_reader();
         let reader: Box<dyn Read + Send> = match end {
-            Some(e) => Box::new(ToTheEnd { inner: reader, left: e - offset }),
+            Some(e) if framed => Box::new(ToTheEnd { inner: reader, left: e - offset }),
+            Some(e) => Box::new(reader.take(e - offset)),
             None => Box::new(reader),
         };
         return Ok(RangeBody { reader, remaining: length, total });

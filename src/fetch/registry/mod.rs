@@ -709,7 +709,17 @@ impl ImageFetcher for Registry {
                     self.inner.single_range.lock().insert(conn.host().to_string());
                     out.extend(one_by_one(batch)?);
                 }
-                Err(_) => out.extend(one_by_one(batch)?),
+                Err(e) => {
+                    // A host that refuses the request itself (400, 413, 416, 431, ...: a
+                    // header too long, ranges it will not serve) is asked one range at a
+                    // time from then on; a network error or a missing blob only this time.
+                    if let Error::Registry { status: Some(code), .. } = e {
+                        if (400..500).contains(&code) && !matches!(code, 401 | 403 | 404 | 408 | 429) {
+                            self.inner.single_range.lock().insert(conn.host().to_string());
+                        }
+                    }
+                    out.extend(one_by_one(batch)?);
+                }
             }
         }
         Ok(out)
