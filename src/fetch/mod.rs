@@ -165,7 +165,7 @@ pub trait ImageFetcher: Send + Sync {
         ranges: &[(u64, u64)],
         observer: &dyn FetchObserver,
     ) -> Result<Vec<Vec<u8>>> {
-        ranges.iter().map(|&(offset, len)| self.read_blob_range_observed(layer, offset, len, observer)).collect()
+        ranges_one_by_one(self, layer, ranges, observer)
     }
 
     /// [`resolve`](ImageFetcher::resolve), reporting retries and host fallbacks to
@@ -177,6 +177,18 @@ pub trait ImageFetcher: Send + Sync {
         let _ = observer;
         self.resolve(reference)
     }
+}
+
+/// `ranges` of `layer`'s blob read one by one with
+/// [`read_blob_range_observed`](ImageFetcher::read_blob_range_observed): what
+/// [`ImageFetcher::read_blob_ranges_observed`] does where ranges cannot come together.
+pub(crate) fn ranges_one_by_one<F: ImageFetcher + ?Sized>(
+    fetcher: &F,
+    layer: &Descriptor,
+    ranges: &[(u64, u64)],
+    observer: &dyn FetchObserver,
+) -> Result<Vec<Vec<u8>>> {
+    ranges.iter().map(|&(offset, len)| fetcher.read_blob_range_observed(layer, offset, len, observer)).collect()
 }
 
 /// The largest range [`ImageFetcher::read_blob_range`] reads at once (256 MiB): a range

@@ -674,9 +674,7 @@ impl ImageFetcher for Registry {
         ranges: &[(u64, u64)],
         observer: &dyn FetchObserver,
     ) -> Result<Vec<Vec<u8>>> {
-        let one_by_one = |ranges: &[(u64, u64)]| -> Result<Vec<Vec<u8>>> {
-            ranges.iter().map(|&(o, l)| self.read_blob_range_observed(layer, o, l, observer)).collect()
-        };
+        let one_by_one = |ranges: &[(u64, u64)]| crate::fetch::ranges_one_by_one(self, layer, ranges, observer);
         let mut total = 0u64;
         let mut prev_end = 0u64;
         for &(offset, len) in ranges {
