@@ -151,6 +151,8 @@ struct Faults {
     fail: AtomicBool,
     /// Range reads are refused (a mirror that ignores `Range`); whole blobs still come.
     no_ranges: AtomicBool,
+    /// Corruption (`corrupt`) of range reads of this layer only, and not of whole blobs.
+    corrupt_ranges_of: Mutex<Option<rootfs_cache::Digest>>,
     /// Reads overlapping this get one byte flipped.
     corrupt: Mutex<Option<(u64, u64)>>,
     delay_ms: AtomicU64,
@@ -226,7 +228,8 @@ impl ImageFetcher for Faulty {
         }
         let mut v = self.inner.read_blob_range(layer, offset, len)?;
         self.f.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
-        if let Some(c) = *self.f.corrupt.lock().unwrap() {
+        let only = *self.f.corrupt_ranges_of.lock().unwrap();
+        if let Some(c) = (*self.f.corrupt.lock().unwrap()).filter(|_| only.is_none_or(|d| d == layer.digest)) {
             if overlaps(c, offset, len) {
                 let at = (c.0.max(offset) - offset) as usize;
                 v[at] ^= 0x40;
@@ -260,7 +263,8 @@ impl std::io::Read for HeldReader {
             return Err(std::io::Error::other("gone (test)"));
         }
         let n = self.inner.read(&mut buf[..len])?;
-        if let Some(c) = *self.f.corrupt.lock().unwrap() {
+        let ranges_only = self.f.corrupt_ranges_of.lock().unwrap().is_some();
+        if let Some(c) = (*self.f.corrupt.lock().unwrap()).filter(|_| !ranges_only) {
             if overlaps(c, self.pos, n as u64) {
                 buf[(c.0.max(self.pos) - self.pos) as usize] ^= 0x40;
             }
@@ -933,6 +937,77 @@ fn a_layer_that_cannot_be_served_lazily_is_pulled_whole() {
         for n in names(&lazy_dir) {
             assert!(names(&lazy_dir.join(&n)).iter().all(|e| !e.starts_with("mnt.")), "{n}");
         }
+    });
+}
+
+/// Two lazy layers, the small files of the lower one unfetchable (wrong bytes from range
+/// reads; whole blobs are right): both are pulled whole, with the reason, and the layer
+/// set up above the failed one is given up (found by review: it stayed mounted and
+/// fetching, used by nobody).
+#[test]
+fn a_lower_layer_whose_small_files_fail_takes_the_layers_above_to_a_whole_pull() {
+    let test = "a_lower_layer_whose_small_files_fail_takes_the_layers_above_to_a_whole_pull";
+    if !require(test) {
+        return;
+    }
+    let dir = support::tempdir();
+    let gzip = dir.path().join("gzip");
+    let mut l = Layout::create(&gzip);
+    let upper = vec![
+        Ent::dir("up").mode(0o755),
+        Ent::file("up/small", "upper small\n").mode(0o644),
+        Ent::file("up/big", support::pseudo_random(77, 300_000)).mode(0o644),
+    ];
+    let tars = [(support::tar_of(&files(), Fmt::Pax), Comp::Gzip), (support::tar_of(&upper, Fmt::Pax), Comp::Gzip)];
+    l.add_image(Some("t"), "amd64", &tars);
+    let chunked = dir.path().join("chunked");
+    let out = Command::new("timeout")
+        .args(["120", "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:t", gzip.display()))
+        .arg(format!("oci:{}:t", chunked.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    let t = dir.path().to_path_buf();
+    in_ns(move || {
+        let f = layout(&chunked);
+        let m = f.resolve("t").unwrap();
+        let lower = m.layers[0].clone();
+        let toc = match read_toc(&lower, |o, l| f.read_blob_range(&lower, o, l)).unwrap() {
+            LayerToc::Seekable(t) => t,
+            LayerToc::NotSeekable(why) => panic!("not seekable: {why}"),
+        };
+        let small = toc.entries.iter().find(|e| e.path == "etc/small").unwrap();
+        let TocEntryKind::File { chunks, .. } = &small.kind else { panic!("etc/small is a file") };
+        let at = chunks[0].compressed_offset;
+        let (fetcher, faults) = faulty(layout(&chunked));
+        faults.corrupt_ranges_of.lock().unwrap().replace(lower.digest);
+        faults.corrupt.lock().unwrap().replace((at, at + 1));
+        let cache_dir = t.join("cache");
+        let cache = open(&cache_dir);
+        let rootfs = cache.ensure_lazy(fetcher, "t", &EnsureOptions::new()).unwrap();
+        assert!(!rootfs.is_lazy());
+        let st = rootfs.lazy_status();
+        assert_eq!(st.eager.len(), 2, "{st:?}");
+        assert_eq!(st.eager[0].0, lower.digest, "{st:?}");
+        assert!(st.eager[0].1.contains("cannot be served lazily"), "{st:?}");
+        // Nothing lazy is left mounted or half made: no view, no FUSE mount point.
+        let lazy_dir = cache_dir.join("lazy");
+        for n in names(&lazy_dir) {
+            assert!(!n.starts_with("view."), "{n}");
+            assert!(
+                names(&lazy_dir.join(&n)).iter().all(|e| !e.starts_with("mnt.")),
+                "{n}: {:?}",
+                names(&lazy_dir.join(&n))
+            );
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&cache_dir.display().to_string()), "{mounts}");
+        // The tree is the whole pull's.
+        let m = mount_ro(&rootfs, &t.join("m"));
+        check_all(&m.0);
+        assert_eq!(std::fs::read(m.0.join("up/small")).unwrap(), b"upper small\n");
+        assert!(std::fs::read(m.0.join("up/big")).unwrap() == support::pseudo_random(77, 300_000));
     });
 }
 
