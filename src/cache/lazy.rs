@@ -521,9 +521,11 @@ impl RootfsCache {
                     let id = s.id_of[&e];
                     if s.placeholder[id] { FileData::Placeholder } else { s.small_data(id) }
                 })?;
+                // Each placeholder gets its overlay xattrs as the extractor closes it (no
+                // second pass over the tree).
+                opts.placeholders = Some(store::placeholders(&l.store, opts.userxattr));
                 unpack_cache_entry(stream, &tmp, &opts, &AtomicU64::new(0))
                     .map_err(|e| Error::Layer { digest: l.digest, source: Arc::new(e) })?;
-                store::mark_placeholders(&tmp, &l.store, opts.userxattr)?;
                 for e in &l.store.toc.entries {
                     if matches!(e.kind, crate::lazy::TocEntryKind::Directory) {
                         mtimes.insert(e.path.clone(), (e.mtime, e.mtime_nsec.min(999_999_999)));

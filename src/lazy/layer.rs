@@ -10,14 +10,17 @@
 //! lazy/<hex>/data/inline      the small files' data, one after the other in id order
 //!                             (one inode instead of thousands), written whole and
 //!                             renamed into place like the others.
-//! lazy/<hex>/skel.<n>         the skeleton (built in tmp/, renamed here whole)
 //! lazy/<hex>/mnt.<n>          the FUSE data-only lower over data/
+//! lazy/view.<n>               a `Rootfs`'s merged skeleton of its lazy layers (built in
+//!                             tmp/, renamed here whole; see `cache/lazy.rs`)
 //! ```
 //!
 //! Data entries are numbered in TOC order. Small ones (up to [`INLINE_MAX`] bytes) are
-//! fetched before the skeleton is built (a few large, coalesced range reads) and land in
-//! the skeleton with their data; the others become placeholders that the data-only lower
-//! serves, the ones on the image's prefetch list fetched first in the background.
+//! fetched while the skeleton is built (a few multi-range reads of coalesced spans) and
+//! land in the skeleton with their data as each batch comes in; the others become
+//! placeholders (sparse files given their overlay xattrs by the extractor, see
+//! [`placeholders`]) that the data-only lower serves, the ones on the image's prefetch
+//! list fetched first in the background.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -707,44 +710,22 @@ pub(crate) fn data_prefix(digest: &Digest) -> String {
     format!("{}-", digest.hex())
 }
 
-/// Turn the placeholders of an extracted skeleton into overlay metacopy files
-/// redirecting into the data-only lower: each is opened by descriptor inside `skel`
-/// (never following a symlink) and gets the two xattrs. Hard links share the inode.
-pub(crate) fn mark_placeholders(skel: &Path, store: &Store, userxattr: bool) -> Result<()> {
-    use std::os::fd::AsFd;
-    let root = crate::root::Root::open(skel)?;
+/// The overlay xattrs of `store`'s placeholders by path, for the extractor to set as it
+/// closes each one ([`UnpackOptions::placeholders`](crate::unpack::UnpackOptions)):
+/// `overlay.metacopy` (empty) and `overlay.redirect` to the entry's name in the layer's
+/// data-only lower.
+pub(crate) fn placeholders(store: &Arc<Store>, userxattr: bool) -> crate::unpack::Placeholders {
     let (metacopy, redirect) = placeholder_xattrs(userxattr);
-    for (id, &e) in store.ids.iter().enumerate() {
-        if !store.placeholder[id] {
-            continue;
-        }
-        let path = store.toc.entries[e].path.as_bytes();
-        let comps = crate::root::split_path(path).map_err(|_| Error::PathEscape {
-            entry: store.toc.entries[e].path.clone(),
-            reason: "not a plain relative path",
-        })?;
-        let (name, parent) = comps.split_last().expect("a file entry has a name");
-        let shown = root.display(&comps);
-        let dir = root
-            .open_dir(parent, None, path, &mut Vec::new())?
-            .ok_or_else(|| Error::io("open", &shown, std::io::Error::from(std::io::ErrorKind::NotFound)))?;
-        let fd = nix::fcntl::openat(
-            dir.as_fd(),
-            *name,
-            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|err| Error::io("open", &shown, err))?;
-        let st = nix::sys::stat::fstat(&fd).map_err(|err| Error::io("fstat", &shown, err))?;
-        if st.st_mode & libc_s_ifmt() != libc_s_ifreg() || st.st_size as u64 != store.size(id) {
-            return Err(Error::io("check placeholder", &shown, std::io::Error::from(std::io::ErrorKind::InvalidData)));
-        }
-        crate::sys::fsetxattr(fd.as_fd(), metacopy, b"").map_err(|err| Error::io("fsetxattr", &shown, err))?;
-        let target = format!("/{}", data_name(&store.toc.layer, id));
-        crate::sys::fsetxattr(fd.as_fd(), redirect, target.as_bytes())
-            .map_err(|err| Error::io("fsetxattr", &shown, err))?;
-    }
-    Ok(())
+    let by_path: HashMap<Vec<u8>, usize> = (0..store.ids.len())
+        .filter(|&id| store.placeholder[id])
+        .map(|id| (store.toc.entries[store.ids[id]].path.as_bytes().to_vec(), id))
+        .collect();
+    let layer = store.toc.layer;
+    crate::unpack::Placeholders(Arc::new(move |path: &[u8]| {
+        let id = *by_path.get(path)?;
+        let target = format!("/{}", data_name(&layer, id));
+        Some(vec![(metacopy.to_vec(), Vec::new()), (redirect.to_vec(), target.into_bytes())])
+    }))
 }
 
 /// Set the mtime of each directory of `mtimes` (relative paths, `""` for the root) that
@@ -760,14 +741,6 @@ pub(crate) fn set_dir_mtimes(root: &Path, mtimes: &HashMap<String, (i64, u32)>) 
             .map_err(|e| Error::io("futimens", r.display(&comps), e))?;
     }
     Ok(())
-}
-
-fn libc_s_ifmt() -> u32 {
-    nix::sys::stat::SFlag::S_IFMT.bits()
-}
-
-fn libc_s_ifreg() -> u32 {
-    nix::sys::stat::SFlag::S_IFREG.bits()
 }
 
 #[cfg(feature = "lazy")]

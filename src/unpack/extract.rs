@@ -345,6 +345,8 @@ impl MetaPolicy {
 /// thread in pipelined mode, so file data copies overlap entry creation.
 pub(crate) struct Writer {
     meta: MetaPolicy,
+    /// [`UnpackOptions::placeholders`].
+    placeholders: Option<super::Placeholders>,
     current: Option<Current>,
     /// Xattrs skipped under [`UnpackOptions::ignore_xattr_errors`].
     pub skipped_xattrs: u64,
@@ -353,7 +355,7 @@ pub(crate) struct Writer {
 impl Writer {
     /// A writer applying metadata as `ex` does (same identity, umask and options).
     pub(crate) fn new(ex: &Extractor<'_>) -> Self {
-        Writer { meta: ex.meta, current: None, skipped_xattrs: 0 }
+        Writer { meta: ex.meta, placeholders: ex.opts.placeholders.clone(), current: None, skipped_xattrs: 0 }
     }
 
     /// Start writing `f` (finishing the previous file).
@@ -431,6 +433,16 @@ impl Writer {
         let Some(cur) = self.current.take() else { return Ok(()) };
         if let Some((_, real)) = &cur.hdr.sparse {
             cur.file.set_len(*real).map_err(|e| Error::io("ftruncate", &cur.path, e))?;
+            if let Some(p) = &self.placeholders {
+                let path = cur.hdr.path.strip_prefix(b"./").unwrap_or(&cur.hdr.path);
+                let xattrs = (p.0)(path).ok_or_else(|| Error::InvalidArchive {
+                    offset: cur.hdr.offset,
+                    reason: format!("sparse file {:?} is no placeholder of the layer", String::from_utf8_lossy(path)),
+                })?;
+                for (k, v) in &xattrs {
+                    sys::fsetxattr(cur.file.as_fd(), k, v).map_err(|e| Error::io("fsetxattr", &cur.path, e))?;
+                }
+            }
         }
         self.meta.apply_fd(cur.file.as_fd(), &cur.hdr, Some(cur.created), &cur.path, true, &mut self.skipped_xattrs)
     }

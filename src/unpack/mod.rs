@@ -135,6 +135,24 @@ pub struct UnpackOptions {
     /// verify, this is what tells a cut-off archive from a complete one. Default: false
     /// (accepted, as GNU tar and the tar libraries do); workspace diff imports set it.
     pub require_end_of_archive: bool,
+    /// Crate-internal: a lazy layer's skeleton, whose rebuilt stream writes each data-only
+    /// placeholder as a sparse file: the overlay xattrs (metacopy, redirect) each one
+    /// gets, by path, set unescaped on the open file. A sparse file it has none for is an
+    /// error (never a file of zeros). Never set for an image's own archive.
+    pub(crate) placeholders: Option<Placeholders>,
+}
+
+/// The overlay xattrs of a skeleton's placeholders, by entry path (see
+/// `UnpackOptions::placeholders`).
+#[derive(Clone)]
+pub(crate) struct Placeholders(
+    #[allow(clippy::type_complexity)] pub(crate) std::sync::Arc<dyn Fn(&[u8]) -> Option<tar::Xattrs> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Placeholders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Placeholders")
+    }
 }
 
 /// Defaults follow the process's privileges: as root in the initial user namespace,
@@ -159,6 +177,7 @@ impl Default for UnpackOptions {
             max_header_bytes: 1 << 20,
             pipelined: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             require_end_of_archive: false,
+            placeholders: None,
         }
     }
 }
