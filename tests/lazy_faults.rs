@@ -584,8 +584,54 @@ fn child_process() {
                 std::thread::sleep(Duration::from_secs(60));
             }
         }
+        "rootless" => {
+            // In `unshare -Urm`: the cache's defaults are the rootless ones (userxattr).
+            assert!(rootfs_cache::in_user_namespace());
+            let lazy = cache.ensure_lazy(fetcher, "t", &EnsureOptions::new()).unwrap();
+            assert!(lazy.is_lazy(), "not lazy in a user namespace: {:?}", lazy.lazy_status());
+            let merged = dir.join("merged");
+            std::fs::create_dir_all(&merged).unwrap();
+            let opts =
+                format!("lowerdir={},userxattr,redirect_dir=nofollow,metacopy=off,index=off,xino=off", lowerdir(&lazy));
+            nix::mount::mount(
+                Some("overlay"),
+                &merged,
+                Some("overlay"),
+                nix::mount::MsFlags::MS_RDONLY,
+                Some(opts.as_str()),
+            )
+            .unwrap_or_else(|e| panic!("mount {opts}: {e}"));
+            check_all(&merged);
+            assert!(lazy.wait_local(Some(Duration::from_secs(120))), "{:?}", lazy.lazy_status());
+            check_all(&merged);
+            println!("rootless lazy ok, passthrough={}", lazy.lazy_status().passthrough);
+            nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        }
         other => panic!("unknown child mode {other}"),
     }
+}
+
+/// `ensure_lazy` in a user namespace (`unshare -Urm`, as the README's rootless column):
+/// FUSE data-only lower mounted there, the skeleton's overlay metadata as `user.overlay.*`
+/// (the cache's rootless defaults), a `userxattr` overlay reading right before and after
+/// completion.
+#[test]
+fn a_lazy_view_works_in_a_user_namespace() {
+    let test = "a_lazy_view_works_in_a_user_namespace";
+    if !require(test) || !support::require_tools(test, &["unshare"]) {
+        return;
+    }
+    let img = images();
+    let t = support::tempdir();
+    let out = Command::new("unshare")
+        .args(["-Urm", "--propagation", "private", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("rootless\n{}\n{}", t.path().display(), img.chunked.display()))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("rootless lazy ok"), "{stdout}\n{stderr}");
 }
 
 // ---------------------------------------------------------------------------------------
