@@ -420,6 +420,35 @@ fn a_registry_stopped_mid_run_gives_eio_and_keeps_what_was_fetched() {
     });
 }
 
+/// A workspace over a lazy image, its layer complete, the registry then gone: `detach`
+/// copies every file's data from local copies (nothing is fetched), the view stays right.
+#[test]
+fn detach_after_completion_needs_no_registry() {
+    if !require("detach_after_completion_needs_no_registry") {
+        return;
+    }
+    let img = images();
+    let t = support::tempdir().path().to_path_buf();
+    in_ns(move || {
+        let (fetcher, faults) = faulty(layout(&img.chunked));
+        let cache = open(&t.join("cache"));
+        let lazy = cache.ensure_lazy(fetcher, "t", &EnsureOptions::new()).unwrap();
+        // Nothing read through the view: every big file is unfetched when the layer
+        // completes (the completion's stream is not kept as fetched files).
+        assert!(lazy.wait_local(Some(Duration::from_secs(120))), "{:?}", lazy.lazy_status());
+        faults.fail.store(true, Ordering::SeqCst); // the registry is gone
+        let mut ws =
+            rootfs_cache::Workspace::create(t.join("ws"), lazy, rootfs_cache::WorkspaceOptions::default()).unwrap();
+        ws.mount(rootfs_cache::KernelOverlay::new()).unwrap();
+        let before = faults.bytes.load(Ordering::SeqCst);
+        ws.detach().unwrap();
+        assert!(ws.data_lowers().is_empty() && !ws.is_leased());
+        check_all(ws.target());
+        assert_eq!(faults.bytes.load(Ordering::SeqCst), before, "detach fetched");
+        ws.destroy().unwrap();
+    });
+}
+
 /// Over a real registry (through a logging proxy): the small files of spans apart come
 /// in multi-range requests, split right; the view reads right before and after the
 /// layer is local.
