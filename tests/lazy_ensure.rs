@@ -16,7 +16,6 @@ mod scratch_ns;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,13 +84,7 @@ fn images() -> Images {
     let tars = [support::tar_of(&base(), Fmt::Pax), support::tar_of(&top(), Fmt::Pax)];
     layout.add_image(Some("t"), "amd64", &tars.iter().map(|t| (t.clone(), Comp::Gzip)).collect::<Vec<_>>());
     let chunked = dir.path().join("chunked");
-    let out = Command::new("timeout")
-        .args(["120", "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:t", gzip.display()))
-        .arg(format!("oci:{}:t", chunked.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    support::zstd_chunked_copy(&gzip, &chunked);
     Images { _dir: dir, gzip, chunked }
 }
 

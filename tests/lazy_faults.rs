@@ -83,13 +83,7 @@ fn images() -> Images {
     let mut layout = Layout::create(&gzip);
     layout.add_image(Some("t"), "amd64", &[(support::tar_of(&files(), Fmt::Pax), Comp::Gzip)]);
     let chunked = dir.path().join("chunked");
-    let out = Command::new("timeout")
-        .args(["120", "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:t", gzip.display()))
-        .arg(format!("oci:{}:t", chunked.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    support::zstd_chunked_copy(&gzip, &chunked);
     Images { _dir: dir, gzip, chunked }
 }
 
@@ -1036,13 +1030,7 @@ fn a_lower_layer_whose_small_files_fail_takes_the_layers_above_to_a_whole_pull()
     let tars = [(support::tar_of(&files(), Fmt::Pax), Comp::Gzip), (support::tar_of(&upper, Fmt::Pax), Comp::Gzip)];
     l.add_image(Some("t"), "amd64", &tars);
     let chunked = dir.path().join("chunked");
-    let out = Command::new("timeout")
-        .args(["120", "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:t", gzip.display()))
-        .arg(format!("oci:{}:t", chunked.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    support::zstd_chunked_copy(&gzip, &chunked);
     let t = dir.path().to_path_buf();
     in_ns(move || {
         let f = layout(&chunked);

@@ -71,6 +71,16 @@ pub fn run(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// Copy tag `t` of the OCI layout `src` into a new layout `dst`, every layer recompressed
+/// as zstd:chunked by `skopeo copy` (killed after 120 s: skopeo has been seen to hang on
+/// such conversions). Panics with skopeo's output on failure.
+pub fn zstd_chunked_copy(src: &Path, dst: &Path) {
+    run(Command::new("timeout")
+        .args(["120", "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:t", src.display()))
+        .arg(format!("oci:{}:t", dst.display())));
+}
+
 /// A temporary directory whose root is traversable by everyone (tempfile makes it 0700),
 /// for tests that hand paths to another uid.
 ///
